@@ -1,0 +1,235 @@
+//! Turning a bare kernel + initramfs into a place where containers can run: leave the initramfs,
+//! mount the kernel filesystems, load the modules and mount the sandbox share.
+
+use std::ffi::{CString, OsStr};
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::kmod::{finit_module, ModuleInitFlags};
+use nix::mount::{mount, MsFlags};
+use nix::unistd::{chdir, chroot};
+
+/// Set on the re-executed init so it knows it already left the initramfs.
+const RELOCATED_ENV: &str = "HAKO_RELOCATED";
+/// Written by the guest-image build: one module path per line, in load order.
+const MODULE_LIST: &str = "/etc/hako/modules";
+const MODULE_DIR: &str = "/lib/modules";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// Moving the root off the initramfs failed.
+    #[error("cannot move the root filesystem off the initramfs: {0}")]
+    Relocate(String),
+    /// A kernel filesystem could not be mounted.
+    #[error("cannot mount {what} on {target}: {source}")]
+    Mount {
+        what: String,
+        target: String,
+        source: Errno,
+    },
+    /// A kernel module could not be loaded.
+    #[error("cannot load kernel module {module}: {source}")]
+    Module { module: String, source: io::Error },
+    /// The virtio-fs share did not appear.
+    #[error("cannot mount the virtio-fs share {tag} on {target} after {waited:?}: {source}")]
+    Share {
+        tag: String,
+        target: String,
+        waited: Duration,
+        source: Errno,
+    },
+}
+
+/// pivot_root(2) refuses to leave the initramfs (the "rootfs" mount), and every container needs
+/// pivot_root. So PID 1 copies the initramfs into a tmpfs, frees the original files, moves the
+/// tmpfs onto `/` and re-executes itself there, as switch_root does.
+pub fn relocate_off_initramfs() -> Result<(), BootError> {
+    if std::env::var_os(RELOCATED_ENV).is_some() {
+        return Ok(());
+    }
+    let err = |what: &str, e: &dyn std::fmt::Display| BootError::Relocate(format!("{what}: {e}"));
+    let new_root = Path::new("/newroot");
+    fs::create_dir_all(new_root).map_err(|e| err("mkdir /newroot", &e))?;
+    mount(
+        Some("tmpfs"),
+        new_root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )
+    .map_err(|e| err("mount tmpfs", &e))?;
+    let root_dev = fs::metadata("/").map_err(|e| err("stat /", &e))?.dev();
+    for entry in fs::read_dir("/").map_err(|e| err("read /", &e))? {
+        let entry = entry.map_err(|e| err("read /", &e))?;
+        let name = entry.file_name();
+        if name == OsStr::new("newroot") {
+            continue;
+        }
+        let from = entry.path();
+        // Skip mount points (proc, dev) that the kernel may have set up already.
+        let meta = fs::symlink_metadata(&from).map_err(|e| err("stat", &e))?;
+        if meta.dev() != root_dev {
+            continue;
+        }
+        copy_tree(&from, &new_root.join(&name)).map_err(|e| err("copy", &e))?;
+        remove_tree(&from).map_err(|e| err("free initramfs", &e))?;
+    }
+    chdir(new_root).map_err(|e| err("chdir", &e))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| err("move mount", &e))?;
+    chroot(".").map_err(|e| err("chroot", &e))?;
+    chdir("/").map_err(|e| err("chdir /", &e))?;
+
+    let init = CString::new("/init").map_err(|e| err("path", &e))?;
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    env.push(CString::new(format!("{RELOCATED_ENV}=1")).map_err(|e| err("env", &e))?);
+    let e = nix::unistd::execve(&init, std::slice::from_ref(&init), &env).unwrap_err();
+    Err(err("re-exec /init", &e))
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(from)?;
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        symlink(fs::read_link(from)?, to)
+    } else if kind.is_dir() {
+        fs::create_dir(to)?;
+        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        for entry in fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else if kind.is_file() {
+        fs::copy(from, to).map(|_| ())
+    } else {
+        // Device nodes and fifos are recreated by devtmpfs; nothing else lives in the image.
+        Ok(())
+    }
+}
+
+fn remove_tree(path: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(path)?.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+}
+
+/// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run and the cgroup2 hierarchy.
+pub fn mount_kernel_filesystems() -> Result<(), BootError> {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let table: [(&str, &str, &str, MsFlags, Option<&str>); 7] = [
+        ("proc", "/proc", "proc", nosuid_nodev_noexec, None),
+        ("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None),
+        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("gid=5,mode=0620,ptmxmode=0666"),
+        ),
+        ("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev_noexec, None),
+    ];
+    for (source, target, fstype, flags, data) in table {
+        let _ = fs::create_dir_all(target);
+        match mount(Some(source), target, Some(fstype), flags, data) {
+            // The kernel mounts devtmpfs itself when CONFIG_DEVTMPFS_MOUNT is set.
+            Ok(()) | Err(Errno::EBUSY) => {}
+            Err(source) => {
+                return Err(BootError::Mount {
+                    what: fstype.to_string(),
+                    target: target.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads the modules named in the image's module list, in order. Modules that are built in or
+/// already loaded are fine.
+pub fn load_modules() -> Result<usize, BootError> {
+    let list = match fs::read_to_string(MODULE_LIST) {
+        Ok(list) => list,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(BootError::Module {
+                module: MODULE_LIST.to_string(),
+                source,
+            })
+        }
+    };
+    let mut loaded = 0;
+    for line in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = Path::new(MODULE_DIR).join(line);
+        let module_err = |source: io::Error| BootError::Module {
+            module: line.to_string(),
+            source,
+        };
+        let file = fs::File::open(&path).map_err(module_err)?;
+        match finit_module(&file, c"", ModuleInitFlags::empty()) {
+            Ok(()) => loaded += 1,
+            Err(Errno::EEXIST) => {}
+            Err(e) => return Err(module_err(e.into())),
+        }
+    }
+    Ok(loaded)
+}
+
+/// Mounts the sandbox's virtio-fs share. The device is probed while its module loads, but give
+/// it a short, bounded time in case the probe is still running.
+pub fn mount_share(tag: &str, target: &str) -> Result<(), BootError> {
+    fs::create_dir_all(target).map_err(|e| BootError::Share {
+        tag: tag.to_string(),
+        target: target.to_string(),
+        waited: Duration::ZERO,
+        source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    })?;
+    let started = Instant::now();
+    let budget = Duration::from_secs(5);
+    loop {
+        // nodev: device nodes in the share must never work in the guest. The share keeps suid
+        // bits working (images rely on them); the host side is read-only for the top level.
+        match mount(Some(tag), target, Some("virtiofs"), MsFlags::MS_NODEV, None::<&str>) {
+            Ok(()) => return Ok(()),
+            Err(e @ (Errno::ENOENT | Errno::ENODEV | Errno::EINVAL))
+                if started.elapsed() < budget =>
+            {
+                log::debug!("share {tag} not ready yet ({e}), retrying");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(source) => {
+                return Err(BootError::Share {
+                    tag: tag.to_string(),
+                    target: target.to_string(),
+                    waited: started.elapsed(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Milliseconds since the kernel booted (CLOCK_BOOTTIME), for the start-phase log.
+pub fn ms_since_boot() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|ts| ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}

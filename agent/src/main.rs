@@ -1,0 +1,91 @@
+//! hako-agent: PID 1 of the hako guest.
+//!
+//! As `/init` it leaves the initramfs, mounts the kernel filesystems, loads its modules, mounts
+//! the sandbox share and serves the agent API on vsock. Run as `container-init <config>` it is
+//! the short-lived helper that builds one container (see `init.rs`).
+
+mod boot;
+mod container;
+mod init;
+mod logger;
+mod mounts;
+mod reaper;
+mod server;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hako_protocol::{AGENT_VSOCK_PORT, GUEST_SHARED_DIR, SHARED_FS_TAG};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(init::HELPER_ARG) {
+        let Some(config) = args.get(2) else {
+            eprintln!("usage: hako-agent {} <config>", init::HELPER_ARG);
+            std::process::exit(2);
+        };
+        init::helper_main(config);
+    }
+    if std::process::id() != 1 {
+        eprintln!("hako-agent runs as PID 1 inside a hako VM; it has nothing to do here");
+        std::process::exit(2);
+    }
+    if let Err(e) = run_init() {
+        log::error!("{e}");
+        // Powering off (rather than exiting and panicking the kernel) stops the VM at once, and
+        // the host reports the console log.
+        nix::unistd::sync();
+        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    }
+    // PID 1 must never return.
+    loop {
+        std::thread::park();
+    }
+}
+
+fn run_init() -> Result<(), String> {
+    let started = Instant::now();
+    boot::relocate_off_initramfs().map_err(|e| e.to_string())?;
+    boot::mount_kernel_filesystems().map_err(|e| e.to_string())?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    logger::init(logger::level_from_cmdline(&cmdline));
+    let modules = boot::load_modules().map_err(|e| e.to_string())?;
+    log::debug!("loaded {modules} modules in {:?}", started.elapsed());
+    boot::mount_share(SHARED_FS_TAG, GUEST_SHARED_DIR).map_err(|e| e.to_string())?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    runtime.block_on(serve(started))
+}
+
+async fn serve(started: Instant) -> Result<(), String> {
+    let reaper = reaper::Reaper::start().map_err(|e| format!("installing SIGCHLD handler: {e}"))?;
+    let kernel_release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let agent = server::Agent {
+        containers: Arc::new(container::Containers::new(reaper)),
+        kernel_release,
+        ready_since_boot_ms: boot::ms_since_boot(),
+    };
+    let service = hako_protocol::create_agent_service(Arc::new(agent));
+    let address = format!("vsock://-1:{AGENT_VSOCK_PORT}");
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&address)
+        .map_err(|e| format!("listening on {address}: {e}"))?
+        .register_service(service);
+    server
+        .start()
+        .await
+        .map_err(|e| format!("serving on {address}: {e}"))?;
+    log::info!(
+        "serving on {address}, {} ms after boot ({:?} in init)",
+        boot::ms_since_boot(),
+        started.elapsed()
+    );
+    std::future::pending::<()>().await;
+    Ok(())
+}

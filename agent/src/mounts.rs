@@ -1,0 +1,204 @@
+//! OCI mount entries: option strings to mount flags, and destinations resolved inside the
+//! container's root without letting symlinks in the image lead outside it.
+
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::MsFlags;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MountError {
+    /// The destination is not an absolute path made of plain components.
+    #[error("mount destination {0:?} must be absolute and must not contain '..'")]
+    BadDestination(String),
+    /// A symlink in the image points outside the container root.
+    #[error("mount destination {dest:?} resolves outside the container root through {link:?}")]
+    Escapes { dest: String, link: String },
+    /// The destination path has too many symlinks.
+    #[error("mount destination {0:?} has too many levels of symlinks")]
+    SymlinkLoop(String),
+}
+
+/// Flags and filesystem data parsed from OCI mount options.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MountOptions {
+    pub flags: MsFlags,
+    /// Options the kernel reads as filesystem data (`mode=`, `size=`, ...), comma-joined.
+    pub data: String,
+    /// `MS_PRIVATE`/`MS_SLAVE`/... to apply after the mount.
+    pub propagation: Option<MsFlags>,
+    pub bind: bool,
+}
+
+pub fn parse_options<S: AsRef<str>>(options: &[S]) -> MountOptions {
+    let mut out = MountOptions {
+        flags: MsFlags::empty(),
+        data: String::new(),
+        propagation: None,
+        bind: false,
+    };
+    let mut data = Vec::new();
+    for option in options {
+        let option = option.as_ref();
+        let (set, clear) = match option {
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+            "bind" => {
+                out.bind = true;
+                (MsFlags::MS_BIND, MsFlags::empty())
+            }
+            "rbind" => {
+                out.bind = true;
+                (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty())
+            }
+            "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" | "unbindable"
+            | "runbindable" => {
+                let mut p = match option.trim_start_matches('r') {
+                    "private" => MsFlags::MS_PRIVATE,
+                    "slave" => MsFlags::MS_SLAVE,
+                    "shared" => MsFlags::MS_SHARED,
+                    _ => MsFlags::MS_UNBINDABLE,
+                };
+                if option.starts_with('r') {
+                    p |= MsFlags::MS_REC;
+                }
+                out.propagation = Some(p);
+                (MsFlags::empty(), MsFlags::empty())
+            }
+            other => {
+                data.push(other);
+                (MsFlags::empty(), MsFlags::empty())
+            }
+        };
+        out.flags.insert(set);
+        out.flags.remove(clear);
+    }
+    out.data = data.join(",");
+    out
+}
+
+/// Resolves `dest` inside `root` the way the container will see it: each symlink met on the
+/// way is followed relative to `root`, and `..` never climbs above it. Returns the host path
+/// (in the agent's view) to mount on.
+pub fn resolve_in_root(root: &Path, dest: &str) -> Result<PathBuf, MountError> {
+    let dest_path = Path::new(dest);
+    if !dest_path.is_absolute()
+        || dest_path
+            .components()
+            .any(|c| matches!(c, Component::ParentDir))
+    {
+        return Err(MountError::BadDestination(dest.to_string()));
+    }
+    let mut resolved = PathBuf::from("/");
+    let mut pending: Vec<std::ffi::OsString> = dest_path
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name.to_os_string()),
+            _ => None,
+        })
+        .collect();
+    let mut links = 0;
+    while let Some(name) = pending.pop() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        if name == "." {
+            continue;
+        }
+        let candidate = resolved.join(&name);
+        let on_host = root.join(candidate.strip_prefix("/").unwrap_or(&candidate));
+        match std::fs::read_link(&on_host) {
+            Ok(target) => {
+                links += 1;
+                if links > 40 {
+                    return Err(MountError::SymlinkLoop(dest.to_string()));
+                }
+                if target.is_absolute() {
+                    resolved = PathBuf::from("/");
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => pending.push(n.to_os_string()),
+                        Component::ParentDir => pending.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            Err(_) => resolved = candidate,
+        }
+    }
+    let host = root.join(resolved.strip_prefix("/").unwrap_or(&resolved));
+    if !host.starts_with(root) {
+        return Err(MountError::Escapes {
+            dest: dest.to_string(),
+            link: host.display().to_string(),
+        });
+    }
+    Ok(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let o = parse_options(&["nosuid", "strictatime", "mode=755", "size=65536k"]);
+        assert_eq!(o.flags, MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME);
+        assert_eq!(o.data, "mode=755,size=65536k");
+        assert!(!o.bind);
+    }
+
+    #[test]
+    fn rbind_ro_is_a_recursive_readonly_bind() {
+        let o = parse_options(&["rbind", "ro", "rprivate"]);
+        assert!(o.bind);
+        assert!(o.flags.contains(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY));
+        assert_eq!(o.propagation, Some(MsFlags::MS_PRIVATE | MsFlags::MS_REC));
+    }
+
+    #[test]
+    fn later_option_wins() {
+        assert!(!parse_options(&["ro", "rw"]).flags.contains(MsFlags::MS_RDONLY));
+    }
+
+    #[test]
+    fn destinations_must_be_absolute_and_plain() {
+        let root = Path::new("/nonexistent-root");
+        assert!(resolve_in_root(root, "relative").is_err());
+        assert!(resolve_in_root(root, "/etc/../..").is_err());
+        assert_eq!(
+            resolve_in_root(root, "/etc/hosts").ok(),
+            Some(PathBuf::from("/nonexistent-root/etc/hosts"))
+        );
+    }
+
+    #[test]
+    fn symlinks_stay_inside_the_root() {
+        let dir = std::env::temp_dir().join(format!("hako-mounts-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("real")).expect("mkdir");
+        symlink("/", dir.join("to-root")).expect("symlink");
+        symlink("../../..", dir.join("up")).expect("symlink");
+        symlink("real", dir.join("rel")).expect("symlink");
+        assert_eq!(resolve_in_root(&dir, "/to-root/etc").ok(), Some(dir.join("etc")));
+        assert_eq!(resolve_in_root(&dir, "/up/etc").ok(), Some(dir.join("etc")));
+        assert_eq!(resolve_in_root(&dir, "/rel/x").ok(), Some(dir.join("real/x")));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

@@ -1,0 +1,127 @@
+#!/bin/bash
+# Builds the hako guest: a kernel from Debian's cloud kernel package and an initramfs holding the
+# static hako-agent (as /init) and the kernel modules it loads.
+#
+#   guest-image/build.sh [OUT_DIR]        (default: build/guest)
+#
+# Reproducible: the same kernel package and agent binary give byte-identical output (sorted cpio
+# entries, fixed timestamps and owners). The work is skipped when none of the inputs changed.
+# Environment: HAKO_KERNEL_PACKAGE picks another kernel package (default: what
+# linux-image-cloud-amd64 depends on); HAKO_AGENT_BIN uses a prebuilt agent.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+out="${1:-$repo/build/guest}"
+cache="$repo/build/cache"
+mkdir -p "$out" "$cache"
+
+step=0
+steps=5
+progress() {
+    step=$((step + 1))
+    echo "guest-image [$step/$steps] $*"
+}
+fail() {
+    echo "guest-image: error: $*" >&2
+    exit 1
+}
+
+# Modules the agent loads, in this order (dependencies first). Missing ones are built in.
+MODULES=(
+    virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+    fuse virtiofs
+    vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
+    failover net_failover virtio_net
+)
+
+progress "resolving the kernel package"
+pkg="${HAKO_KERNEL_PACKAGE:-}"
+if [[ -z "$pkg" ]]; then
+    pkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+fi
+[[ -n "$pkg" ]] || fail "cannot find the kernel package; run 'apt-get update' first"
+version="$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')"
+[[ -n "$version" && "$version" != "(none)" ]] || fail "no candidate version for $pkg; run 'apt-get update'"
+deb="$cache/${pkg}_${version}_amd64.deb"
+if [[ ! -s "$deb" ]]; then
+    echo "  downloading $pkg $version"
+    # -o APT::Sandbox::User=root: _apt cannot write into the build tree.
+    (cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version") >/dev/null ||
+        fail "apt-get download $pkg=$version failed: check the Debian mirror in /etc/apt/sources.list*"
+    mv -f "$cache/${pkg}_"*"_amd64.deb" "$deb" 2>/dev/null || true
+fi
+[[ -s "$deb" ]] || fail "the kernel package $deb is missing after download"
+echo "  $pkg $version"
+
+progress "building the static agent"
+agent="${HAKO_AGENT_BIN:-}"
+if [[ -z "$agent" ]]; then
+    (cd "$repo" && CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --release --locked -q -p hako-agent --target x86_64-unknown-linux-gnu) ||
+        fail "building hako-agent failed (see the cargo output above)"
+    agent="$repo/target/x86_64-unknown-linux-gnu/release/hako-agent"
+fi
+[[ -x "$agent" ]] || fail "agent binary $agent is missing"
+if file "$agent" 2>/dev/null | grep -q 'dynamically linked'; then
+    fail "$agent is dynamically linked; the guest has no libc"
+fi
+
+stamp_inputs="$(sha256sum "$deb" "$agent" "${BASH_SOURCE[0]}" | awk '{print $1}' | tr '\n' ' ')"
+if [[ -f "$out/.inputs" && "$(cat "$out/.inputs")" == "$stamp_inputs" &&
+      -s "$out/vmlinuz" && -s "$out/initramfs.cpio" ]]; then
+    echo "guest-image: up to date in $out (inputs unchanged)"
+    exit 0
+fi
+
+progress "unpacking the kernel"
+kdir="$cache/kernel-$version"
+if [[ ! -d "$kdir/boot" ]]; then
+    rm -rf "$kdir.tmp"
+    dpkg-deb -x "$deb" "$kdir.tmp"
+    mv "$kdir.tmp" "$kdir"
+fi
+vmlinuz="$(ls "$kdir"/boot/vmlinuz-* | head -n1)"
+kver="${vmlinuz##*/vmlinuz-}"
+moddir="$kdir/lib/modules/$kver"
+if [[ ! -f "$moddir/modules.dep" ]]; then
+    # The package leaves modules.dep to the installer's depmod.
+    command -v depmod >/dev/null || PATH="$PATH:/usr/sbin:/sbin"
+    depmod -b "$kdir" "$kver" || fail "depmod failed for $kver (is the kmod package installed?)"
+fi
+
+progress "assembling the initramfs"
+root="$(mktemp -d "$cache/initramfs.XXXXXX")"
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{proc,sys,dev,run,tmp,etc/hako,lib/modules}
+install -m 0755 "$agent" "$root/init"
+: >"$root/etc/hako/modules"
+for name in "${MODULES[@]}"; do
+    # modules.dep names files with '-' or '_' interchangeably with the module name.
+    pattern="/(${name}|${name//_/-})\\.ko(\\.xz|\\.zst)?:"
+    rel="$(grep -E "$pattern" "$moddir/modules.dep" | head -n1 | cut -d: -f1 || true)"
+    if [[ -z "$rel" ]]; then
+        grep -qE "/(${name}|${name//_/-})\\.ko" "$moddir/modules.builtin" ||
+            fail "kernel module $name is neither a module nor built into $kver"
+        continue
+    fi
+    case "$rel" in
+        *.ko) ;;
+        *) fail "module $rel is compressed; the agent loads plain .ko files" ;;
+    esac
+    mkdir -p "$root/lib/modules/$(dirname "$rel")"
+    install -m 0644 "$moddir/$rel" "$root/lib/modules/$rel"
+    echo "$rel" >>"$root/etc/hako/modules"
+done
+echo "  $(wc -l <"$root/etc/hako/modules") modules for $kver"
+
+progress "writing $out"
+find "$root" -exec touch -h -d @0 {} +
+(cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
+    cpio --quiet -o -H newc --reproducible -R 0:0) >"$out/initramfs.cpio.tmp"
+mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
+install -m 0644 "$vmlinuz" "$out/vmlinuz"
+echo "$kver" >"$out/kernel-release"
+echo "$stamp_inputs" >"$out/.inputs"
+ls -l "$out/vmlinuz" "$out/initramfs.cpio" | awk '{printf "  %-40s %8.1f MiB\n", $NF, $5/1048576}'
+echo "guest-image: done"

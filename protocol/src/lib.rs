@@ -1,0 +1,29 @@
+//! The agent API: messages and ttrpc service generated at build time from `proto/agent.proto`.
+//!
+//! The same crate is used by the shim (client) and the agent (server), so both sides always agree
+//! on the wire format. Constants that both sides must agree on live here too.
+
+#[allow(warnings, clippy::all, clippy::unwrap_used)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+#[allow(warnings, clippy::all, clippy::unwrap_used)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+pub use agent::*;
+pub use agent_ttrpc::{create_agent_service, AgentService, AgentServiceClient};
+pub use ttrpc;
+
+/// vsock port the agent's ttrpc server listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// virtio-fs tag of the sandbox share.
+pub const SHARED_FS_TAG: &str = "hakoShared";
+
+/// Where the agent mounts the sandbox share inside the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/hako/shared";
+
+/// Kernel command line key that carries the agent's log level.
+pub const CMDLINE_LOG_LEVEL: &str = "hako.log";
