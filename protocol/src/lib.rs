@@ -19,6 +19,13 @@ pub use ttrpc;
 /// vsock port the agent's ttrpc server listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// Host-side vsock port the agent connects to, once, when it serves: the host dials the agent
+/// only after this, so no connection reaches the guest before its vsock driver is up.
+pub const READY_VSOCK_PORT: u32 = 1025;
+
+/// What the agent writes on the readiness connection.
+pub const READY_MESSAGE: &[u8] = b"READY\n";
+
 /// virtio-fs tag of the sandbox share.
 pub const SHARED_FS_TAG: &str = "hakoShared";
 

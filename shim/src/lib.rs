@@ -1,0 +1,16 @@
+//! hako-shim: the `containerd-shim-hako-v2` runtime shim and the `hako` CLI.
+//!
+//! The path of one container: `shim` (containerd's entry points) → `task` (the Task service)
+//! → `sandbox` (dirs, mounts, teardown) → `fs` (virtiofsd) + `vmm` (QEMU) → `agent_client`
+//! (hybrid vsock + ttrpc to the guest agent).
+
+pub mod agent_client;
+pub mod config;
+pub mod daemon;
+pub mod fs;
+pub mod ids;
+pub mod sandbox;
+pub mod shim;
+pub mod task;
+pub mod timing;
+pub mod vmm;

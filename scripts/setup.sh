@@ -1,0 +1,112 @@
+#!/bin/bash
+# Installs everything hako needs to build, run and test on Debian 12, as root. Skips what is
+# already there, so a second run is fast.
+#
+#   scripts/setup.sh
+#
+# - Debian packages: QEMU, build dependencies of virtiofsd, busybox, kmod, cpio, iproute2.
+# - virtiofsd and vhost-device-vsock, built with `cargo install` into /usr/local/bin.
+# - containerd 1.7 (Debian 13) and 2.x (Debian unstable) unpacked side by side under
+#   /opt/hako/containerd/<version>/ without touching the system's packages; the end-to-end
+#   tests run against each.
+set -euo pipefail
+
+VIRTIOFSD_VERSION=1.14.0
+VSOCK_VERSION=0.3.0
+CONTAINERD_ROOT=/opt/hako/containerd
+APT_PACKAGES=(qemu-system-x86 libcap-ng-dev libseccomp-dev pkg-config busybox-static cpio
+    iproute2 kmod ca-certificates file procps)
+
+step() { echo "setup: $*"; }
+fail() {
+    echo "setup: error: $*" >&2
+    exit 1
+}
+
+[[ $(id -u) -eq 0 ]] || fail "run as root (it installs packages and mounts filesystems)"
+export DEBIAN_FRONTEND=noninteractive
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    step "installing Debian packages: ${missing[*]}"
+    apt-get update -q >/dev/null || fail "apt-get update failed: check the Debian mirror"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
+        fail "apt-get install ${missing[*]} failed"
+else
+    step "Debian packages present"
+fi
+
+# The kernel build and the newer containerd come from the same mirror: make sure the package
+# lists are there (apt-get download needs them).
+if [[ -z "$(apt-cache policy linux-image-cloud-amd64 2>/dev/null | awk '/Candidate:/ {print $2}' | grep -v none)" ]]; then
+    step "refreshing package lists"
+    apt-get update -q >/dev/null || fail "apt-get update failed"
+fi
+
+cargo_install() {
+    local crate="$1" version="$2" bin="$3"
+    if [[ -x /usr/local/bin/$bin ]] && /usr/local/bin/"$bin" --version 2>/dev/null | grep -q "$version"; then
+        step "$bin $version present"
+        return
+    fi
+    command -v cargo >/dev/null || fail "cargo is not installed (install Rust with rustup)"
+    step "building $crate $version with cargo install (several minutes on 2 cores)"
+    cargo install --locked --quiet --root /usr/local "$crate" --version "$version" ||
+        fail "cargo install $crate $version failed"
+}
+cargo_install virtiofsd "$VIRTIOFSD_VERSION" virtiofsd
+cargo_install vhost-device-vsock "$VSOCK_VERSION" vhost-device-vsock
+
+# containerd from Debian 13 (1.7) and unstable (2.x): fetched as .deb files and unpacked, so the
+# system's own packages stay as they are. The extra suites are pinned to priority 1.
+sources=/etc/apt/sources.list.d/hako-containerd.sources
+if [[ ! -f $sources ]]; then
+    step "adding the trixie and sid package lists (pinned low; used only to download containerd)"
+    uri="$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)"
+    uri="${uri:-http://deb.debian.org/debian}"
+    cat >"$sources" <<EOF
+Types: deb
+URIs: $uri
+Suites: trixie sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    cat >/etc/apt/preferences.d/hako-containerd <<'EOF'
+Package: *
+Pin: release n=trixie
+Pin-Priority: 1
+
+Package: *
+Pin: release n=sid
+Pin-Priority: 1
+EOF
+    apt-get update -q >/dev/null || fail "apt-get update with trixie/sid failed"
+fi
+
+fetch_containerd() {
+    local suite="$1" version
+    version="$(apt-cache madison containerd | awk -v s="$suite" '$0 ~ s"/main" {print $3; exit}')"
+    [[ -n "$version" ]] || fail "no containerd in $suite"
+    local dir="$CONTAINERD_ROOT/$version"
+    if [[ -x "$dir/usr/bin/containerd" ]]; then
+        step "containerd $version ($suite) present"
+        return
+    fi
+    step "fetching containerd $version from $suite"
+    local tmp
+    tmp="$(mktemp -d)"
+    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "containerd=$version") >/dev/null ||
+        fail "apt-get download containerd=$version failed"
+    mkdir -p "$dir.tmp"
+    dpkg-deb -x "$tmp"/containerd_*.deb "$dir.tmp"
+    rm -rf "$tmp" "$dir"
+    mv "$dir.tmp" "$dir"
+    "$dir/usr/bin/containerd" --version
+}
+fetch_containerd trixie
+fetch_containerd sid
+
+step "done"

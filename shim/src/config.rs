@@ -1,0 +1,299 @@
+//! Configuration: TOML with typed values and no unknown keys.
+//!
+//! Precedence (first found wins, whole file, no merging across files): the `ConfigPath` from
+//! containerd's runtime options, `$HAKO_CONFIG`, `/etc/hako/configuration.toml`,
+//! `/usr/share/defaults/hako/configuration.toml`, then the built-in defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub const ENV_CONFIG: &str = "HAKO_CONFIG";
+pub const ETC_CONFIG: &str = "/etc/hako/configuration.toml";
+pub const DEFAULTS_CONFIG: &str = "/usr/share/defaults/hako/configuration.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but cannot be read.
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (names the offending key).
+    #[error("invalid configuration {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value is out of range.
+    #[error("invalid configuration {path}: {message}")]
+    Value { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HypervisorKind {
+    #[default]
+    Qemu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when the host has hardware virtualisation, TCG otherwise.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    Never,
+    #[default]
+    Auto,
+    Always,
+}
+
+impl CacheMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMode::Never => "never",
+            CacheMode::Auto => "auto",
+            CacheMode::Always => "always",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HypervisorConfig {
+    pub kind: HypervisorKind,
+    /// QEMU binary: a path, or a name looked up in $PATH.
+    pub path: String,
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Appended to the built-in kernel command line.
+    pub kernel_params: String,
+    /// QEMU's `-sandbox on` seccomp filter.
+    pub seccomp: bool,
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        Self {
+            kind: HypervisorKind::Qemu,
+            path: "qemu-system-x86_64".to_string(),
+            accel: Accel::Auto,
+            vcpus: 1,
+            memory_mib: 512,
+            kernel: PathBuf::from("/usr/share/hako/guest/vmlinuz"),
+            initrd: PathBuf::from("/usr/share/hako/guest/initramfs.cpio"),
+            kernel_params: String::new(),
+            seccomp: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VirtiofsConfig {
+    pub path: String,
+    pub cache: CacheMode,
+}
+
+impl Default for VirtiofsConfig {
+    fn default() -> Self {
+        Self {
+            path: "virtiofsd".to_string(),
+            cache: CacheMode::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VsockConfig {
+    /// `vhost-device-vsock`, the hybrid-vsock backend for QEMU guests.
+    pub path: String,
+}
+
+impl Default for VsockConfig {
+    fn default() -> Self {
+        Self {
+            path: "vhost-device-vsock".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// How long to keep dialling the agent while the guest boots.
+    pub dial_timeout_ms: u64,
+    /// Timeout of each agent call that is not a wait or a stream read.
+    pub call_timeout_ms: u64,
+    /// The agent's log level (error, warn, info, debug, trace), on the guest console.
+    pub log_level: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            dial_timeout_ms: 60_000,
+            call_timeout_ms: 30_000,
+            log_level: "info".to_string(),
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn dial_timeout(&self) -> Duration {
+        Duration::from_millis(self.dial_timeout_ms)
+    }
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Where sandbox directories live: `<root>/<namespace>/<sandbox id>/`.
+    pub sandbox_root: PathBuf,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            sandbox_root: PathBuf::from("/run/hako"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub hypervisor: HypervisorConfig,
+    pub virtiofs: VirtiofsConfig,
+    pub vsock: VsockConfig,
+    pub agent: AgentConfig,
+    pub runtime: RuntimeConfig,
+}
+
+/// A loaded configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// `None` for the built-in defaults.
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |message: &str| {
+            Err(ConfigError::Value {
+                path: path.to_path_buf(),
+                message: message.to_string(),
+            })
+        };
+        if !(1..=64).contains(&self.hypervisor.vcpus) {
+            return bad("hypervisor.vcpus must be between 1 and 64");
+        }
+        if !(64..=65536).contains(&self.hypervisor.memory_mib) {
+            return bad("hypervisor.memory_mib must be between 64 and 65536");
+        }
+        if self.agent.log_level.parse::<log::LevelFilter>().is_err() {
+            return bad("agent.log_level must be one of off, error, warn, info, debug, trace");
+        }
+        if self.hypervisor.kernel_params.contains(['\n', '\0']) {
+            return bad("hypervisor.kernel_params must be one line");
+        }
+        Ok(())
+    }
+
+    /// Loads by precedence. `explicit` is containerd's `ConfigPath` option, if any.
+    pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
+        let env = std::env::var_os(ENV_CONFIG).map(PathBuf::from);
+        let candidates = [
+            explicit.map(Path::to_path_buf),
+            env,
+            Some(PathBuf::from(ETC_CONFIG)),
+            Some(PathBuf::from(DEFAULTS_CONFIG)),
+        ];
+        // An explicitly named file must exist; the standard locations are optional.
+        for (i, path) in candidates.into_iter().enumerate() {
+            let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) else {
+                continue;
+            };
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    return Ok(Loaded {
+                        config: Config::parse(&text, &path)?,
+                        source: Some(path),
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && i >= 2 => continue,
+                Err(source) => return Err(ConfigError::Read { path, source }),
+            }
+        }
+        Ok(Loaded {
+            config: Config::default(),
+            source: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_file_equals_the_defaults() {
+        let text = include_str!("../../configs/configuration.toml");
+        let parsed = Config::parse(text, Path::new("configuration.toml")).expect("parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::parse("[hypervisor]\nmemroy_mib = 5\n", Path::new("x.toml"))
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("memroy_mib"), "{err}");
+    }
+
+    #[test]
+    fn enums_are_typed() {
+        let err = Config::parse("[hypervisor]\naccel = \"fast\"\n", Path::new("x.toml"))
+            .expect_err("bad enum");
+        assert!(err.to_string().contains("accel") || err.to_string().contains("fast"), "{err}");
+        let ok = Config::parse("[hypervisor]\naccel = \"tcg\"\n[virtiofs]\ncache = \"never\"\n", Path::new("x"))
+            .expect("valid");
+        assert_eq!(ok.hypervisor.accel, Accel::Tcg);
+        assert_eq!(ok.virtiofs.cache, CacheMode::Never);
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let err = Config::parse("[hypervisor]\nvcpus = 0\n", Path::new("x.toml")).expect_err("0 vcpus");
+        assert!(err.to_string().contains("vcpus"), "{err}");
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/hako.toml"))).expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/hako.toml"), "{err}");
+    }
+}

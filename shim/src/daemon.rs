@@ -1,0 +1,368 @@
+//! Host helper processes (virtiofsd, the vsock backend, the VMM): spawning with logs in the
+//! sandbox dir, readiness by socket, exit watching, stopping, and pid files that the `delete`
+//! subcommand can act on after the shim is gone.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::Command;
+use tokio::sync::watch;
+
+/// Directories searched after $PATH for helper binaries.
+const EXTRA_BIN_DIRS: [&str; 5] = [
+    "/usr/local/bin",
+    "/usr/bin",
+    "/usr/libexec",
+    "/usr/lib/qemu",
+    "/usr/local/libexec",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The binary is not installed where the configuration says.
+    #[error("{name} not found (looked for {wanted:?} in $PATH and {EXTRA_BIN_DIRS:?}); install it or set its path in the hako configuration")]
+    NotFound { name: String, wanted: String },
+    /// The process could not be started.
+    #[error("cannot start {name} ({path}): {source}")]
+    Spawn {
+        name: String,
+        path: String,
+        source: std::io::Error,
+    },
+    /// The process exited while we waited for it to get ready.
+    #[error("{name} exited with {status} before it was ready; its log says: {log}")]
+    ExitedEarly {
+        name: String,
+        status: String,
+        log: String,
+    },
+    /// The process did not get ready in time.
+    #[error("{name} did not create {socket} within {timeout:?}; its log says: {log}")]
+    NotReady {
+        name: String,
+        socket: String,
+        timeout: Duration,
+        log: String,
+    },
+    /// A log file could not be created.
+    #[error("cannot create log file {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Finds a helper binary: an absolute path is taken as it is; a name is looked up in $PATH and
+/// then in the usual install directories.
+pub fn resolve_binary(name: &str, wanted: &str) -> Result<PathBuf, DaemonError> {
+    let not_found = || DaemonError::NotFound {
+        name: name.to_string(),
+        wanted: wanted.to_string(),
+    };
+    let wanted_path = Path::new(wanted);
+    if wanted_path.is_absolute() {
+        return if wanted_path.is_file() {
+            Ok(wanted_path.to_path_buf())
+        } else {
+            Err(not_found())
+        };
+    }
+    if wanted.is_empty() || wanted.contains('/') {
+        return Err(not_found());
+    }
+    let path_var = std::env::var("PATH").unwrap_or_default();
+    let found = path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .chain(EXTRA_BIN_DIRS)
+        .map(|dir| Path::new(dir).join(wanted))
+        .find(|candidate| {
+            candidate.is_file()
+                && nix::unistd::access(candidate.as_path(), nix::unistd::AccessFlags::X_OK).is_ok()
+        })
+        .ok_or_else(not_found);
+    found
+}
+
+/// Exit of a helper: its code, or 128 + the signal that killed it.
+pub type ExitCode = i32;
+
+pub struct Daemon {
+    name: String,
+    pid: u32,
+    log: PathBuf,
+    exit: watch::Receiver<Option<ExitCode>>,
+}
+
+impl Daemon {
+    /// Starts `cmd` with stdin closed and stdout/stderr appended to `log`, and records its pid
+    /// in `pid_file`.
+    pub fn spawn(
+        name: &str,
+        mut cmd: Command,
+        log: &Path,
+        pid_file: &Path,
+    ) -> Result<Daemon, DaemonError> {
+        let log_err = |source| DaemonError::Log {
+            path: log.to_path_buf(),
+            source,
+        };
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(log_err)?;
+        let err = out.try_clone().map_err(log_err)?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            // Own process group: a signal to the shim's group must not take the VM down.
+            .process_group(0)
+            .kill_on_drop(false);
+        let program = format!("{:?}", cmd.as_std().get_program());
+        let mut child = cmd.spawn().map_err(|source| DaemonError::Spawn {
+            name: name.to_string(),
+            path: program,
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        write_pid_file(pid_file, pid);
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let code = match child.wait().await {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    status
+                        .code()
+                        .or_else(|| status.signal().map(|s| 128 + s))
+                        .unwrap_or(255)
+                }
+                Err(_) => 255,
+            };
+            let _ = tx.send(Some(code));
+        });
+        log::debug!("started {name} pid {pid}");
+        Ok(Daemon {
+            name: name.to_string(),
+            pid,
+            log: log.to_path_buf(),
+            exit: rx,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Changes to `Some(code)` when the process exits.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitCode>> {
+        self.exit.clone()
+    }
+
+    pub fn exit_code(&self) -> Option<ExitCode> {
+        *self.exit.borrow()
+    }
+
+    /// The last lines of the process's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log, 2048)
+    }
+
+    /// Waits until `socket` exists as a unix socket, the process exits, or `timeout` passes.
+    pub async fn wait_for_socket(&self, socket: &Path, timeout: Duration) -> Result<(), DaemonError> {
+        let started = Instant::now();
+        let mut exit = self.exit.clone();
+        loop {
+            if fs::metadata(socket).map(|m| m.file_type().is_socket()).unwrap_or(false) {
+                return Ok(());
+            }
+            if let Some(code) = *exit.borrow() {
+                return Err(DaemonError::ExitedEarly {
+                    name: self.name.clone(),
+                    status: format!("status {code}"),
+                    log: self.log_tail(),
+                });
+            }
+            if started.elapsed() >= timeout {
+                return Err(DaemonError::NotReady {
+                    name: self.name.clone(),
+                    socket: socket.display().to_string(),
+                    timeout,
+                    log: self.log_tail(),
+                });
+            }
+            // The daemons give no readiness signal besides the socket; look again soon, or as
+            // soon as the process exits.
+            let _ = tokio::time::timeout(Duration::from_millis(2), exit.changed()).await;
+        }
+    }
+
+    /// Resolves when the process has exited.
+    pub async fn wait(&self) -> ExitCode {
+        let mut exit = self.exit.clone();
+        loop {
+            if let Some(code) = *exit.borrow_and_update() {
+                return code;
+            }
+            if exit.changed().await.is_err() {
+                return 255;
+            }
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns once the process is gone.
+    pub async fn stop(&self, grace: Duration) -> ExitCode {
+        if let Some(code) = self.exit_code() {
+            return code;
+        }
+        let pid = Pid::from_raw(self.pid as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        match tokio::time::timeout(grace, self.wait()).await {
+            Ok(code) => code,
+            Err(_) => {
+                log::warn!("{} (pid {}) ignored SIGTERM for {grace:?}; killing it", self.name, self.pid);
+                self.kill().await
+            }
+        }
+    }
+
+    /// SIGKILL; returns once the process is gone.
+    pub async fn kill(&self) -> ExitCode {
+        if let Some(code) = self.exit_code() {
+            return code;
+        }
+        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        self.wait().await
+    }
+}
+
+/// Reads the end of a log file, lossily, on one line.
+pub fn tail(path: &Path, max: u64) -> String {
+    let Ok(mut file) = fs::File::open(path) else {
+        return "(no log)".to_string();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let text = text.trim();
+    if text.is_empty() {
+        "(empty log)".to_string()
+    } else {
+        text.lines().collect::<Vec<_>>().join(" | ")
+    }
+}
+
+/// Pid files hold "<pid> <start time>", so a later `delete` never signals a recycled pid.
+fn write_pid_file(path: &Path, pid: u32) {
+    let line = format!("{pid} {}\n", start_time(pid).unwrap_or(0));
+    if let Err(e) = fs::write(path, line) {
+        log::warn!("cannot write pid file {}: {e}", path.display());
+    }
+}
+
+/// Field 22 of /proc/<pid>/stat: when the process started, in clock ticks since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills the process a pid file names, if it is still the same process. Returns whether a
+/// process was signalled.
+pub fn kill_from_pid_file(path: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(path) else {
+        return false;
+    };
+    let mut parts = text.split_whitespace();
+    let (Some(Ok(pid)), Some(Ok(started))) = (
+        parts.next().map(str::parse::<u32>),
+        parts.next().map(str::parse::<u64>),
+    ) else {
+        return false;
+    };
+    if pid <= 1 || start_time(pid) != Some(started) {
+        return false;
+    }
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok()
+}
+
+/// Waits (bounded) until the process a pid file names is gone.
+pub async fn wait_gone(path: &Path, timeout: Duration) {
+    let Ok(text) = fs::read_to_string(path) else {
+        return;
+    };
+    let Some(Ok(pid)) = text.split_whitespace().next().map(str::parse::<u32>) else {
+        return;
+    };
+    let started = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && started.elapsed() < timeout {
+        // The process is not our child here (its parent shim is gone), so there is no exit to
+        // wait on; poll its /proc entry.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_names_in_path_and_refuses_missing() {
+        assert!(resolve_binary("shell", "sh").is_ok());
+        assert!(resolve_binary("shell", "/bin/sh").is_ok());
+        let err = resolve_binary("virtiofsd", "no-such-binary-hako").expect_err("missing");
+        assert!(err.to_string().contains("install it or set its path"), "{err}");
+        assert!(resolve_binary("x", "../bin/sh").is_err());
+    }
+
+    #[test]
+    fn start_time_reads_our_own_stat() {
+        assert!(start_time(std::process::id()).is_some());
+    }
+
+    #[tokio::test]
+    async fn pid_files_kill_only_the_same_process() {
+        let dir = std::env::temp_dir().join(format!("hako-daemon-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let d = Daemon::spawn("sleep", cmd, &dir.join("sleep.log"), &dir.join("sleep.pid"))
+            .expect("spawn");
+        // A pid file with a wrong start time must not be honoured.
+        fs::write(dir.join("stale.pid"), format!("{} 1\n", d.pid())).expect("write");
+        assert!(!kill_from_pid_file(&dir.join("stale.pid")));
+        assert!(d.exit_code().is_none());
+        assert!(kill_from_pid_file(&dir.join("sleep.pid")));
+        assert_eq!(d.wait().await, 128 + 9);
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[tokio::test]
+    async fn early_exit_is_reported_with_the_log() {
+        let dir = std::env::temp_dir().join(format!("hako-daemon-early-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo boom >&2; exit 3"]);
+        let d = Daemon::spawn("sh", cmd, &dir.join("sh.log"), &dir.join("sh.pid")).expect("spawn");
+        let err = d
+            .wait_for_socket(&dir.join("never.sock"), Duration::from_secs(10))
+            .await
+            .expect_err("exits early");
+        let text = err.to_string();
+        assert!(text.contains("status 3") && text.contains("boom"), "{text}");
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

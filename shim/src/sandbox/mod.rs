@@ -1,0 +1,405 @@
+//! The sandbox: one VM per pod, with its directory, share mounts and helper processes.
+//!
+//! Layout of `<sandbox_root>/<namespace>/<sandbox id>/`:
+//! `rw/` (the host writes here) and `ro/` (a read-only bind of `rw/`, a slave of it so later
+//! mounts under `rw/` appear; virtiofsd serves only `ro/`), the sockets `fs.sock`, `vhu.sock`,
+//! `agent.sock`, `qmp.sock`, logs (`console.log`, `vmm.log`, `virtiofsd.log`, `vsock.log`) and
+//! pid files. Each container gets `rw/<cid>/rootfs` (a bind of the bundle's rootfs) and
+//! `rw/<cid>/mounts/<n>-<name>` for its bind mounts.
+
+pub mod mounts;
+pub mod spec;
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::mount::MsFlags;
+use tokio::sync::watch;
+
+use crate::agent_client::{dial, AgentClient, AgentError, ReadyListener, TtrpcAgent};
+use crate::config::Config;
+use crate::daemon::{kill_from_pid_file, tail, wait_gone, DaemonError};
+use crate::fs::{FsPaths, SharedFs, Virtiofsd};
+use crate::ids::{validate, IdError};
+use crate::timing::Timings;
+use crate::vmm::qemu::Qemu;
+use crate::vmm::{kernel_cmdline, Hypervisor, VmSpec, VmmError};
+use mounts::{MountError, RootfsMount};
+use spec::SharedBind;
+
+/// Longest unix socket path the kernel takes (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+const PID_FILES: [&str; 3] = ["vmm.pid", "virtiofsd.pid", "vsock.pid"];
+const STOP_GRACE: Duration = Duration::from_secs(3);
+const FS_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Once the agent announced itself, its port answers at once; this only covers slow hosts.
+const DIAL_AFTER_READY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Id(#[from] IdError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The VM did not come up; carries the end of the guest console.
+    #[error("the sandbox VM did not come up: {reason}; guest console: {console}")]
+    Boot { reason: String, console: String },
+    /// A path would be too long for a unix socket.
+    #[error("socket path {0} is too long (at most {MAX_SOCKET_PATH} bytes); use shorter ids or a shorter runtime.sandbox_root")]
+    PathTooLong(PathBuf),
+    /// A file or directory operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let path = path.to_path_buf();
+    move |source| SandboxError::Io { what, path, source }
+}
+
+/// Where everything of one sandbox lives.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    pub dir: PathBuf,
+    pub rw: PathBuf,
+    pub ro: PathBuf,
+    pub fs_socket: PathBuf,
+    pub agent_socket: PathBuf,
+    pub console_log: PathBuf,
+}
+
+impl SandboxPaths {
+    /// Checks the ids, then builds the paths. Nothing is touched on disk.
+    pub fn new(root: &Path, namespace: &str, sandbox_id: &str) -> Result<Self, SandboxError> {
+        validate("namespace", namespace)?;
+        validate("sandbox id", sandbox_id)?;
+        let dir = root.join(namespace).join(sandbox_id);
+        let paths = Self {
+            rw: dir.join("rw"),
+            ro: dir.join("ro"),
+            fs_socket: dir.join("fs.sock"),
+            agent_socket: dir.join("agent.sock"),
+            console_log: dir.join("console.log"),
+            dir,
+        };
+        let ready = ReadyListener::path_for(&paths.agent_socket, hako_protocol::READY_VSOCK_PORT);
+        for socket in [&paths.fs_socket, &ready, &paths.dir.join("vhu.sock")] {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(SandboxError::PathTooLong(socket.clone()));
+            }
+        }
+        Ok(paths)
+    }
+
+    pub fn container_dir(&self, container_id: &str) -> PathBuf {
+        self.rw.join(container_id)
+    }
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub namespace: String,
+    pub paths: SandboxPaths,
+    config: Config,
+    fs: Option<Box<dyn SharedFs>>,
+    vmm: Option<Box<dyn Hypervisor>>,
+    agent: Option<Arc<dyn AgentClient>>,
+    pub timings: Timings,
+}
+
+impl Sandbox {
+    /// Makes the sandbox dir and its share mounts. On error nothing is left behind.
+    pub async fn prepare(config: &Config, namespace: &str, sandbox_id: &str) -> Result<Self, SandboxError> {
+        let paths = SandboxPaths::new(&config.runtime.sandbox_root, namespace, sandbox_id)?;
+        if paths.dir.exists() {
+            log::warn!("sandbox dir {} exists from an earlier run; cleaning it up", paths.dir.display());
+            cleanup_on_disk(&config.runtime.sandbox_root, namespace, sandbox_id).await?;
+        }
+        let sandbox = Self {
+            id: sandbox_id.to_string(),
+            namespace: namespace.to_string(),
+            paths,
+            config: config.clone(),
+            fs: None,
+            vmm: None,
+            agent: None,
+            timings: Timings::new(),
+        };
+        if let Err(e) = sandbox.make_share() {
+            let _ = remove_sandbox_dir(&sandbox.paths.dir);
+            return Err(e);
+        }
+        Ok(sandbox)
+    }
+
+    fn make_share(&self) -> Result<(), SandboxError> {
+        let p = &self.paths;
+        if let Some(parent) = p.dir.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(parent)
+                .map_err(io_err("creating", parent))?;
+        }
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&p.dir)
+            .map_err(io_err("creating", &p.dir))?;
+        for dir in [&p.rw, &p.ro] {
+            fs::create_dir(dir).map_err(io_err("creating", dir))?;
+        }
+        // rw/ gets a peer group of its own (private first, so nothing leaks to the host's
+        // groups), ro/ is a read-only slave copy of it: mounts added under rw/ later show up in
+        // ro/ and in virtiofsd's namespace, but nothing propagates back.
+        mounts::bind(&p.rw, &p.rw, false)?;
+        mounts::set_propagation(&p.rw, MsFlags::MS_PRIVATE)?;
+        mounts::set_propagation(&p.rw, MsFlags::MS_SHARED)?;
+        mounts::bind(&p.rw, &p.ro, true)?;
+        mounts::set_propagation(&p.ro, MsFlags::MS_SLAVE)?;
+        Ok(())
+    }
+
+    /// Mounts a container's rootfs and binds into the share. On error nothing is left.
+    pub fn attach_container(
+        &self,
+        container_id: &str,
+        bundle: &Path,
+        rootfs: &[RootfsMount],
+        binds: &[SharedBind],
+    ) -> Result<(), SandboxError> {
+        validate("container id", container_id)?;
+        let result = self.try_attach(container_id, bundle, rootfs, binds);
+        if result.is_err() {
+            self.detach_container(container_id, bundle, !rootfs.is_empty());
+        }
+        result
+    }
+
+    fn try_attach(
+        &self,
+        container_id: &str,
+        bundle: &Path,
+        rootfs: &[RootfsMount],
+        binds: &[SharedBind],
+    ) -> Result<(), SandboxError> {
+        let bundle_rootfs = bundle.join("rootfs");
+        if !rootfs.is_empty() {
+            fs::create_dir_all(&bundle_rootfs).map_err(io_err("creating", &bundle_rootfs))?;
+            mounts::mount_rootfs(rootfs, &bundle_rootfs)?;
+        }
+        let dir = self.paths.container_dir(container_id);
+        let target = dir.join("rootfs");
+        fs::create_dir_all(&target).map_err(io_err("creating", &target))?;
+        mounts::bind(&bundle_rootfs, &target, false)?;
+        if !binds.is_empty() {
+            let mounts_dir = dir.join("mounts");
+            fs::create_dir_all(&mounts_dir).map_err(io_err("creating", &mounts_dir))?;
+            for b in binds {
+                let target = mounts_dir.join(&b.name);
+                let meta = fs::metadata(&b.host_source).map_err(io_err("bind source", &b.host_source))?;
+                if meta.is_dir() {
+                    fs::create_dir(&target).map_err(io_err("creating", &target))?;
+                } else {
+                    fs::File::create(&target).map_err(io_err("creating", &target))?;
+                }
+                mounts::bind(&b.host_source, &target, b.readonly)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes `attach_container`. Best effort: every step runs, failures are logged.
+    pub fn detach_container(&self, container_id: &str, bundle: &Path, rootfs_mounted: bool) {
+        let dir = self.paths.container_dir(container_id);
+        if let Err(e) = mounts::unmount_all_under(&dir) {
+            log::error!("container {container_id}: {e}");
+        }
+        if let Err(e) = mounts::remove_tree(&dir) {
+            log::error!("container {container_id}: {e}");
+        }
+        if rootfs_mounted {
+            if let Err(e) = mounts::unmount_all_under(&bundle.join("rootfs")) {
+                log::error!("container {container_id}: {e}");
+            }
+        }
+    }
+
+    fn vm_spec(&self) -> VmSpec {
+        let h = &self.config.hypervisor;
+        VmSpec {
+            sandbox_id: self.id.clone(),
+            dir: self.paths.dir.clone(),
+            vcpus: h.vcpus,
+            memory_mib: h.memory_mib,
+            kernel: h.kernel.clone(),
+            initrd: h.initrd.clone(),
+            cmdline: kernel_cmdline(&self.config.agent.log_level, &h.kernel_params),
+            fs_socket: self.paths.fs_socket.clone(),
+            fs_tag: hako_protocol::SHARED_FS_TAG.to_string(),
+            agent_socket: self.paths.agent_socket.clone(),
+            console_log: self.paths.console_log.clone(),
+        }
+    }
+
+    /// Starts virtiofsd and the VM and waits for the agent. On error the caller runs
+    /// `shutdown`, which stops whatever did start.
+    pub async fn boot(&mut self, hostname: &str) -> Result<(), SandboxError> {
+        self.timings.mark("sandbox_prepare");
+        let spec = self.vm_spec();
+        let dir = &self.paths.dir;
+        let fs = Virtiofsd::spawn(
+            &self.config.virtiofs,
+            &self.paths.ro,
+            FsPaths {
+                socket: &self.paths.fs_socket,
+                log: &dir.join("virtiofsd.log"),
+                pid_file: &dir.join("virtiofsd.pid"),
+            },
+        )?;
+        let fs: &dyn SharedFs = &**self.fs.insert(Box::new(fs));
+        let mut vmm: Box<dyn Hypervisor> = Box::new(Qemu::new(&self.config.hypervisor, &self.config.vsock)?);
+        // The vsock backend comes up while virtiofsd does.
+        vmm.prepare(&spec).await?;
+        let vmm = self.vmm.insert(vmm);
+        let ready = ReadyListener::bind(&self.paths.agent_socket, hako_protocol::READY_VSOCK_PORT)
+            .map_err(io_err("listening on", &self.paths.agent_socket))?;
+        fs.wait_ready(FS_READY_TIMEOUT).await?;
+        self.timings.mark("virtiofsd_ready");
+        vmm.start(&spec).await?;
+        self.timings.mark("vmm_started");
+
+        // Dial only once the agent says it serves: a connection that reaches the guest before
+        // its vsock driver is up can stall in the vsock backend.
+        let connected = match ready.wait(self.config.agent.dial_timeout(), vmm.exit_watch()).await {
+            Ok(()) => {
+                self.timings.mark("agent_ready");
+                dial(
+                    &self.paths.agent_socket,
+                    hako_protocol::AGENT_VSOCK_PORT,
+                    DIAL_AFTER_READY,
+                    vmm.exit_watch(),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        drop(ready);
+        let stream = match connected {
+            Ok(stream) => stream,
+            Err(e) => {
+                return Err(SandboxError::Boot {
+                    reason: format!("{e}; qemu: {}", vmm.log_tail()),
+                    console: tail(&self.paths.console_log, 3000),
+                })
+            }
+        };
+        let agent: Arc<dyn AgentClient> = Arc::new(TtrpcAgent::new(stream, self.config.agent.call_timeout()));
+        let health = agent.health().await?;
+        self.timings.mark("agent_connected");
+        log::info!(
+            "sandbox {}: agent {} on guest kernel {} ready {} ms after guest boot",
+            self.id,
+            health.agent_version,
+            health.kernel_release,
+            health.ready_since_boot_ms
+        );
+        agent.create_sandbox(&self.id, hostname).await?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    pub fn agent(&self) -> Option<Arc<dyn AgentClient>> {
+        self.agent.clone()
+    }
+
+    pub fn vm_exit(&self) -> Option<watch::Receiver<Option<i32>>> {
+        self.vmm.as_ref().and_then(|v| v.exit_watch())
+    }
+
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm.as_ref().and_then(|v| v.pid()).unwrap_or(0)
+    }
+
+    /// Stops the VM and daemons and removes the sandbox dir. Safe to call at any stage.
+    pub async fn shutdown(&mut self) -> Result<(), SandboxError> {
+        if let Some(agent) = self.agent.take() {
+            let vm_alive = self.vm_exit().is_some_and(|rx| rx.borrow().is_none());
+            if vm_alive {
+                if let Err(e) = agent.destroy_sandbox().await {
+                    log::warn!("sandbox {}: DestroySandbox: {e}", self.id);
+                }
+            }
+        }
+        if let Some(vmm) = self.vmm.as_mut() {
+            vmm.stop(STOP_GRACE).await;
+        }
+        if let Some(fs) = self.fs.take() {
+            fs.process().stop(STOP_GRACE).await;
+        }
+        mounts::unmount_all_under(&self.paths.dir)?;
+        remove_sandbox_dir(&self.paths.dir)
+    }
+}
+
+fn remove_sandbox_dir(dir: &Path) -> Result<(), SandboxError> {
+    mounts::remove_tree(dir)?;
+    // The namespace dir goes when its last sandbox does; another shim may race us to it.
+    if let Some(parent) = dir.parent() {
+        let _ = fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+/// Cleanup from what is on disk, for the `delete` subcommand and stale dirs: kills the
+/// processes the pid files name (only if they are still the same processes), unmounts
+/// everything under the sandbox dir and removes it. Idempotent.
+pub async fn cleanup_on_disk(root: &Path, namespace: &str, sandbox_id: &str) -> Result<(), SandboxError> {
+    let paths = SandboxPaths::new(root, namespace, sandbox_id)?;
+    if !paths.dir.exists() {
+        return Ok(());
+    }
+    for name in PID_FILES {
+        let pid_file = paths.dir.join(name);
+        if kill_from_pid_file(&pid_file) {
+            log::info!("killed the process in {}", pid_file.display());
+        }
+        wait_gone(&pid_file, STOP_GRACE).await;
+    }
+    mounts::unmount_all_under(&paths.dir)?;
+    remove_sandbox_dir(&paths.dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked_before_paths_are_built() {
+        let root = Path::new("/run/hako");
+        assert!(SandboxPaths::new(root, "default", "../etc").is_err());
+        assert!(SandboxPaths::new(root, "a/b", "x").is_err());
+        let p = SandboxPaths::new(root, "default", "t1").expect("valid");
+        assert_eq!(p.dir, Path::new("/run/hako/default/t1"));
+        assert_eq!(p.container_dir("c"), Path::new("/run/hako/default/t1/rw/c"));
+    }
+
+    #[test]
+    fn overlong_socket_paths_are_refused() {
+        let err = SandboxPaths::new(Path::new("/run/hako"), &"n".repeat(60), &"s".repeat(60))
+            .expect_err("too long");
+        assert!(matches!(err, SandboxError::PathTooLong(_)), "{err}");
+    }
+}

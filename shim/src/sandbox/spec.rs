@@ -1,0 +1,203 @@
+//! Rewriting a container's OCI spec from host paths to guest paths. Host-only parts (hooks,
+//! namespace paths, the host cgroup path) are dropped: they mean nothing inside the VM.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{Mount, Root, Spec};
+
+/// A host file or directory the guest must see, and where it appears in the share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedBind {
+    pub host_source: PathBuf,
+    /// Name under `<share>/<cid>/mounts/`.
+    pub name: String,
+    pub readonly: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    /// The spec has no process to run.
+    #[error("the OCI spec has no process")]
+    NoProcess,
+    /// The process has no args.
+    #[error("the OCI spec's process has no args")]
+    NoArgs,
+    /// A mount destination is unusable.
+    #[error("mount destination {0:?} must be an absolute path without '..'")]
+    BadDestination(String),
+    /// A bind mount source is not an absolute host path.
+    #[error("bind mount source {0:?} must be an absolute host path")]
+    BadSource(String),
+    /// An env entry is malformed.
+    #[error("invalid environment entry {0:?}: it must be KEY=VALUE with a non-empty key, no '=' in the key and no NUL")]
+    Env(String),
+}
+
+fn is_bind(m: &Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m
+            .options()
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o == "bind" || o == "rbind")
+}
+
+/// Checks env entries before anything is created, so a bad entry is a clear error at Create.
+pub fn check_env(env: &[String]) -> Result<(), SpecError> {
+    for entry in env {
+        match entry.split_once('=') {
+            Some((key, _)) if !key.is_empty() && !entry.contains('\0') => {}
+            _ => return Err(SpecError::Env(entry.clone())),
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites `spec` for the guest. Returns the spec and the host binds the share must carry.
+pub fn to_guest(spec: &Spec, container_id: &str, guest_share: &Path) -> Result<(Spec, Vec<SharedBind>), SpecError> {
+    let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(SpecError::NoArgs);
+    }
+    check_env(process.env().as_deref().unwrap_or_default())?;
+
+    let container_dir = guest_share.join(container_id);
+    let mut out = spec.clone();
+    let mut root = Root::default();
+    root.set_path(container_dir.join("rootfs"));
+    root.set_readonly(spec.root().as_ref().and_then(|r| r.readonly()));
+    out.set_root(Some(root));
+    out.set_hooks(None);
+
+    let mut binds = Vec::new();
+    let mut mounts = Vec::new();
+    for (index, m) in spec.mounts().as_deref().unwrap_or_default().iter().enumerate() {
+        let dest = m.destination();
+        if !dest.is_absolute() || dest.components().any(|c| c.as_os_str() == "..") {
+            return Err(SpecError::BadDestination(dest.display().to_string()));
+        }
+        let mut m = m.clone();
+        if is_bind(&m) {
+            let source = m.source().clone().unwrap_or_default();
+            if !source.is_absolute() || source.components().any(|c| c.as_os_str() == "..") {
+                return Err(SpecError::BadSource(source.display().to_string()));
+            }
+            let base = source
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "root".to_string());
+            let name = format!("{index}-{base}");
+            let readonly = m.options().as_deref().unwrap_or_default().iter().any(|o| o == "ro");
+            binds.push(SharedBind {
+                host_source: source,
+                name: name.clone(),
+                readonly,
+            });
+            m.set_source(Some(container_dir.join("mounts").join(name)));
+        }
+        mounts.push(m);
+    }
+    out.set_mounts(Some(mounts));
+
+    if let Some(linux) = spec.linux() {
+        let mut linux = linux.clone();
+        if let Some(namespaces) = linux.namespaces() {
+            let cleaned = namespaces
+                .iter()
+                .cloned()
+                .map(|mut ns| {
+                    ns.set_path(None);
+                    ns
+                })
+                .collect();
+            linux.set_namespaces(Some(cleaned));
+        }
+        linux.set_cgroups_path(None);
+        out.set_linux(Some(linux));
+    }
+    Ok((out, binds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Spec {
+        serde_json::from_str(json).expect("valid test spec")
+    }
+
+    const BASE: &str = r#"{
+        "ociVersion": "1.0.2",
+        "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin"]},
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": "h",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "ro"]}
+        ],
+        "hooks": {"prestart": [{"path": "/usr/bin/true"}]},
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}],
+                  "cgroupsPath": "/default/t1"}
+    }"#;
+
+    #[test]
+    fn root_and_binds_point_into_the_share() {
+        let (guest, binds) = to_guest(&spec(BASE), "t1", Path::new("/run/hako/shared")).expect("ok");
+        let root = guest.root().as_ref().expect("root");
+        assert_eq!(root.path(), Path::new("/run/hako/shared/t1/rootfs"));
+        assert_eq!(root.readonly(), Some(true));
+        let mounts = guest.mounts().as_ref().expect("mounts");
+        assert_eq!(mounts[0].source().as_deref(), Some(Path::new("proc")));
+        assert_eq!(
+            mounts[1].source().as_deref(),
+            Some(Path::new("/run/hako/shared/t1/mounts/1-hosts"))
+        );
+        assert_eq!(
+            binds,
+            vec![SharedBind {
+                host_source: "/var/lib/x/hosts".into(),
+                name: "1-hosts".into(),
+                readonly: true
+            }]
+        );
+    }
+
+    #[test]
+    fn host_only_parts_are_dropped() {
+        let (guest, _) = to_guest(&spec(BASE), "t1", Path::new("/s")).expect("ok");
+        assert!(guest.hooks().is_none());
+        let linux = guest.linux().as_ref().expect("linux");
+        assert!(linux.cgroups_path().is_none());
+        assert!(linux
+            .namespaces()
+            .as_ref()
+            .expect("namespaces")
+            .iter()
+            .all(|n| n.path().is_none()));
+    }
+
+    #[test]
+    fn bad_env_is_refused() {
+        for bad in ["=x", "NOVALUE", "A\u{0}B=c"] {
+            let json = BASE.replace("\"PATH=/bin\"", &serde_json::to_string(bad).expect("json"));
+            let err = to_guest(&spec(&json), "t1", Path::new("/s")).expect_err(bad);
+            assert!(matches!(err, SpecError::Env(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn relative_or_dotdot_destinations_are_refused() {
+        for dest in ["relative", "/a/../../etc"] {
+            let json = BASE.replace("\"/proc\"", &format!("\"{dest}\""));
+            let err = to_guest(&spec(&json), "t1", Path::new("/s")).expect_err(dest);
+            assert!(matches!(err, SpecError::BadDestination(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_process_is_required() {
+        let json = r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}"#;
+        assert_eq!(to_guest(&spec(json), "t1", Path::new("/s")).err(), Some(SpecError::NoProcess));
+    }
+}

@@ -1,0 +1,125 @@
+//! Copying between containerd's stdio FIFOs and the agent's streams.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::task::JoinSet;
+
+use crate::agent_client::AgentClient;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StdioPaths {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StdioError {
+    /// A FIFO could not be opened.
+    #[error("cannot open {which} fifo {path}: {source}")]
+    Open {
+        which: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Opens the FIFOs and starts the copies. The returned set finishes when stdout and stderr
+/// have reached end of stream (the stdin copy is not part of it).
+pub fn attach(
+    agent: Arc<dyn AgentClient>,
+    container_id: &str,
+    exec_id: &str,
+    paths: &StdioPaths,
+) -> Result<JoinSet<()>, StdioError> {
+    let open_err = |which: &'static str, path: &str| {
+        let path = path.to_string();
+        move |source| StdioError::Open { which, path, source }
+    };
+    // Open everything first so a bad path fails before any copy starts.
+    let stdin = if paths.stdin.is_empty() {
+        None
+    } else {
+        Some(
+            pipe::OpenOptions::new()
+                .open_receiver(&paths.stdin)
+                .map_err(open_err("stdin", &paths.stdin))?,
+        )
+    };
+    let mut outputs = Vec::new();
+    for (which, path, is_stderr) in [("stdout", &paths.stdout, false), ("stderr", &paths.stderr, true)] {
+        if path.is_empty() {
+            continue;
+        }
+        // Read-write: opening never blocks waiting for containerd's reader.
+        let fifo = pipe::OpenOptions::new()
+            .read_write(true)
+            .open_sender(path)
+            .map_err(open_err(which, path))?;
+        outputs.push((fifo, is_stderr));
+    }
+
+    if let Some(stdin) = stdin {
+        tokio::spawn(copy_stdin(agent.clone(), container_id.to_string(), exec_id.to_string(), stdin));
+    }
+    let mut set = JoinSet::new();
+    for (fifo, is_stderr) in outputs {
+        set.spawn(copy_output(
+            agent.clone(),
+            container_id.to_string(),
+            exec_id.to_string(),
+            fifo,
+            is_stderr,
+        ));
+    }
+    Ok(set)
+}
+
+async fn copy_stdin(agent: Arc<dyn AgentClient>, cid: String, exec_id: String, mut fifo: pipe::Receiver) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match fifo.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Err(e) = agent.write_stdin(&cid, &exec_id, buf[..n].to_vec()).await {
+                    log::debug!("{cid}: stdin copy stopped: {e}");
+                    return;
+                }
+            }
+            Err(e) => {
+                log::debug!("{cid}: reading the stdin fifo: {e}");
+                break;
+            }
+        }
+    }
+    if let Err(e) = agent.close_stdin(&cid, &exec_id).await {
+        log::debug!("{cid}: closing stdin: {e}");
+    }
+}
+
+async fn copy_output(
+    agent: Arc<dyn AgentClient>,
+    cid: String,
+    exec_id: String,
+    mut fifo: pipe::Sender,
+    is_stderr: bool,
+) {
+    loop {
+        match agent.read_output(&cid, &exec_id, is_stderr).await {
+            Ok(Some(data)) => {
+                if let Err(e) = fifo.write_all(&data).await {
+                    log::debug!("{cid}: writing output fifo: {e}");
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                log::debug!("{cid}: output copy stopped: {e}");
+                return;
+            }
+        }
+    }
+}

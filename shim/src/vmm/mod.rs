@@ -1,0 +1,180 @@
+//! Hypervisors. `Hypervisor` is the narrow seam the sandbox drives; QEMU is the first backend.
+//! Accelerator choice lives here too: KVM where the host has hardware virtualisation, TCG
+//! otherwise.
+
+pub mod qemu;
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::config::Accel;
+use crate::daemon::DaemonError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// A helper process failed to start or get ready.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// KVM was forced by the configuration but cannot be used.
+    #[error("the configuration asks for KVM but it is not usable here: {0}; set hypervisor.accel = \"auto\" or \"tcg\"")]
+    KvmUnavailable(String),
+    /// A guest image file is missing.
+    #[error("guest {what} {path} not found; build it with guest-image/build.sh and install it (scripts/install.sh)")]
+    MissingImage { what: &'static str, path: PathBuf },
+    /// The VMM's control channel failed.
+    #[error("{vmm} control channel: {message}")]
+    Control { vmm: &'static str, message: String },
+    /// The VM is not running.
+    #[error("the VM is not running")]
+    NotRunning,
+}
+
+/// What a VM is made of. Paths are in the sandbox dir unless noted.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub sandbox_id: String,
+    /// The sandbox dir, for control sockets, logs and pid files.
+    pub dir: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Guest kernel and initramfs (read-only inputs, outside the sandbox dir).
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// vhost-user socket of the shared filesystem daemon, and the tag the guest mounts.
+    pub fs_socket: PathBuf,
+    pub fs_tag: String,
+    /// The hybrid-vsock unix socket the host dials the agent on.
+    pub agent_socket: PathBuf,
+    /// Where the guest's serial console goes.
+    pub console_log: PathBuf,
+}
+
+/// A VMM process running one VM.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Starts what the VMM needs before the shared filesystem is ready (such as a vsock
+    /// backend), so it can come up in parallel with it.
+    async fn prepare(&mut self, spec: &VmSpec) -> Result<(), VmmError>;
+    /// Launches the VM; the guest then boots on its own.
+    async fn start(&mut self, spec: &VmSpec) -> Result<(), VmmError>;
+    /// Stops the VM (asking the VMM first, killing it after `grace`) and its helpers.
+    async fn stop(&mut self, grace: Duration);
+    /// Host pid of the VMM process.
+    fn pid(&self) -> Option<u32>;
+    /// Becomes `Some(exit code)` when the VMM process exits, for whatever reason.
+    fn exit_watch(&self) -> Option<watch::Receiver<Option<i32>>>;
+    /// The last lines the VMM printed, for error messages.
+    fn log_tail(&self) -> String;
+}
+
+/// The accelerator a VM will use and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccelChoice {
+    pub kvm: bool,
+    pub reason: String,
+}
+
+/// Whether KVM can run ordinary guests here: the CPU must advertise vmx or svm (a nested,
+/// paging-based KVM without them hangs real guests) and /dev/kvm must open read-write.
+pub fn kvm_usable() -> Result<(), String> {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").map_err(|e| format!("/proc/cpuinfo: {e}"))?;
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !hw {
+        return Err("the CPU advertises no hardware virtualisation (no vmx/svm flag)".to_string());
+    }
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("/dev/kvm: {e}"))?;
+    Ok(())
+}
+
+pub fn choose_accel(wanted: Accel) -> Result<AccelChoice, VmmError> {
+    match wanted {
+        Accel::Tcg => Ok(AccelChoice {
+            kvm: false,
+            reason: "TCG forced by the configuration".to_string(),
+        }),
+        Accel::Kvm => kvm_usable()
+            .map(|()| AccelChoice {
+                kvm: true,
+                reason: "KVM forced by the configuration".to_string(),
+            })
+            .map_err(VmmError::KvmUnavailable),
+        Accel::Auto => Ok(match kvm_usable() {
+            Ok(()) => AccelChoice {
+                kvm: true,
+                reason: "hardware virtualisation and /dev/kvm are usable".to_string(),
+            },
+            Err(why) => AccelChoice {
+                kvm: false,
+                reason: format!("falling back to TCG software emulation: {why}"),
+            },
+        }),
+    }
+}
+
+/// Kernel command line: console on the first serial port, no reboot loops, and the options
+/// that measurably shorten boot (see docs/performance notes in docs/architecture.md).
+pub fn kernel_cmdline(agent_log_level: &str, extra: &str) -> String {
+    let mut cmdline = [
+        "console=ttyS0",
+        "quiet",
+        "panic=-1",
+        "reboot=t",
+        "tsc=reliable",
+        "no_timer_check",
+        "noreplace-smp",
+        "cryptomgr.notests",
+        "rcupdate.rcu_expedited=1",
+        "pci=lastbus=0",
+        "audit=0",
+        "random.trust_cpu=on",
+        "i8042.noaux",
+        "i8042.nomux",
+        "i8042.nopnp",
+        "i8042.dumbkbd",
+    ]
+    .join(" ");
+    cmdline.push_str(&format!(" {}={agent_log_level}", hako_protocol::CMDLINE_LOG_LEVEL));
+    if !extra.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(extra.trim());
+    }
+    cmdline
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forced_tcg_needs_no_probe() {
+        let choice = choose_accel(Accel::Tcg).expect("tcg always works");
+        assert!(!choice.kvm);
+    }
+
+    #[test]
+    fn auto_agrees_with_the_probe() {
+        let choice = choose_accel(Accel::Auto).expect("auto never fails");
+        assert_eq!(choice.kvm, kvm_usable().is_ok(), "{}", choice.reason);
+    }
+
+    #[test]
+    fn cmdline_carries_the_agent_log_level_and_extras() {
+        let c = kernel_cmdline("debug", " loglevel=7 ");
+        assert!(c.starts_with("console=ttyS0 "));
+        assert!(c.contains(" hako.log=debug"));
+        assert!(c.ends_with(" loglevel=7"));
+    }
+}

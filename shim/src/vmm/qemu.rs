@@ -1,0 +1,301 @@
+//! QEMU backend: q35 with no default devices, direct kernel boot, guest memory in a shared
+//! memfd (vhost-user daemons map it), vhost-user-fs for the share, vhost-user-vsock served by
+//! `vhost-device-vsock` for the agent channel, and QMP on a unix socket for control.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use super::{choose_accel, AccelChoice, Hypervisor, VmSpec, VmmError};
+use crate::config::{HypervisorConfig, VsockConfig};
+use crate::daemon::{resolve_binary, Daemon};
+
+/// How long a helper may take to create its socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const QMP_TIMEOUT: Duration = Duration::from_secs(3);
+/// The guest's vsock CID. Each VM has its own vsock backend, so every guest can use the same.
+const GUEST_CID: u32 = 3;
+
+pub struct Qemu {
+    config: HypervisorConfig,
+    vsock_config: VsockConfig,
+    accel: AccelChoice,
+    vsock: Option<Daemon>,
+    vmm: Option<Daemon>,
+    qmp_socket: Option<PathBuf>,
+}
+
+impl Qemu {
+    pub fn new(config: &HypervisorConfig, vsock_config: &VsockConfig) -> Result<Self, VmmError> {
+        let accel = choose_accel(config.accel)?;
+        Ok(Self {
+            config: config.clone(),
+            vsock_config: vsock_config.clone(),
+            accel,
+            vsock: None,
+            vmm: None,
+            qmp_socket: None,
+        })
+    }
+
+    pub fn accel(&self) -> &AccelChoice {
+        &self.accel
+    }
+
+    fn vhost_user_vsock_socket(dir: &Path) -> PathBuf {
+        dir.join("vhu.sock")
+    }
+
+    /// The full QEMU command line (without the binary) for `spec`.
+    pub fn args(spec: &VmSpec, kvm: bool, seccomp: bool, qmp: &Path) -> Vec<String> {
+        let mem = format!("{}M", spec.memory_mib);
+        let mut args: Vec<String> = vec![
+            "-name".into(),
+            format!("hako-{},debug-threads=on", spec.sandbox_id),
+            "-machine".into(),
+            format!(
+                "q35,accel={},smbus=off,sata=off,usb=off,memory-backend=mem",
+                if kvm { "kvm" } else { "tcg" }
+            ),
+            "-cpu".into(),
+            if kvm { "host" } else { "max" }.into(),
+            "-smp".into(),
+            spec.vcpus.to_string(),
+            "-m".into(),
+            mem.clone(),
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-serial".into(),
+            format!("file:{}", spec.console_log.display()),
+            "-kernel".into(),
+            spec.kernel.display().to_string(),
+            "-initrd".into(),
+            spec.initrd.display().to_string(),
+            "-append".into(),
+            spec.cmdline.clone(),
+            "-chardev".into(),
+            format!("socket,id=fs0,path={}", spec.fs_socket.display()),
+            "-device".into(),
+            format!("vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag={}", spec.fs_tag),
+            "-chardev".into(),
+            format!("socket,id=vsock0,path={}", Self::vhost_user_vsock_socket(&spec.dir).display()),
+            "-device".into(),
+            "vhost-user-vsock-pci,chardev=vsock0".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp.display()),
+        ];
+        if seccomp {
+            args.push("-sandbox".into());
+            args.push(
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+            );
+        }
+        args
+    }
+
+    pub fn vsock_args(spec: &VmSpec) -> Vec<String> {
+        vec![
+            "--guest-cid".into(),
+            GUEST_CID.to_string(),
+            "--socket".into(),
+            Self::vhost_user_vsock_socket(&spec.dir).display().to_string(),
+            "--uds-path".into(),
+            spec.agent_socket.display().to_string(),
+            // A group of its own: no sibling traffic with any other guest.
+            "--groups".into(),
+            format!("hako-{}", spec.sandbox_id),
+        ]
+    }
+
+    async fn qmp_quit(&self) -> Result<(), VmmError> {
+        let socket = self.qmp_socket.as_ref().ok_or(VmmError::NotRunning)?;
+        let err = |message: String| VmmError::Control {
+            vmm: "qemu",
+            message,
+        };
+        let talk = async {
+            let stream = UnixStream::connect(socket)
+                .await
+                .map_err(|e| err(format!("connect {}: {e}", socket.display())))?;
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            // Greeting, then capabilities negotiation, then the command.
+            let _greeting = lines.next_line().await.map_err(|e| err(e.to_string()))?;
+            write
+                .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            qmp_expect_return(&mut lines).await.map_err(err)?;
+            write
+                .write_all(b"{\"execute\":\"quit\"}\n")
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            // QEMU may close the socket before or after answering; either means it is going.
+            let _ = qmp_expect_return(&mut lines).await;
+            Ok(())
+        };
+        tokio::time::timeout(QMP_TIMEOUT, talk)
+            .await
+            .map_err(|_| err(format!("no answer within {QMP_TIMEOUT:?}")))?
+    }
+}
+
+type QmpLines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
+
+/// Reads QMP messages until a command's answer: events in between are skipped.
+async fn qmp_expect_return(lines: &mut QmpLines) -> Result<(), String> {
+    loop {
+        match lines.next_line().await {
+            Ok(Some(line)) if line.contains("\"return\"") => return Ok(()),
+            Ok(Some(line)) if line.contains("\"error\"") => return Err(line),
+            Ok(Some(_)) => continue,
+            Ok(None) => return Err("connection closed".to_string()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn prepare(&mut self, spec: &VmSpec) -> Result<(), VmmError> {
+        let binary = resolve_binary("vhost-device-vsock", &self.vsock_config.path)?;
+        let mut cmd = Command::new(binary);
+        cmd.args(Self::vsock_args(spec));
+        let daemon = Daemon::spawn(
+            "vhost-device-vsock",
+            cmd,
+            &spec.dir.join("vsock.log"),
+            &spec.dir.join("vsock.pid"),
+        )?;
+        self.vsock = Some(daemon);
+        Ok(())
+    }
+
+    async fn start(&mut self, spec: &VmSpec) -> Result<(), VmmError> {
+        for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initrd)] {
+            if !path.is_file() {
+                return Err(VmmError::MissingImage {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        let binary = resolve_binary("qemu-system-x86_64", &self.config.path)?;
+        if let Some(vsock) = &self.vsock {
+            vsock
+                .wait_for_socket(&Self::vhost_user_vsock_socket(&spec.dir), READY_TIMEOUT)
+                .await?;
+        }
+        let qmp = spec.dir.join("qmp.sock");
+        let mut cmd = Command::new(binary);
+        cmd.args(Self::args(spec, self.accel.kvm, self.config.seccomp, &qmp));
+        let daemon = Daemon::spawn("qemu", cmd, &spec.dir.join("vmm.log"), &spec.dir.join("vmm.pid"))?;
+        log::info!(
+            "sandbox {}: qemu pid {} ({}, {})",
+            spec.sandbox_id,
+            daemon.pid(),
+            if self.accel.kvm { "KVM" } else { "TCG" },
+            self.accel.reason
+        );
+        self.vmm = Some(daemon);
+        self.qmp_socket = Some(qmp);
+        Ok(())
+    }
+
+    async fn stop(&mut self, grace: Duration) {
+        if let Some(vmm) = &self.vmm {
+            if vmm.exit_code().is_none() {
+                if let Err(e) = self.qmp_quit().await {
+                    log::warn!("qemu did not take quit over QMP ({e}); signalling it");
+                }
+                if tokio::time::timeout(grace, vmm.wait()).await.is_err() {
+                    vmm.stop(grace).await;
+                }
+            }
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.stop(grace).await;
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.vmm.as_ref().map(Daemon::pid)
+    }
+
+    fn exit_watch(&self) -> Option<watch::Receiver<Option<i32>>> {
+        self.vmm.as_ref().map(Daemon::exit_watch)
+    }
+
+    fn log_tail(&self) -> String {
+        self.vmm
+            .as_ref()
+            .map(Daemon::log_tail)
+            .unwrap_or_else(|| "(qemu not started)".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            sandbox_id: "sb1".into(),
+            dir: PathBuf::from("/run/hako/default/sb1"),
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            cmdline: "console=ttyS0".into(),
+            fs_socket: PathBuf::from("/run/hako/default/sb1/fs.sock"),
+            fs_tag: "hakoShared".into(),
+            agent_socket: PathBuf::from("/run/hako/default/sb1/agent.sock"),
+            console_log: PathBuf::from("/run/hako/default/sb1/console.log"),
+        }
+    }
+
+    fn joined(args: &[String]) -> String {
+        args.join(" ")
+    }
+
+    #[test]
+    fn tcg_command_line() {
+        let a = joined(&Qemu::args(&spec(), false, true, Path::new("/q.sock")));
+        assert!(a.contains("-machine q35,accel=tcg,"), "{a}");
+        assert!(a.contains("-cpu max"), "{a}");
+        assert!(a.contains("memory-backend-memfd,id=mem,size=256M,share=on"), "{a}");
+        assert!(a.contains("vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag=hakoShared"), "{a}");
+        assert!(a.contains("-smp 2"), "{a}");
+        assert!(a.contains("-sandbox on,"), "{a}");
+        assert!(a.contains("-nodefaults"), "{a}");
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu() {
+        let a = joined(&Qemu::args(&spec(), true, false, Path::new("/q.sock")));
+        assert!(a.contains("accel=kvm"), "{a}");
+        assert!(a.contains("-cpu host"), "{a}");
+        assert!(!a.contains("-sandbox"), "{a}");
+    }
+
+    #[test]
+    fn vsock_backend_is_private_to_the_sandbox() {
+        let a = joined(&Qemu::vsock_args(&spec()));
+        assert!(a.contains("--uds-path /run/hako/default/sb1/agent.sock"), "{a}");
+        assert!(a.contains("--groups hako-sb1"), "{a}");
+    }
+}
