@@ -134,7 +134,13 @@ pub fn mount_kernel_filesystems() -> Result<(), BootError> {
     let table: [(&str, &str, &str, MsFlags, Option<&str>); 7] = [
         ("proc", "/proc", "proc", nosuid_nodev_noexec, None),
         ("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None),
-        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
         (
             "devpts",
             "/dev/pts",
@@ -142,9 +148,27 @@ pub fn mount_kernel_filesystems() -> Result<(), BootError> {
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             Some("gid=5,mode=0620,ptmxmode=0666"),
         ),
-        ("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
-        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
-        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev_noexec, None),
+        (
+            "shm",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+        (
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
+            nosuid_nodev_noexec,
+            None,
+        ),
     ];
     for (source, target, fstype, flags, data) in table {
         let _ = fs::create_dir_all(target);
@@ -207,7 +231,13 @@ pub fn mount_share(tag: &str, target: &str) -> Result<(), BootError> {
     loop {
         // nodev: device nodes in the share must never work in the guest. The share keeps suid
         // bits working (images rely on them); the host side is read-only for the top level.
-        match mount(Some(tag), target, Some("virtiofs"), MsFlags::MS_NODEV, None::<&str>) {
+        match mount(
+            Some(tag),
+            target,
+            Some("virtiofs"),
+            MsFlags::MS_NODEV,
+            None::<&str>,
+        ) {
             Ok(()) => return Ok(()),
             Err(e @ (Errno::ENOENT | Errno::ENODEV | Errno::EINVAL))
                 if started.elapsed() < budget =>

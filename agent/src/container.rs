@@ -231,7 +231,9 @@ impl Containers {
         };
         let outcome = tokio::task::spawn_blocking(move || {
             let mut start = fs::File::from(start);
-            start.write_all(b"s").map_err(|e| format!("signalling start: {e}"))?;
+            start
+                .write_all(b"s")
+                .map_err(|e| format!("signalling start: {e}"))?;
             drop(start);
             read_exec_result(&mut sync)
         });
@@ -258,7 +260,10 @@ impl Containers {
         }
     }
 
-    async fn exit_receiver(&self, id: &str) -> Result<watch::Receiver<Option<u32>>, ContainerError> {
+    async fn exit_receiver(
+        &self,
+        id: &str,
+    ) -> Result<watch::Receiver<Option<u32>>, ContainerError> {
         let table = self.table.lock().await;
         table
             .get(id)
@@ -376,11 +381,13 @@ impl Containers {
                 reason: "stdin is closed".to_string(),
             });
         };
-        pipe.write_all(data).await.map_err(|source| ContainerError::Io {
-            id: id.to_string(),
-            what: "writing stdin".to_string(),
-            source,
-        })?;
+        pipe.write_all(data)
+            .await
+            .map_err(|source| ContainerError::Io {
+                id: id.to_string(),
+                what: "writing stdin".to_string(),
+                source,
+            })?;
         Ok(data.len())
     }
 
@@ -497,9 +504,10 @@ fn spawn_helper(
     unsafe {
         cmd.pre_exec(move || {
             unshare(CloneFlags::CLONE_NEWPID)?;
-            // Move to fds out of the way first so the two dup2s cannot clobber each other.
-            let sync_tmp = libc::fcntl(sync_raw, libc::F_DUPFD, 10);
-            let start_tmp = libc::fcntl(start_raw, libc::F_DUPFD, 10);
+            // Copy to close-on-exec fds out of the way first so the two dup2s cannot clobber
+            // each other and nothing but fds 3 and 4 reaches the container.
+            let sync_tmp = libc::fcntl(sync_raw, libc::F_DUPFD_CLOEXEC, 10);
+            let start_tmp = libc::fcntl(start_raw, libc::F_DUPFD_CLOEXEC, 10);
             if sync_tmp < 0 || start_tmp < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -605,7 +613,8 @@ mod tests {
     fn helper_errors_are_passed_on() {
         let (r, w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
         let mut w = fs::File::from(w);
-        w.write_all(b"pid 42\nerror mounting proc on /proc: EPERM\n").expect("write");
+        w.write_all(b"pid 42\nerror mounting proc on /proc: EPERM\n")
+            .expect("write");
         drop(w);
         let mut reader = BufReader::new(fs::File::from(r));
         assert_eq!(

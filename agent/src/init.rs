@@ -20,7 +20,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::sys::statvfs::{statvfs, FsFlags};
-use nix::unistd::{chdir, execve, fork, pivot_root, sethostname, setgid, setgroups, setuid};
+use nix::unistd::{chdir, execve, fork, pivot_root, setgid, setgroups, sethostname, setuid};
 use nix::unistd::{ForkResult, Gid, Uid};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 use serde::{Deserialize, Serialize};
@@ -61,7 +61,9 @@ pub enum InitError {
     #[error(transparent)]
     Mount(#[from] MountError),
     /// An env entry is not KEY=VALUE with a valid key.
-    #[error("invalid environment entry {0:?}: it must be KEY=VALUE with a non-empty key and no NUL")]
+    #[error(
+        "invalid environment entry {0:?}: it must be KEY=VALUE with a non-empty key and no NUL"
+    )]
     Env(String),
     /// A system call failed.
     #[error("{what}: {source}")]
@@ -75,6 +77,9 @@ pub enum InitError {
         what: String,
         source: std::io::Error,
     },
+    /// The command's path is not an executable file.
+    #[error("{0}: no such executable file in the container")]
+    NotExecutable(String),
     /// The command was not found in the container.
     #[error("executable {0:?} not found in $PATH")]
     NotFound(String),
@@ -130,17 +135,25 @@ fn read_config(path: &str) -> Result<InitConfig, InitError> {
     serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))
 }
 
-fn build_and_exec(config: &InitConfig, sync: &mut File) -> Result<std::convert::Infallible, InitError> {
+fn build_and_exec(
+    config: &InitConfig,
+    sync: &mut File,
+) -> Result<std::convert::Infallible, InitError> {
     let spec = &config.spec;
     let process = spec.process().as_ref().ok_or(InitError::NoProcess)?;
-    let args = process.args().as_ref().filter(|a| !a.is_empty()).ok_or(InitError::NoArgs)?;
+    let args = process
+        .args()
+        .as_ref()
+        .filter(|a| !a.is_empty())
+        .ok_or(InitError::NoArgs)?;
     let env = env_entries(process.env().as_deref().unwrap_or_default())?;
     let root = spec.root().as_ref().ok_or(InitError::NoRoot)?;
     let root_path = root.path().clone();
 
     if let Some(dir) = &config.cgroup_dir {
         // "0" moves the writer itself; our own pid is 1 in this namespace.
-        fs::write(dir.join("cgroup.procs"), "0").map_err(io(format!("joining cgroup {}", dir.display())))?;
+        fs::write(dir.join("cgroup.procs"), "0")
+            .map_err(io(format!("joining cgroup {}", dir.display())))?;
     }
 
     let namespaces = spec
@@ -158,8 +171,14 @@ fn build_and_exec(config: &InitConfig, sync: &mut File) -> Result<std::convert::
         flags |= CloneFlags::CLONE_NEWIPC;
     }
     unshare(flags).map_err(sys("unshare"))?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(sys("making / private"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(sys("making / private"))?;
     mount(
         Some(&root_path),
         &root_path,
@@ -167,7 +186,10 @@ fn build_and_exec(config: &InitConfig, sync: &mut File) -> Result<std::convert::
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(sys(format!("bind-mounting the root {}", root_path.display())))?;
+    .map_err(sys(format!(
+        "bind-mounting the root {}",
+        root_path.display()
+    )))?;
 
     let mounts = spec.mounts().as_deref().unwrap_or_default();
     for m in mounts {
@@ -198,6 +220,9 @@ fn build_and_exec(config: &InitConfig, sync: &mut File) -> Result<std::convert::
         remount_readonly(Path::new("/"))?;
     }
 
+    // Resolve the command now, as runc does, so a missing binary fails Create, not Start.
+    let program = find_program(&args[0], &env)?;
+
     writeln!(sync, "created").map_err(io("reporting created"))?;
     // SAFETY: fd 4 is the read end of the start pipe the agent passed; only we own it here.
     let mut start = unsafe { File::from_raw_fd(START_FD) };
@@ -226,7 +251,6 @@ fn build_and_exec(config: &InitConfig, sync: &mut File) -> Result<std::convert::
         chdir(cwd.as_path()).map_err(sys(format!("chdir to {}", cwd.display())))?;
     }
 
-    let program = find_program(&args[0], &env)?;
     let c_program = cstring(program.as_os_str().as_encoded_bytes(), &args[0])?;
     let c_args = args
         .iter()
@@ -270,8 +294,20 @@ pub fn env_entries(env: &[String]) -> Result<Vec<String>, InitError> {
         .collect()
 }
 
+fn is_executable(path: &Path) -> bool {
+    nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok() && path.is_file()
+}
+
 fn find_program(arg0: &str, env: &[String]) -> Result<PathBuf, InitError> {
+    if arg0.starts_with('/') {
+        return if is_executable(Path::new(arg0)) {
+            Ok(PathBuf::from(arg0))
+        } else {
+            Err(InitError::NotExecutable(arg0.to_string()))
+        };
+    }
     if arg0.contains('/') {
+        // Relative to the working directory, which is only entered at exec.
         return Ok(PathBuf::from(arg0));
     }
     let path = env
@@ -281,10 +317,7 @@ fn find_program(arg0: &str, env: &[String]) -> Result<PathBuf, InitError> {
     path.split(':')
         .filter(|dir| !dir.is_empty())
         .map(|dir| Path::new(dir).join(arg0))
-        .find(|candidate| {
-            nix::unistd::access(candidate.as_path(), nix::unistd::AccessFlags::X_OK).is_ok()
-                && candidate.is_file()
-        })
+        .find(|candidate| is_executable(candidate))
         .ok_or_else(|| InitError::NotFound(arg0.to_string()))
 }
 
@@ -307,8 +340,14 @@ fn mount_one(root: &Path, m: &Mount) -> Result<(), InitError> {
             .is_dir();
         make_target(&dest, is_dir)?;
         let bind_flags = MsFlags::MS_BIND | (options.flags & MsFlags::MS_REC);
-        mount(Some(source_path), &dest, None::<&str>, bind_flags, None::<&str>)
-            .map_err(sys(format!("bind-mounting {source} on {dest_str}")))?;
+        mount(
+            Some(source_path),
+            &dest,
+            None::<&str>,
+            bind_flags,
+            None::<&str>,
+        )
+        .map_err(sys(format!("bind-mounting {source} on {dest_str}")))?;
         let extra = options.flags - (MsFlags::MS_BIND | MsFlags::MS_REC);
         if !extra.is_empty() {
             mount(
@@ -329,8 +368,14 @@ fn mount_one(root: &Path, m: &Mount) -> Result<(), InitError> {
         }
         make_target(&dest, true)?;
         let data = (!data.is_empty()).then_some(data.as_str());
-        mount(Some(source.as_str()), &dest, Some(fstype.as_str()), options.flags, data)
-            .map_err(sys(format!("mounting {fstype} on {dest_str}")))?;
+        mount(
+            Some(source.as_str()),
+            &dest,
+            Some(fstype.as_str()),
+            options.flags,
+            data,
+        )
+        .map_err(sys(format!("mounting {fstype} on {dest_str}")))?;
     }
     if let Some(propagation) = options.propagation {
         mount(None::<&str>, &dest, None::<&str>, propagation, None::<&str>)
@@ -361,8 +406,14 @@ fn populate_dev(root: &Path) -> Result<(), InitError> {
         let target = dev.join(name);
         make_target(&target, false)?;
         let source = Path::new("/dev").join(name);
-        mount(Some(&source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(sys(format!("binding {}", source.display())))?;
+        mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(sys(format!("binding {}", source.display())))?;
     }
     let links = [
         ("fd", "/proc/self/fd"),
@@ -394,7 +445,13 @@ fn mask_path(root: &Path, path: &str) -> Result<(), InitError> {
             None::<&str>,
         )
     } else {
-        mount(Some("/dev/null"), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        mount(
+            Some("/dev/null"),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
     };
     result.map_err(sys(format!("masking {path}")))
 }
@@ -438,23 +495,41 @@ mod tests {
 
     #[test]
     fn env_entries_reject_bad_keys() {
-        let ok = vec!["PATH=/bin".to_string(), "EMPTY=".to_string(), "A=b=c".to_string()];
+        let ok = vec![
+            "PATH=/bin".to_string(),
+            "EMPTY=".to_string(),
+            "A=b=c".to_string(),
+        ];
         assert_eq!(env_entries(&ok).ok(), Some(ok.clone()));
         for bad in ["=value", "NOEQUALS", "NUL\0=x", "K=v\0"] {
             let err = env_entries(&[bad.to_string()]).expect_err(bad);
-            assert!(err.to_string().contains("invalid environment entry"), "{err}");
+            assert!(
+                err.to_string().contains("invalid environment entry"),
+                "{err}"
+            );
         }
     }
 
     #[test]
-    fn absolute_programs_are_taken_as_given() {
-        assert_eq!(find_program("/bin/sh", &[]).ok(), Some(PathBuf::from("/bin/sh")));
+    fn absolute_programs_must_exist() {
+        assert_eq!(
+            find_program("/bin/sh", &[]).ok(),
+            Some(PathBuf::from("/bin/sh"))
+        );
+        let err = find_program("/no/such/binary", &[]).expect_err("missing");
+        assert_eq!(
+            err.to_string(),
+            "/no/such/binary: no such executable file in the container"
+        );
     }
 
     #[test]
     fn missing_program_is_a_clear_error() {
         let err = find_program("no-such-program-hako", &["PATH=/nonexistent".into()])
             .expect_err("must not be found");
-        assert_eq!(err.to_string(), "executable \"no-such-program-hako\" not found in $PATH");
+        assert_eq!(
+            err.to_string(),
+            "executable \"no-such-program-hako\" not found in $PATH"
+        );
     }
 }

@@ -23,7 +23,11 @@ impl Log for ConsoleLogger {
             Level::Trace => "trace",
         };
         // One write per line so lines from several threads do not interleave.
-        let line = format!("hako-agent[{}]: {level}: {}\n", std::process::id(), record.args());
+        let line = format!(
+            "hako-agent[{}]: {level}: {}\n",
+            std::process::id(),
+            record.args()
+        );
         let _ = std::io::stderr().write_all(line.as_bytes());
     }
 
@@ -54,7 +58,10 @@ mod tests {
 
     #[test]
     fn level_comes_from_cmdline() {
-        assert_eq!(level_from_cmdline("quiet hako.log=debug panic=-1"), LevelFilter::Debug);
+        assert_eq!(
+            level_from_cmdline("quiet hako.log=debug panic=-1"),
+            LevelFilter::Debug
+        );
         assert_eq!(level_from_cmdline("quiet"), LevelFilter::Info);
         assert_eq!(level_from_cmdline("hako.log=nonsense"), LevelFilter::Info);
     }

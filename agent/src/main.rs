@@ -15,7 +15,9 @@ mod server;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hako_protocol::{AGENT_VSOCK_PORT, GUEST_SHARED_DIR, READY_MESSAGE, READY_VSOCK_PORT, SHARED_FS_TAG};
+use hako_protocol::{
+    AGENT_VSOCK_PORT, GUEST_SHARED_DIR, READY_MESSAGE, READY_VSOCK_PORT, SHARED_FS_TAG,
+};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -99,16 +101,21 @@ fn announce_ready() {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
     use std::io::Write;
     const VMADDR_CID_HOST: u32 = 2;
-    let result = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-        .and_then(|fd| {
-            connect(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                &VsockAddr::new(VMADDR_CID_HOST, READY_VSOCK_PORT),
-            )?;
-            Ok(fd)
-        })
-        .map_err(std::io::Error::from)
-        .and_then(|fd| std::fs::File::from(fd).write_all(READY_MESSAGE));
+    let result = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .and_then(|fd| {
+        connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &VsockAddr::new(VMADDR_CID_HOST, READY_VSOCK_PORT),
+        )?;
+        Ok(fd)
+    })
+    .map_err(std::io::Error::from)
+    .and_then(|fd| std::fs::File::from(fd).write_all(READY_MESSAGE));
     match result {
         Ok(()) => log::debug!("told the host the agent is ready"),
         Err(e) => log::warn!("cannot tell the host the agent is ready: {e}"),

@@ -168,13 +168,17 @@ mod tests {
     fn rbind_ro_is_a_recursive_readonly_bind() {
         let o = parse_options(&["rbind", "ro", "rprivate"]);
         assert!(o.bind);
-        assert!(o.flags.contains(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY));
+        assert!(o
+            .flags
+            .contains(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY));
         assert_eq!(o.propagation, Some(MsFlags::MS_PRIVATE | MsFlags::MS_REC));
     }
 
     #[test]
     fn later_option_wins() {
-        assert!(!parse_options(&["ro", "rw"]).flags.contains(MsFlags::MS_RDONLY));
+        assert!(!parse_options(&["ro", "rw"])
+            .flags
+            .contains(MsFlags::MS_RDONLY));
     }
 
     #[test]
@@ -196,9 +200,15 @@ mod tests {
         symlink("/", dir.join("to-root")).expect("symlink");
         symlink("../../..", dir.join("up")).expect("symlink");
         symlink("real", dir.join("rel")).expect("symlink");
-        assert_eq!(resolve_in_root(&dir, "/to-root/etc").ok(), Some(dir.join("etc")));
+        assert_eq!(
+            resolve_in_root(&dir, "/to-root/etc").ok(),
+            Some(dir.join("etc"))
+        );
         assert_eq!(resolve_in_root(&dir, "/up/etc").ok(), Some(dir.join("etc")));
-        assert_eq!(resolve_in_root(&dir, "/rel/x").ok(), Some(dir.join("real/x")));
+        assert_eq!(
+            resolve_in_root(&dir, "/rel/x").ok(),
+            Some(dir.join("real/x"))
+        );
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -45,7 +45,9 @@ impl Reaper {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock leaves plain maps behind, still usable.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Resolves with the exit status of `pid` (the exit code, or 128 + signal).

@@ -39,7 +39,10 @@ fn only_init(exec_id: &str) -> ttrpc::Result<()> {
     if exec_id.is_empty() {
         Ok(())
     } else {
-        Err(get_rpc_status(Code::UNIMPLEMENTED, "exec processes are not supported yet"))
+        Err(get_rpc_status(
+            Code::UNIMPLEMENTED,
+            "exec processes are not supported yet",
+        ))
     }
 }
 
@@ -64,9 +67,8 @@ impl pb::AgentService for Agent {
         req: pb::CreateSandboxRequest,
     ) -> ttrpc::Result<pb::Empty> {
         if !req.hostname.is_empty() {
-            nix::unistd::sethostname(&req.hostname).map_err(|e| {
-                get_rpc_status(Code::INVALID_ARGUMENT, format!("sethostname: {e}"))
-            })?;
+            nix::unistd::sethostname(&req.hostname)
+                .map_err(|e| get_rpc_status(Code::INVALID_ARGUMENT, format!("sethostname: {e}")))?;
         }
         log::info!("sandbox {} ready", req.sandbox_id);
         Ok(pb::Empty::default())
@@ -90,7 +92,10 @@ impl pb::AgentService for Agent {
         req: pb::CreateContainerRequest,
     ) -> ttrpc::Result<pb::CreateContainerResponse> {
         if req.terminal {
-            return Err(get_rpc_status(Code::UNIMPLEMENTED, "terminals are not supported yet"));
+            return Err(get_rpc_status(
+                Code::UNIMPLEMENTED,
+                "terminals are not supported yet",
+            ));
         }
         let opts = CreateOptions {
             stdin: req.stdin,

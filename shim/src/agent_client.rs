@@ -107,7 +107,10 @@ pub async fn dial(
     loop {
         let last = match connect(socket, port).await {
             Ok(stream) => {
-                log::debug!("agent answered after {attempts} refused dials, {:?}", started.elapsed());
+                log::debug!(
+                    "agent answered after {attempts} refused dials, {:?}",
+                    started.elapsed()
+                );
                 return Ok(stream);
             }
             Err(e) => e,
@@ -179,7 +182,10 @@ impl ReadyListener {
                 if got.starts_with(pb::READY_MESSAGE) {
                     return Ok::<_, String>(());
                 }
-                log::warn!("unexpected message on the readiness socket: {:?}", String::from_utf8_lossy(&got));
+                log::warn!(
+                    "unexpected message on the readiness socket: {:?}",
+                    String::from_utf8_lossy(&got)
+                );
             }
         };
         let vm_gone = async {
@@ -234,7 +240,12 @@ pub trait AgentClient: Send + Sync {
         signal: u32,
         all: bool,
     ) -> Result<(), AgentError>;
-    async fn write_stdin(&self, container_id: &str, exec_id: &str, data: Vec<u8>) -> Result<(), AgentError>;
+    async fn write_stdin(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        data: Vec<u8>,
+    ) -> Result<(), AgentError>;
     async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError>;
     /// Next chunk of output; `None` at end of stream. Blocks until data: no timeout.
     async fn read_output(
@@ -297,7 +308,8 @@ fn map_err(call: &'static str, e: ttrpc::Error) -> AgentError {
 impl AgentClient for TtrpcAgent {
     async fn health(&self) -> Result<pb::HealthResponse, AgentError> {
         let req = pb::HealthRequest::default();
-        self.timed("Health", self.client.health(self.ctx(), &req)).await
+        self.timed("Health", self.client.health(self.ctx(), &req))
+            .await
     }
 
     async fn create_sandbox(&self, sandbox_id: &str, hostname: &str) -> Result<(), AgentError> {
@@ -306,22 +318,31 @@ impl AgentClient for TtrpcAgent {
             hostname: hostname.to_string(),
             ..Default::default()
         };
-        self.timed("CreateSandbox", self.client.create_sandbox(self.ctx(), &req))
-            .await
-            .map(drop)
+        self.timed(
+            "CreateSandbox",
+            self.client.create_sandbox(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
     }
 
     async fn destroy_sandbox(&self) -> Result<(), AgentError> {
         let req = pb::DestroySandboxRequest::default();
-        self.timed("DestroySandbox", self.client.destroy_sandbox(self.ctx(), &req))
-            .await
-            .map(drop)
+        self.timed(
+            "DestroySandbox",
+            self.client.destroy_sandbox(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
     }
 
     async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<u32, AgentError> {
-        self.timed("CreateContainer", self.client.create_container(self.ctx(), &req))
-            .await
-            .map(|r| r.pid)
+        self.timed(
+            "CreateContainer",
+            self.client.create_container(self.ctx(), &req),
+        )
+        .await
+        .map(|r| r.pid)
     }
 
     async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {
@@ -329,9 +350,12 @@ impl AgentClient for TtrpcAgent {
             container_id: container_id.to_string(),
             ..Default::default()
         };
-        self.timed("StartContainer", self.client.start_container(self.ctx(), &req))
-            .await
-            .map(drop)
+        self.timed(
+            "StartContainer",
+            self.client.start_container(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
     }
 
     async fn remove_container(&self, container_id: &str) -> Result<(), AgentError> {
@@ -339,9 +363,12 @@ impl AgentClient for TtrpcAgent {
             container_id: container_id.to_string(),
             ..Default::default()
         };
-        self.timed("RemoveContainer", self.client.remove_container(self.ctx(), &req))
-            .await
-            .map(drop)
+        self.timed(
+            "RemoveContainer",
+            self.client.remove_container(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
     }
 
     async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<u32, AgentError> {
@@ -371,12 +398,20 @@ impl AgentClient for TtrpcAgent {
             all,
             ..Default::default()
         };
-        self.timed("SignalProcess", self.client.signal_process(self.ctx(), &req))
-            .await
-            .map(drop)
+        self.timed(
+            "SignalProcess",
+            self.client.signal_process(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
     }
 
-    async fn write_stdin(&self, container_id: &str, exec_id: &str, data: Vec<u8>) -> Result<(), AgentError> {
+    async fn write_stdin(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        data: Vec<u8>,
+    ) -> Result<(), AgentError> {
         let req = pb::WriteStreamRequest {
             container_id: container_id.to_string(),
             exec_id: exec_id.to_string(),
@@ -476,10 +511,16 @@ mod tests {
             let mut s = UnixStream::connect(&path).await.expect("connect");
             s.write_all(pb::READY_MESSAGE).await.expect("write");
         });
-        ready.wait(Duration::from_secs(10), None).await.expect("ready");
+        ready
+            .wait(Duration::from_secs(10), None)
+            .await
+            .expect("ready");
         client.await.expect("client");
         drop(ready);
-        assert!(!ReadyListener::path_for(&agent, 1025).exists(), "socket removed on drop");
+        assert!(
+            !ReadyListener::path_for(&agent, 1025).exists(),
+            "socket removed on drop"
+        );
     }
 
     #[tokio::test]
@@ -491,7 +532,10 @@ mod tests {
             let _ = tx.send(Some(137));
             tx
         });
-        let err = ready.wait(Duration::from_secs(30), Some(rx)).await.expect_err("vm gone");
+        let err = ready
+            .wait(Duration::from_secs(30), Some(rx))
+            .await
+            .expect_err("vm gone");
         assert!(matches!(err, AgentError::VmExited { status: 137 }), "{err}");
         drop(killer.await);
     }

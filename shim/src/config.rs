@@ -278,16 +278,23 @@ mod tests {
     fn enums_are_typed() {
         let err = Config::parse("[hypervisor]\naccel = \"fast\"\n", Path::new("x.toml"))
             .expect_err("bad enum");
-        assert!(err.to_string().contains("accel") || err.to_string().contains("fast"), "{err}");
-        let ok = Config::parse("[hypervisor]\naccel = \"tcg\"\n[virtiofs]\ncache = \"never\"\n", Path::new("x"))
-            .expect("valid");
+        assert!(
+            err.to_string().contains("accel") || err.to_string().contains("fast"),
+            "{err}"
+        );
+        let ok = Config::parse(
+            "[hypervisor]\naccel = \"tcg\"\n[virtiofs]\ncache = \"never\"\n",
+            Path::new("x"),
+        )
+        .expect("valid");
         assert_eq!(ok.hypervisor.accel, Accel::Tcg);
         assert_eq!(ok.virtiofs.cache, CacheMode::Never);
     }
 
     #[test]
     fn ranges_are_checked() {
-        let err = Config::parse("[hypervisor]\nvcpus = 0\n", Path::new("x.toml")).expect_err("0 vcpus");
+        let err =
+            Config::parse("[hypervisor]\nvcpus = 0\n", Path::new("x.toml")).expect_err("0 vcpus");
         assert!(err.to_string().contains("vcpus"), "{err}");
     }
 

@@ -179,11 +179,18 @@ impl Daemon {
     }
 
     /// Waits until `socket` exists as a unix socket, the process exits, or `timeout` passes.
-    pub async fn wait_for_socket(&self, socket: &Path, timeout: Duration) -> Result<(), DaemonError> {
+    pub async fn wait_for_socket(
+        &self,
+        socket: &Path,
+        timeout: Duration,
+    ) -> Result<(), DaemonError> {
         let started = Instant::now();
         let mut exit = self.exit.clone();
         loop {
-            if fs::metadata(socket).map(|m| m.file_type().is_socket()).unwrap_or(false) {
+            if fs::metadata(socket)
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false)
+            {
                 return Ok(());
             }
             if let Some(code) = *exit.borrow() {
@@ -230,7 +237,11 @@ impl Daemon {
         match tokio::time::timeout(grace, self.wait()).await {
             Ok(code) => code,
             Err(_) => {
-                log::warn!("{} (pid {}) ignored SIGTERM for {grace:?}; killing it", self.name, self.pid);
+                log::warn!(
+                    "{} (pid {}) ignored SIGTERM for {grace:?}; killing it",
+                    self.name,
+                    self.pid
+                );
                 self.kill().await
             }
         }
@@ -324,7 +335,10 @@ mod tests {
         assert!(resolve_binary("shell", "sh").is_ok());
         assert!(resolve_binary("shell", "/bin/sh").is_ok());
         let err = resolve_binary("virtiofsd", "no-such-binary-hako").expect_err("missing");
-        assert!(err.to_string().contains("install it or set its path"), "{err}");
+        assert!(
+            err.to_string().contains("install it or set its path"),
+            "{err}"
+        );
         assert!(resolve_binary("x", "../bin/sh").is_err());
     }
 

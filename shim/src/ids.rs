@@ -40,14 +40,34 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_ids() {
-        for id in ["a", "t1", "default", "k8s.io", "abc_DEF-012.x", &"f".repeat(128)] {
+        for id in [
+            "a",
+            "t1",
+            "default",
+            "k8s.io",
+            "abc_DEF-012.x",
+            &"f".repeat(128),
+        ] {
             assert_eq!(validate("container id", id), Ok(()), "{id}");
         }
     }
 
     #[test]
     fn refuses_paths_and_odd_bytes() {
-        for id in ["", ".", "..", "../x", "a/b", "/abs", "a\0b", "-x", "_x", "a b", "é", &"a".repeat(129)] {
+        for id in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/abs",
+            "a\0b",
+            "-x",
+            "_x",
+            "a b",
+            "é",
+            &"a".repeat(129),
+        ] {
             assert!(validate("container id", id).is_err(), "{id:?}");
         }
     }
@@ -56,6 +76,9 @@ mod tests {
     fn error_names_the_id_and_escapes_it() {
         let err = validate("namespace", "a\0b").expect_err("NUL must be refused");
         assert_eq!(err.kind, "namespace");
-        assert!(err.to_string().starts_with("invalid namespace \"a\\0b\""), "{err}");
+        assert!(
+            err.to_string().starts_with("invalid namespace \"a\\0b\""),
+            "{err}"
+        );
     }
 }

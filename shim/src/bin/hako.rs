@@ -1,1 +1,193 @@
-fn main(){}
+//! The `hako` CLI: `hako check` checks the host, `hako env` prints the effective configuration.
+
+use std::path::Path;
+use std::process::{Command, ExitCode};
+
+use anyhow::Context;
+use hako_shim::config::Config;
+use hako_shim::daemon::resolve_binary;
+use hako_shim::vmm::choose_accel;
+
+const USAGE: &str = "usage: hako check | hako env [--json] | hako --version";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["--version"] | ["version"] => {
+            println!("hako {}", env!("CARGO_PKG_VERSION"));
+            Ok(true)
+        }
+        ["env"] => env(false),
+        ["env", "--json"] => env(true),
+        ["check"] => check(),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("hako: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn env(json: bool) -> anyhow::Result<bool> {
+    let loaded = Config::load(None)?;
+    let source = loaded
+        .source
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "built-in defaults".to_string());
+    if json {
+        let value = serde_json::json!({ "source": source, "config": loaded.config });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("# effective hako configuration, from {source}");
+        print!(
+            "{}",
+            toml::to_string(&loaded.config).context("printing the configuration")?
+        );
+    }
+    Ok(true)
+}
+
+fn version_of(binary: &Path) -> String {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "version unknown".to_string())
+}
+
+fn check() -> anyhow::Result<bool> {
+    let mut ok = true;
+    let mut report = |good: bool, required: bool, what: &str, detail: String| {
+        let mark = match (good, required) {
+            (true, _) => "ok  ",
+            (false, true) => "FAIL",
+            (false, false) => "info",
+        };
+        println!("{mark} {what:<22} {detail}");
+        if !good && required {
+            ok = false;
+        }
+    };
+    let loaded = match Config::load(None) {
+        Ok(loaded) => {
+            let from = loaded.source.as_ref().map(|p| p.display().to_string());
+            report(
+                true,
+                true,
+                "configuration",
+                from.unwrap_or_else(|| "built-in defaults".into()),
+            );
+            loaded.config
+        }
+        Err(e) => {
+            report(false, true, "configuration", e.to_string());
+            Config::default()
+        }
+    };
+    match choose_accel(loaded.hypervisor.accel) {
+        Ok(choice) => report(
+            true,
+            true,
+            "accelerator",
+            format!(
+                "{}: {}",
+                if choice.kvm { "KVM" } else { "TCG" },
+                choice.reason
+            ),
+        ),
+        Err(e) => report(false, true, "accelerator", e.to_string()),
+    }
+    let helpers = [
+        (
+            "qemu",
+            &loaded.hypervisor.path,
+            "apt-get install qemu-system-x86",
+        ),
+        (
+            "virtiofsd",
+            &loaded.virtiofs.path,
+            "cargo install virtiofsd (scripts/setup.sh)",
+        ),
+        (
+            "vhost-device-vsock",
+            &loaded.vsock.path,
+            "cargo install vhost-device-vsock (scripts/setup.sh)",
+        ),
+    ];
+    for (name, wanted, fix) in helpers {
+        match resolve_binary(name, wanted) {
+            Ok(path) => report(
+                true,
+                true,
+                name,
+                format!("{} ({})", path.display(), version_of(&path)),
+            ),
+            Err(_) => report(false, true, name, format!("{wanted} not found; fix: {fix}")),
+        }
+    }
+    for (what, path) in [
+        ("guest kernel", &loaded.hypervisor.kernel),
+        ("guest initramfs", &loaded.hypervisor.initrd),
+    ] {
+        let found = path.is_file();
+        let detail = if found {
+            path.display().to_string()
+        } else {
+            format!("{} missing; fix: scripts/install.sh", path.display())
+        };
+        report(found, true, what, detail);
+    }
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let has_overlay = filesystems
+        .lines()
+        .any(|l| l.trim_end().ends_with("overlay"));
+    report(
+        has_overlay,
+        true,
+        "overlayfs",
+        if has_overlay {
+            "available".into()
+        } else {
+            "missing (modprobe overlay)".into()
+        },
+    );
+    let vhost_net = Path::new("/dev/vhost-net").exists();
+    report(
+        vhost_net,
+        false,
+        "vhost-net",
+        if vhost_net {
+            "available".into()
+        } else {
+            "absent: networking uses the userspace virtio-net path".into()
+        },
+    );
+    let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "v2 (unified)"
+    } else if Path::new("/sys/fs/cgroup/unified").exists() {
+        "v1 (hybrid, with a cgroup2 mount at /sys/fs/cgroup/unified)"
+    } else {
+        "v1"
+    };
+    report(true, false, "host cgroups", cgroup.to_string());
+    Ok(ok)
+}

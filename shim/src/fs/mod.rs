@@ -85,7 +85,11 @@ mod tests {
             path: "virtiofsd".into(),
             cache: CacheMode::Never,
         };
-        let args = Virtiofsd::args(&config, Path::new("/run/hako/ns/s/ro"), Path::new("/s/fs.sock"));
+        let args = Virtiofsd::args(
+            &config,
+            Path::new("/run/hako/ns/s/ro"),
+            Path::new("/s/fs.sock"),
+        );
         assert!(args.contains(&"--shared-dir=/run/hako/ns/s/ro".to_string()));
         assert!(args.contains(&"--sandbox=namespace".to_string()));
         assert!(args.contains(&"--seccomp=kill".to_string()));

@@ -122,10 +122,17 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Makes the sandbox dir and its share mounts. On error nothing is left behind.
-    pub async fn prepare(config: &Config, namespace: &str, sandbox_id: &str) -> Result<Self, SandboxError> {
+    pub async fn prepare(
+        config: &Config,
+        namespace: &str,
+        sandbox_id: &str,
+    ) -> Result<Self, SandboxError> {
         let paths = SandboxPaths::new(&config.runtime.sandbox_root, namespace, sandbox_id)?;
         if paths.dir.exists() {
-            log::warn!("sandbox dir {} exists from an earlier run; cleaning it up", paths.dir.display());
+            log::warn!(
+                "sandbox dir {} exists from an earlier run; cleaning it up",
+                paths.dir.display()
+            );
             cleanup_on_disk(&config.runtime.sandbox_root, namespace, sandbox_id).await?;
         }
         let sandbox = Self {
@@ -209,7 +216,8 @@ impl Sandbox {
             fs::create_dir_all(&mounts_dir).map_err(io_err("creating", &mounts_dir))?;
             for b in binds {
                 let target = mounts_dir.join(&b.name);
-                let meta = fs::metadata(&b.host_source).map_err(io_err("bind source", &b.host_source))?;
+                let meta =
+                    fs::metadata(&b.host_source).map_err(io_err("bind source", &b.host_source))?;
                 if meta.is_dir() {
                     fs::create_dir(&target).map_err(io_err("creating", &target))?;
                 } else {
@@ -270,7 +278,8 @@ impl Sandbox {
             },
         )?;
         let fs: &dyn SharedFs = &**self.fs.insert(Box::new(fs));
-        let mut vmm: Box<dyn Hypervisor> = Box::new(Qemu::new(&self.config.hypervisor, &self.config.vsock)?);
+        let mut vmm: Box<dyn Hypervisor> =
+            Box::new(Qemu::new(&self.config.hypervisor, &self.config.vsock)?);
         // The vsock backend comes up while virtiofsd does.
         vmm.prepare(&spec).await?;
         let vmm = self.vmm.insert(vmm);
@@ -283,7 +292,10 @@ impl Sandbox {
 
         // Dial only once the agent says it serves: a connection that reaches the guest before
         // its vsock driver is up can stall in the vsock backend.
-        let connected = match ready.wait(self.config.agent.dial_timeout(), vmm.exit_watch()).await {
+        let connected = match ready
+            .wait(self.config.agent.dial_timeout(), vmm.exit_watch())
+            .await
+        {
             Ok(()) => {
                 self.timings.mark("agent_ready");
                 dial(
@@ -306,7 +318,8 @@ impl Sandbox {
                 })
             }
         };
-        let agent: Arc<dyn AgentClient> = Arc::new(TtrpcAgent::new(stream, self.config.agent.call_timeout()));
+        let agent: Arc<dyn AgentClient> =
+            Arc::new(TtrpcAgent::new(stream, self.config.agent.call_timeout()));
         let health = agent.health().await?;
         self.timings.mark("agent_connected");
         log::info!(
@@ -366,7 +379,11 @@ fn remove_sandbox_dir(dir: &Path) -> Result<(), SandboxError> {
 /// Cleanup from what is on disk, for the `delete` subcommand and stale dirs: kills the
 /// processes the pid files name (only if they are still the same processes), unmounts
 /// everything under the sandbox dir and removes it. Idempotent.
-pub async fn cleanup_on_disk(root: &Path, namespace: &str, sandbox_id: &str) -> Result<(), SandboxError> {
+pub async fn cleanup_on_disk(
+    root: &Path,
+    namespace: &str,
+    sandbox_id: &str,
+) -> Result<(), SandboxError> {
     let paths = SandboxPaths::new(root, namespace, sandbox_id)?;
     if !paths.dir.exists() {
         return Ok(());

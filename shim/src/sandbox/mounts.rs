@@ -77,10 +77,20 @@ pub fn mount_rootfs(mounts: &[RootfsMount], target: &Path) -> Result<(), MountEr
     for m in mounts {
         let (flags, data) = split_options(&m.options);
         let fstype = (!m.fstype.is_empty() && m.fstype != "bind").then_some(m.fstype.as_str());
-        let flags = if m.fstype == "bind" { flags | MsFlags::MS_BIND } else { flags };
+        let flags = if m.fstype == "bind" {
+            flags | MsFlags::MS_BIND
+        } else {
+            flags
+        };
         let data = (!data.is_empty()).then_some(data.as_str());
-        mount(Some(m.source.as_str()), target, fstype, flags & !MsFlags::MS_RDONLY, data)
-            .map_err(mount_err(format!("{} rootfs", m.fstype), target))?;
+        mount(
+            Some(m.source.as_str()),
+            target,
+            fstype,
+            flags & !MsFlags::MS_RDONLY,
+            data,
+        )
+        .map_err(mount_err(format!("{} rootfs", m.fstype), target))?;
         if flags.contains(MsFlags::MS_BIND) && flags.contains(MsFlags::MS_RDONLY) {
             remount_readonly(target)?;
         } else if flags.contains(MsFlags::MS_RDONLY) {
@@ -117,7 +127,11 @@ pub fn remount_readonly(target: &Path) -> Result<(), MountError> {
         None::<&str>,
         target,
         None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
         None::<&str>,
     )
     .map_err(mount_err("read-only remount", target))

@@ -35,8 +35,7 @@ pub enum SpecError {
 
 fn is_bind(m: &Mount) -> bool {
     m.typ().as_deref() == Some("bind")
-        || m
-            .options()
+        || m.options()
             .as_deref()
             .unwrap_or_default()
             .iter()
@@ -55,7 +54,11 @@ pub fn check_env(env: &[String]) -> Result<(), SpecError> {
 }
 
 /// Rewrites `spec` for the guest. Returns the spec and the host binds the share must carry.
-pub fn to_guest(spec: &Spec, container_id: &str, guest_share: &Path) -> Result<(Spec, Vec<SharedBind>), SpecError> {
+pub fn to_guest(
+    spec: &Spec,
+    container_id: &str,
+    guest_share: &Path,
+) -> Result<(Spec, Vec<SharedBind>), SpecError> {
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(SpecError::NoArgs);
@@ -72,7 +75,13 @@ pub fn to_guest(spec: &Spec, container_id: &str, guest_share: &Path) -> Result<(
 
     let mut binds = Vec::new();
     let mut mounts = Vec::new();
-    for (index, m) in spec.mounts().as_deref().unwrap_or_default().iter().enumerate() {
+    for (index, m) in spec
+        .mounts()
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         let dest = m.destination();
         if !dest.is_absolute() || dest.components().any(|c| c.as_os_str() == "..") {
             return Err(SpecError::BadDestination(dest.display().to_string()));
@@ -88,7 +97,12 @@ pub fn to_guest(spec: &Spec, container_id: &str, guest_share: &Path) -> Result<(
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "root".to_string());
             let name = format!("{index}-{base}");
-            let readonly = m.options().as_deref().unwrap_or_default().iter().any(|o| o == "ro");
+            let readonly = m
+                .options()
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|o| o == "ro");
             binds.push(SharedBind {
                 host_source: source,
                 name: name.clone(),
@@ -143,7 +157,8 @@ mod tests {
 
     #[test]
     fn root_and_binds_point_into_the_share() {
-        let (guest, binds) = to_guest(&spec(BASE), "t1", Path::new("/run/hako/shared")).expect("ok");
+        let (guest, binds) =
+            to_guest(&spec(BASE), "t1", Path::new("/run/hako/shared")).expect("ok");
         let root = guest.root().as_ref().expect("root");
         assert_eq!(root.path(), Path::new("/run/hako/shared/t1/rootfs"));
         assert_eq!(root.readonly(), Some(true));
@@ -198,6 +213,9 @@ mod tests {
     #[test]
     fn a_process_is_required() {
         let json = r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}"#;
-        assert_eq!(to_guest(&spec(json), "t1", Path::new("/s")).err(), Some(SpecError::NoProcess));
+        assert_eq!(
+            to_guest(&spec(json), "t1", Path::new("/s")).err(),
+            Some(SpecError::NoProcess)
+        );
     }
 }

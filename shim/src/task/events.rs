@@ -19,7 +19,11 @@ pub struct ContainerdEvents {
 impl EventSender for ContainerdEvents {
     async fn send(&self, topic: &str, event: Box<dyn MessageDyn>) {
         let ctx = ttrpc::context::Context::default();
-        if let Err(e) = self.publisher.publish(ctx, topic, &self.namespace, event).await {
+        if let Err(e) = self
+            .publisher
+            .publish(ctx, topic, &self.namespace, event)
+            .await
+        {
             log::warn!("publishing {topic}: {e}");
         }
     }

@@ -79,9 +79,10 @@ pub enum TaskError {
 impl TaskError {
     fn code(&self) -> Code {
         match self {
-            TaskError::Id(_) | TaskError::Config(_) | TaskError::Spec(_) | TaskError::Bundle { .. } => {
-                Code::INVALID_ARGUMENT
-            }
+            TaskError::Id(_)
+            | TaskError::Config(_)
+            | TaskError::Spec(_)
+            | TaskError::Bundle { .. } => Code::INVALID_ARGUMENT,
             TaskError::NotFound(_) | TaskError::Finished => Code::NOT_FOUND,
             TaskError::Exists(_) => Code::ALREADY_EXISTS,
             TaskError::State(_) | TaskError::ForeignSandbox { .. } => Code::FAILED_PRECONDITION,
@@ -99,7 +100,9 @@ fn to_ttrpc(e: TaskError) -> TtrpcError {
 }
 
 fn timestamp(at: SystemTime) -> Timestamp {
-    let d = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let d = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
     Timestamp {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
@@ -112,6 +115,8 @@ struct Container {
     bundle: PathBuf,
     rootfs_mounted: bool,
     stdio: StdioPaths,
+    /// Tells the stdin copy that containerd called CloseIO.
+    stdin_done: Arc<tokio::sync::Notify>,
     init: StdMutex<Process>,
 }
 
@@ -140,7 +145,11 @@ pub struct TaskService {
 }
 
 impl TaskService {
-    pub fn new(namespace: &str, events: Arc<dyn EventSender>, exit_signal: Arc<ExitSignal>) -> Self {
+    pub fn new(
+        namespace: &str,
+        events: Arc<dyn EventSender>,
+        exit_signal: Arc<ExitSignal>,
+    ) -> Self {
         Self {
             namespace: namespace.to_string(),
             events,
@@ -194,7 +203,8 @@ impl TaskService {
             .cloned()
             .unwrap_or_else(|| req.id.clone());
         validate("sandbox id", &sandbox_id)?;
-        let (guest_spec, binds) = to_guest(&spec, &req.id, Path::new(hako_protocol::GUEST_SHARED_DIR))?;
+        let (guest_spec, binds) =
+            to_guest(&spec, &req.id, Path::new(hako_protocol::GUEST_SHARED_DIR))?;
         let guest_spec_json = serde_json::to_vec(&guest_spec).map_err(|e| TaskError::Bundle {
             path: bundle.join("config.json"),
             reason: e.to_string(),
@@ -238,7 +248,11 @@ impl TaskService {
         let result = match attached {
             Ok(()) => {
                 let hostname = spec.hostname().clone().unwrap_or_default();
-                let booted = if booting { sandbox.boot(&hostname).await } else { Ok(()) };
+                let booted = if booting {
+                    sandbox.boot(&hostname).await
+                } else {
+                    Ok(())
+                };
                 match booted {
                     Ok(()) => self.create_in_guest(sandbox, req, guest_spec_json).await,
                     Err(e) => Err(e.into()),
@@ -307,7 +321,8 @@ impl TaskService {
                 ..Default::default()
             })
             .await?;
-        let outputs = match stdio::attach(agent.clone(), &req.id, "", &stdio) {
+        let stdin_done = Arc::new(tokio::sync::Notify::new());
+        let outputs = match stdio::attach(agent.clone(), &req.id, "", &stdio, stdin_done.clone()) {
             Ok(outputs) => outputs,
             Err(e) => {
                 let _ = agent.signal_process(&req.id, "", 9, true).await;
@@ -320,6 +335,7 @@ impl TaskService {
             bundle: PathBuf::from(&req.bundle),
             rootfs_mounted: !req.rootfs.is_empty(),
             stdio,
+            stdin_done,
             init: StdMutex::new(Process::new()),
         });
         self.spawn_exit_watcher(container.clone(), running, outputs);
@@ -367,7 +383,10 @@ impl TaskService {
             })
             .await;
             if drained.is_err() {
-                log::warn!("container {}: output still open {OUTPUT_DRAIN:?} after exit", container.id);
+                log::warn!(
+                    "container {}: output still open {OUTPUT_DRAIN:?} after exit",
+                    container.id
+                );
                 outputs.abort_all();
             }
             let exit = container.init().set_exited(status);
@@ -428,7 +447,10 @@ impl TaskService {
         container.init().check_delete()?;
         let running = self.running().ok();
         if let Some(running) = &running {
-            let vm_alive = running.vm_exit.as_ref().is_none_or(|rx| rx.borrow().is_none());
+            let vm_alive = running
+                .vm_exit
+                .as_ref()
+                .is_none_or(|rx| rx.borrow().is_none());
             if vm_alive {
                 if container.init().status() == Status::Created {
                     let _ = running.agent.signal_process(&req.id, "", 9, true).await;
@@ -448,14 +470,22 @@ impl TaskService {
         {
             let mut slot = self.sandbox.lock().await;
             if let Some(sandbox) = slot.as_mut() {
-                sandbox.detach_container(&container.id, &container.bundle, container.rootfs_mounted);
+                sandbox.detach_container(
+                    &container.id,
+                    &container.bundle,
+                    container.rootfs_mounted,
+                );
             }
             if last {
                 if let Some(mut sandbox) = slot.take() {
                     *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     let started = std::time::Instant::now();
                     sandbox.shutdown().await?;
-                    log::info!("sandbox {} torn down in {:?}", sandbox.id, started.elapsed());
+                    log::info!(
+                        "sandbox {} torn down in {:?}",
+                        sandbox.id,
+                        started.elapsed()
+                    );
                 }
             }
         }
@@ -487,7 +517,11 @@ impl TaskService {
             return Err(TaskError::Finished);
         }
         let running = self.running()?;
-        match running.agent.signal_process(&req.id, "", req.signal, req.all).await {
+        match running
+            .agent
+            .signal_process(&req.id, "", req.signal, req.all)
+            .await
+        {
             Err(AgentError::Rpc {
                 code: Code::FAILED_PRECONDITION,
                 ..
@@ -536,9 +570,14 @@ impl TaskService {
 
     async fn do_close_io(&self, req: &api::CloseIORequest) -> Result<(), TaskError> {
         Self::only_init(&req.exec_id)?;
-        self.container(&req.id)?;
+        let container = self.container(&req.id)?;
         if req.stdin {
-            self.running()?.agent.close_stdin(&req.id, "").await?;
+            if container.stdio.stdin.is_empty() {
+                self.running()?.agent.close_stdin(&req.id, "").await?;
+            } else {
+                // The copy closes stdin once the FIFO is drained, so no byte is lost.
+                container.stdin_done.notify_one();
+            }
         }
         Ok(())
     }
@@ -597,7 +636,11 @@ fn decode_string_field(bytes: &[u8], wanted: u64) -> Option<String> {
 
 #[async_trait]
 impl Task for TaskService {
-    async fn create(&self, _ctx: &TtrpcContext, req: api::CreateTaskRequest) -> ttrpc::Result<api::CreateTaskResponse> {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> ttrpc::Result<api::CreateTaskResponse> {
         let pid = self.do_create(&req).await.map_err(to_ttrpc)?;
         self.events
             .send(
@@ -625,7 +668,11 @@ impl Task for TaskService {
         })
     }
 
-    async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> ttrpc::Result<api::StartResponse> {
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> ttrpc::Result<api::StartResponse> {
         let pid = self.do_start(&req).await.map_err(to_ttrpc)?;
         Ok(api::StartResponse {
             pid,
@@ -633,11 +680,19 @@ impl Task for TaskService {
         })
     }
 
-    async fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> ttrpc::Result<api::StateResponse> {
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> ttrpc::Result<api::StateResponse> {
         self.state_of(&req).map_err(to_ttrpc)
     }
 
-    async fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> ttrpc::Result<api::WaitResponse> {
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> ttrpc::Result<api::WaitResponse> {
         self.do_wait(&req).await.map_err(to_ttrpc)
     }
 
@@ -646,16 +701,28 @@ impl Task for TaskService {
         Ok(api::Empty::default())
     }
 
-    async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> ttrpc::Result<api::DeleteResponse> {
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> ttrpc::Result<api::DeleteResponse> {
         self.do_delete(&req).await.map_err(to_ttrpc)
     }
 
-    async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> ttrpc::Result<api::Empty> {
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> ttrpc::Result<api::Empty> {
         self.do_close_io(&req).await.map_err(to_ttrpc)?;
         Ok(api::Empty::default())
     }
 
-    async fn connect(&self, _ctx: &TtrpcContext, _req: api::ConnectRequest) -> ttrpc::Result<api::ConnectResponse> {
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ConnectRequest,
+    ) -> ttrpc::Result<api::ConnectResponse> {
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid: self.running().map(|r| r.vmm_pid).unwrap_or(0),
@@ -664,7 +731,11 @@ impl Task for TaskService {
         })
     }
 
-    async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> ttrpc::Result<api::Empty> {
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> ttrpc::Result<api::Empty> {
         if !self.containers().is_empty() {
             return Ok(api::Empty::default());
         }
@@ -677,35 +748,67 @@ impl Task for TaskService {
         Ok(api::Empty::default())
     }
 
-    async fn pids(&self, _ctx: &TtrpcContext, _req: api::PidsRequest) -> ttrpc::Result<api::PidsResponse> {
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::PidsRequest,
+    ) -> ttrpc::Result<api::PidsResponse> {
         Err(to_ttrpc(TaskError::Unimplemented("Pids")))
     }
 
-    async fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> ttrpc::Result<api::Empty> {
+    async fn pause(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::PauseRequest,
+    ) -> ttrpc::Result<api::Empty> {
         Err(to_ttrpc(TaskError::Unimplemented("Pause")))
     }
 
-    async fn resume(&self, _ctx: &TtrpcContext, _req: api::ResumeRequest) -> ttrpc::Result<api::Empty> {
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ResumeRequest,
+    ) -> ttrpc::Result<api::Empty> {
         Err(to_ttrpc(TaskError::Unimplemented("Resume")))
     }
 
-    async fn checkpoint(&self, _ctx: &TtrpcContext, _req: api::CheckpointTaskRequest) -> ttrpc::Result<api::Empty> {
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CheckpointTaskRequest,
+    ) -> ttrpc::Result<api::Empty> {
         Err(to_ttrpc(TaskError::Unimplemented("Checkpoint")))
     }
 
-    async fn exec(&self, _ctx: &TtrpcContext, _req: api::ExecProcessRequest) -> ttrpc::Result<api::Empty> {
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ExecProcessRequest,
+    ) -> ttrpc::Result<api::Empty> {
         Err(to_ttrpc(TaskError::Unimplemented("Exec")))
     }
 
-    async fn resize_pty(&self, _ctx: &TtrpcContext, _req: api::ResizePtyRequest) -> ttrpc::Result<api::Empty> {
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ResizePtyRequest,
+    ) -> ttrpc::Result<api::Empty> {
         Err(to_ttrpc(TaskError::Unimplemented("ResizePty")))
     }
 
-    async fn update(&self, _ctx: &TtrpcContext, _req: api::UpdateTaskRequest) -> ttrpc::Result<api::Empty> {
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::UpdateTaskRequest,
+    ) -> ttrpc::Result<api::Empty> {
         Err(to_ttrpc(TaskError::Unimplemented("Update")))
     }
 
-    async fn stats(&self, _ctx: &TtrpcContext, _req: api::StatsRequest) -> ttrpc::Result<api::StatsResponse> {
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::StatsRequest,
+    ) -> ttrpc::Result<api::StatsResponse> {
         Err(to_ttrpc(TaskError::Unimplemented("Stats")))
     }
 }
@@ -720,24 +823,31 @@ mod tests {
         let mut value = vec![0x0a, 1, b'x', 0x12, 16];
         value.extend_from_slice(b"/etc/hako/c.toml");
         let req = api::CreateTaskRequest {
-            options: MessageField::some(containerd_shim::protos::protobuf::well_known_types::any::Any {
-                type_url: "runtimeoptions.v1.Options".to_string(),
-                value,
-                ..Default::default()
-            }),
+            options: MessageField::some(
+                containerd_shim::protos::protobuf::well_known_types::any::Any {
+                    type_url: "runtimeoptions.v1.Options".to_string(),
+                    value,
+                    ..Default::default()
+                },
+            ),
             ..Default::default()
         };
-        assert_eq!(config_path_option(&req), Some(PathBuf::from("/etc/hako/c.toml")));
+        assert_eq!(
+            config_path_option(&req),
+            Some(PathBuf::from("/etc/hako/c.toml"))
+        );
     }
 
     #[test]
     fn other_option_types_are_ignored() {
         let req = api::CreateTaskRequest {
-            options: MessageField::some(containerd_shim::protos::protobuf::well_known_types::any::Any {
-                type_url: "containerd.runc.v1.Options".to_string(),
-                value: vec![0x12, 1, b'x'],
-                ..Default::default()
-            }),
+            options: MessageField::some(
+                containerd_shim::protos::protobuf::well_known_types::any::Any {
+                    type_url: "containerd.runc.v1.Options".to_string(),
+                    value: vec![0x12, 1, b'x'],
+                    ..Default::default()
+                },
+            ),
             ..Default::default()
         };
         assert_eq!(config_path_option(&req), None);

@@ -22,7 +22,10 @@ pub struct Exit {
 pub enum StateError {
     /// The transition is not allowed from the current status.
     #[error("cannot {action} a {status:?} process")]
-    Transition { action: &'static str, status: Status },
+    Transition {
+        action: &'static str,
+        status: Status,
+    },
 }
 
 #[derive(Debug)]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::agent_client::AgentClient;
@@ -28,16 +29,23 @@ pub enum StdioError {
 }
 
 /// Opens the FIFOs and starts the copies. The returned set finishes when stdout and stderr
-/// have reached end of stream (the stdin copy is not part of it).
+/// have reached end of stream (the stdin copy is not part of it). Notifying `stdin_done`
+/// (containerd's CloseIO) makes the stdin copy forward what is already in the FIFO and then
+/// close the process's stdin.
 pub fn attach(
     agent: Arc<dyn AgentClient>,
     container_id: &str,
     exec_id: &str,
     paths: &StdioPaths,
+    stdin_done: Arc<Notify>,
 ) -> Result<JoinSet<()>, StdioError> {
     let open_err = |which: &'static str, path: &str| {
         let path = path.to_string();
-        move |source| StdioError::Open { which, path, source }
+        move |source| StdioError::Open {
+            which,
+            path,
+            source,
+        }
     };
     // Open everything first so a bad path fails before any copy starts.
     let stdin = if paths.stdin.is_empty() {
@@ -50,7 +58,10 @@ pub fn attach(
         )
     };
     let mut outputs = Vec::new();
-    for (which, path, is_stderr) in [("stdout", &paths.stdout, false), ("stderr", &paths.stderr, true)] {
+    for (which, path, is_stderr) in [
+        ("stdout", &paths.stdout, false),
+        ("stderr", &paths.stderr, true),
+    ] {
         if path.is_empty() {
             continue;
         }
@@ -63,7 +74,13 @@ pub fn attach(
     }
 
     if let Some(stdin) = stdin {
-        tokio::spawn(copy_stdin(agent.clone(), container_id.to_string(), exec_id.to_string(), stdin));
+        tokio::spawn(copy_stdin(
+            agent.clone(),
+            container_id.to_string(),
+            exec_id.to_string(),
+            stdin,
+            stdin_done,
+        ));
     }
     let mut set = JoinSet::new();
     for (fifo, is_stderr) in outputs {
@@ -78,19 +95,49 @@ pub fn attach(
     Ok(set)
 }
 
-async fn copy_stdin(agent: Arc<dyn AgentClient>, cid: String, exec_id: String, mut fifo: pipe::Receiver) {
+async fn copy_stdin(
+    agent: Arc<dyn AgentClient>,
+    cid: String,
+    exec_id: String,
+    fifo: pipe::Receiver,
+    done: Arc<Notify>,
+) {
+    let mut fifo = fifo;
     let mut buf = vec![0u8; 32 * 1024];
+    let forward = async |data: &[u8]| match agent.write_stdin(&cid, &exec_id, data.to_vec()).await {
+        Ok(()) => true,
+        Err(e) => {
+            log::debug!("{cid}: stdin copy stopped: {e}");
+            false
+        }
+    };
     loop {
-        match fifo.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => {
-                if let Err(e) = agent.write_stdin(&cid, &exec_id, buf[..n].to_vec()).await {
-                    log::debug!("{cid}: stdin copy stopped: {e}");
-                    return;
+        tokio::select! {
+            read = fifo.read(&mut buf) => match read {
+                Ok(0) => break,
+                Ok(n) => {
+                    if !forward(&buf[..n]).await {
+                        return;
+                    }
                 }
-            }
-            Err(e) => {
-                log::debug!("{cid}: reading the stdin fifo: {e}");
+                Err(e) => {
+                    log::debug!("{cid}: reading the stdin fifo: {e}");
+                    break;
+                }
+            },
+            () = done.notified() => {
+                // The client has written everything it will write: forward what is still
+                // buffered in the FIFO, then close.
+                loop {
+                    match fifo.try_read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if !forward(&buf[..n]).await {
+                                return;
+                            }
+                        }
+                    }
+                }
                 break;
             }
         }

@@ -146,7 +146,10 @@ pub fn kernel_cmdline(agent_log_level: &str, extra: &str) -> String {
         "i8042.dumbkbd",
     ]
     .join(" ");
-    cmdline.push_str(&format!(" {}={agent_log_level}", hako_protocol::CMDLINE_LOG_LEVEL));
+    cmdline.push_str(&format!(
+        " {}={agent_log_level}",
+        hako_protocol::CMDLINE_LOG_LEVEL
+    ));
     if !extra.trim().is_empty() {
         cmdline.push(' ');
         cmdline.push_str(extra.trim());

@@ -86,9 +86,15 @@ impl Qemu {
             "-chardev".into(),
             format!("socket,id=fs0,path={}", spec.fs_socket.display()),
             "-device".into(),
-            format!("vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag={}", spec.fs_tag),
+            format!(
+                "vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag={}",
+                spec.fs_tag
+            ),
             "-chardev".into(),
-            format!("socket,id=vsock0,path={}", Self::vhost_user_vsock_socket(&spec.dir).display()),
+            format!(
+                "socket,id=vsock0,path={}",
+                Self::vhost_user_vsock_socket(&spec.dir).display()
+            ),
             "-device".into(),
             "vhost-user-vsock-pci,chardev=vsock0".into(),
             "-qmp".into(),
@@ -108,7 +114,9 @@ impl Qemu {
             "--guest-cid".into(),
             GUEST_CID.to_string(),
             "--socket".into(),
-            Self::vhost_user_vsock_socket(&spec.dir).display().to_string(),
+            Self::vhost_user_vsock_socket(&spec.dir)
+                .display()
+                .to_string(),
             "--uds-path".into(),
             spec.agent_socket.display().to_string(),
             // A group of its own: no sibling traffic with any other guest.
@@ -203,7 +211,12 @@ impl Hypervisor for Qemu {
         let qmp = spec.dir.join("qmp.sock");
         let mut cmd = Command::new(binary);
         cmd.args(Self::args(spec, self.accel.kvm, self.config.seccomp, &qmp));
-        let daemon = Daemon::spawn("qemu", cmd, &spec.dir.join("vmm.log"), &spec.dir.join("vmm.pid"))?;
+        let daemon = Daemon::spawn(
+            "qemu",
+            cmd,
+            &spec.dir.join("vmm.log"),
+            &spec.dir.join("vmm.pid"),
+        )?;
         log::info!(
             "sandbox {}: qemu pid {} ({}, {})",
             spec.sandbox_id,
@@ -277,8 +290,14 @@ mod tests {
         let a = joined(&Qemu::args(&spec(), false, true, Path::new("/q.sock")));
         assert!(a.contains("-machine q35,accel=tcg,"), "{a}");
         assert!(a.contains("-cpu max"), "{a}");
-        assert!(a.contains("memory-backend-memfd,id=mem,size=256M,share=on"), "{a}");
-        assert!(a.contains("vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag=hakoShared"), "{a}");
+        assert!(
+            a.contains("memory-backend-memfd,id=mem,size=256M,share=on"),
+            "{a}"
+        );
+        assert!(
+            a.contains("vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag=hakoShared"),
+            "{a}"
+        );
         assert!(a.contains("-smp 2"), "{a}");
         assert!(a.contains("-sandbox on,"), "{a}");
         assert!(a.contains("-nodefaults"), "{a}");
@@ -295,7 +314,10 @@ mod tests {
     #[test]
     fn vsock_backend_is_private_to_the_sandbox() {
         let a = joined(&Qemu::vsock_args(&spec()));
-        assert!(a.contains("--uds-path /run/hako/default/sb1/agent.sock"), "{a}");
+        assert!(
+            a.contains("--uds-path /run/hako/default/sb1/agent.sock"),
+            "{a}"
+        );
         assert!(a.contains("--groups hako-sb1"), "{a}");
     }
 }

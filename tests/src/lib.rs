@@ -1,0 +1,374 @@
+//! Harness for the end-to-end tests: a private containerd per test, `ctr`, the local busybox
+//! image, and the leak check every test ends with.
+//!
+//! The tests drive the installed runtime (`scripts/install.sh` puts it in /usr/local/bin), the
+//! containerd builds that `scripts/setup.sh` unpacks under /opt/hako/containerd, QEMU, virtiofsd
+//! and vhost-device-vsock: nothing is faked.
+
+#![allow(clippy::unwrap_used)] // Test harness: a failed step should fail the test loudly.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const RUNTIME: &str = "io.containerd.hako.v2";
+pub const IMAGE: &str = "hako.local/busybox:latest";
+pub const CONTAINERD_ROOT: &str = "/opt/hako/containerd";
+pub const SANDBOX_ROOT: &str = "/run/hako";
+/// Processes a hako sandbox consists of; none may outlive its test.
+pub const HAKO_PROCESSES: [&str; 4] = [
+    "qemu-system-x86",
+    "virtiofsd",
+    "vhost-device-vs",
+    "containerd-shim",
+];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The containerd builds to test against: every version under /opt/hako/containerd, or the
+/// ones named (comma-separated prefixes) in HAKO_CONTAINERD_VERSIONS.
+pub fn containerd_versions() -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = fs::read_dir(CONTAINERD_ROOT)
+        .unwrap_or_else(|e| panic!("{CONTAINERD_ROOT}: {e}; run scripts/setup.sh"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("usr/bin/containerd").is_file())
+        .collect();
+    found.sort();
+    if let Ok(wanted) = std::env::var("HAKO_CONTAINERD_VERSIONS") {
+        let wanted: Vec<&str> = wanted.split(',').map(str::trim).collect();
+        found.retain(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            wanted.iter().any(|w| name.starts_with(w))
+        });
+    }
+    assert!(
+        !found.is_empty(),
+        "no containerd under {CONTAINERD_ROOT}; run scripts/setup.sh"
+    );
+    found
+}
+
+/// The busybox OCI archive, built once per test binary.
+pub fn busybox_archive() -> &'static Path {
+    static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
+    ARCHIVE.get_or_init(|| {
+        let out = std::env::temp_dir().join(format!("hako-busybox-{}.tar", std::process::id()));
+        let status = Command::new(repo_root().join("tests/images/busybox-image.sh"))
+            .arg(&out)
+            .arg(IMAGE)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the busybox image failed");
+        out
+    })
+}
+
+/// What a command printed and how it ended.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `cmd` with a deadline; a hang is a test failure, not a stuck suite.
+pub fn run_with_timeout(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> Run {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let shown = format!("{cmd:?}");
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{shown}: {e}"));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input).unwrap();
+    }
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(output) => output.unwrap().into(),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("{shown} did not finish within {timeout:?}");
+        }
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A private containerd: its own root, state and sockets under /tmp, stopped on drop.
+pub struct Containerd {
+    pub version: String,
+    bin: PathBuf,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    pub fn start(install: &Path) -> Containerd {
+        let version = install.file_name().unwrap().to_string_lossy().into_owned();
+        let dir = std::env::temp_dir().join(format!(
+            "hako-e2e-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{d}/containerd.sock\"\n\
+             [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
+            d = dir.display()
+        );
+        fs::write(dir.join("config.toml"), config).unwrap();
+        let bin = install.join("usr/bin");
+        let log = fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new(bin.join("containerd"))
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .env(
+                "PATH",
+                format!(
+                    "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin:{}",
+                    bin.display()
+                ),
+            )
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut containerd = Containerd {
+            version,
+            bin,
+            dir,
+            child: Some(child),
+        };
+        containerd.wait_ready();
+        let archive = busybox_archive();
+        let import = containerd.ctr(&["image", "import", &archive.display().to_string()]);
+        assert_eq!(import.code, 0, "image import failed: {import:?}");
+        containerd
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    fn wait_ready(&mut self) {
+        let started = Instant::now();
+        loop {
+            let up = fs::metadata(self.socket())
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false)
+                && self.ctr(&["version"]).code == 0;
+            if up {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "containerd {} exited with {status}: {}",
+                    self.version,
+                    self.log()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "containerd {} did not come up: {}",
+                self.version,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(self.bin.join("ctr"));
+        cmd.arg("--address").arg(self.socket()).args(args);
+        cmd
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Run {
+        run_with_timeout(self.ctr_command(args), None, Duration::from_secs(120))
+    }
+
+    pub fn ctr_stdin(&self, args: &[&str], stdin: &[u8]) -> Run {
+        run_with_timeout(
+            self.ctr_command(args),
+            Some(stdin),
+            Duration::from_secs(120),
+        )
+    }
+
+    /// `ctr run --rm --runtime hako <image> <id> <cmd...>`
+    pub fn run_rm(&self, id: &str, cmd: &[&str]) -> Run {
+        let mut args = vec!["run", "--rm", "--runtime", RUNTIME, IMAGE, id];
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+        // containerd leaves snapshot mounts only while tasks run; unmount anything left so the
+        // directory can go.
+        for m in mounts_under(&self.dir) {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Mount points at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// Pids and names of live hako processes (zombies included: they are leaks too).
+pub fn hako_processes() -> BTreeSet<(u32, String)> {
+    let mut found = BTreeSet::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(comm) = fs::read_to_string(entry.path().join("comm")) else {
+            continue;
+        };
+        let comm = comm.trim().to_string();
+        let is_hako = HAKO_PROCESSES.iter().any(|p| comm.starts_with(p))
+            && (comm != "containerd-shim" || is_hako_shim(pid));
+        if is_hako {
+            found.insert((pid, comm));
+        }
+    }
+    found
+}
+
+fn is_hako_shim(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("containerd-shim-hako-v2"))
+        .unwrap_or(false)
+}
+
+/// Sandbox directories left under /run/hako/<namespace>/.
+pub fn sandbox_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Ok(namespaces) = fs::read_dir(SANDBOX_ROOT) {
+        for ns in namespaces.flatten() {
+            if let Ok(sandboxes) = fs::read_dir(ns.path()) {
+                dirs.extend(sandboxes.flatten().map(|s| s.path()));
+            }
+        }
+    }
+    dirs
+}
+
+/// What a test may leave behind: nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Leftovers {
+    pub processes: BTreeSet<(u32, String)>,
+    pub mounts: Vec<PathBuf>,
+    pub sandbox_dirs: Vec<PathBuf>,
+}
+
+impl Leftovers {
+    pub fn now() -> Self {
+        Leftovers {
+            processes: hako_processes(),
+            mounts: mounts_under(Path::new(SANDBOX_ROOT)),
+            sandbox_dirs: sandbox_dirs(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.processes.is_empty() && self.mounts.is_empty() && self.sandbox_dirs.is_empty()
+    }
+}
+
+/// Asserts that no hako process, mount or sandbox dir exists. containerd stops the shim after
+/// the last Delete on its own schedule, so this waits (up to 20 s) for that to settle.
+pub fn assert_no_leaks(context: &str) {
+    let started = Instant::now();
+    loop {
+        let left = Leftovers::now();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{context}: left behind after the test: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `test` against every containerd version, each on a fresh daemon, with the leak check
+/// before (nothing from earlier tests) and after.
+pub fn for_each_containerd(test: impl Fn(&Containerd)) {
+    for install in containerd_versions() {
+        assert_no_leaks("before the test");
+        let containerd = Containerd::start(&install);
+        eprintln!("--- containerd {}", containerd.version);
+        test(&containerd);
+        drop(containerd);
+        assert_no_leaks(&format!("containerd {}", install.display()));
+    }
+}
+
+/// The guest kernel release the installed guest image boots.
+pub fn guest_kernel_release() -> String {
+    fs::read_to_string("/usr/share/hako/guest/kernel-release")
+        .expect("the guest image is installed (scripts/install.sh)")
+        .trim()
+        .to_string()
+}
