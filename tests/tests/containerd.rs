@@ -4,6 +4,8 @@
 //! These boot real VMs, so they are `#[ignore]`d in a plain `cargo test`; `scripts/test.sh`
 //! runs them with `--ignored` after installing everything they need.
 
+#![allow(clippy::unwrap_used)] // Test code: a failed step should fail the test loudly.
+
 use std::process::Command;
 use std::time::Duration;
 
