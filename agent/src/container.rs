@@ -1,10 +1,10 @@
-//! Containers in the guest: creating one through the init helper, starting, signalling, waiting
-//! and removing it, and the stdio pipes between its init process and the host.
+//! Containers in the guest: creating one through the init helper, execs, starting, signalling,
+//! waiting, resources, and the stdio (pipes or a terminal) between each process and the host.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,45 +14,48 @@ use nix::errno::Errno;
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{pipe2, Pid};
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch, Mutex};
 
-use crate::init::{InitConfig, HELPER_ARG, START_FD, SYNC_FD};
+use crate::cgroup::{Cgroup, CgroupError, Stats};
+use crate::init::{InitConfig, Mode, HELPER_ARG, START_FD, SYNC_FD};
 use crate::reaper::Reaper;
 
 const STATE_DIR: &str = "/run/hako/containers";
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/hako";
 const READ_CHUNK: usize = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
-    /// The id is not a valid container id.
-    #[error("invalid container id {0:?}")]
+    /// The id is not a valid container or exec id.
+    #[error("invalid id {0:?}")]
     InvalidId(String),
-    /// A container with this id exists already.
-    #[error("container {0} already exists")]
+    /// A container or exec with this id exists already.
+    #[error("{0} already exists")]
     Exists(String),
-    /// No container with this id.
-    #[error("container {0} not found")]
+    /// No container or exec with this id.
+    #[error("{0} not found")]
     NotFound(String),
-    /// The request does not fit the container's state.
-    #[error("container {id}: {reason}")]
+    /// The request does not fit the process's state.
+    #[error("{id}: {reason}")]
     State { id: String, reason: String },
     /// The OCI spec could not be used.
     #[error("invalid OCI spec for {id}: {reason}")]
     Spec { id: String, reason: String },
-    /// Building or starting the container failed inside the guest.
-    #[error("container {id}: {reason}")]
+    /// Building or starting the process failed inside the guest.
+    #[error("{id}: {reason}")]
     Init { id: String, reason: String },
     /// A file or pipe operation failed.
-    #[error("container {id}: {what}: {source}")]
+    #[error("{id}: {what}: {source}")]
     Io {
         id: String,
         what: String,
         source: std::io::Error,
     },
+    /// A cgroup operation failed.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
 }
 
 /// Valid ids: `^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$` (checked again here: the guest trusts no one).
@@ -79,17 +82,34 @@ struct Output {
     rx: Mutex<mpsc::Receiver<Vec<u8>>>,
 }
 
-struct Container {
+/// Which streams the host attaches, and whether they are one terminal.
+#[derive(Debug, Clone, Copy)]
+pub struct StdioPlan {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub terminal: bool,
+}
+
+/// One process: a container's init or an exec.
+struct Proc {
     status: Status,
     pid: i32,
-    cgroup_dir: PathBuf,
-    state_dir: PathBuf,
     exit: watch::Receiver<Option<u32>>,
     start_pipe: Option<OwnedFd>,
     sync_pipe: Option<BufReader<fs::File>>,
     stdin: Option<Arc<Mutex<Option<pipe::Sender>>>>,
     stdout: Option<Arc<Output>>,
     stderr: Option<Arc<Output>>,
+    /// The terminal's master side, for window size changes.
+    pty: Option<Arc<OwnedFd>>,
+}
+
+struct Container {
+    init: Proc,
+    execs: HashMap<String, Proc>,
+    cgroup: Cgroup,
+    state_dir: PathBuf,
 }
 
 pub struct Containers {
@@ -97,10 +117,34 @@ pub struct Containers {
     table: Mutex<HashMap<String, Container>>,
 }
 
-pub struct CreateOptions {
-    pub stdin: bool,
-    pub stdout: bool,
-    pub stderr: bool,
+fn not_found(id: &str, exec_id: &str) -> ContainerError {
+    if exec_id.is_empty() {
+        ContainerError::NotFound(format!("container {id}"))
+    } else {
+        ContainerError::NotFound(format!("exec {exec_id} in container {id}"))
+    }
+}
+
+impl Container {
+    fn proc(&self, id: &str, exec_id: &str) -> Result<&Proc, ContainerError> {
+        if exec_id.is_empty() {
+            Ok(&self.init)
+        } else {
+            self.execs
+                .get(exec_id)
+                .ok_or_else(|| not_found(id, exec_id))
+        }
+    }
+
+    fn proc_mut(&mut self, id: &str, exec_id: &str) -> Result<&mut Proc, ContainerError> {
+        if exec_id.is_empty() {
+            Ok(&mut self.init)
+        } else {
+            self.execs
+                .get_mut(exec_id)
+                .ok_or_else(|| not_found(id, exec_id))
+        }
+    }
 }
 
 impl Containers {
@@ -115,70 +159,173 @@ impl Containers {
         &self,
         id: &str,
         spec_json: &[u8],
-        opts: CreateOptions,
+        stdio: StdioPlan,
     ) -> Result<u32, ContainerError> {
         if !valid_id(id) {
             return Err(ContainerError::InvalidId(id.to_string()));
         }
         if self.table.lock().await.contains_key(id) {
-            return Err(ContainerError::Exists(id.to_string()));
+            return Err(ContainerError::Exists(format!("container {id}")));
         }
-        let spec: Spec = serde_json::from_slice(spec_json).map_err(|e| ContainerError::Spec {
+        let spec_err = |reason: String| ContainerError::Spec {
             id: id.to_string(),
-            reason: e.to_string(),
-        })?;
-        check_root(id, &spec)?;
-        let io_err = |what: &str| {
-            let id = id.to_string();
-            let what = what.to_string();
-            move |source| ContainerError::Io { id, what, source }
+            reason,
         };
+        let spec: Spec = serde_json::from_slice(spec_json).map_err(|e| spec_err(e.to_string()))?;
+        check_root(&spec).map_err(|r| spec_err(r.to_string()))?;
 
         let state_dir = Path::new(STATE_DIR).join(id);
-        fs::create_dir_all(&state_dir).map_err(io_err("creating the state dir"))?;
-        let cgroup_dir = Path::new(CGROUP_ROOT).join(id);
-        fs::create_dir_all(&cgroup_dir).map_err(io_err("creating the cgroup"))?;
-        let config_path = state_dir.join("init.json");
+        fs::create_dir_all(&state_dir).map_err(io_err(id, "creating the state dir"))?;
+        let cgroup = match Cgroup::create(id) {
+            Ok(cgroup) => cgroup,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&state_dir);
+                return Err(e.into());
+            }
+        };
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        let new_pid_ns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_none_or(|ns| {
+                ns.iter().any(|n| {
+                    n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid && n.path().is_none()
+                })
+            });
         let config = InitConfig {
             container_id: id.to_string(),
-            spec,
-            cgroup_dir: Some(cgroup_dir.clone()),
+            mode: Mode::Init {
+                spec: Box::new(spec),
+            },
+            cgroup_dir: Some(cgroup.dir.clone()),
+            terminal: stdio.terminal,
         };
-        let config_bytes = serde_json::to_vec(&config).map_err(|e| ContainerError::Spec {
-            id: id.to_string(),
-            reason: e.to_string(),
-        })?;
-        fs::write(&config_path, config_bytes).map_err(io_err("writing the init config"))?;
-
-        let spawned = spawn_helper(&config_path, &opts).map_err(io_err("spawning the init helper"));
-        let (sync_read, start_write, stdio) = match spawned {
-            Ok(v) => v,
+        let result = async {
+            if let Some(resources) = &resources {
+                cgroup.apply(resources)?;
+            }
+            self.spawn(
+                id,
+                "",
+                &state_dir.join("init.json"),
+                &config,
+                stdio,
+                new_pid_ns,
+            )
+            .await
+        }
+        .await;
+        let init = match result {
+            Ok(proc) => proc,
             Err(e) => {
-                cleanup_dirs(&state_dir, &cgroup_dir);
+                cgroup.remove();
+                let _ = fs::remove_dir_all(&state_dir);
                 return Err(e);
             }
         };
+        let pid = init.pid as u32;
+        self.table.lock().await.insert(
+            id.to_string(),
+            Container {
+                init,
+                execs: HashMap::new(),
+                cgroup,
+                state_dir,
+            },
+        );
+        Ok(pid)
+    }
+
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdio: StdioPlan,
+    ) -> Result<u32, ContainerError> {
+        if !valid_id(exec_id) {
+            return Err(ContainerError::InvalidId(exec_id.to_string()));
+        }
+        let process: OciProcess =
+            serde_json::from_slice(process_json).map_err(|e| ContainerError::Spec {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
+        let (init_pid, cgroup_dir, state_dir) = {
+            let table = self.table.lock().await;
+            let c = table.get(id).ok_or_else(|| not_found(id, ""))?;
+            if c.execs.contains_key(exec_id) {
+                return Err(ContainerError::Exists(format!("exec {exec_id}")));
+            }
+            if c.init.status != Status::Running || c.init.exit.borrow().is_some() {
+                return Err(ContainerError::State {
+                    id: id.to_string(),
+                    reason: "exec needs a running container".to_string(),
+                });
+            }
+            (c.init.pid, c.cgroup.dir.clone(), c.state_dir.clone())
+        };
+        let config = InitConfig {
+            container_id: id.to_string(),
+            mode: Mode::Exec {
+                init_pid,
+                process: Box::new(process),
+            },
+            cgroup_dir: Some(cgroup_dir),
+            terminal: stdio.terminal,
+        };
+        let config_path = state_dir.join(format!("exec-{exec_id}.json"));
+        let proc = self
+            .spawn(id, exec_id, &config_path, &config, stdio, false)
+            .await;
+        let _ = fs::remove_file(&config_path);
+        let proc = proc?;
+        let pid = proc.pid as u32;
+        let mut table = self.table.lock().await;
+        let c = table.get_mut(id).ok_or_else(|| not_found(id, ""))?;
+        c.execs.insert(exec_id.to_string(), proc);
+        Ok(pid)
+    }
+
+    /// Writes the helper's config, spawns it and waits for "created".
+    async fn spawn(
+        &self,
+        id: &str,
+        exec_id: &str,
+        config_path: &Path,
+        config: &InitConfig,
+        stdio: StdioPlan,
+        new_pid_ns: bool,
+    ) -> Result<Proc, ContainerError> {
+        let config_bytes = serde_json::to_vec(config).map_err(|e| ContainerError::Spec {
+            id: id.to_string(),
+            reason: e.to_string(),
+        })?;
+        fs::write(config_path, config_bytes).map_err(io_err(id, "writing the init config"))?;
+        let spawned = spawn_helper(config_path, stdio, new_pid_ns)
+            .map_err(io_err(id, "spawning the init helper"))?;
 
         // The helper always answers or exits (EOF); the shim's call timeout bounds the rest.
-        let mut sync_read = BufReader::new(fs::File::from(sync_read));
+        let mut sync_read = BufReader::new(fs::File::from(spawned.sync));
         let outcome = tokio::task::spawn_blocking(move || {
             let result = read_until_created(&mut sync_read);
             (result, sync_read)
         })
         .await;
-        let failure = match outcome {
-            Ok((Ok(pid), reader)) => Ok((pid, reader)),
-            Ok((Err(reason), _)) => Err(reason),
-            Err(join) => Err(join.to_string()),
+        let shown = if exec_id.is_empty() {
+            id.to_string()
+        } else {
+            format!("{id}/{exec_id}")
         };
-        let (pid, sync_read) = match failure {
-            Ok(v) => v,
-            Err(reason) => {
-                cleanup_dirs(&state_dir, &cgroup_dir);
+        let (pid, sync_read) = match outcome {
+            Ok((Ok(pid), reader)) => (pid, reader),
+            Ok((Err(reason), _)) => return Err(ContainerError::Init { id: shown, reason }),
+            Err(join) => {
                 return Err(ContainerError::Init {
-                    id: id.to_string(),
-                    reason,
-                });
+                    id: shown,
+                    reason: join.to_string(),
+                })
             }
         };
 
@@ -189,39 +336,31 @@ impl Containers {
                 let _ = exit_tx.send(Some(status));
             }
         });
-        let (stdin, stdout, stderr) = stdio;
-        let mut table = self.table.lock().await;
-        table.insert(
-            id.to_string(),
-            Container {
-                status: Status::Created,
-                pid,
-                cgroup_dir,
-                state_dir,
-                exit: exit_rx,
-                start_pipe: Some(start_write),
-                sync_pipe: Some(sync_read),
-                stdin: stdin.map(|s| Arc::new(Mutex::new(Some(s)))),
-                stdout: stdout.map(spawn_output_reader),
-                stderr: stderr.map(spawn_output_reader),
-            },
-        );
-        Ok(pid as u32)
+        Ok(Proc {
+            status: Status::Created,
+            pid,
+            exit: exit_rx,
+            start_pipe: Some(spawned.start),
+            sync_pipe: Some(sync_read),
+            stdin: spawned.stdin.map(|s| Arc::new(Mutex::new(Some(s)))),
+            stdout: spawned.stdout.map(spawn_output_reader),
+            stderr: spawned.stderr.map(spawn_output_reader),
+            pty: spawned.pty.map(Arc::new),
+        })
     }
 
-    pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
-        let (start, sync) = {
+    pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32, ContainerError> {
+        let (start, sync, pid) = {
             let mut table = self.table.lock().await;
-            let c = table
-                .get_mut(id)
-                .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
-            if c.status != Status::Created {
+            let c = table.get_mut(id).ok_or_else(|| not_found(id, exec_id))?;
+            let p = c.proc_mut(id, exec_id)?;
+            if p.status != Status::Created {
                 return Err(ContainerError::State {
                     id: id.to_string(),
-                    reason: "can only start a created container".to_string(),
+                    reason: "can only start a created process".to_string(),
                 });
             }
-            (c.start_pipe.take(), c.sync_pipe.take())
+            (p.start_pipe.take(), p.sync_pipe.take(), p.pid)
         };
         let (Some(start), Some(mut sync)) = (start, sync) else {
             return Err(ContainerError::State {
@@ -242,16 +381,15 @@ impl Containers {
             Err(join) => Err(join.to_string()),
         };
         let mut table = self.table.lock().await;
-        let c = table
-            .get_mut(id)
-            .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
+        let c = table.get_mut(id).ok_or_else(|| not_found(id, exec_id))?;
+        let p = c.proc_mut(id, exec_id)?;
         match result {
             Ok(()) => {
-                c.status = Status::Running;
-                Ok(())
+                p.status = Status::Running;
+                Ok(pid as u32)
             }
             Err(reason) => {
-                c.status = Status::Stopped;
+                p.status = Status::Stopped;
                 Err(ContainerError::Init {
                     id: id.to_string(),
                     reason,
@@ -260,20 +398,13 @@ impl Containers {
         }
     }
 
-    async fn exit_receiver(
-        &self,
-        id: &str,
-    ) -> Result<watch::Receiver<Option<u32>>, ContainerError> {
-        let table = self.table.lock().await;
-        table
-            .get(id)
-            .map(|c| c.exit.clone())
-            .ok_or_else(|| ContainerError::NotFound(id.to_string()))
-    }
-
-    /// Waits for the container's init process to exit and returns its status.
-    pub async fn wait(&self, id: &str) -> Result<u32, ContainerError> {
-        let mut rx = self.exit_receiver(id).await?;
+    /// Waits for the process to exit and returns its status.
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<u32, ContainerError> {
+        let mut rx = {
+            let table = self.table.lock().await;
+            let c = table.get(id).ok_or_else(|| not_found(id, exec_id))?;
+            c.proc(id, exec_id)?.exit.clone()
+        };
         loop {
             if let Some(status) = *rx.borrow_and_update() {
                 return Ok(status);
@@ -287,11 +418,16 @@ impl Containers {
         }
     }
 
-    pub async fn signal(&self, id: &str, signal: u32, all: bool) -> Result<(), ContainerError> {
+    pub async fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), ContainerError> {
         let table = self.table.lock().await;
-        let c = table
-            .get(id)
-            .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
+        let c = table.get(id).ok_or_else(|| not_found(id, exec_id))?;
+        let p = c.proc(id, exec_id)?;
         let sig = i32::try_from(signal)
             .ok()
             .and_then(|s| Signal::try_from(s).ok())
@@ -299,17 +435,15 @@ impl Containers {
                 id: id.to_string(),
                 reason: format!("unknown signal {signal}"),
             })?;
-        if c.exit.borrow().is_some() {
+        if p.exit.borrow().is_some() && !all {
             return Err(ContainerError::State {
                 id: id.to_string(),
                 reason: "process already finished".to_string(),
             });
         }
-        let mut pids = vec![c.pid];
-        if all {
-            if let Ok(procs) = fs::read_to_string(c.cgroup_dir.join("cgroup.procs")) {
-                pids.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-            }
+        let mut pids = vec![p.pid];
+        if all && exec_id.is_empty() {
+            pids.extend(c.cgroup.pids());
         }
         for pid in pids {
             match kill(Pid::from_raw(pid), sig) {
@@ -326,24 +460,45 @@ impl Containers {
         Ok(())
     }
 
+    /// Removes a container whose processes have exited (a created one is killed first).
     pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
         let mut table = self.table.lock().await;
-        let c = table
-            .get(id)
-            .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
-        if c.exit.borrow().is_none() && c.status == Status::Running {
+        let c = table.get(id).ok_or_else(|| not_found(id, ""))?;
+        if c.init.exit.borrow().is_none() && c.init.status == Status::Running {
             return Err(ContainerError::State {
                 id: id.to_string(),
                 reason: "cannot remove a running container".to_string(),
             });
         }
-        if c.exit.borrow().is_none() {
-            // Created but never started: its init is blocked on the start pipe. Kill it.
-            let _ = kill(Pid::from_raw(c.pid), Signal::SIGKILL);
+        if c.init.exit.borrow().is_none() {
+            // Created but never started: its init is blocked on the start pipe.
+            let _ = kill(Pid::from_raw(c.init.pid), Signal::SIGKILL);
+        }
+        // Execs die with the pid namespace's init; make sure of it.
+        for pid in c.cgroup.pids() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         if let Some(c) = table.remove(id) {
-            cleanup_dirs(&c.state_dir, &c.cgroup_dir);
+            let _ = fs::remove_dir_all(&c.state_dir);
+            c.cgroup.remove();
         }
+        Ok(())
+    }
+
+    pub async fn delete_process(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
+        let mut table = self.table.lock().await;
+        let c = table.get_mut(id).ok_or_else(|| not_found(id, exec_id))?;
+        let p = c.proc(id, exec_id)?;
+        if p.status == Status::Running && p.exit.borrow().is_none() {
+            return Err(ContainerError::State {
+                id: id.to_string(),
+                reason: format!("exec {exec_id} is still running"),
+            });
+        }
+        if p.exit.borrow().is_none() {
+            let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+        }
+        c.execs.remove(exec_id);
         Ok(())
     }
 
@@ -351,55 +506,47 @@ impl Containers {
     pub async fn kill_all(&self) {
         let table = self.table.lock().await;
         for c in table.values() {
-            if let Ok(procs) = fs::read_to_string(c.cgroup_dir.join("cgroup.procs")) {
-                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
+            for pid in c.cgroup.pids() {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
-            let _ = kill(Pid::from_raw(c.pid), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(c.init.pid), Signal::SIGKILL);
         }
     }
 
-    pub async fn write_stdin(&self, id: &str, data: &[u8]) -> Result<usize, ContainerError> {
-        let stdin = {
-            let table = self.table.lock().await;
-            let c = table
-                .get(id)
-                .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
-            c.stdin.clone()
+    async fn stdin_of(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<Option<Arc<Mutex<Option<pipe::Sender>>>>, ContainerError> {
+        let table = self.table.lock().await;
+        let c = table.get(id).ok_or_else(|| not_found(id, exec_id))?;
+        Ok(c.proc(id, exec_id)?.stdin.clone())
+    }
+
+    pub async fn write_stdin(
+        &self,
+        id: &str,
+        exec_id: &str,
+        data: &[u8],
+    ) -> Result<usize, ContainerError> {
+        let state = |reason: &str| ContainerError::State {
+            id: id.to_string(),
+            reason: reason.to_string(),
         };
-        let Some(stdin) = stdin else {
-            return Err(ContainerError::State {
-                id: id.to_string(),
-                reason: "has no stdin".to_string(),
-            });
-        };
+        let stdin = self
+            .stdin_of(id, exec_id)
+            .await?
+            .ok_or_else(|| state("has no stdin"))?;
         let mut guard = stdin.lock().await;
-        let Some(pipe) = guard.as_mut() else {
-            return Err(ContainerError::State {
-                id: id.to_string(),
-                reason: "stdin is closed".to_string(),
-            });
-        };
+        let pipe = guard.as_mut().ok_or_else(|| state("stdin is closed"))?;
         pipe.write_all(data)
             .await
-            .map_err(|source| ContainerError::Io {
-                id: id.to_string(),
-                what: "writing stdin".to_string(),
-                source,
-            })?;
+            .map_err(io_err(id, "writing stdin"))?;
         Ok(data.len())
     }
 
-    pub async fn close_stdin(&self, id: &str) -> Result<(), ContainerError> {
-        let stdin = {
-            let table = self.table.lock().await;
-            let c = table
-                .get(id)
-                .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
-            c.stdin.clone()
-        };
-        if let Some(stdin) = stdin {
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
+        if let Some(stdin) = self.stdin_of(id, exec_id).await? {
             stdin.lock().await.take();
         }
         Ok(())
@@ -409,18 +556,18 @@ impl Containers {
     pub async fn read_output(
         &self,
         id: &str,
+        exec_id: &str,
         stderr: bool,
         max: usize,
     ) -> Result<Option<Vec<u8>>, ContainerError> {
         let output = {
             let table = self.table.lock().await;
-            let c = table
-                .get(id)
-                .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
+            let c = table.get(id).ok_or_else(|| not_found(id, exec_id))?;
+            let p = c.proc(id, exec_id)?;
             if stderr {
-                c.stderr.clone()
+                p.stderr.clone()
             } else {
-                c.stdout.clone()
+                p.stdout.clone()
             }
         };
         let Some(output) = output else {
@@ -432,78 +579,183 @@ impl Containers {
             chunk
         }))
     }
+
+    pub async fn resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        width: u16,
+        height: u16,
+    ) -> Result<(), ContainerError> {
+        let pty = {
+            let table = self.table.lock().await;
+            let c = table.get(id).ok_or_else(|| not_found(id, exec_id))?;
+            c.proc(id, exec_id)?.pty.clone()
+        };
+        let pty = pty.ok_or_else(|| ContainerError::State {
+            id: id.to_string(),
+            reason: "the process has no terminal".to_string(),
+        })?;
+        let size = libc::winsize {
+            ws_row: height,
+            ws_col: width,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from the pointer; the fd is a pty master we own.
+        if unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &size) } < 0 {
+            return Err(io_err(id, "resizing the terminal")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn cgroup_of(&self, id: &str) -> Result<Cgroup, ContainerError> {
+        let table = self.table.lock().await;
+        Ok(table
+            .get(id)
+            .ok_or_else(|| not_found(id, ""))?
+            .cgroup
+            .clone())
+    }
+
+    pub async fn pids(&self, id: &str) -> Result<Vec<u32>, ContainerError> {
+        Ok(self
+            .cgroup_of(id)
+            .await?
+            .pids()
+            .into_iter()
+            .map(|p| p as u32)
+            .collect())
+    }
+
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<(), ContainerError> {
+        Ok(self.cgroup_of(id).await?.set_frozen(paused).await?)
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<Stats, ContainerError> {
+        Ok(self.cgroup_of(id).await?.stats())
+    }
+
+    pub async fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ContainerError> {
+        let resources: LinuxResources =
+            serde_json::from_slice(resources_json).map_err(|e| ContainerError::Spec {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(self.cgroup_of(id).await?.apply(&resources)?)
+    }
+
+    /// OOM-kill counts of every container, for the OOM watcher.
+    pub async fn oom_counts(&self) -> Vec<(String, u64)> {
+        let table = self.table.lock().await;
+        table
+            .iter()
+            .map(|(id, c)| (id.clone(), c.cgroup.oom_kills()))
+            .collect()
+    }
 }
 
-fn check_root(id: &str, spec: &Spec) -> Result<(), ContainerError> {
-    let spec_err = |reason: &str| ContainerError::Spec {
-        id: id.to_string(),
-        reason: reason.to_string(),
-    };
-    let root = spec.root().as_ref().ok_or_else(|| spec_err("no root"))?;
+fn io_err(id: &str, what: &str) -> impl FnOnce(std::io::Error) -> ContainerError {
+    let id = id.to_string();
+    let what = what.to_string();
+    move |source| ContainerError::Io { id, what, source }
+}
+
+fn check_root(spec: &Spec) -> Result<(), &'static str> {
+    let root = spec.root().as_ref().ok_or("no root")?;
     let shared = Path::new(hako_protocol::GUEST_SHARED_DIR);
     let path = root.path();
     if !path.starts_with(shared) || path.components().any(|c| c.as_os_str() == "..") {
-        return Err(spec_err("the root must be inside the sandbox share"));
+        return Err("the root must be inside the sandbox share");
     }
     if !path.is_dir() {
-        return Err(spec_err("the root directory does not exist in the share"));
+        return Err("the root directory does not exist in the share");
     }
     if spec.process().is_none() {
-        return Err(spec_err("no process"));
+        return Err("no process");
     }
     Ok(())
 }
 
-fn cleanup_dirs(state_dir: &Path, cgroup_dir: &Path) {
-    let _ = fs::remove_dir_all(state_dir);
-    // A cgroup directory goes away with rmdir once it has no processes.
-    let _ = fs::remove_dir(cgroup_dir);
+struct Spawned {
+    sync: OwnedFd,
+    start: OwnedFd,
+    stdin: Option<pipe::Sender>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    pty: Option<OwnedFd>,
 }
-
-type Stdio3 = (Option<pipe::Sender>, Option<OwnedFd>, Option<OwnedFd>);
 
 fn spawn_helper(
     config_path: &Path,
-    opts: &CreateOptions,
-) -> std::io::Result<(OwnedFd, OwnedFd, Stdio3)> {
+    stdio: StdioPlan,
+    new_pid_ns: bool,
+) -> std::io::Result<Spawned> {
     let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
     let (sync_r, sync_w) = pipe2(cloexec)?;
     let (start_r, start_w) = pipe2(cloexec)?;
 
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg(HELPER_ARG).arg(config_path);
-    let mut stdin_w = None;
-    let mut stdout_r = None;
-    let mut stderr_r = None;
-    if opts.stdin {
-        let (r, w) = pipe2(cloexec)?;
-        cmd.stdin(Stdio::from(r));
-        stdin_w = Some(pipe::Sender::from_owned_fd(w)?);
+    let mut spawned = Spawned {
+        sync: sync_r,
+        start: start_w,
+        stdin: None,
+        stdout: None,
+        stderr: None,
+        pty: None,
+    };
+    if stdio.terminal {
+        // One terminal for all three streams: the host writes to and reads from the master.
+        let pty = nix::pty::openpty(None, None).map_err(std::io::Error::from)?;
+        nix::fcntl::fcntl(
+            pty.master.as_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(std::io::Error::from)?;
+        cmd.stdin(Stdio::from(pty.slave.try_clone()?))
+            .stdout(Stdio::from(pty.slave.try_clone()?))
+            .stderr(Stdio::from(pty.slave));
+        spawned.stdin = Some(pipe::Sender::from_owned_fd_unchecked(
+            pty.master.try_clone()?,
+        )?);
+        spawned.stdout = Some(pty.master.try_clone()?);
+        spawned.pty = Some(pty.master);
     } else {
-        cmd.stdin(Stdio::null());
-    }
-    if opts.stdout {
-        let (r, w) = pipe2(cloexec)?;
-        cmd.stdout(Stdio::from(w));
-        stdout_r = Some(r);
-    } else {
-        cmd.stdout(Stdio::null());
-    }
-    if opts.stderr {
-        let (r, w) = pipe2(cloexec)?;
-        cmd.stderr(Stdio::from(w));
-        stderr_r = Some(r);
-    } else {
-        cmd.stderr(Stdio::null());
+        if stdio.stdin {
+            let (r, w) = pipe2(cloexec)?;
+            cmd.stdin(Stdio::from(r));
+            spawned.stdin = Some(pipe::Sender::from_owned_fd(w)?);
+        } else {
+            cmd.stdin(Stdio::null());
+        }
+        if stdio.stdout {
+            let (r, w) = pipe2(cloexec)?;
+            cmd.stdout(Stdio::from(w));
+            spawned.stdout = Some(r);
+        } else {
+            cmd.stdout(Stdio::null());
+        }
+        if stdio.stderr {
+            let (r, w) = pipe2(cloexec)?;
+            cmd.stderr(Stdio::from(w));
+            spawned.stderr = Some(r);
+        } else {
+            cmd.stderr(Stdio::null());
+        }
     }
 
     let sync_raw = sync_w.as_raw_fd();
     let start_raw = start_r.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (unshare, dup2).
+    // system calls (unshare, fcntl, dup2).
     unsafe {
         cmd.pre_exec(move || {
-            unshare(CloneFlags::CLONE_NEWPID)?;
+            if new_pid_ns {
+                unshare(CloneFlags::CLONE_NEWPID)?;
+            }
             // Copy to close-on-exec fds out of the way first so the two dup2s cannot clobber
             // each other and nothing but fds 3 and 4 reaches the container.
             let sync_tmp = libc::fcntl(sync_raw, libc::F_DUPFD_CLOEXEC, 10);
@@ -521,7 +773,7 @@ fn spawn_helper(
     let _child = cmd.spawn()?;
     drop(sync_w);
     drop(start_r);
-    Ok((sync_r, start_w, (stdin_w, stdout_r, stderr_r)))
+    Ok(spawned)
 }
 
 /// Reads the helper's report: "pid N" and then "created", or "error ...".
@@ -566,11 +818,13 @@ fn spawn_output_reader(fd: OwnedFd) -> Arc<Output> {
     let (tx, rx) = mpsc::channel(64);
     let output = Arc::new(Output { rx: Mutex::new(rx) });
     tokio::spawn(async move {
-        let Ok(mut reader) = pipe::Receiver::from_owned_fd(fd) else {
+        // A pty master is not a FIFO; both poll the same way.
+        let Ok(mut reader) = pipe::Receiver::from_owned_fd_unchecked(fd) else {
             return;
         };
         let mut buf = vec![0u8; READ_CHUNK];
         loop {
+            // A pty master reads EIO once the last slave is closed: that is its end of stream.
             match reader.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {

@@ -7,6 +7,9 @@
 //! namespaces, mounts, pivot_root), says "created" on fd 3 and blocks on fd 4 until Start. A
 //! failed exec is reported on fd 3; a successful one closes it (it is close-on-exec by then).
 //!
+//! An exec (`Mode::Exec`) takes the same path but joins the namespaces and cgroup of the
+//! container's init process instead of making new ones.
+//!
 //! This process is single-threaded from start to finish, so fork() here is safe.
 
 use std::ffi::CString;
@@ -17,12 +20,12 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sched::{unshare, CloneFlags};
+use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::sys::statvfs::{statvfs, FsFlags};
 use nix::unistd::{chdir, execve, fork, pivot_root, setgid, setgroups, sethostname, setuid};
 use nix::unistd::{ForkResult, Gid, Uid};
-use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Mount, PosixRlimit, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::mounts::{parse_options, resolve_in_root, MountError};
@@ -38,9 +41,22 @@ const DEFAULT_DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom",
 #[derive(Debug, Serialize, Deserialize)]
 pub struct InitConfig {
     pub container_id: String,
-    pub spec: Spec,
+    pub mode: Mode,
     /// cgroup v2 directory the process joins before anything else.
     pub cgroup_dir: Option<PathBuf>,
+    /// stdin/stdout/stderr are a terminal: become a session leader with it as controlling tty.
+    pub terminal: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Mode {
+    /// Build a new container from the spec. Namespaces with a path are joined, not created.
+    Init { spec: Box<Spec> },
+    /// Run another process in the container whose init has this (agent-namespace) pid.
+    Exec {
+        init_pid: i32,
+        process: Box<Process>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +93,9 @@ pub enum InitError {
         what: String,
         source: std::io::Error,
     },
+    /// Capabilities could not be set.
+    #[error("capabilities: {0}")]
+    Caps(String),
     /// The command's path is not an executable file.
     #[error("{0}: no such executable file in the container")]
     NotExecutable(String),
@@ -103,6 +122,9 @@ pub fn helper_main(config_path: &str) -> ! {
         Ok(config) => config,
         Err(e) => report_and_exit(&mut sync, &e),
     };
+    if let Err(e) = prepare_before_fork(&config) {
+        report_and_exit(&mut sync, &e);
+    }
     // SAFETY: this process has a single thread (it was just exec'd and started none).
     match unsafe { fork() } {
         Ok(ForkResult::Parent { child }) => {
@@ -110,7 +132,11 @@ pub fn helper_main(config_path: &str) -> ! {
             std::process::exit(0);
         }
         Ok(ForkResult::Child) => {
-            let e = match build_and_exec(&config, &mut sync) {
+            let result = match &config.mode {
+                Mode::Init { spec } => build_and_exec(&config, spec, &mut sync),
+                Mode::Exec { process, .. } => exec_in_container(&config, process, &mut sync),
+            };
+            let e = match result {
                 Ok(never) => match never {},
                 Err(e) => e,
             };
@@ -135,40 +161,84 @@ fn read_config(path: &str) -> Result<InitConfig, InitError> {
     serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))
 }
 
-fn build_and_exec(
-    config: &InitConfig,
-    sync: &mut File,
-) -> Result<std::convert::Infallible, InitError> {
-    let spec = &config.spec;
-    let process = spec.process().as_ref().ok_or(InitError::NoProcess)?;
-    let args = process
-        .args()
-        .as_ref()
-        .filter(|a| !a.is_empty())
-        .ok_or(InitError::NoArgs)?;
-    let env = env_entries(process.env().as_deref().unwrap_or_default())?;
-    let root = spec.root().as_ref().ok_or(InitError::NoRoot)?;
-    let root_path = root.path().clone();
-
+/// Before the fork: join the cgroup (the child inherits it) and, for an exec or a namespace
+/// given by path, the pid namespace (setns on a pid namespace only applies to children).
+fn prepare_before_fork(config: &InitConfig) -> Result<(), InitError> {
     if let Some(dir) = &config.cgroup_dir {
-        // "0" moves the writer itself; our own pid is 1 in this namespace.
+        // "0" moves the writer itself.
         fs::write(dir.join("cgroup.procs"), "0")
             .map_err(io(format!("joining cgroup {}", dir.display())))?;
     }
+    match &config.mode {
+        Mode::Exec { init_pid, .. } => {
+            let kinds = ["ipc", "uts", "cgroup", "pid", "mnt"];
+            let ns = |kind: &str| PathBuf::from(format!("/proc/{init_pid}/ns/{kind}"));
+            // Open all first: once in the container's mount namespace, /proc is its own.
+            let files = kinds
+                .iter()
+                .map(|kind| {
+                    File::open(ns(kind)).map_err(io(format!("opening {}", ns(kind).display())))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            for (file, kind) in files.iter().zip(kinds) {
+                setns(file, CloneFlags::empty())
+                    .map_err(sys(format!("joining the {kind} namespace")))?;
+            }
+        }
+        Mode::Init { spec } => {
+            if let Some(path) = namespace_path(spec, LinuxNamespaceType::Pid) {
+                let file = File::open(&path).map_err(io(format!("opening {}", path.display())))?;
+                setns(&file, CloneFlags::CLONE_NEWPID).map_err(sys("joining the pid namespace"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn namespace_path(spec: &Spec, kind: LinuxNamespaceType) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == kind)?
+        .path()
+        .clone()
+}
+
+fn build_and_exec(
+    config: &InitConfig,
+    spec: &Spec,
+    sync: &mut File,
+) -> Result<std::convert::Infallible, InitError> {
+    let process = spec.process().as_ref().ok_or(InitError::NoProcess)?;
+    let root = spec.root().as_ref().ok_or(InitError::NoRoot)?;
+    let root_path = root.path().clone();
 
     let namespaces = spec
         .linux()
         .as_ref()
         .and_then(|l| l.namespaces().clone())
         .unwrap_or_default();
-    let wants = |kind: LinuxNamespaceType| namespaces.iter().any(|n| n.typ() == kind);
     // The network namespace is the VM's own: the pod's interfaces live there, so it is shared.
-    let mut flags = CloneFlags::CLONE_NEWNS;
-    if wants(LinuxNamespaceType::Uts) {
-        flags |= CloneFlags::CLONE_NEWUTS;
-    }
-    if wants(LinuxNamespaceType::Ipc) {
-        flags |= CloneFlags::CLONE_NEWIPC;
+    // uts and ipc are new, or joined when the spec names one (a pod's sandbox container).
+    // A cgroup namespace rooted at the container's own cgroup (joined before the fork), so its
+    // /sys/fs/cgroup shows its own limits, as with runc on a cgroup v2 host.
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP;
+    for (kind, flag) in [
+        (LinuxNamespaceType::Uts, CloneFlags::CLONE_NEWUTS),
+        (LinuxNamespaceType::Ipc, CloneFlags::CLONE_NEWIPC),
+    ] {
+        let Some(ns) = namespaces.iter().find(|n| n.typ() == kind) else {
+            continue;
+        };
+        match ns.path() {
+            Some(path) => {
+                let file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+                setns(&file, flag).map_err(sys(format!("joining {}", path.display())))?;
+            }
+            None => flags |= flag,
+        }
     }
     unshare(flags).map_err(sys("unshare"))?;
     mount(
@@ -220,6 +290,40 @@ fn build_and_exec(
         remount_readonly(Path::new("/"))?;
     }
 
+    run_process(config, process, sync)
+}
+
+/// An exec: the namespaces and cgroup were joined before the fork; run the process.
+fn exec_in_container(
+    config: &InitConfig,
+    process: &Process,
+    sync: &mut File,
+) -> Result<std::convert::Infallible, InitError> {
+    run_process(config, process, sync)
+}
+
+/// The part init and exec share: terminal, "created", wait for start, then credentials,
+/// limits, capabilities and exec.
+fn run_process(
+    config: &InitConfig,
+    process: &Process,
+    sync: &mut File,
+) -> Result<std::convert::Infallible, InitError> {
+    let args = process
+        .args()
+        .as_ref()
+        .filter(|a| !a.is_empty())
+        .ok_or(InitError::NoArgs)?;
+    let env = env_entries(process.env().as_deref().unwrap_or_default())?;
+    if config.terminal {
+        nix::unistd::setsid().map_err(sys("setsid"))?;
+        // SAFETY: TIOCSCTTY on our own stdin (the pty slave) with arg 0; no memory is passed.
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+            return Err(sys("making the terminal the controlling tty")(
+                nix::errno::Errno::last(),
+            ));
+        }
+    }
     // Resolve the command now, as runc does, so a missing binary fails Create, not Start.
     let program = find_program(&args[0], &env)?;
 
@@ -228,11 +332,20 @@ fn build_and_exec(
     let mut start = unsafe { File::from_raw_fd(START_FD) };
     let mut go = [0u8; 1];
     if start.read(&mut go).map_err(io("waiting for start"))? == 0 {
-        // The agent dropped the container before starting it.
+        // The agent dropped the process before starting it.
         std::process::exit(0);
     }
     drop(start);
 
+    for rlimit in process.rlimits().as_deref().unwrap_or_default() {
+        set_rlimit(rlimit)?;
+    }
+    let caps = process.capabilities().as_ref();
+    if let Some(caps) = caps {
+        crate::caps::drop_bounding(caps)?;
+    }
+    // Keep capabilities across the switch to a non-root user; the sets are applied after it.
+    nix::sys::prctl::set_keepcaps(true).map_err(sys("PR_SET_KEEPCAPS"))?;
     let user = process.user();
     let groups: Vec<Gid> = user
         .additional_gids()
@@ -244,6 +357,13 @@ fn build_and_exec(
     setgroups(&groups).map_err(sys("setgroups"))?;
     setgid(Gid::from_raw(user.gid())).map_err(sys("setgid"))?;
     setuid(Uid::from_raw(user.uid())).map_err(sys("setuid"))?;
+    nix::sys::prctl::set_keepcaps(false).map_err(sys("PR_SET_KEEPCAPS"))?;
+    if let Some(caps) = caps {
+        crate::caps::apply(caps)?;
+    }
+    if process.no_new_privileges().unwrap_or(false) {
+        nix::sys::prctl::set_no_new_privs().map_err(sys("PR_SET_NO_NEW_PRIVS"))?;
+    }
 
     let cwd = process.cwd();
     if !cwd.as_os_str().is_empty() {
@@ -270,6 +390,39 @@ fn build_and_exec(
         Ok(never) => match never {},
         Err(e) => Err(e),
     }
+}
+
+fn set_rlimit(rlimit: &PosixRlimit) -> Result<(), InitError> {
+    use oci_spec::runtime::PosixRlimitType as T;
+    let resource = match rlimit.typ() {
+        T::RlimitCpu => libc::RLIMIT_CPU,
+        T::RlimitFsize => libc::RLIMIT_FSIZE,
+        T::RlimitData => libc::RLIMIT_DATA,
+        T::RlimitStack => libc::RLIMIT_STACK,
+        T::RlimitCore => libc::RLIMIT_CORE,
+        T::RlimitRss => libc::RLIMIT_RSS,
+        T::RlimitNproc => libc::RLIMIT_NPROC,
+        T::RlimitNofile => libc::RLIMIT_NOFILE,
+        T::RlimitMemlock => libc::RLIMIT_MEMLOCK,
+        T::RlimitAs => libc::RLIMIT_AS,
+        T::RlimitLocks => libc::RLIMIT_LOCKS,
+        T::RlimitSigpending => libc::RLIMIT_SIGPENDING,
+        T::RlimitMsgqueue => libc::RLIMIT_MSGQUEUE,
+        T::RlimitNice => libc::RLIMIT_NICE,
+        T::RlimitRtprio => libc::RLIMIT_RTPRIO,
+        T::RlimitRttime => libc::RLIMIT_RTTIME,
+    };
+    let limit = libc::rlimit {
+        rlim_cur: rlimit.soft(),
+        rlim_max: rlimit.hard(),
+    };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    if unsafe { libc::setrlimit(resource as _, &limit) } < 0 {
+        return Err(sys(format!("setrlimit {:?}", rlimit.typ()))(
+            nix::errno::Errno::last(),
+        ));
+    }
+    Ok(())
 }
 
 fn cstring(bytes: &[u8], shown: &str) -> Result<CString, InitError> {

@@ -5,6 +5,8 @@
 //! the short-lived helper that builds one container (see `init.rs`).
 
 mod boot;
+mod caps;
+mod cgroup;
 mod container;
 mod init;
 mod logger;
@@ -68,8 +70,11 @@ async fn serve(started: Instant) -> Result<(), String> {
     let kernel_release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
+    cgroup::enable_controllers();
+    let containers = Arc::new(container::Containers::new(reaper));
     let agent = server::Agent {
-        containers: Arc::new(container::Containers::new(reaper)),
+        oom_events: tokio::sync::Mutex::new(server::watch_oom(containers.clone())),
+        containers,
         kernel_release,
         ready_since_boot_ms: boot::ms_since_boot(),
     };

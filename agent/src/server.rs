@@ -8,7 +8,9 @@ use hako_protocol as pb;
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{get_status, Code};
 
-use crate::container::{ContainerError, Containers, CreateOptions};
+use tokio::sync::{mpsc, Mutex};
+
+use crate::container::{ContainerError, Containers, StdioPlan};
 
 /// Largest chunk one ReadStdout/ReadStderr answer carries.
 const MAX_READ: usize = 1024 * 1024;
@@ -17,6 +19,34 @@ pub struct Agent {
     pub containers: Arc<Containers>,
     pub kernel_release: String,
     pub ready_since_boot_ms: u64,
+    /// Ids of OOM-killed containers, from `watch_oom`.
+    pub oom_events: Mutex<mpsc::Receiver<String>>,
+}
+
+/// How often the OOM watcher reads the containers' memory.events.
+const OOM_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Watches every container's oom_kill count and reports each increase.
+pub fn watch_oom(containers: Arc<Containers>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        loop {
+            tokio::time::sleep(OOM_POLL).await;
+            let counts = containers.oom_counts().await;
+            seen.retain(|id, _| counts.iter().any(|(c, _)| c == id));
+            for (id, count) in counts {
+                let before = seen.insert(id.clone(), count).unwrap_or(0);
+                if count > before {
+                    log::warn!("container {id} was OOM-killed");
+                    if tx.send(id).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
 }
 
 fn get_rpc_status(code: Code, message: impl ToString) -> ttrpc::Error {
@@ -29,21 +59,12 @@ fn to_status(e: ContainerError) -> ttrpc::Error {
         ContainerError::Exists(_) => Code::ALREADY_EXISTS,
         ContainerError::NotFound(_) => Code::NOT_FOUND,
         ContainerError::State { .. } => Code::FAILED_PRECONDITION,
-        ContainerError::Init { .. } | ContainerError::Io { .. } => Code::INTERNAL,
+        ContainerError::Init { .. } | ContainerError::Io { .. } | ContainerError::Cgroup(_) => {
+            Code::INTERNAL
+        }
     };
     log::warn!("request failed: {e}");
     get_rpc_status(code, e.to_string())
-}
-
-fn only_init(exec_id: &str) -> ttrpc::Result<()> {
-    if exec_id.is_empty() {
-        Ok(())
-    } else {
-        Err(get_rpc_status(
-            Code::UNIMPLEMENTED,
-            "exec processes are not supported yet",
-        ))
-    }
 }
 
 #[async_trait]
@@ -91,16 +112,11 @@ impl pb::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: pb::CreateContainerRequest,
     ) -> ttrpc::Result<pb::CreateContainerResponse> {
-        if req.terminal {
-            return Err(get_rpc_status(
-                Code::UNIMPLEMENTED,
-                "terminals are not supported yet",
-            ));
-        }
-        let opts = CreateOptions {
+        let opts = StdioPlan {
             stdin: req.stdin,
             stdout: req.stdout,
             stderr: req.stderr,
+            terminal: req.terminal,
         };
         let pid = self
             .containers
@@ -119,12 +135,165 @@ impl pb::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: pb::StartContainerRequest,
     ) -> ttrpc::Result<pb::Empty> {
-        self.containers
-            .start(&req.container_id)
+        let pid = self
+            .containers
+            .start(&req.container_id, &req.exec_id)
             .await
             .map_err(to_status)?;
-        log::info!("container {} started", req.container_id);
+        log::info!(
+            "container {} process {:?} started, pid {pid}",
+            req.container_id,
+            req.exec_id
+        );
         Ok(pb::Empty::default())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ExecProcessRequest,
+    ) -> ttrpc::Result<pb::CreateContainerResponse> {
+        let plan = StdioPlan {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            terminal: req.terminal,
+        };
+        let pid = self
+            .containers
+            .exec(&req.container_id, &req.exec_id, &req.process, plan)
+            .await
+            .map_err(to_status)?;
+        Ok(pb::CreateContainerResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::DeleteProcessRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.containers
+            .delete_process(&req.container_id, &req.exec_id)
+            .await
+            .map_err(to_status)?;
+        Ok(pb::Empty::default())
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ResizePtyRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+        self.containers
+            .resize(
+                &req.container_id,
+                &req.exec_id,
+                clamp(req.width),
+                clamp(req.height),
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(pb::Empty::default())
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ListProcessesRequest,
+    ) -> ttrpc::Result<pb::ListProcessesResponse> {
+        let pids = self
+            .containers
+            .pids(&req.container_id)
+            .await
+            .map_err(to_status)?;
+        Ok(pb::ListProcessesResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::PauseContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.containers
+            .set_paused(&req.container_id, true)
+            .await
+            .map_err(to_status)?;
+        Ok(pb::Empty::default())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::PauseContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.containers
+            .set_paused(&req.container_id, false)
+            .await
+            .map_err(to_status)?;
+        Ok(pb::Empty::default())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::StatsContainerRequest,
+    ) -> ttrpc::Result<pb::StatsContainerResponse> {
+        let s = self
+            .containers
+            .stats(&req.container_id)
+            .await
+            .map_err(to_status)?;
+        Ok(pb::StatsContainerResponse {
+            memory_usage: s.memory_usage,
+            memory_limit: s.memory_limit,
+            memory_swap_usage: s.memory_swap_usage,
+            memory_stat: s.memory_stat,
+            oom_events: s.oom_events,
+            oom_kill_events: s.oom_kill_events,
+            cpu_usage_usec: s.cpu_usage_usec,
+            cpu_user_usec: s.cpu_user_usec,
+            cpu_system_usec: s.cpu_system_usec,
+            cpu_nr_periods: s.cpu_nr_periods,
+            cpu_nr_throttled: s.cpu_nr_throttled,
+            cpu_throttled_usec: s.cpu_throttled_usec,
+            pids_current: s.pids_current,
+            pids_limit: s.pids_limit,
+            ..Default::default()
+        })
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::UpdateContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.containers
+            .update(&req.container_id, &req.resources)
+            .await
+            .map_err(to_status)?;
+        Ok(pb::Empty::default())
+    }
+
+    async fn get_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: pb::GetOomEventRequest,
+    ) -> ttrpc::Result<pb::OomEvent> {
+        let mut rx = self.oom_events.lock().await;
+        match rx.recv().await {
+            Some(container_id) => Ok(pb::OomEvent {
+                container_id,
+                ..Default::default()
+            }),
+            None => Err(get_rpc_status(Code::UNAVAILABLE, "the OOM watcher stopped")),
+        }
     }
 
     async fn remove_container(
@@ -144,13 +313,16 @@ impl pb::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: pb::WaitProcessRequest,
     ) -> ttrpc::Result<pb::WaitProcessResponse> {
-        only_init(&req.exec_id)?;
         let status = self
             .containers
-            .wait(&req.container_id)
+            .wait(&req.container_id, &req.exec_id)
             .await
             .map_err(to_status)?;
-        log::info!("container {} exited with status {status}", req.container_id);
+        log::info!(
+            "container {} process {:?} exited with status {status}",
+            req.container_id,
+            req.exec_id
+        );
         Ok(pb::WaitProcessResponse {
             status,
             ..Default::default()
@@ -162,9 +334,8 @@ impl pb::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: pb::SignalProcessRequest,
     ) -> ttrpc::Result<pb::Empty> {
-        only_init(&req.exec_id)?;
         self.containers
-            .signal(&req.container_id, req.signal, req.all)
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)
             .await
             .map_err(to_status)?;
         Ok(pb::Empty::default())
@@ -175,10 +346,9 @@ impl pb::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: pb::WriteStreamRequest,
     ) -> ttrpc::Result<pb::WriteStreamResponse> {
-        only_init(&req.exec_id)?;
         let len = self
             .containers
-            .write_stdin(&req.container_id, &req.data)
+            .write_stdin(&req.container_id, &req.exec_id, &req.data)
             .await
             .map_err(to_status)?;
         Ok(pb::WriteStreamResponse {
@@ -192,9 +362,8 @@ impl pb::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: pb::CloseStdinRequest,
     ) -> ttrpc::Result<pb::Empty> {
-        only_init(&req.exec_id)?;
         self.containers
-            .close_stdin(&req.container_id)
+            .close_stdin(&req.container_id, &req.exec_id)
             .await
             .map_err(to_status)?;
         Ok(pb::Empty::default())
@@ -223,11 +392,10 @@ impl Agent {
         req: pb::ReadStreamRequest,
         stderr: bool,
     ) -> ttrpc::Result<pb::ReadStreamResponse> {
-        only_init(&req.exec_id)?;
         let max = (req.len as usize).clamp(1, MAX_READ);
         let chunk = self
             .containers
-            .read_output(&req.container_id, stderr, max)
+            .read_output(&req.container_id, &req.exec_id, stderr, max)
             .await
             .map_err(to_status)?;
         Ok(match chunk {

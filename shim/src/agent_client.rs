@@ -229,7 +229,22 @@ pub trait AgentClient: Send + Sync {
     async fn create_sandbox(&self, sandbox_id: &str, hostname: &str) -> Result<(), AgentError>;
     async fn destroy_sandbox(&self) -> Result<(), AgentError>;
     async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<u32, AgentError>;
-    async fn start_container(&self, container_id: &str) -> Result<(), AgentError>;
+    async fn start_process(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError>;
+    async fn exec_process(&self, req: pb::ExecProcessRequest) -> Result<u32, AgentError>;
+    async fn delete_process(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError>;
+    async fn resize_pty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), AgentError>;
+    async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, AgentError>;
+    async fn set_paused(&self, container_id: &str, paused: bool) -> Result<(), AgentError>;
+    async fn stats(&self, container_id: &str) -> Result<pb::StatsContainerResponse, AgentError>;
+    async fn update(&self, container_id: &str, resources_json: Vec<u8>) -> Result<(), AgentError>;
+    /// Blocks until a container is OOM-killed: no timeout.
+    async fn oom_event(&self) -> Result<String, AgentError>;
     async fn remove_container(&self, container_id: &str) -> Result<(), AgentError>;
     /// Blocks until the process exits: no timeout.
     async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<u32, AgentError>;
@@ -345,9 +360,10 @@ impl AgentClient for TtrpcAgent {
         .map(|r| r.pid)
     }
 
-    async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {
+    async fn start_process(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
         let req = pb::StartContainerRequest {
             container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
             ..Default::default()
         };
         self.timed(
@@ -356,6 +372,114 @@ impl AgentClient for TtrpcAgent {
         )
         .await
         .map(drop)
+    }
+
+    async fn exec_process(&self, req: pb::ExecProcessRequest) -> Result<u32, AgentError> {
+        self.timed("ExecProcess", self.client.exec_process(self.ctx(), &req))
+            .await
+            .map(|r| r.pid)
+    }
+
+    async fn delete_process(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let req = pb::DeleteProcessRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        self.timed(
+            "DeleteProcess",
+            self.client.delete_process(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn resize_pty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), AgentError> {
+        let req = pb::ResizePtyRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            width,
+            height,
+            ..Default::default()
+        };
+        self.timed("ResizePty", self.client.resize_pty(self.ctx(), &req))
+            .await
+            .map(drop)
+    }
+
+    async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, AgentError> {
+        let req = pb::ListProcessesRequest {
+            container_id: container_id.to_string(),
+            ..Default::default()
+        };
+        self.timed(
+            "ListProcesses",
+            self.client.list_processes(self.ctx(), &req),
+        )
+        .await
+        .map(|r| r.pids)
+    }
+
+    async fn set_paused(&self, container_id: &str, paused: bool) -> Result<(), AgentError> {
+        let req = pb::PauseContainerRequest {
+            container_id: container_id.to_string(),
+            ..Default::default()
+        };
+        if paused {
+            self.timed(
+                "PauseContainer",
+                self.client.pause_container(self.ctx(), &req),
+            )
+            .await
+        } else {
+            self.timed(
+                "ResumeContainer",
+                self.client.resume_container(self.ctx(), &req),
+            )
+            .await
+        }
+        .map(drop)
+    }
+
+    async fn stats(&self, container_id: &str) -> Result<pb::StatsContainerResponse, AgentError> {
+        let req = pb::StatsContainerRequest {
+            container_id: container_id.to_string(),
+            ..Default::default()
+        };
+        self.timed(
+            "StatsContainer",
+            self.client.stats_container(self.ctx(), &req),
+        )
+        .await
+    }
+
+    async fn update(&self, container_id: &str, resources_json: Vec<u8>) -> Result<(), AgentError> {
+        let req = pb::UpdateContainerRequest {
+            container_id: container_id.to_string(),
+            resources: resources_json,
+            ..Default::default()
+        };
+        self.timed(
+            "UpdateContainer",
+            self.client.update_container(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn oom_event(&self) -> Result<String, AgentError> {
+        let req = pb::GetOomEventRequest::default();
+        self.client
+            .get_oom_event(ttrpc::context::Context::default(), &req)
+            .await
+            .map(|e| e.container_id)
+            .map_err(|e| map_err("GetOomEvent", e))
     }
 
     async fn remove_container(&self, container_id: &str) -> Result<(), AgentError> {

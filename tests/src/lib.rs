@@ -372,3 +372,174 @@ pub fn guest_kernel_release() -> String {
         .trim()
         .to_string()
 }
+
+impl Containerd {
+    /// `ctr run -d --runtime hako [extra...] <image> <id> <cmd...>`
+    pub fn run_detached(&self, id: &str, extra: &[&str], cmd: &[&str]) -> Run {
+        let mut args = vec!["run", "-d", "--runtime", RUNTIME];
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+
+    /// `ctr run --rm --runtime hako [extra...] <image> <id> <cmd...>`
+    pub fn run_rm_with(&self, id: &str, extra: &[&str], cmd: &[&str]) -> Run {
+        let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+
+    /// `ctr task exec --exec-id <exec_id> [extra...] <id> <cmd...>`
+    pub fn exec(&self, id: &str, exec_id: &str, extra: &[&str], cmd: &[&str]) -> Run {
+        let mut args = vec!["task", "exec", "--exec-id", exec_id];
+        args.extend_from_slice(extra);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+
+    /// The bundle containerd made for a task in the `default` namespace.
+    pub fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.dir
+            .join("state/io.containerd.runtime.v2.task/default")
+            .join(id)
+    }
+
+    /// The STATUS column of `ctr task ls` for `id`.
+    pub fn task_status(&self, id: &str) -> Option<String> {
+        let ls = self.ctr(&["task", "ls"]);
+        ls.stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cols| cols.first() == Some(&id))
+            .and_then(|cols| cols.get(2).map(|s| s.to_string()))
+    }
+
+    /// Polls `ctr task ls` (bounded) until `id` has `status`.
+    pub fn wait_status(&self, id: &str, status: &str) {
+        let started = Instant::now();
+        while self.task_status(id).as_deref() != Some(status) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "task {id} never reached {status}; it is {:?}",
+                self.task_status(id)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills, deletes and removes a detached task and its container.
+    pub fn remove_task(&self, id: &str) {
+        if self.task_status(id).as_deref() != Some("STOPPED") {
+            let r = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+            assert_eq!(r.code, 0, "kill {id}: {r:?}");
+            self.wait_status(id, "STOPPED");
+        }
+        let r = self.ctr(&["task", "delete", id]);
+        assert_eq!(r.code, 0, "task delete {id}: {r:?}");
+        let r = self.ctr(&["container", "rm", id]);
+        assert_eq!(r.code, 0, "container rm {id}: {r:?}");
+    }
+
+    /// Starts `ctr events`; the watcher collects what it prints.
+    pub fn events(&self) -> EventWatcher {
+        let mut child = self
+            .ctr_command(&["events"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        EventWatcher { child, lines }
+    }
+
+    /// Runs `ctr <args>` on a terminal (under `script`), the terminal sized `cols`x`rows`.
+    pub fn ctr_on_tty(&self, args: &[&str], cols: u16, rows: u16) -> Run {
+        let ctr = self.ctr_command(args);
+        let mut line = format!("stty cols {cols} rows {rows}; {:?}", ctr.get_program());
+        for a in ctr.get_args() {
+            line.push_str(&format!(
+                " '{}'",
+                a.to_string_lossy().replace('\'', "'\\''")
+            ));
+        }
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &line, "/dev/null"]);
+        // A stdin that stays open: `script` forwards EOF into the terminal otherwise.
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stdin = child.stdin.take();
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let output = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                panic!("{line} did not finish");
+            });
+        drop(stdin);
+        output.unwrap().into()
+    }
+}
+
+/// `ctr events` running in the background.
+pub struct EventWatcher {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl EventWatcher {
+    /// Waits (bounded) until a printed event line contains every one of `parts`.
+    pub fn wait_for(&self, parts: &[&str]) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(line) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return line.clone();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no event with {parts:?}; saw: {:#?}",
+                self.lines.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for EventWatcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

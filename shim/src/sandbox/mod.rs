@@ -223,9 +223,50 @@ impl Sandbox {
                 } else {
                     fs::File::create(&target).map_err(io_err("creating", &target))?;
                 }
-                mounts::bind(&b.host_source, &target, b.readonly)?;
+                if b.readonly {
+                    self.bind_readonly(
+                        &b.host_source,
+                        &target,
+                        &format!("{container_id}-{}", b.name),
+                    )?;
+                } else {
+                    mounts::bind(&b.host_source, &target, false)?;
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Binds `source` read-only at `target` so that every copy of the mount is read-only: the one
+    /// propagated into `ro/` and the one in virtiofsd's namespace. A read-only remount of a bind
+    /// does not propagate, so the mount is made read-only in a private staging place first and
+    /// only then bound under `rw/`; a bind of a read-only mount is read-only from the start.
+    fn bind_readonly(&self, source: &Path, target: &Path, name: &str) -> Result<(), SandboxError> {
+        let staging_dir = self.paths.dir.join("staging");
+        fs::create_dir_all(&staging_dir).map_err(io_err("creating", &staging_dir))?;
+        let staging = staging_dir.join(name);
+        let is_dir = fs::metadata(source)
+            .map_err(io_err("bind source", source))?
+            .is_dir();
+        if is_dir {
+            fs::create_dir_all(&staging).map_err(io_err("creating", &staging))?;
+        } else {
+            fs::File::create(&staging).map_err(io_err("creating", &staging))?;
+        }
+        let result = (|| {
+            mounts::bind(source, &staging, false)?;
+            mounts::set_propagation(&staging, MsFlags::MS_PRIVATE)?;
+            mounts::remount_readonly(&staging)?;
+            mounts::bind(&staging, target, false)
+        })();
+        let cleanup = mounts::unmount(&staging);
+        if is_dir {
+            let _ = fs::remove_dir(&staging);
+        } else {
+            let _ = fs::remove_file(&staging);
+        }
+        result?;
+        cleanup?;
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{Mount, Root, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Root, Spec};
 
 /// A host file or directory the guest must see, and where it appears in the share.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,10 +54,16 @@ pub fn check_env(env: &[String]) -> Result<(), SpecError> {
 }
 
 /// Rewrites `spec` for the guest. Returns the spec and the host binds the share must carry.
+///
+/// `join` is the guest pid of the pod's sandbox container when this container belongs to a pod:
+/// namespaces the spec gives by path (CRI points them at the sandbox container) are joined in the
+/// guest through that process. Otherwise host paths mean nothing in the guest and new
+/// namespaces are made.
 pub fn to_guest(
     spec: &Spec,
     container_id: &str,
     guest_share: &Path,
+    join: Option<u32>,
 ) -> Result<(Spec, Vec<SharedBind>), SpecError> {
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
@@ -121,7 +127,19 @@ pub fn to_guest(
                 .iter()
                 .cloned()
                 .map(|mut ns| {
-                    ns.set_path(None);
+                    let joined = match (join, ns.path().is_some(), ns.typ()) {
+                        (Some(pid), true, LinuxNamespaceType::Ipc) => {
+                            Some(format!("/proc/{pid}/ns/ipc"))
+                        }
+                        (Some(pid), true, LinuxNamespaceType::Uts) => {
+                            Some(format!("/proc/{pid}/ns/uts"))
+                        }
+                        (Some(pid), true, LinuxNamespaceType::Pid) => {
+                            Some(format!("/proc/{pid}/ns/pid"))
+                        }
+                        _ => None,
+                    };
+                    ns.set_path(joined.map(PathBuf::from));
                     ns
                 })
                 .collect();
@@ -158,7 +176,7 @@ mod tests {
     #[test]
     fn root_and_binds_point_into_the_share() {
         let (guest, binds) =
-            to_guest(&spec(BASE), "t1", Path::new("/run/hako/shared")).expect("ok");
+            to_guest(&spec(BASE), "t1", Path::new("/run/hako/shared"), None).expect("ok");
         let root = guest.root().as_ref().expect("root");
         assert_eq!(root.path(), Path::new("/run/hako/shared/t1/rootfs"));
         assert_eq!(root.readonly(), Some(true));
@@ -180,7 +198,7 @@ mod tests {
 
     #[test]
     fn host_only_parts_are_dropped() {
-        let (guest, _) = to_guest(&spec(BASE), "t1", Path::new("/s")).expect("ok");
+        let (guest, _) = to_guest(&spec(BASE), "t1", Path::new("/s"), None).expect("ok");
         assert!(guest.hooks().is_none());
         let linux = guest.linux().as_ref().expect("linux");
         assert!(linux.cgroups_path().is_none());
@@ -193,10 +211,48 @@ mod tests {
     }
 
     #[test]
+    fn pod_members_join_the_sandbox_containers_namespaces() {
+        let json = BASE.replace(
+            r#"[{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}]"#,
+            r#"[{"type": "pid"}, {"type": "ipc", "path": "/proc/99/ns/ipc"},
+               {"type": "uts", "path": "/proc/99/ns/uts"}, {"type": "network", "path": "/var/run/netns/x"}]"#,
+        );
+        let (guest, _) = to_guest(&spec(&json), "app", Path::new("/s"), Some(7)).expect("ok");
+        let ns = guest
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .expect("namespaces");
+        let path = |kind| {
+            ns.iter()
+                .find(|n| n.typ() == kind)
+                .and_then(|n| n.path().clone())
+        };
+        assert_eq!(
+            path(LinuxNamespaceType::Ipc),
+            Some(PathBuf::from("/proc/7/ns/ipc"))
+        );
+        assert_eq!(
+            path(LinuxNamespaceType::Uts),
+            Some(PathBuf::from("/proc/7/ns/uts"))
+        );
+        assert_eq!(
+            path(LinuxNamespaceType::Pid),
+            None,
+            "no path given: a new pid namespace"
+        );
+        assert_eq!(
+            path(LinuxNamespaceType::Network),
+            None,
+            "the VM's network namespace"
+        );
+    }
+
+    #[test]
     fn bad_env_is_refused() {
         for bad in ["=x", "NOVALUE", "A\u{0}B=c"] {
             let json = BASE.replace("\"PATH=/bin\"", &serde_json::to_string(bad).expect("json"));
-            let err = to_guest(&spec(&json), "t1", Path::new("/s")).expect_err(bad);
+            let err = to_guest(&spec(&json), "t1", Path::new("/s"), None).expect_err(bad);
             assert!(matches!(err, SpecError::Env(_)), "{err}");
         }
     }
@@ -205,7 +261,7 @@ mod tests {
     fn relative_or_dotdot_destinations_are_refused() {
         for dest in ["relative", "/a/../../etc"] {
             let json = BASE.replace("\"/proc\"", &format!("\"{dest}\""));
-            let err = to_guest(&spec(&json), "t1", Path::new("/s")).expect_err(dest);
+            let err = to_guest(&spec(&json), "t1", Path::new("/s"), None).expect_err(dest);
             assert!(matches!(err, SpecError::BadDestination(_)), "{err}");
         }
     }
@@ -214,7 +270,7 @@ mod tests {
     fn a_process_is_required() {
         let json = r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}"#;
         assert_eq!(
-            to_guest(&spec(json), "t1", Path::new("/s")).err(),
+            to_guest(&spec(json), "t1", Path::new("/s"), None).err(),
             Some(SpecError::NoProcess)
         );
     }

@@ -1,19 +1,26 @@
 //! The containerd Task service: one shim serves one sandbox (one VM) and its containers.
 
+pub mod container;
 pub mod events;
 pub mod state;
 pub mod stdio;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use containerd_shim::api;
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskIO, TaskStart};
+use containerd_shim::protos::cgroups_v2::metrics as v2;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::protobuf::{Message, MessageField};
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
@@ -30,8 +37,9 @@ use crate::sandbox::mounts::RootfsMount;
 use crate::sandbox::spec::{to_guest, SpecError};
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::timing::Timings;
+use container::{Container, ProcEntry};
 use events::EventSender;
-use state::{wait_exit, Exit, Process, StateError, Status};
+use state::{wait_exit, Exit, StateError, Status};
 use stdio::{StdioError, StdioPaths};
 
 /// How long an exit waits for the last output to reach containerd's FIFOs.
@@ -39,6 +47,7 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// Exit status reported when the VM died under a process: killed, never 0.
 const VM_GONE_STATUS: u32 = 137;
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+const METRICS_V2_TYPE: &str = "io.containerd.cgroups.v2.Metrics";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
@@ -59,11 +68,14 @@ pub enum TaskError {
     /// config.json could not be read or parsed.
     #[error("cannot read the OCI spec {path}: {reason}")]
     Bundle { path: PathBuf, reason: String },
+    /// A request carried something unusable.
+    #[error("invalid request: {0}")]
+    Invalid(String),
     /// No such container or process.
     #[error("{0} not found")]
     NotFound(String),
-    /// A container with this id exists.
-    #[error("container {0} already exists")]
+    /// A container or exec with this id exists.
+    #[error("{0} already exists")]
     Exists(String),
     /// The container belongs to a sandbox this shim does not run.
     #[error("container {id} names sandbox {sandbox}, which this shim does not run")]
@@ -71,8 +83,8 @@ pub enum TaskError {
     /// The process already exited.
     #[error("process already finished")]
     Finished,
-    /// Not implemented yet.
-    #[error("{0} is not implemented by hako yet")]
+    /// Not implemented.
+    #[error("{0} is not implemented by hako")]
     Unimplemented(&'static str),
 }
 
@@ -82,7 +94,8 @@ impl TaskError {
             TaskError::Id(_)
             | TaskError::Config(_)
             | TaskError::Spec(_)
-            | TaskError::Bundle { .. } => Code::INVALID_ARGUMENT,
+            | TaskError::Bundle { .. }
+            | TaskError::Invalid(_) => Code::INVALID_ARGUMENT,
             TaskError::NotFound(_) | TaskError::Finished => Code::NOT_FOUND,
             TaskError::Exists(_) => Code::ALREADY_EXISTS,
             TaskError::State(_) | TaskError::ForeignSandbox { .. } => Code::FAILED_PRECONDITION,
@@ -110,28 +123,33 @@ fn timestamp(at: SystemTime) -> Timestamp {
     }
 }
 
-struct Container {
-    id: String,
-    bundle: PathBuf,
-    rootfs_mounted: bool,
-    stdio: StdioPaths,
-    /// Tells the stdin copy that containerd called CloseIO.
-    stdin_done: Arc<tokio::sync::Notify>,
-    init: StdMutex<Process>,
-}
-
-impl Container {
-    fn init(&self) -> MutexGuard<'_, Process> {
-        self.init.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 /// What every RPC needs from a booted sandbox, without locking the sandbox itself.
 #[derive(Clone)]
 struct Running {
     agent: Arc<dyn AgentClient>,
     vm_exit: Option<watch::Receiver<Option<i32>>>,
     vmm_pid: u32,
+}
+
+impl Running {
+    fn vm_alive(&self) -> bool {
+        self.vm_exit.as_ref().is_none_or(|rx| rx.borrow().is_none())
+    }
+
+    /// Resolves with the VMM's exit code when it exits (never, without a watch).
+    async fn vm_gone(&self) -> i32 {
+        match self.vm_exit.clone() {
+            Some(mut rx) => loop {
+                if let Some(code) = *rx.borrow_and_update() {
+                    return code;
+                }
+                if rx.changed().await.is_err() {
+                    return 255;
+                }
+            },
+            None => std::future::pending().await,
+        }
+    }
 }
 
 pub struct TaskService {
@@ -142,6 +160,8 @@ pub struct TaskService {
     sandbox: Mutex<Option<Sandbox>>,
     running: StdMutex<Option<Running>>,
     containers: StdMutex<HashMap<String, Arc<Container>>>,
+    /// Guest pid of the sandbox's first container, whose namespaces pod members join.
+    sandbox_init_pid: AtomicU32,
 }
 
 impl TaskService {
@@ -157,11 +177,16 @@ impl TaskService {
             sandbox: Mutex::new(None),
             running: StdMutex::new(None),
             containers: StdMutex::new(HashMap::new()),
+            sandbox_init_pid: AtomicU32::new(0),
         }
     }
 
     fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {
         self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_running(&self, running: Option<Running>) {
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = running;
     }
 
     fn running(&self) -> Result<Running, TaskError> {
@@ -179,12 +204,8 @@ impl TaskService {
             .ok_or_else(|| TaskError::NotFound(format!("container {id}")))
     }
 
-    fn only_init(exec_id: &str) -> Result<(), TaskError> {
-        if exec_id.is_empty() {
-            Ok(())
-        } else {
-            Err(TaskError::Unimplemented("exec"))
-        }
+    fn vmm_pid(&self) -> u32 {
+        self.running().map(|r| r.vmm_pid).unwrap_or(0)
     }
 
     async fn do_create(&self, req: &api::CreateTaskRequest) -> Result<u32, TaskError> {
@@ -192,7 +213,7 @@ impl TaskService {
         validate("namespace", &self.namespace)?;
         validate("container id", &req.id)?;
         if self.containers().contains_key(&req.id) {
-            return Err(TaskError::Exists(req.id.clone()));
+            return Err(TaskError::Exists(format!("container {}", req.id)));
         }
         let bundle = PathBuf::from(&req.bundle);
         let spec = read_spec(&bundle)?;
@@ -203,8 +224,15 @@ impl TaskService {
             .cloned()
             .unwrap_or_else(|| req.id.clone());
         validate("sandbox id", &sandbox_id)?;
-        let (guest_spec, binds) =
-            to_guest(&spec, &req.id, Path::new(hako_protocol::GUEST_SHARED_DIR))?;
+        let join = (sandbox_id != req.id)
+            .then(|| self.sandbox_init_pid.load(Ordering::SeqCst))
+            .filter(|pid| *pid != 0);
+        let (guest_spec, binds) = to_guest(
+            &spec,
+            &req.id,
+            Path::new(hako_protocol::GUEST_SHARED_DIR),
+            join,
+        )?;
         let guest_spec_json = serde_json::to_vec(&guest_spec).map_err(|e| TaskError::Bundle {
             path: bundle.join("config.json"),
             reason: e.to_string(),
@@ -261,9 +289,10 @@ impl TaskService {
             Err(e) => Err(e.into()),
         };
         match result {
-            Ok(container) => {
+            Ok((container, guest_pid)) => {
                 if booting {
                     timings = sandbox.timings.clone();
+                    self.sandbox_init_pid.store(guest_pid, Ordering::SeqCst);
                 }
                 timings.mark("container_created");
                 log::info!("container {} start phases: {}", req.id, timings.summary());
@@ -275,7 +304,7 @@ impl TaskService {
                 sandbox.detach_container(&req.id, &bundle, !rootfs.is_empty());
                 if booting {
                     if let Some(mut sandbox) = sandbox_slot.take() {
-                        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        self.set_running(None);
                         if let Err(cleanup) = sandbox.shutdown().await {
                             log::error!("cleaning up after a failed create: {cleanup}");
                         }
@@ -291,7 +320,7 @@ impl TaskService {
         sandbox: &Sandbox,
         req: &api::CreateTaskRequest,
         spec_json: Vec<u8>,
-    ) -> Result<Arc<Container>, TaskError> {
+    ) -> Result<(Arc<Container>, u32), TaskError> {
         let agent = sandbox
             .agent()
             .ok_or_else(|| TaskError::NotFound("agent".to_string()))?;
@@ -300,81 +329,86 @@ impl TaskService {
             vm_exit: sandbox.vm_exit(),
             vmm_pid: sandbox.vmm_pid(),
         };
-        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(running.clone());
+        if self.running().is_err() {
+            self.set_running(Some(running.clone()));
+            self.spawn_oom_watcher(running.clone());
+        }
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        if stdio.terminal {
-            return Err(TaskError::Unimplemented("terminal (tty) containers"));
-        }
-        agent
+        let guest_pid = agent
             .create_container(pb::CreateContainerRequest {
                 container_id: req.id.clone(),
                 oci_spec: spec_json,
                 stdin: !stdio.stdin.is_empty(),
                 stdout: !stdio.stdout.is_empty(),
-                stderr: !stdio.stderr.is_empty(),
+                stderr: !stdio.stderr.is_empty() && !stdio.terminal,
                 terminal: stdio.terminal,
                 ..Default::default()
             })
             .await?;
-        let stdin_done = Arc::new(tokio::sync::Notify::new());
-        let outputs = match stdio::attach(agent.clone(), &req.id, "", &stdio, stdin_done.clone()) {
-            Ok(outputs) => outputs,
-            Err(e) => {
-                let _ = agent.signal_process(&req.id, "", 9, true).await;
-                let _ = agent.remove_container(&req.id).await;
-                return Err(e.into());
-            }
-        };
-        let container = Arc::new(Container {
-            id: req.id.clone(),
-            bundle: PathBuf::from(&req.bundle),
-            rootfs_mounted: !req.rootfs.is_empty(),
+        let container = Arc::new(Container::new(
+            &req.id,
+            PathBuf::from(&req.bundle),
+            !req.rootfs.is_empty(),
             stdio,
-            stdin_done,
-            init: StdMutex::new(Process::new()),
-        });
-        self.spawn_exit_watcher(container.clone(), running, outputs);
-        Ok(container)
+        ));
+        let init = container.init.clone();
+        if let Err(e) = self.attach_process(&container.id, init, &running) {
+            let _ = agent.signal_process(&req.id, "", 9, true).await;
+            let _ = agent.remove_container(&req.id).await;
+            return Err(e);
+        }
+        Ok((container, guest_pid))
     }
 
-    /// Waits for the init process's exit (or the VM's death), lets the output drain, records
-    /// the exit and publishes it.
+    /// Opens the process's FIFOs, starts the copies and the exit watcher.
+    fn attach_process(
+        &self,
+        container_id: &str,
+        entry: Arc<ProcEntry>,
+        running: &Running,
+    ) -> Result<(), TaskError> {
+        let outputs = stdio::attach(
+            running.agent.clone(),
+            container_id,
+            &entry.exec_id,
+            &entry.stdio,
+            entry.stdin_done.clone(),
+        )?;
+        self.spawn_exit_watcher(container_id.to_string(), entry, running.clone(), outputs);
+        Ok(())
+    }
+
+    /// Waits for the process's exit (or the VM's death), lets the output drain, records the
+    /// exit and publishes it.
     fn spawn_exit_watcher(
         &self,
-        container: Arc<Container>,
+        container_id: String,
+        entry: Arc<ProcEntry>,
         running: Running,
         mut outputs: tokio::task::JoinSet<()>,
     ) {
         let events = self.events.clone();
         tokio::spawn(async move {
-            let vm_gone = async {
-                match running.vm_exit.clone() {
-                    Some(mut rx) => loop {
-                        if let Some(code) = *rx.borrow_and_update() {
-                            return code;
-                        }
-                        if rx.changed().await.is_err() {
-                            return 255;
-                        }
-                    },
-                    None => std::future::pending().await,
-                }
+            let shown = if entry.exec_id.is_empty() {
+                container_id.clone()
+            } else {
+                format!("{container_id}/{}", entry.exec_id)
             };
             let status = tokio::select! {
-                result = running.agent.wait_process(&container.id, "") => match result {
+                result = running.agent.wait_process(&container_id, &entry.exec_id) => match result {
                     Ok(status) => status,
                     Err(e) => {
-                        log::error!("container {}: waiting for the exit failed: {e}", container.id);
+                        log::error!("{shown}: waiting for the exit failed: {e}");
                         VM_GONE_STATUS
                     }
                 },
-                code = vm_gone => {
-                    log::error!("container {}: the VM exited (status {code}) under it", container.id);
+                code = running.vm_gone() => {
+                    log::error!("{shown}: the VM exited (status {code}) under it");
                     VM_GONE_STATUS
                 }
             };
@@ -383,21 +417,23 @@ impl TaskService {
             })
             .await;
             if drained.is_err() {
-                log::warn!(
-                    "container {}: output still open {OUTPUT_DRAIN:?} after exit",
-                    container.id
-                );
+                log::warn!("{shown}: output still open {OUTPUT_DRAIN:?} after exit");
                 outputs.abort_all();
             }
-            let exit = container.init().set_exited(status);
+            let exit = entry.state().set_exited(status);
             if let Some(exit) = exit {
-                log::info!("container {} exited with status {status}", container.id);
+                log::info!("{shown} exited with status {status}");
+                let id = if entry.exec_id.is_empty() {
+                    container_id.clone()
+                } else {
+                    entry.exec_id.clone()
+                };
                 events
                     .send(
                         topics::TASK_EXIT_EVENT_TOPIC,
                         Box::new(TaskExit {
-                            container_id: container.id.clone(),
-                            id: container.id.clone(),
+                            container_id,
+                            id,
                             pid: running.vmm_pid,
                             exit_status: exit.status,
                             exited_at: MessageField::some(timestamp(exit.at)),
@@ -409,62 +445,176 @@ impl TaskService {
         });
     }
 
-    async fn do_start(&self, req: &api::StartRequest) -> Result<u32, TaskError> {
-        Self::only_init(&req.exec_id)?;
-        let started = std::time::Instant::now();
+    /// Publishes `/tasks/oom` for every OOM kill the agent reports, for the VM's lifetime.
+    fn spawn_oom_watcher(&self, running: Running) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = running.agent.oom_event() => event,
+                    _ = running.vm_gone() => return,
+                };
+                match event {
+                    Ok(container_id) => {
+                        log::warn!("container {container_id} was OOM-killed");
+                        events
+                            .send(
+                                topics::TASK_OOM_EVENT_TOPIC,
+                                Box::new(TaskOOM {
+                                    container_id,
+                                    ..Default::default()
+                                }),
+                            )
+                            .await;
+                    }
+                    Err(e) => {
+                        log::debug!("OOM watcher stopped: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn do_exec(&self, req: &api::ExecProcessRequest) -> Result<(), TaskError> {
+        validate("exec id", &req.exec_id)?;
         let container = self.container(&req.id)?;
         let running = self.running()?;
-        if container.init().status() != Status::Created {
-            return Err(StateError::Transition {
-                action: "start",
-                status: container.init().status(),
-            }
-            .into());
+        if container.init.state().status() != Status::Running {
+            return Err(TaskError::State(StateError::Transition {
+                action: "exec in",
+                status: container.init.state().status(),
+            }));
         }
-        running.agent.start_container(&req.id).await?;
-        container.init().start()?;
-        log::info!(
-            "container {} start phases: process_started={:.1}ms",
-            req.id,
-            started.elapsed().as_secs_f64() * 1000.0
-        );
+        let process_json = req
+            .spec
+            .as_ref()
+            .map(|any| any.value.clone())
+            .ok_or_else(|| TaskError::Invalid("exec without a process spec".to_string()))?;
+        let process: oci_spec::runtime::Process = serde_json::from_slice(&process_json)
+            .map_err(|e| TaskError::Invalid(format!("exec process spec: {e}")))?;
+        crate::sandbox::spec::check_env(process.env().as_deref().unwrap_or_default())?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let entry = Arc::new(ProcEntry::new(&req.exec_id, stdio.clone()));
+        container.add_exec(entry.clone())?;
+        let created = running
+            .agent
+            .exec_process(pb::ExecProcessRequest {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                process: process_json,
+                stdin: !stdio.stdin.is_empty(),
+                stdout: !stdio.stdout.is_empty(),
+                stderr: !stdio.stderr.is_empty() && !stdio.terminal,
+                terminal: stdio.terminal,
+                ..Default::default()
+            })
+            .await;
+        let attached = match created {
+            Ok(_) => self.attach_process(&req.id, entry, &running),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = attached {
+            container.remove_exec(&req.exec_id);
+            let _ = running.agent.delete_process(&req.id, &req.exec_id).await;
+            return Err(e);
+        }
         self.events
             .send(
-                topics::TASK_START_EVENT_TOPIC,
-                Box::new(TaskStart {
+                topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+                Box::new(TaskExecAdded {
                     container_id: req.id.clone(),
-                    pid: running.vmm_pid,
+                    exec_id: req.exec_id.clone(),
                     ..Default::default()
                 }),
             )
             .await;
+        Ok(())
+    }
+
+    async fn do_start(&self, req: &api::StartRequest) -> Result<u32, TaskError> {
+        let started = std::time::Instant::now();
+        let container = self.container(&req.id)?;
+        let entry = container.process(&req.exec_id)?;
+        let running = self.running()?;
+        let status = entry.state().status();
+        if status != Status::Created {
+            return Err(StateError::Transition {
+                action: "start",
+                status,
+            }
+            .into());
+        }
+        running.agent.start_process(&req.id, &req.exec_id).await?;
+        entry.state().start()?;
+        if req.exec_id.is_empty() {
+            log::info!(
+                "container {} start phases: process_started={:.1}ms",
+                req.id,
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            self.events
+                .send(
+                    topics::TASK_START_EVENT_TOPIC,
+                    Box::new(TaskStart {
+                        container_id: req.id.clone(),
+                        pid: running.vmm_pid,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+        } else {
+            self.events
+                .send(
+                    topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                    Box::new(TaskExecStarted {
+                        container_id: req.id.clone(),
+                        exec_id: req.exec_id.clone(),
+                        pid: running.vmm_pid,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+        }
         Ok(running.vmm_pid)
     }
 
     async fn do_delete(&self, req: &api::DeleteRequest) -> Result<api::DeleteResponse, TaskError> {
-        Self::only_init(&req.exec_id)?;
         let container = self.container(&req.id)?;
-        container.init().check_delete()?;
+        let entry = container.process(&req.exec_id)?;
+        entry.state().check_delete()?;
         let running = self.running().ok();
-        if let Some(running) = &running {
-            let vm_alive = running
-                .vm_exit
-                .as_ref()
-                .is_none_or(|rx| rx.borrow().is_none());
-            if vm_alive {
-                if container.init().status() == Status::Created {
-                    let _ = running.agent.signal_process(&req.id, "", 9, true).await;
-                }
-                if let Err(e) = running.agent.remove_container(&req.id).await {
-                    log::warn!("container {}: {e}", req.id);
-                }
-            }
-        }
-        let exit = container.init().exit().unwrap_or(Exit {
+        let pid = running.as_ref().map(|r| r.vmm_pid).unwrap_or(0);
+        let exit = entry.state().exit().unwrap_or(Exit {
             status: VM_GONE_STATUS,
             at: SystemTime::now(),
         });
-        let pid = running.as_ref().map(|r| r.vmm_pid).unwrap_or(0);
+        let response = api::DeleteResponse {
+            pid,
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        };
+        if !req.exec_id.is_empty() {
+            if let Some(running) = running.as_ref().filter(|r| r.vm_alive()) {
+                if let Err(e) = running.agent.delete_process(&req.id, &req.exec_id).await {
+                    log::warn!("{}/{}: {e}", req.id, req.exec_id);
+                }
+            }
+            container.remove_exec(&req.exec_id);
+            return Ok(response);
+        }
+
+        if let Some(running) = running.as_ref().filter(|r| r.vm_alive()) {
+            if let Err(e) = running.agent.remove_container(&req.id).await {
+                log::warn!("container {}: {e}", req.id);
+            }
+        }
         self.containers().remove(&req.id);
         let last = self.containers().is_empty();
         {
@@ -478,7 +628,7 @@ impl TaskService {
             }
             if last {
                 if let Some(mut sandbox) = slot.take() {
-                    *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    self.set_running(None);
                     let started = std::time::Instant::now();
                     sandbox.shutdown().await?;
                     log::info!(
@@ -502,24 +652,19 @@ impl TaskService {
                 }),
             )
             .await;
-        Ok(api::DeleteResponse {
-            pid,
-            exit_status: exit.status,
-            exited_at: MessageField::some(timestamp(exit.at)),
-            ..Default::default()
-        })
+        Ok(response)
     }
 
     async fn do_kill(&self, req: &api::KillRequest) -> Result<(), TaskError> {
-        Self::only_init(&req.exec_id)?;
         let container = self.container(&req.id)?;
-        if container.init().status() == Status::Stopped {
+        let entry = container.process(&req.exec_id)?;
+        if entry.state().status() == Status::Stopped && !req.all {
             return Err(TaskError::Finished);
         }
         let running = self.running()?;
         match running
             .agent
-            .signal_process(&req.id, "", req.signal, req.all)
+            .signal_process(&req.id, &req.exec_id, req.signal, req.all)
             .await
         {
             Err(AgentError::Rpc {
@@ -531,24 +676,26 @@ impl TaskService {
     }
 
     fn state_of(&self, req: &api::StateRequest) -> Result<api::StateResponse, TaskError> {
-        Self::only_init(&req.exec_id)?;
         let container = self.container(&req.id)?;
-        let process = container.init();
+        let entry = container.process(&req.exec_id)?;
+        let process = entry.state();
         let status = match process.status() {
             Status::Created => api::Status::CREATED,
+            Status::Running if container.paused() => api::Status::PAUSED,
             Status::Running => api::Status::RUNNING,
             Status::Stopped => api::Status::STOPPED,
         };
         let exit = process.exit();
         Ok(api::StateResponse {
             id: container.id.clone(),
+            exec_id: req.exec_id.clone(),
             bundle: container.bundle.display().to_string(),
-            pid: self.running().map(|r| r.vmm_pid).unwrap_or(0),
+            pid: self.vmm_pid(),
             status: status.into(),
-            stdin: container.stdio.stdin.clone(),
-            stdout: container.stdio.stdout.clone(),
-            stderr: container.stdio.stderr.clone(),
-            terminal: container.stdio.terminal,
+            stdin: entry.stdio.stdin.clone(),
+            stdout: entry.stdio.stdout.clone(),
+            stderr: entry.stdio.stderr.clone(),
+            terminal: entry.stdio.terminal,
             exit_status: exit.map(|e| e.status).unwrap_or(0),
             exited_at: exit.map(|e| timestamp(e.at)).into(),
             ..Default::default()
@@ -556,8 +703,11 @@ impl TaskService {
     }
 
     async fn do_wait(&self, req: &api::WaitRequest) -> Result<api::WaitResponse, TaskError> {
-        Self::only_init(&req.exec_id)?;
-        let rx = self.container(&req.id)?.init().exit_watch();
+        let rx = self
+            .container(&req.id)?
+            .process(&req.exec_id)?
+            .state()
+            .exit_watch();
         let exit = wait_exit(rx)
             .await
             .ok_or_else(|| TaskError::NotFound(format!("exit of {}", req.id)))?;
@@ -569,17 +719,156 @@ impl TaskService {
     }
 
     async fn do_close_io(&self, req: &api::CloseIORequest) -> Result<(), TaskError> {
-        Self::only_init(&req.exec_id)?;
-        let container = self.container(&req.id)?;
+        let entry = self.container(&req.id)?.process(&req.exec_id)?;
         if req.stdin {
-            if container.stdio.stdin.is_empty() {
-                self.running()?.agent.close_stdin(&req.id, "").await?;
+            if entry.stdio.stdin.is_empty() {
+                self.running()?
+                    .agent
+                    .close_stdin(&req.id, &req.exec_id)
+                    .await?;
             } else {
                 // The copy closes stdin once the FIFO is drained, so no byte is lost.
-                container.stdin_done.notify_one();
+                entry.stdin_done.notify_one();
             }
         }
         Ok(())
+    }
+
+    async fn do_resize(&self, req: &api::ResizePtyRequest) -> Result<(), TaskError> {
+        let entry = self.container(&req.id)?.process(&req.exec_id)?;
+        if !entry.stdio.terminal {
+            return Err(TaskError::Invalid(format!("{} has no terminal", req.id)));
+        }
+        self.running()?
+            .agent
+            .resize_pty(&req.id, &req.exec_id, req.width, req.height)
+            .await?;
+        Ok(())
+    }
+
+    async fn do_pause(&self, id: &str, paused: bool) -> Result<(), TaskError> {
+        let container = self.container(id)?;
+        if container.init.state().status() != Status::Running {
+            return Err(TaskError::State(StateError::Transition {
+                action: if paused { "pause" } else { "resume" },
+                status: container.init.state().status(),
+            }));
+        }
+        self.running()?.agent.set_paused(id, paused).await?;
+        container.set_paused(paused);
+        if paused {
+            let event = TaskPaused {
+                container_id: id.to_string(),
+                ..Default::default()
+            };
+            self.events
+                .send(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(event))
+                .await;
+        } else {
+            let event = TaskResumed {
+                container_id: id.to_string(),
+                ..Default::default()
+            };
+            self.events
+                .send(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(event))
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn do_pids(&self, id: &str) -> Result<api::PidsResponse, TaskError> {
+        self.container(id)?;
+        let pids = self.running()?.agent.list_processes(id).await?;
+        Ok(api::PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| containerd_shim::protos::types::task::ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn do_stats(&self, id: &str) -> Result<api::StatsResponse, TaskError> {
+        self.container(id)?;
+        let s = self.running()?.agent.stats(id).await?;
+        let metrics = v2_metrics(&s);
+        let value = metrics
+            .write_to_bytes()
+            .map_err(|e| TaskError::Invalid(format!("encoding metrics: {e}")))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(Any {
+                type_url: METRICS_V2_TYPE.to_string(),
+                value,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    async fn do_update(&self, req: &api::UpdateTaskRequest) -> Result<(), TaskError> {
+        self.container(&req.id)?;
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|any| any.value.clone())
+            .ok_or_else(|| TaskError::Invalid("update without resources".to_string()))?;
+        // Refuse what the guest could not parse before sending it.
+        serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources)
+            .map_err(|e| TaskError::Invalid(format!("resources: {e}")))?;
+        self.running()?.agent.update(&req.id, resources).await?;
+        Ok(())
+    }
+}
+
+/// The agent's cgroup v2 figures as containerd's `io.containerd.cgroups.v2.Metrics`.
+fn v2_metrics(s: &pb::StatsContainerResponse) -> v2::Metrics {
+    let stat = |key: &str| s.memory_stat.get(key).copied().unwrap_or(0);
+    v2::Metrics {
+        pids: MessageField::some(v2::PidsStat {
+            current: s.pids_current,
+            limit: s.pids_limit,
+            ..Default::default()
+        }),
+        cpu: MessageField::some(v2::CPUStat {
+            usage_usec: s.cpu_usage_usec,
+            user_usec: s.cpu_user_usec,
+            system_usec: s.cpu_system_usec,
+            nr_periods: s.cpu_nr_periods,
+            nr_throttled: s.cpu_nr_throttled,
+            throttled_usec: s.cpu_throttled_usec,
+            ..Default::default()
+        }),
+        memory: MessageField::some(v2::MemoryStat {
+            anon: stat("anon"),
+            file: stat("file"),
+            kernel_stack: stat("kernel_stack"),
+            slab: stat("slab"),
+            sock: stat("sock"),
+            shmem: stat("shmem"),
+            file_mapped: stat("file_mapped"),
+            file_dirty: stat("file_dirty"),
+            file_writeback: stat("file_writeback"),
+            inactive_anon: stat("inactive_anon"),
+            active_anon: stat("active_anon"),
+            inactive_file: stat("inactive_file"),
+            active_file: stat("active_file"),
+            unevictable: stat("unevictable"),
+            pgfault: stat("pgfault"),
+            pgmajfault: stat("pgmajfault"),
+            usage: s.memory_usage,
+            usage_limit: s.memory_limit,
+            swap_usage: s.memory_swap_usage,
+            ..Default::default()
+        }),
+        memory_events: MessageField::some(v2::MemoryEvents {
+            oom: s.oom_events,
+            oom_kill: s.oom_kill_events,
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 
@@ -594,9 +883,6 @@ fn read_spec(bundle: &Path) -> Result<Spec, TaskError> {
         reason: e.to_string(),
     })
 }
-
-/// `ConfigPath` from containerd's runtime options (`runtimeoptions.v1.Options`, field 2), as
-/// CRI passes it for non-runc runtimes.
 fn config_path_option(req: &api::CreateTaskRequest) -> Option<PathBuf> {
     let any = req.options.as_ref()?;
     if !any.type_url.ends_with("runtimeoptions.v1.Options") {
@@ -606,8 +892,6 @@ fn config_path_option(req: &api::CreateTaskRequest) -> Option<PathBuf> {
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
 }
-
-/// Reads one length-delimited string field from a protobuf message.
 fn decode_string_field(bytes: &[u8], wanted: u64) -> Option<String> {
     let mut input = containerd_shim::protos::protobuf::CodedInputStream::from_bytes(bytes);
     while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
@@ -709,6 +993,24 @@ impl Task for TaskService {
         self.do_delete(&req).await.map_err(to_ttrpc)
     }
 
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> ttrpc::Result<api::Empty> {
+        self.do_exec(&req).await.map_err(to_ttrpc)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> ttrpc::Result<api::Empty> {
+        self.do_resize(&req).await.map_err(to_ttrpc)?;
+        Ok(api::Empty::default())
+    }
+
     async fn close_io(
         &self,
         _ctx: &TtrpcContext,
@@ -718,6 +1020,57 @@ impl Task for TaskService {
         Ok(api::Empty::default())
     }
 
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> ttrpc::Result<api::PidsResponse> {
+        self.do_pids(&req.id).await.map_err(to_ttrpc)
+    }
+
+    async fn pause(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PauseRequest,
+    ) -> ttrpc::Result<api::Empty> {
+        self.do_pause(&req.id, true).await.map_err(to_ttrpc)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResumeRequest,
+    ) -> ttrpc::Result<api::Empty> {
+        self.do_pause(&req.id, false).await.map_err(to_ttrpc)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> ttrpc::Result<api::StatsResponse> {
+        self.do_stats(&req.id).await.map_err(to_ttrpc)
+    }
+
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> ttrpc::Result<api::Empty> {
+        self.do_update(&req).await.map_err(to_ttrpc)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CheckpointTaskRequest,
+    ) -> ttrpc::Result<api::Empty> {
+        Err(to_ttrpc(TaskError::Unimplemented("Checkpoint")))
+    }
+
     async fn connect(
         &self,
         _ctx: &TtrpcContext,
@@ -725,7 +1078,7 @@ impl Task for TaskService {
     ) -> ttrpc::Result<api::ConnectResponse> {
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
-            task_pid: self.running().map(|r| r.vmm_pid).unwrap_or(0),
+            task_pid: self.vmm_pid(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             ..Default::default()
         })
@@ -740,76 +1093,13 @@ impl Task for TaskService {
             return Ok(api::Empty::default());
         }
         if let Some(mut sandbox) = self.sandbox.lock().await.take() {
+            self.set_running(None);
             if let Err(e) = sandbox.shutdown().await {
                 log::error!("shutdown: {e}");
             }
         }
         self.exit_signal.signal();
         Ok(api::Empty::default())
-    }
-
-    async fn pids(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::PidsRequest,
-    ) -> ttrpc::Result<api::PidsResponse> {
-        Err(to_ttrpc(TaskError::Unimplemented("Pids")))
-    }
-
-    async fn pause(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::PauseRequest,
-    ) -> ttrpc::Result<api::Empty> {
-        Err(to_ttrpc(TaskError::Unimplemented("Pause")))
-    }
-
-    async fn resume(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::ResumeRequest,
-    ) -> ttrpc::Result<api::Empty> {
-        Err(to_ttrpc(TaskError::Unimplemented("Resume")))
-    }
-
-    async fn checkpoint(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::CheckpointTaskRequest,
-    ) -> ttrpc::Result<api::Empty> {
-        Err(to_ttrpc(TaskError::Unimplemented("Checkpoint")))
-    }
-
-    async fn exec(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::ExecProcessRequest,
-    ) -> ttrpc::Result<api::Empty> {
-        Err(to_ttrpc(TaskError::Unimplemented("Exec")))
-    }
-
-    async fn resize_pty(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::ResizePtyRequest,
-    ) -> ttrpc::Result<api::Empty> {
-        Err(to_ttrpc(TaskError::Unimplemented("ResizePty")))
-    }
-
-    async fn update(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::UpdateTaskRequest,
-    ) -> ttrpc::Result<api::Empty> {
-        Err(to_ttrpc(TaskError::Unimplemented("Update")))
-    }
-
-    async fn stats(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::StatsRequest,
-    ) -> ttrpc::Result<api::StatsResponse> {
-        Err(to_ttrpc(TaskError::Unimplemented("Stats")))
     }
 }
 

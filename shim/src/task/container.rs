@@ -1,0 +1,95 @@
+//! The shim's book of containers and their processes (the init process and execs).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use super::state::Process;
+use super::stdio::StdioPaths;
+use super::TaskError;
+
+/// One process as the shim tracks it.
+pub struct ProcEntry {
+    /// Empty for the container's init process.
+    pub exec_id: String,
+    pub stdio: StdioPaths,
+    /// Tells the stdin copy that containerd called CloseIO.
+    pub stdin_done: Arc<Notify>,
+    state: Mutex<Process>,
+}
+
+impl ProcEntry {
+    pub fn new(exec_id: &str, stdio: StdioPaths) -> Self {
+        Self {
+            exec_id: exec_id.to_string(),
+            stdio,
+            stdin_done: Arc::new(Notify::new()),
+            state: Mutex::new(Process::new()),
+        }
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, Process> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub rootfs_mounted: bool,
+    pub init: Arc<ProcEntry>,
+    execs: Mutex<HashMap<String, Arc<ProcEntry>>>,
+    paused: AtomicBool,
+}
+
+impl Container {
+    pub fn new(id: &str, bundle: PathBuf, rootfs_mounted: bool, stdio: StdioPaths) -> Self {
+        Self {
+            id: id.to_string(),
+            bundle,
+            rootfs_mounted,
+            init: Arc::new(ProcEntry::new("", stdio)),
+            execs: Mutex::new(HashMap::new()),
+            paused: AtomicBool::new(false),
+        }
+    }
+
+    fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<ProcEntry>>> {
+        self.execs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The init process for an empty exec id, else that exec.
+    pub fn process(&self, exec_id: &str) -> Result<Arc<ProcEntry>, TaskError> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs()
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| TaskError::NotFound(format!("exec {exec_id} in container {}", self.id)))
+    }
+
+    pub fn add_exec(&self, entry: Arc<ProcEntry>) -> Result<(), TaskError> {
+        let mut execs = self.execs();
+        if execs.contains_key(&entry.exec_id) {
+            return Err(TaskError::Exists(format!("exec {}", entry.exec_id)));
+        }
+        execs.insert(entry.exec_id.clone(), entry);
+        Ok(())
+    }
+
+    pub fn remove_exec(&self, exec_id: &str) {
+        self.execs().remove(exec_id);
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,209 @@
+//! End-to-end: pods (containers joining one VM), files and volumes, and the `delete` path
+//! after the shim is killed, against containerd 1.7 and 2.x.
+//!
+//! Boots VMs: `#[ignore]`d in a plain `cargo test`; `scripts/test.sh` runs them.
+
+#![allow(clippy::unwrap_used)] // Test code: a failed step should fail the test loudly.
+
+use std::fs;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hako_tests::*;
+
+const POD: &str = "--annotation=io.kubernetes.cri.sandbox-id=pod1";
+
+fn count_processes(name: &str) -> usize {
+    hako_processes()
+        .iter()
+        .filter(|(_, comm)| comm.starts_with(name))
+        .count()
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn pod_containers_share_one_vm_and_the_sandbox_namespaces() {
+    for_each_containerd(|c| {
+        let sandbox = ["--annotation=io.kubernetes.cri.container-type=sandbox", POD];
+        let r = c.run_detached("pod1", &sandbox, &["sleep", "1000"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let ns = |r: &Run| r.stdout.lines().map(str::to_string).collect::<Vec<_>>();
+        let show = [
+            "sh",
+            "-c",
+            "for n in ipc uts pid; do readlink /proc/$$/ns/$n; done",
+        ];
+        let pod_ns = ns(&c.exec("pod1", "ns", &[], &show));
+
+        // An app container names the sandbox's namespaces by path, as CRI does.
+        let app = [
+            "--annotation=io.kubernetes.cri.container-type=container",
+            POD,
+            "--with-ns=ipc:/proc/1/ns/ipc",
+            "--with-ns=uts:/proc/1/ns/uts",
+        ];
+        let r = c.run_detached("app1", &app, &["sleep", "1000"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_eq!(count_processes("qemu-system"), 1, "one VM for the pod");
+        assert_eq!(
+            count_processes("virtiofsd"),
+            2,
+            "one virtiofsd (a parent and its sandboxed child)"
+        );
+        let app_ns = ns(&c.exec("app1", "ns", &[], &show));
+        assert_eq!(app_ns[0], pod_ns[0], "ipc is shared");
+        assert_eq!(app_ns[1], pod_ns[1], "uts is shared");
+        assert_ne!(app_ns[2], pod_ns[2], "pid is the app's own");
+
+        // Each container has its own rootfs.
+        let r = c.exec("app1", "w", &[], &["sh", "-c", "echo app > /only-in-app"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let r = c.exec("pod1", "r", &[], &["ls", "/only-in-app"]);
+        assert_ne!(r.code, 0, "{r:?}");
+
+        // Deleting one container keeps the VM; deleting the last ends it.
+        c.remove_task("app1");
+        assert_eq!(count_processes("qemu-system"), 1);
+        c.remove_task("pod1");
+    });
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn volumes_are_shared_and_read_only_ones_stay_read_only() {
+    let dir = std::env::temp_dir().join(format!("hako-vol-{}", std::process::id()));
+    let rw = dir.join("rw");
+    let ro = dir.join("ro");
+    fs::create_dir_all(&rw).unwrap();
+    fs::create_dir_all(&ro).unwrap();
+    fs::write(ro.join("kept"), "original\n").unwrap();
+    for_each_containerd(|c| {
+        let _ = fs::remove_file(rw.join("from-host"));
+        let _ = fs::remove_file(rw.join("from-guest"));
+        let mounts = [
+            format!(
+                "--mount=type=bind,src={},dst=/data,options=rbind:rw",
+                rw.display()
+            ),
+            format!(
+                "--mount=type=bind,src={},dst=/ro,options=rbind:ro",
+                ro.display()
+            ),
+        ];
+        let mounts: Vec<&str> = mounts.iter().map(String::as_str).collect();
+        let mut extra = mounts.clone();
+        extra.push("--privileged");
+        let r = c.run_detached("vol1", &extra, &["sleep", "1000"]);
+        assert_eq!(r.code, 0, "{r:?}");
+
+        // Guest writes reach the host.
+        let r = c.exec(
+            "vol1",
+            "w",
+            &[],
+            &["sh", "-c", "echo guest > /data/from-guest"],
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_eq!(
+            fs::read_to_string(rw.join("from-guest")).unwrap(),
+            "guest\n"
+        );
+
+        // Host writes made while the container runs show up inside.
+        fs::write(rw.join("from-host"), "host\n").unwrap();
+        let started = Instant::now();
+        loop {
+            let r = c.exec("vol1", "r", &[], &["cat", "/data/from-host"]);
+            if r.stdout == "host\n" {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "host write never showed: {r:?}"
+            );
+        }
+
+        // Even guest root, remounting the share read-write, cannot write a read-only volume.
+        let r = c.exec(
+            "vol1",
+            "ro",
+            &[],
+            &[
+                "sh",
+                "-c",
+                "mount -o remount,rw /ro; echo x > /ro/kept; echo rc=$?; cat /ro/kept",
+            ],
+        );
+        assert!(r.stdout.contains("rc=1"), "{r:?}");
+        assert!(r.stdout.contains("original"), "{r:?}");
+        assert_eq!(fs::read_to_string(ro.join("kept")).unwrap(), "original\n");
+        assert!(!ro.join("x").exists());
+        c.remove_task("vol1");
+    });
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+fn shim_pid_for(id: &str) -> Option<u32> {
+    fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_shim = args.first()?.ends_with("containerd-shim-hako-v2");
+        let has_id = args.windows(2).any(|w| w[0] == "-id" && w[1] == id);
+        (is_shim && has_id).then_some(pid)
+    })
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn killing_the_shim_leaves_nothing_after_delete() {
+    for_each_containerd(|c| {
+        let r = c.run_detached("crash1", &[], &["sleep", "1000"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let bundle = c.bundle_dir("crash1");
+        let pid = shim_pid_for("crash1").expect("the shim runs");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+
+        // containerd sees the shim go and runs `delete`; the task ends up stopped or gone.
+        let started = Instant::now();
+        while c.task_status("crash1").as_deref() == Some("RUNNING") {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the task still runs"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if c.task_status("crash1").is_some() {
+            let r = c.ctr(&["task", "delete", "crash1"]);
+            assert!(r.code == 0 || r.stderr.contains("not found"), "{r:?}");
+        }
+        let r = c.ctr(&["container", "rm", "crash1"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_no_leaks("after containerd cleaned up the killed shim");
+
+        // The subcommand by hand, twice: each prints a DeleteResponse and succeeds.
+        for round in 0..2 {
+            let out = Command::new("/usr/local/bin/containerd-shim-hako-v2")
+                .args(["-namespace", "default", "-id", "crash1", "-bundle"])
+                .arg(&bundle)
+                .arg("delete")
+                .env_remove("TTRPC_ADDRESS")
+                .current_dir(std::env::temp_dir())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "round {round}: {out:?}");
+            // DeleteResponse: field 2 (exit_status) = 137 is encoded as 0x10 0x89 0x01.
+            assert!(
+                out.stdout.windows(3).any(|w| w == [0x10, 0x89, 0x01]),
+                "round {round}: {out:?}"
+            );
+        }
+    });
+}

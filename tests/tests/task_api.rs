@@ -1,0 +1,233 @@
+//! End-to-end: the rest of the containerd Task API (exec, terminals, pause, pids, stats,
+//! update, OOM, checkpoint) and the OCI process settings, against containerd 1.7 and 2.x.
+//!
+//! Boots VMs: `#[ignore]`d in a plain `cargo test`; `scripts/test.sh` runs them.
+
+#![allow(clippy::unwrap_used)] // Test code: a failed step should fail the test loudly.
+
+use hako_tests::*;
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn exec_runs_in_the_container_with_its_exit_code_and_events() {
+    for_each_containerd(|c| {
+        let events = c.events();
+        let r = c.run_detached("ex1", &[], &["sleep", "1000"]);
+        assert_eq!(r.code, 0, "{r:?}");
+
+        let r = c.exec(
+            "ex1",
+            "x1",
+            &[],
+            &[
+                "sh",
+                "-c",
+                "echo in-exec; echo err >&2; ps -o pid,args; exit 5",
+            ],
+        );
+        assert_eq!(r.code, 5, "{r:?}");
+        assert!(r.stdout.starts_with("in-exec\n"), "{r:?}");
+        assert!(r.stderr.contains("err"), "{r:?}");
+        // The exec shares the container's pid namespace: the container's init is PID 1.
+        assert!(
+            r.stdout.lines().any(|l| l.trim() == "1 sleep 1000"),
+            "{r:?}"
+        );
+        events.wait_for(&["/tasks/exec-added", "ex1", "x1"]);
+        events.wait_for(&["/tasks/exec-started", "ex1", "x1"]);
+        events.wait_for(&["/tasks/exit", "ex1", "x1", "exit_status:5"]);
+
+        // stdin into an exec.
+        let args = ["task", "exec", "--exec-id", "x2", "ex1", "cat"];
+        let r = c.ctr_stdin(&args, b"through exec stdin\n");
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_eq!(r.stdout, "through exec stdin\n");
+
+        // A missing binary is a clear error and leaves the container running.
+        let r = c.exec("ex1", "x3", &[], &["/no/such/thing"]);
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(r.stderr.contains("/no/such/thing"), "{r:?}");
+        assert_eq!(c.task_status("ex1").as_deref(), Some("RUNNING"));
+
+        c.remove_task("ex1");
+        events.wait_for(&["/tasks/delete", "ex1"]);
+    });
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn terminals_are_real_and_sized() {
+    for_each_containerd(|c| {
+        let script = "[ -t 0 ] && [ -t 1 ] && echo isatty; stty size";
+        let r = c.ctr_on_tty(
+            &[
+                "run",
+                "-t",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "tty1",
+                "sh",
+                "-c",
+                script,
+            ],
+            100,
+            30,
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+        assert!(r.stdout.contains("isatty"), "{r:?}");
+        assert!(r.stdout.contains("30 100"), "{r:?}");
+
+        let r = c.run_detached("tty2", &[], &["sleep", "1000"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let r = c.ctr_on_tty(
+            &[
+                "task",
+                "exec",
+                "-t",
+                "--exec-id",
+                "t1",
+                "tty2",
+                "sh",
+                "-c",
+                "[ -t 1 ] && echo exec-tty; stty size; exit 3",
+            ],
+            90,
+            20,
+        );
+        assert_eq!(r.code, 3, "{r:?}");
+        assert!(r.stdout.contains("exec-tty"), "{r:?}");
+        assert!(r.stdout.contains("20 90"), "{r:?}");
+        c.remove_task("tty2");
+    });
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn pause_resume_pids_stats_and_update() {
+    for_each_containerd(|c| {
+        let events = c.events();
+        let r = c.run_detached("res1", &["--memory-limit", "100000000"], &["sleep", "1000"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let r = c.exec("res1", "m1", &[], &["cat", "/sys/fs/cgroup/memory.max"]);
+        assert_eq!(
+            r.stdout.trim(),
+            "99999744",
+            "the limit set at create, page-aligned: {r:?}"
+        );
+
+        let r = c.ctr(&["task", "pause", "res1"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_eq!(c.task_status("res1").as_deref(), Some("PAUSED"));
+        events.wait_for(&["/tasks/paused", "res1"]);
+        let r = c.ctr(&["task", "resume", "res1"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_eq!(c.task_status("res1").as_deref(), Some("RUNNING"));
+        events.wait_for(&["/tasks/resumed", "res1"]);
+
+        let r = c.ctr(&["task", "ps", "res1"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_eq!(
+            r.stdout
+                .lines()
+                .skip(1)
+                .filter(|l| !l.trim().is_empty())
+                .count(),
+            1,
+            "{r:?}"
+        );
+
+        let r = c.ctr(&["task", "metrics", "res1"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let usage = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("memory.usage "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no memory.usage in {r:?}"));
+        assert!(usage > 0, "{r:?}");
+        assert!(
+            r.stdout
+                .lines()
+                .any(|l| l.starts_with("pids.current") && l.ends_with(" 1")),
+            "{r:?}"
+        );
+
+        let r = c.ctr(&["task", "update", "--memory-limit", "67108864", "res1"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let r = c.exec("res1", "m2", &[], &["cat", "/sys/fs/cgroup/memory.max"]);
+        assert_eq!(r.stdout.trim(), "67108864", "{r:?}");
+
+        let r = c.ctr(&["task", "checkpoint", "res1"]);
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(r.stderr.contains("not implemented"), "{r:?}");
+        c.remove_task("res1");
+    });
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn oom_kills_are_reported() {
+    for_each_containerd(|c| {
+        let events = c.events();
+        let r = c.run_rm_with(
+            "oom1",
+            &["--memory-limit", "33554432"],
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"],
+        );
+        assert_eq!(r.code, 137, "{r:?}");
+        events.wait_for(&["/tasks/oom", "oom1"]);
+    });
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn the_oci_process_is_applied() {
+    for_each_containerd(|c| {
+        let r = c.run_rm_with(
+            "proc1",
+            &["--env", "GREETING=hello world", "--cwd", "/tmp", "--user", "65534:65534"],
+            &["sh", "-c", "echo \"$GREETING\"; pwd; id -u; id -g; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status"],
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert_eq!(
+            &lines[..4],
+            ["hello world", "/tmp", "65534", "65534"],
+            "{r:?}"
+        );
+        // The spec's capability sets hold after the switch to a non-root user, as with runc.
+        assert!(r.stdout.contains("CapEff:\t00000000a80425fb"), "{r:?}");
+
+        // Root in the default spec gets containerd's default capability set, not all of them.
+        let r = c.run_rm("proc2", &["grep", "CapBnd", "/proc/self/status"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        assert!(r.stdout.contains("CapBnd:\t00000000a80425fb"), "{r:?}");
+
+        // Masked paths are empty, /dev/shm has the spec's size, /proc/sys is read-only.
+        let r = c.run_rm(
+            "proc3",
+            &["sh", "-c", "wc -c < /proc/kcore; df -k /dev/shm | tail -n1; echo 1 > /proc/sys/vm/overcommit_memory; echo rc=$?"],
+        );
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert_eq!(lines.first().map(|l| l.trim()), Some("0"), "{r:?}");
+        assert!(
+            lines
+                .get(1)
+                .is_some_and(|l| l.split_whitespace().nth(1) == Some("65536")),
+            "{r:?}"
+        );
+        assert!(r.stdout.contains("rc=1"), "{r:?}");
+
+        // The read-only rootfs cannot be written.
+        let r = c.run_rm_with(
+            "proc4",
+            &["--read-only"],
+            &["sh", "-c", "touch /x; echo rc=$?"],
+        );
+        assert!(r.stdout.contains("rc=1"), "{r:?}");
+        assert!(r.stderr.contains("Read-only file system"), "{r:?}");
+    });
+}
