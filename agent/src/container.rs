@@ -107,6 +107,8 @@ struct Proc {
 
 struct Container {
     init: Proc,
+    /// The container's seccomp profile, which its execs get too.
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
     execs: HashMap<String, Proc>,
     cgroup: Cgroup,
     state_dir: PathBuf,
@@ -184,6 +186,7 @@ impl Containers {
             }
         };
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         let new_pid_ns = spec
             .linux()
             .as_ref()
@@ -200,6 +203,7 @@ impl Containers {
             },
             cgroup_dir: Some(cgroup.dir.clone()),
             terminal: stdio.terminal,
+            seccomp: seccomp.clone(),
         };
         let result = async {
             if let Some(resources) = &resources {
@@ -229,6 +233,7 @@ impl Containers {
             id.to_string(),
             Container {
                 init,
+                seccomp,
                 execs: HashMap::new(),
                 cgroup,
                 state_dir,
@@ -252,7 +257,7 @@ impl Containers {
                 id: id.to_string(),
                 reason: e.to_string(),
             })?;
-        let (init_pid, cgroup_dir, state_dir) = {
+        let (init_pid, cgroup_dir, state_dir, seccomp) = {
             let table = self.table.lock().await;
             let c = table.get(id).ok_or_else(|| not_found(id, ""))?;
             if c.execs.contains_key(exec_id) {
@@ -264,7 +269,12 @@ impl Containers {
                     reason: "exec needs a running container".to_string(),
                 });
             }
-            (c.init.pid, c.cgroup.dir.clone(), c.state_dir.clone())
+            (
+                c.init.pid,
+                c.cgroup.dir.clone(),
+                c.state_dir.clone(),
+                c.seccomp.clone(),
+            )
         };
         let config = InitConfig {
             container_id: id.to_string(),
@@ -274,6 +284,7 @@ impl Containers {
             },
             cgroup_dir: Some(cgroup_dir),
             terminal: stdio.terminal,
+            seccomp,
         };
         let config_path = state_dir.join(format!("exec-{exec_id}.json"));
         let proc = self

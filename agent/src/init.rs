@@ -25,7 +25,7 @@ use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::sys::statvfs::{statvfs, FsFlags};
 use nix::unistd::{chdir, execve, fork, pivot_root, setgid, setgroups, sethostname, setuid};
 use nix::unistd::{ForkResult, Gid, Uid};
-use oci_spec::runtime::{LinuxNamespaceType, Mount, PosixRlimit, Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxSeccomp, Mount, PosixRlimit, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::mounts::{parse_options, resolve_in_root, MountError};
@@ -46,6 +46,8 @@ pub struct InitConfig {
     pub cgroup_dir: Option<PathBuf>,
     /// stdin/stdout/stderr are a terminal: become a session leader with it as controlling tty.
     pub terminal: bool,
+    /// The container's seccomp profile (execs get their container's).
+    pub seccomp: Option<LinuxSeccomp>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -93,6 +95,9 @@ pub enum InitError {
         what: String,
         source: std::io::Error,
     },
+    /// The seccomp profile could not be compiled or installed.
+    #[error("seccomp: {0}")]
+    Seccomp(String),
     /// Capabilities could not be set.
     #[error("capabilities: {0}")]
     Caps(String),
@@ -324,8 +329,13 @@ fn run_process(
             ));
         }
     }
-    // Resolve the command now, as runc does, so a missing binary fails Create, not Start.
+    // Resolve the command and compile the filter now, so mistakes fail Create, not Start.
     let program = find_program(&args[0], &env)?;
+    let filters = match &config.seccomp {
+        Some(profile) => crate::seccomp::compile(profile)?,
+        None => Vec::new(),
+    };
+    let no_new_privs = process.no_new_privileges().unwrap_or(false);
 
     writeln!(sync, "created").map_err(io("reporting created"))?;
     // SAFETY: fd 4 is the read end of the start pipe the agent passed; only we own it here.
@@ -344,6 +354,11 @@ fn run_process(
     if let Some(caps) = caps {
         crate::caps::drop_bounding(caps)?;
     }
+    if !no_new_privs {
+        // Without no_new_privs the kernel wants CAP_SYS_ADMIN for a filter: install it now,
+        // before the user switch drops it (as runc does).
+        crate::seccomp::install(&filters)?;
+    }
     // Keep capabilities across the switch to a non-root user; the sets are applied after it.
     nix::sys::prctl::set_keepcaps(true).map_err(sys("PR_SET_KEEPCAPS"))?;
     let user = process.user();
@@ -361,7 +376,7 @@ fn run_process(
     if let Some(caps) = caps {
         crate::caps::apply(caps)?;
     }
-    if process.no_new_privileges().unwrap_or(false) {
+    if no_new_privs {
         nix::sys::prctl::set_no_new_privs().map_err(sys("PR_SET_NO_NEW_PRIVS"))?;
     }
 
@@ -385,6 +400,10 @@ fn run_process(
     // SAFETY: setting a signal to its default disposition has no handler to be unsafe about.
     unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.map_err(sys("resetting SIGPIPE"))?;
     set_cloexec(sync.as_raw_fd())?;
+    if no_new_privs {
+        // As late as possible, so the filter only has to allow execve itself.
+        crate::seccomp::install(&filters)?;
+    }
     let e = execve(&c_program, &c_args, &c_env).map_err(sys(format!("exec {}", args[0])));
     match e {
         Ok(never) => match never {},

@@ -12,6 +12,7 @@ mod init;
 mod logger;
 mod mounts;
 mod reaper;
+mod seccomp;
 mod server;
 
 use std::sync::Arc;

@@ -359,7 +359,13 @@ pub fn for_each_containerd(test: impl Fn(&Containerd)) {
         assert_no_leaks("before the test");
         let containerd = Containerd::start(&install);
         eprintln!("--- containerd {}", containerd.version);
-        test(&containerd);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&containerd)));
+        if let Err(panic) = outcome {
+            // Leave no VM behind for the next test: stop every task this containerd still has.
+            containerd.remove_all_tasks();
+            drop(containerd);
+            std::panic::resume_unwind(panic);
+        }
         drop(containerd);
         assert_no_leaks(&format!("containerd {}", install.display()));
     }
@@ -430,6 +436,19 @@ impl Containerd {
                 self.task_status(id)
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Best-effort cleanup after a failed test: every task and container goes.
+    pub fn remove_all_tasks(&self) {
+        let ls = self.ctr(&["task", "ls", "-q"]);
+        for id in ls.stdout.split_whitespace() {
+            let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+            let _ = self.ctr(&["task", "delete", "-f", id]);
+        }
+        let ls = self.ctr(&["container", "ls", "-q"]);
+        for id in ls.stdout.split_whitespace() {
+            let _ = self.ctr(&["container", "rm", id]);
         }
     }
 

@@ -35,7 +35,7 @@ fn exec_runs_in_the_container_with_its_exit_code_and_events() {
         );
         events.wait_for(&["/tasks/exec-added", "ex1", "x1"]);
         events.wait_for(&["/tasks/exec-started", "ex1", "x1"]);
-        events.wait_for(&["/tasks/exit", "ex1", "x1", "exit_status:5"]);
+        events.wait_for(&["/tasks/exit", r#""id":"x1""#, r#""exit_status":5"#]);
 
         // stdin into an exec.
         let args = ["task", "exec", "--exec-id", "x2", "ex1", "cat"];
@@ -103,6 +103,16 @@ fn terminals_are_real_and_sized() {
     });
 }
 
+/// A value from `ctr task metrics`' METRIC/VALUE table.
+fn metric(r: &Run, name: &str) -> u64 {
+    r.stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {r:?}"))
+}
+
 #[test]
 #[ignore = "boots VMs: run through scripts/test.sh"]
 fn pause_resume_pids_stats_and_update() {
@@ -110,11 +120,11 @@ fn pause_resume_pids_stats_and_update() {
         let events = c.events();
         let r = c.run_detached("res1", &["--memory-limit", "100000000"], &["sleep", "1000"]);
         assert_eq!(r.code, 0, "{r:?}");
-        let r = c.exec("res1", "m1", &[], &["cat", "/sys/fs/cgroup/memory.max"]);
+        let r = c.ctr(&["task", "metrics", "res1"]);
         assert_eq!(
-            r.stdout.trim(),
-            "99999744",
-            "the limit set at create, page-aligned: {r:?}"
+            metric(&r, "memory.usage_limit"),
+            99999744,
+            "set at create, page-aligned: {r:?}"
         );
 
         let r = c.ctr(&["task", "pause", "res1"]);
@@ -137,28 +147,15 @@ fn pause_resume_pids_stats_and_update() {
             1,
             "{r:?}"
         );
-
         let r = c.ctr(&["task", "metrics", "res1"]);
         assert_eq!(r.code, 0, "{r:?}");
-        let usage = r
-            .stdout
-            .lines()
-            .find(|l| l.starts_with("memory.usage "))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no memory.usage in {r:?}"));
-        assert!(usage > 0, "{r:?}");
-        assert!(
-            r.stdout
-                .lines()
-                .any(|l| l.starts_with("pids.current") && l.ends_with(" 1")),
-            "{r:?}"
-        );
+        assert!(metric(&r, "memory.usage") > 0, "{r:?}");
+        assert_eq!(metric(&r, "pids.current"), 1, "{r:?}");
 
         let r = c.ctr(&["task", "update", "--memory-limit", "67108864", "res1"]);
         assert_eq!(r.code, 0, "{r:?}");
-        let r = c.exec("res1", "m2", &[], &["cat", "/sys/fs/cgroup/memory.max"]);
-        assert_eq!(r.stdout.trim(), "67108864", "{r:?}");
+        let r = c.ctr(&["task", "metrics", "res1"]);
+        assert_eq!(metric(&r, "memory.usage_limit"), 67108864, "{r:?}");
 
         let r = c.ctr(&["task", "checkpoint", "res1"]);
         assert_ne!(r.code, 0, "{r:?}");
@@ -198,8 +195,10 @@ fn the_oci_process_is_applied() {
             ["hello world", "/tmp", "65534", "65534"],
             "{r:?}"
         );
-        // The spec's capability sets hold after the switch to a non-root user, as with runc.
-        assert!(r.stdout.contains("CapEff:\t00000000a80425fb"), "{r:?}");
+        // A non-root user keeps no capabilities across exec (no ambient set), as with runc; the
+        // spec's no_new_privileges (ctr sets it) is applied.
+        assert!(r.stdout.contains("CapEff:\t0000000000000000"), "{r:?}");
+        assert!(r.stdout.contains("NoNewPrivs:\t1"), "{r:?}");
 
         // Root in the default spec gets containerd's default capability set, not all of them.
         let r = c.run_rm("proc2", &["grep", "CapBnd", "/proc/self/status"]);
@@ -220,6 +219,24 @@ fn the_oci_process_is_applied() {
             "{r:?}"
         );
         assert!(r.stdout.contains("rc=1"), "{r:?}");
+
+        // The container's seccomp profile is applied in the guest: containerd's default profile
+        // refuses unshare without CAP_SYS_ADMIN, which the same command passes without it.
+        let probe = [
+            "sh",
+            "-c",
+            "grep Seccomp: /proc/self/status; unshare -U true; echo rc=$?",
+        ];
+        let r = c.run_rm("sec1", &probe);
+        assert!(
+            r.stdout.contains("Seccomp:\t0") && r.stdout.contains("rc=0"),
+            "{r:?}"
+        );
+        let r = c.run_rm_with("sec2", &["--seccomp"], &probe);
+        assert!(
+            r.stdout.contains("Seccomp:\t2") && r.stdout.contains("rc=1"),
+            "{r:?}"
+        );
 
         // The read-only rootfs cannot be written.
         let r = c.run_rm_with(
