@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::cgroup::{Cgroup, CgroupError, Stats};
 use crate::init::{InitConfig, Mode, HELPER_ARG, START_FD, SYNC_FD};
+use crate::oom::OomMonitor;
 use crate::reaper::Reaper;
 
 const STATE_DIR: &str = "/run/hako/containers";
@@ -116,6 +117,7 @@ struct Container {
 
 pub struct Containers {
     reaper: Arc<Reaper>,
+    oom: Arc<OomMonitor>,
     table: Mutex<HashMap<String, Container>>,
 }
 
@@ -150,9 +152,10 @@ impl Container {
 }
 
 impl Containers {
-    pub fn new(reaper: Arc<Reaper>) -> Self {
+    pub fn new(reaper: Arc<Reaper>, oom: Arc<OomMonitor>) -> Self {
         Self {
             reaper,
+            oom,
             table: Mutex::new(HashMap::new()),
         }
     }
@@ -216,6 +219,7 @@ impl Containers {
                 &config,
                 stdio,
                 new_pid_ns,
+                Some(cgroup.clone()),
             )
             .await
         }
@@ -288,7 +292,7 @@ impl Containers {
         };
         let config_path = state_dir.join(format!("exec-{exec_id}.json"));
         let proc = self
-            .spawn(id, exec_id, &config_path, &config, stdio, false)
+            .spawn(id, exec_id, &config_path, &config, stdio, false, None)
             .await;
         let _ = fs::remove_file(&config_path);
         let proc = proc?;
@@ -308,6 +312,7 @@ impl Containers {
         config: &InitConfig,
         stdio: StdioPlan,
         new_pid_ns: bool,
+        oom_watch: Option<Cgroup>,
     ) -> Result<Proc, ContainerError> {
         let config_bytes = serde_json::to_vec(config).map_err(|e| ContainerError::Spec {
             id: id.to_string(),
@@ -342,8 +347,15 @@ impl Containers {
 
         let (exit_tx, exit_rx) = watch::channel(None);
         let exit_watch = self.reaper.watch(pid);
+        let oom = self.oom.clone();
+        let container_id = id.to_string();
         tokio::spawn(async move {
             if let Ok(status) = exit_watch.await {
+                // An init killed for memory: report the OOM before the exit, as the host's
+                // event order then reads naturally.
+                if let Some(cgroup) = oom_watch {
+                    oom.check(&container_id, &cgroup).await;
+                }
                 let _ = exit_tx.send(Some(status));
             }
         });
@@ -493,6 +505,7 @@ impl Containers {
             let _ = fs::remove_dir_all(&c.state_dir);
             c.cgroup.remove();
         }
+        self.oom.forget(id);
         Ok(())
     }
 
@@ -658,13 +671,18 @@ impl Containers {
         Ok(self.cgroup_of(id).await?.apply(&resources)?)
     }
 
-    /// OOM-kill counts of every container, for the OOM watcher.
-    pub async fn oom_counts(&self) -> Vec<(String, u64)> {
-        let table = self.table.lock().await;
-        table
-            .iter()
-            .map(|(id, c)| (id.clone(), c.cgroup.oom_kills()))
-            .collect()
+    /// Checks every container for OOM kills (of any of its processes).
+    pub async fn check_oom(&self) {
+        let cgroups: Vec<(String, Cgroup)> = {
+            let table = self.table.lock().await;
+            table
+                .iter()
+                .map(|(id, c)| (id.clone(), c.cgroup.clone()))
+                .collect()
+        };
+        for (id, cgroup) in cgroups {
+            self.oom.check(&id, &cgroup).await;
+        }
     }
 }
 

@@ -133,7 +133,7 @@ pub fn helper_main(config_path: &str) -> ! {
     // SAFETY: this process has a single thread (it was just exec'd and started none).
     match unsafe { fork() } {
         Ok(ForkResult::Parent { child }) => {
-            let _ = writeln!(sync, "pid {child}");
+            let _ = report(&mut sync, &format!("pid {child}"));
             std::process::exit(0);
         }
         Ok(ForkResult::Child) => {
@@ -151,9 +151,15 @@ pub fn helper_main(config_path: &str) -> ! {
     }
 }
 
+/// One line on the sync pipe in a single write: the helper and its child both write to it, and
+/// `writeln!` may split a line into several writes that the other's could interleave with.
+fn report(sync: &mut File, line: &str) -> std::io::Result<()> {
+    sync.write_all(format!("{line}\n").as_bytes())
+}
+
 fn report_and_exit(sync: &mut File, e: &InitError) -> ! {
     let message = e.to_string().replace('\n', " ");
-    let _ = writeln!(sync, "error {message}");
+    let _ = report(sync, &format!("error {message}"));
     std::process::exit(127);
 }
 
@@ -337,7 +343,7 @@ fn run_process(
     };
     let no_new_privs = process.no_new_privileges().unwrap_or(false);
 
-    writeln!(sync, "created").map_err(io("reporting created"))?;
+    report(sync, "created").map_err(io("reporting created"))?;
     // SAFETY: fd 4 is the read end of the start pipe the agent passed; only we own it here.
     let mut start = unsafe { File::from_raw_fd(START_FD) };
     let mut go = [0u8; 1];

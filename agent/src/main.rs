@@ -11,6 +11,7 @@ mod container;
 mod init;
 mod logger;
 mod mounts;
+mod oom;
 mod reaper;
 mod seccomp;
 mod server;
@@ -72,9 +73,11 @@ async fn serve(started: Instant) -> Result<(), String> {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     cgroup::enable_controllers();
-    let containers = Arc::new(container::Containers::new(reaper));
+    let (oom, oom_events) = oom::OomMonitor::new();
+    let containers = Arc::new(container::Containers::new(reaper, oom));
+    server::poll_oom(containers.clone());
     let agent = server::Agent {
-        oom_events: tokio::sync::Mutex::new(server::watch_oom(containers.clone())),
+        oom_events: tokio::sync::Mutex::new(oom_events),
         containers,
         kernel_release,
         ready_since_boot_ms: boot::ms_since_boot(),

@@ -23,30 +23,17 @@ pub struct Agent {
     pub oom_events: Mutex<mpsc::Receiver<String>>,
 }
 
-/// How often the OOM watcher reads the containers' memory.events.
+/// How often the containers' memory.events are read for OOM kills of non-init processes (an
+/// init's OOM kill is reported when it exits).
 const OOM_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Watches every container's oom_kill count and reports each increase.
-pub fn watch_oom(containers: Arc<Containers>) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel(64);
+pub fn poll_oom(containers: Arc<Containers>) {
     tokio::spawn(async move {
-        let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         loop {
             tokio::time::sleep(OOM_POLL).await;
-            let counts = containers.oom_counts().await;
-            seen.retain(|id, _| counts.iter().any(|(c, _)| c == id));
-            for (id, count) in counts {
-                let before = seen.insert(id.clone(), count).unwrap_or(0);
-                if count > before {
-                    log::warn!("container {id} was OOM-killed");
-                    if tx.send(id).await.is_err() {
-                        return;
-                    }
-                }
-            }
+            containers.check_oom().await;
         }
     });
-    rx
 }
 
 fn get_rpc_status(code: Code, message: impl ToString) -> ttrpc::Error {

@@ -416,6 +416,31 @@ impl Containerd {
             .join(id)
     }
 
+    /// Calls the shim's Task.Update directly (ctr has no command for it), as containerd's CRI
+    /// does for UpdateContainerResources. `resources` is OCI LinuxResources JSON.
+    pub fn shim_update(&self, id: &str, resources: &str) -> Result<(), String> {
+        use containerd_shim_protos::shim::shim::UpdateTaskRequest;
+        use containerd_shim_protos::shim::shim_ttrpc::TaskClient;
+        use protobuf::well_known_types::any::Any;
+        let address =
+            fs::read_to_string(self.bundle_dir(id).join("address")).map_err(|e| e.to_string())?;
+        let client = ttrpc::Client::connect(address.trim()).map_err(|e| e.to_string())?;
+        let task = TaskClient::new(client);
+        let req = UpdateTaskRequest {
+            id: id.to_string(),
+            resources: protobuf::MessageField::some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+                    .to_string(),
+                value: resources.as_bytes().to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        task.update(ttrpc::context::with_timeout(30_000_000_000), &req)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
     /// The STATUS column of `ctr task ls` for `id`.
     pub fn task_status(&self, id: &str) -> Option<String> {
         let ls = self.ctr(&["task", "ls"]);

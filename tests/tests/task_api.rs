@@ -49,6 +49,12 @@ fn exec_runs_in_the_container_with_its_exit_code_and_events() {
         assert!(r.stderr.contains("/no/such/thing"), "{r:?}");
         assert_eq!(c.task_status("ex1").as_deref(), Some("RUNNING"));
 
+        // kill --all reaches every process of the container, execs included.
+        let r = c.exec("ex1", "bg", &["-d"], &["sleep", "1000"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let r = c.ctr(&["task", "kill", "--all", "-s", "SIGKILL", "ex1"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        c.wait_status("ex1", "STOPPED");
         c.remove_task("ex1");
         events.wait_for(&["/tasks/delete", "ex1"]);
     });
@@ -118,7 +124,13 @@ fn metric(r: &Run, name: &str) -> u64 {
 fn pause_resume_pids_stats_and_update() {
     for_each_containerd(|c| {
         let events = c.events();
-        let r = c.run_detached("res1", &["--memory-limit", "100000000"], &["sleep", "1000"]);
+        // The container's own cgroup (its cgroup namespace's root) mounted where it can read it.
+        let cgroup_mount = "--mount=type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro";
+        let r = c.run_detached(
+            "res1",
+            &["--memory-limit", "100000000", cgroup_mount],
+            &["sleep", "1000"],
+        );
         assert_eq!(r.code, 0, "{r:?}");
         let r = c.ctr(&["task", "metrics", "res1"]);
         assert_eq!(
@@ -152,8 +164,16 @@ fn pause_resume_pids_stats_and_update() {
         assert!(metric(&r, "memory.usage") > 0, "{r:?}");
         assert_eq!(metric(&r, "pids.current"), 1, "{r:?}");
 
-        let r = c.ctr(&["task", "update", "--memory-limit", "67108864", "res1"]);
-        assert_eq!(r.code, 0, "{r:?}");
+        let cpu = ["cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max"];
+        let r = c.exec("res1", "c1", &[], &cpu);
+        assert_eq!(r.stdout, "99999744\nmax 100000\n", "{r:?}");
+        c.shim_update(
+            "res1",
+            r#"{"memory": {"limit": 67108864}, "cpu": {"quota": 50000, "period": 100000}}"#,
+        )
+        .unwrap();
+        let r = c.exec("res1", "c2", &[], &cpu);
+        assert_eq!(r.stdout, "67108864\n50000 100000\n", "{r:?}");
         let r = c.ctr(&["task", "metrics", "res1"]);
         assert_eq!(metric(&r, "memory.usage_limit"), 67108864, "{r:?}");
 
@@ -237,6 +257,16 @@ fn the_oci_process_is_applied() {
             r.stdout.contains("Seccomp:\t2") && r.stdout.contains("rc=1"),
             "{r:?}"
         );
+
+        // rlimits from the spec (containerd's default: 1024 open files, hard and soft), and a
+        // capability added with --cap-add.
+        let r = c.run_rm_with(
+            "lim1",
+            &["--cap-add", "CAP_SYS_ADMIN"],
+            &["sh", "-c", "ulimit -Hn; grep CapEff /proc/self/status"],
+        );
+        assert!(r.stdout.starts_with("1024\n"), "{r:?}");
+        assert!(r.stdout.contains("CapEff:\t00000000a82425fb"), "{r:?}");
 
         // The read-only rootfs cannot be written.
         let r = c.run_rm_with(
