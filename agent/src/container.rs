@@ -115,6 +115,19 @@ struct Container {
     state_dir: PathBuf,
 }
 
+/// What `Containers::spawn` needs to start one process through the init helper.
+struct SpawnRequest<'a> {
+    id: &'a str,
+    exec_id: &'a str,
+    config_path: &'a Path,
+    config: &'a InitConfig,
+    stdio: StdioPlan,
+    /// The process gets a pid namespace of its own (else it joins one, or is an exec).
+    new_pid_ns: bool,
+    /// The container's cgroup, checked for an OOM kill when this (init) process exits.
+    oom_watch: Option<Cgroup>,
+}
+
 pub struct Containers {
     reaper: Arc<Reaper>,
     oom: Arc<OomMonitor>,
@@ -212,15 +225,15 @@ impl Containers {
             if let Some(resources) = &resources {
                 cgroup.apply(resources)?;
             }
-            self.spawn(
+            self.spawn(SpawnRequest {
                 id,
-                "",
-                &state_dir.join("init.json"),
-                &config,
+                exec_id: "",
+                config_path: &state_dir.join("init.json"),
+                config: &config,
                 stdio,
                 new_pid_ns,
-                Some(cgroup.clone()),
-            )
+                oom_watch: Some(cgroup.clone()),
+            })
             .await
         }
         .await;
@@ -292,7 +305,15 @@ impl Containers {
         };
         let config_path = state_dir.join(format!("exec-{exec_id}.json"));
         let proc = self
-            .spawn(id, exec_id, &config_path, &config, stdio, false, None)
+            .spawn(SpawnRequest {
+                id,
+                exec_id,
+                config_path: &config_path,
+                config: &config,
+                stdio,
+                new_pid_ns: false,
+                oom_watch: None,
+            })
             .await;
         let _ = fs::remove_file(&config_path);
         let proc = proc?;
@@ -304,16 +325,16 @@ impl Containers {
     }
 
     /// Writes the helper's config, spawns it and waits for "created".
-    async fn spawn(
-        &self,
-        id: &str,
-        exec_id: &str,
-        config_path: &Path,
-        config: &InitConfig,
-        stdio: StdioPlan,
-        new_pid_ns: bool,
-        oom_watch: Option<Cgroup>,
-    ) -> Result<Proc, ContainerError> {
+    async fn spawn(&self, req: SpawnRequest<'_>) -> Result<Proc, ContainerError> {
+        let SpawnRequest {
+            id,
+            exec_id,
+            config_path,
+            config,
+            stdio,
+            new_pid_ns,
+            oom_watch,
+        } = req;
         let config_bytes = serde_json::to_vec(config).map_err(|e| ContainerError::Spec {
             id: id.to_string(),
             reason: e.to_string(),

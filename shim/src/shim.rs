@@ -10,6 +10,7 @@ use containerd_shim::asynchronous::util::write_str_to_file;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::shim_async::create_task;
 use containerd_shim::{api, Config as ShimConfig, Error as ShimError, Flags, StartOpts};
 
 use crate::config::Config;
@@ -42,6 +43,136 @@ pub fn shim_config() -> ShimConfig {
 
 fn invalid(e: impl std::fmt::Display) -> ShimError {
     ShimError::InvalidArgument(e.to_string())
+}
+
+/// The task API generation to speak: containerd 2.x gets `containerd.task.v3.Task` (announced
+/// through its JSON bootstrap), containerd 1.x the plain address and v2. The `-publish-binary`
+/// containerd passes is containerd itself, so ask it.
+fn task_api_version(containerd: &str) -> u32 {
+    let output = std::process::Command::new(containerd)
+        .arg("--version")
+        .output();
+    let line = output
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    match containerd_major(&line) {
+        Some(major) if major >= 2 => 3,
+        _ => 2,
+    }
+}
+
+/// The major version from `containerd --version`: "containerd <module> <version> <revision>".
+fn containerd_major(line: &str) -> Option<u32> {
+    let version = line.split_whitespace().nth(2)?;
+    version
+        .trim_start_matches('v')
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// What `start` prints: the address, or for task API v3 the bootstrap parameters.
+fn bootstrap_output(address: &str, version: u32) -> String {
+    if version >= 3 {
+        serde_json::json!({ "version": version, "address": address, "protocol": "ttrpc" })
+            .to_string()
+    } else {
+        address.to_string()
+    }
+}
+
+/// The long-lived shim server: the Task service under both generations' names (the messages
+/// are the same), on the socket `start` chose. Returns when the service signals exit.
+pub async fn serve(flags: &Flags) -> Result<(), ShimError> {
+    validate("namespace", &flags.namespace).map_err(invalid)?;
+    containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)?;
+    let ttrpc_address =
+        std::env::var("TTRPC_ADDRESS").map_err(|e| invalid(format!("TTRPC_ADDRESS: {e}")))?;
+    let socket_path = flags
+        .socket
+        .strip_prefix("unix://")
+        .ok_or_else(|| invalid(format!("socket {} is not unix://", flags.socket)))?;
+
+    let listener = match bind_socket(socket_path)? {
+        Some(listener) => listener,
+        None => {
+            // Another shim serves this sandbox already: it answers for this container too.
+            write_str_to_file("address", &flags.socket).await?;
+            signal_server_started();
+            return Ok(());
+        }
+    };
+    let publisher = RemotePublisher::new(&ttrpc_address).await?;
+    let exit = Arc::new(ExitSignal::default());
+    let events = Arc::new(ContainerdEvents {
+        publisher,
+        namespace: flags.namespace.clone(),
+    });
+    let task: Arc<dyn containerd_shim::protos::shim_async::Task + Send + Sync> =
+        Arc::new(TaskService::new(&flags.namespace, events, exit.clone()));
+    let mut services = create_task(task.clone());
+    if let Some(v2) = create_task(task).remove(TASK_V2) {
+        services.insert(TASK_V3.to_string(), v2);
+    }
+    let listener = ttrpc::r#async::transport::Listener::try_from(listener)
+        .map_err(|e| ShimError::Other(format!("listener: {e}")))?;
+    let mut server = ttrpc::r#async::Server::new()
+        .add_listener(listener)
+        .register_service(services);
+    server.start().await?;
+    signal_server_started();
+    log::info!("shim serving {} ({TASK_V2} and {TASK_V3})", flags.socket);
+
+    // containerd does not signal shims; a stray SIGTERM must not orphan the VM.
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::spawn(async move {
+            while term.recv().await.is_some() {
+                log::warn!("ignoring SIGTERM: containerd stops shims with Shutdown");
+            }
+        });
+    }
+    exit.wait().await;
+    server.shutdown().await?;
+    let _ = std::fs::remove_file(socket_path);
+    Ok(())
+}
+
+const TASK_V2: &str = "containerd.task.v2.Task";
+const TASK_V3: &str = "containerd.task.v3.Task";
+
+/// Binds the shim socket; `None` when a live shim already serves it.
+fn bind_socket(path: &str) -> Result<Option<std::os::unix::net::UnixListener>, ShimError> {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if let Some(parent) = Path::new(path).parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| ShimError::Other(format!("{}: {e}", parent.display())))?;
+    }
+    let listener = match UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if UnixStream::connect(path).is_ok() {
+                return Ok(None);
+            }
+            // A stale socket from a shim that died.
+            let _ = std::fs::remove_file(path);
+            UnixListener::bind(path).map_err(|e| ShimError::Other(format!("bind {path}: {e}")))?
+        }
+        Err(e) => return Err(ShimError::Other(format!("bind {path}: {e}"))),
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| ShimError::Other(format!("{path}: {e}")))?;
+    Ok(Some(listener))
+}
+
+/// `start` reads the server's stdout until it closes; pointing stdout at stderr closes it.
+fn signal_server_started() {
+    // SAFETY: dup2 on the process's own standard descriptors.
+    unsafe {
+        libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
+    }
 }
 
 /// The sandbox a bundle's container belongs to: the CRI annotation, else the container itself.
@@ -86,9 +217,10 @@ impl Shim for HakoShim {
         validate("container id", &opts.id).map_err(invalid)?;
         // One shim per sandbox: containers of a pod reuse the address of its first one.
         let grouping = sandbox_of(&self.bundle, &opts.id)?;
+        let version = task_api_version(&opts.publish_binary);
         let address = spawn(opts, &grouping, Vec::new()).await?;
         write_str_to_file("address", &address).await?;
-        Ok(address)
+        Ok(bootstrap_output(&address, version))
     }
 
     async fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
@@ -135,5 +267,30 @@ impl Shim for HakoShim {
             namespace: self.namespace.clone(),
         });
         TaskService::new(&self.namespace, events, self.exit.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containerd_versions_pick_the_task_api() {
+        let v2 = "containerd github.com/containerd/containerd/v2 2.1.9+unknown ";
+        let v1 = "containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6+deb13u1";
+        assert_eq!(containerd_major(v2), Some(2));
+        assert_eq!(containerd_major(v1), Some(1));
+        assert_eq!(containerd_major("garbage"), None);
+        assert_eq!(task_api_version("/nonexistent/containerd"), 2);
+    }
+
+    #[test]
+    fn v3_bootstraps_with_json() {
+        let json = bootstrap_output("unix:///run/containerd/s/abc", 3);
+        let value: serde_json::Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(value["version"], 3);
+        assert_eq!(value["address"], "unix:///run/containerd/s/abc");
+        assert_eq!(value["protocol"], "ttrpc");
+        assert_eq!(bootstrap_output("unix:///x", 2), "unix:///x");
     }
 }

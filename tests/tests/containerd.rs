@@ -28,6 +28,15 @@ fn command_runs_in_the_guest_kernel_on_virtiofs() {
         let r = c.run_rm("uname1", &["uname", "-r"]);
         assert_eq!(r.code, 0, "{r:?}");
         assert_eq!(r.stdout.trim(), guest_release, "{r:?}");
+        // containerd 2.x talks task API v3 to the shim; 1.x talks v2.
+        if c.version.starts_with('2') {
+            let log = c.log();
+            let line = log
+                .lines()
+                .find(|l| l.contains("connecting to shim uname1"))
+                .unwrap_or_else(|| panic!("no shim connection in the containerd log"));
+            assert!(line.contains("version=3"), "{line}");
+        }
 
         let r = c.run_rm("mounts1", &["cat", "/proc/mounts"]);
         assert_eq!(r.code, 0, "{r:?}");
