@@ -77,6 +77,9 @@ fn volumes_are_shared_and_read_only_ones_stay_read_only() {
     fs::create_dir_all(&rw).unwrap();
     fs::create_dir_all(&ro).unwrap();
     fs::write(ro.join("kept"), "original\n").unwrap();
+    // Files too, the way CRI and Docker bind hosts, hostname and resolv.conf.
+    let hosts = dir.join("hosts");
+    fs::write(&hosts, "10.1.2.3 from-the-host\n").unwrap();
     for_each_containerd(|c| {
         let _ = fs::remove_file(rw.join("from-host"));
         let _ = fs::remove_file(rw.join("from-guest"));
@@ -95,6 +98,9 @@ fn volumes_are_shared_and_read_only_ones_stay_read_only() {
         extra.push("--privileged");
         let r = c.run_detached("vol1", &extra, &["sleep", "1000"]);
         assert_eq!(r.code, 0, "{r:?}");
+
+        let r = c.exec("vol1", "h", &[], &["cat", "/etc/hosts"]);
+        assert_eq!(r.stdout, "10.1.2.3 from-the-host\n", "{r:?}");
 
         // Guest writes reach the host.
         let r = c.exec(
