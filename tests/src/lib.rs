@@ -63,7 +63,9 @@ pub fn containerd_versions() -> Vec<PathBuf> {
 pub fn busybox_archive() -> &'static Path {
     static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
     ARCHIVE.get_or_init(|| {
-        let out = std::env::temp_dir().join(format!("hako-busybox-{}.tar", std::process::id()));
+        // In the build tree, not /tmp: test binaries run one after another and rebuild the same
+        // (reproducible) archive, so nothing accumulates.
+        let out = repo_root().join("target/e2e-busybox.tar");
         let status = Command::new(repo_root().join("tests/images/busybox-image.sh"))
             .arg(&out)
             .arg(IMAGE)
@@ -294,6 +296,17 @@ pub fn hako_processes() -> BTreeSet<(u32, String)> {
     found
 }
 
+/// Whether a process has exited and waits to be reaped.
+pub fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
 fn is_hako_shim(pid: u32) -> bool {
     fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains("containerd-shim-hako-v2"))
@@ -407,6 +420,11 @@ impl Containerd {
         args.push(id);
         args.extend_from_slice(cmd);
         self.ctr(&args)
+    }
+
+    /// The containerd daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
     /// The bundle containerd made for a task in the `default` namespace.

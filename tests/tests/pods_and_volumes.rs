@@ -169,7 +169,6 @@ fn killing_the_shim_leaves_nothing_after_delete() {
     for_each_containerd(|c| {
         let r = c.run_detached("crash1", &[], &["sleep", "1000"]);
         assert_eq!(r.code, 0, "{r:?}");
-        let bundle = c.bundle_dir("crash1");
         let pid = shim_pid_for("crash1").expect("the shim runs");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -194,14 +193,31 @@ fn killing_the_shim_leaves_nothing_after_delete() {
         assert_eq!(r.code, 0, "{r:?}");
         assert_no_leaks("after containerd cleaned up the killed shim");
 
-        // The subcommand by hand, twice: each prints a DeleteResponse and succeeds.
+        // By hand, with containerd frozen so that only the subcommand can clean up: a shim
+        // killed mid-run leaves the VM, daemons, mounts and dirs, and `delete` removes them all,
+        // twice in a row, printing a DeleteResponse each time.
+        let r = c.run_detached("crash2", &[], &["sleep", "1000"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let bundle = c.bundle_dir("crash2");
+        let containerd = nix::unistd::Pid::from_raw(c.pid() as i32);
+        nix::sys::signal::kill(containerd, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let pid = shim_pid_for("crash2").expect("the shim runs");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        assert!(
+            !Leftovers::now().sandbox_dirs.is_empty(),
+            "the killed shim left its sandbox"
+        );
         for round in 0..2 {
             let out = Command::new("/usr/local/bin/containerd-shim-hako-v2")
-                .args(["-namespace", "default", "-id", "crash1", "-bundle"])
+                .args(["-namespace", "default", "-id", "crash2", "-bundle"])
                 .arg(&bundle)
                 .arg("delete")
                 .env_remove("TTRPC_ADDRESS")
-                .current_dir(std::env::temp_dir())
+                .current_dir(&bundle)
                 .output()
                 .unwrap();
             assert!(out.status.success(), "round {round}: {out:?}");
@@ -210,6 +226,26 @@ fn killing_the_shim_leaves_nothing_after_delete() {
                 out.stdout.windows(3).any(|w| w == [0x10, 0x89, 0x01]),
                 "round {round}: {out:?}"
             );
+            // Processes the frozen containerd (their reaper now) cannot reap yet are zombies;
+            // the harness's final check sees them reaped once it runs again.
+            let mut left = Leftovers::now();
+            left.processes.retain(|(pid, _)| !is_zombie(*pid));
+            assert!(left.is_empty(), "round {round}: left behind: {left:#?}");
         }
+        nix::sys::signal::kill(containerd, nix::sys::signal::Signal::SIGCONT).unwrap();
+        let started = Instant::now();
+        while c.task_status("crash2").as_deref() == Some("RUNNING") {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "containerd never noticed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if c.task_status("crash2").is_some() {
+            let r = c.ctr(&["task", "delete", "crash2"]);
+            assert!(r.code == 0 || r.stderr.contains("not found"), "{r:?}");
+        }
+        let r = c.ctr(&["container", "rm", "crash2"]);
+        assert_eq!(r.code, 0, "{r:?}");
     });
 }
