@@ -92,6 +92,10 @@ fn volumes_are_shared_and_read_only_ones_stay_read_only() {
                 "--mount=type=bind,src={},dst=/ro,options=rbind:ro",
                 ro.display()
             ),
+            format!(
+                "--mount=type=bind,src={},dst=/etc/hosts,options=rbind:ro",
+                hosts.display()
+            ),
         ];
         let mounts: Vec<&str> = mounts.iter().map(String::as_str).collect();
         let mut extra = mounts.clone();
