@@ -67,7 +67,8 @@ if file "$agent" 2>/dev/null | grep -q 'dynamically linked'; then
     fail "$agent is dynamically linked; the guest has no libc"
 fi
 
-stamp_inputs="$(sha256sum "$deb" "$agent" "${BASH_SOURCE[0]}" | awk '{print $1}' | tr '\n' ' ')"
+[[ -x /bin/busybox ]] || fail "/bin/busybox missing: apt-get install busybox-static"
+stamp_inputs="$(sha256sum "$deb" "$agent" /bin/busybox "${BASH_SOURCE[0]}" | awk '{print $1}' | tr '\n' ' ')"
 if [[ -f "$out/.inputs" && "$(cat "$out/.inputs")" == "$stamp_inputs" &&
       -s "$out/vmlinuz" && -s "$out/initramfs.cpio" ]]; then
     echo "guest-image: up to date in $out (inputs unchanged)"
@@ -95,6 +96,9 @@ root="$(mktemp -d "$cache/initramfs.XXXXXX")"
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{proc,sys,dev,run,tmp,etc/hako,lib/modules}
 install -m 0755 "$agent" "$root/init"
+# busybox for `ip`: the agent configures the pod's network with it.
+mkdir -p "$root/bin"
+install -m 0755 /bin/busybox "$root/bin/busybox"
 : >"$root/etc/hako/modules"
 for name in "${MODULES[@]}"; do
     # modules.dep names files with '-' or '_' interchangeably with the module name.

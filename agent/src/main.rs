@@ -11,6 +11,7 @@ mod container;
 mod init;
 mod logger;
 mod mounts;
+mod net;
 mod oom;
 mod reaper;
 mod seccomp;

@@ -78,6 +78,8 @@ impl pb::AgentService for Agent {
             nix::unistd::sethostname(&req.hostname)
                 .map_err(|e| get_rpc_status(Code::INVALID_ARGUMENT, format!("sethostname: {e}")))?;
         }
+        crate::net::configure(&req.interfaces, &req.routes)
+            .map_err(|e| get_rpc_status(Code::INTERNAL, format!("configuring the network: {e}")))?;
         log::info!("sandbox {} ready", req.sandbox_id);
         Ok(pb::Empty::default())
     }

@@ -226,7 +226,13 @@ impl Drop for ReadyListener {
 #[async_trait]
 pub trait AgentClient: Send + Sync {
     async fn health(&self) -> Result<pb::HealthResponse, AgentError>;
-    async fn create_sandbox(&self, sandbox_id: &str, hostname: &str) -> Result<(), AgentError>;
+    async fn create_sandbox(
+        &self,
+        sandbox_id: &str,
+        hostname: &str,
+        interfaces: Vec<pb::Interface>,
+        routes: Vec<pb::Route>,
+    ) -> Result<(), AgentError>;
     async fn destroy_sandbox(&self) -> Result<(), AgentError>;
     async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<u32, AgentError>;
     async fn start_process(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError>;
@@ -327,10 +333,18 @@ impl AgentClient for TtrpcAgent {
             .await
     }
 
-    async fn create_sandbox(&self, sandbox_id: &str, hostname: &str) -> Result<(), AgentError> {
+    async fn create_sandbox(
+        &self,
+        sandbox_id: &str,
+        hostname: &str,
+        interfaces: Vec<pb::Interface>,
+        routes: Vec<pb::Route>,
+    ) -> Result<(), AgentError> {
         let req = pb::CreateSandboxRequest {
             sandbox_id: sandbox_id.to_string(),
             hostname: hostname.to_string(),
+            interfaces,
+            routes,
             ..Default::default()
         };
         self.timed(

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod fs;
 pub mod ids;
+pub mod net;
 pub mod sandbox;
 pub mod shim;
 pub mod task;

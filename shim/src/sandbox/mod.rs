@@ -33,6 +33,8 @@ use spec::SharedBind;
 /// Longest unix socket path the kernel takes (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 const PID_FILES: [&str; 3] = ["vmm.pid", "virtiofsd.pid", "vsock.pid"];
+/// The pod network's veths and taps, for cleanup when the shim is gone.
+const NET_RECORD: &str = "net.json";
 const STOP_GRACE: Duration = Duration::from_secs(3);
 const FS_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once the agent announced itself, its port answers at once; this only covers slow hosts.
@@ -50,6 +52,8 @@ pub enum SandboxError {
     Vmm(#[from] VmmError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
     /// The VM did not come up; carries the end of the guest console.
     #[error("the sandbox VM did not come up: {reason}; guest console: {console}")]
     Boot { reason: String, console: String },
@@ -117,6 +121,7 @@ pub struct Sandbox {
     fs: Option<Box<dyn SharedFs>>,
     vmm: Option<Box<dyn Hypervisor>>,
     agent: Option<Arc<dyn AgentClient>>,
+    network: Option<crate::net::PodNetwork>,
     pub timings: Timings,
 }
 
@@ -143,6 +148,7 @@ impl Sandbox {
             fs: None,
             vmm: None,
             agent: None,
+            network: None,
             timings: Timings::new(),
         };
         if let Err(e) = sandbox.make_share() {
@@ -300,12 +306,40 @@ impl Sandbox {
             fs_tag: hako_protocol::SHARED_FS_TAG.to_string(),
             agent_socket: self.paths.agent_socket.clone(),
             console_log: self.paths.console_log.clone(),
+            net: self
+                .network
+                .iter()
+                .flat_map(|n| n.links.iter())
+                .map(|l| crate::vmm::NetDevice {
+                    tap_fd: std::os::fd::AsRawFd::as_raw_fd(&l.fd),
+                    mac: l.mac.clone(),
+                })
+                .collect(),
         }
     }
 
-    /// Starts virtiofsd and the VM and waits for the agent. On error the caller runs
-    /// `shutdown`, which stops whatever did start.
-    pub async fn boot(&mut self, hostname: &str) -> Result<(), SandboxError> {
+    /// Starts virtiofsd and the VM and waits for the agent. `netns` is the pod's network
+    /// namespace, whose interfaces the VM takes over (none: the VM has no NIC). On error the
+    /// caller runs `shutdown`, which stops whatever did start.
+    pub async fn boot(&mut self, hostname: &str, netns: Option<&Path>) -> Result<(), SandboxError> {
+        if let Some(netns) = netns {
+            let network = crate::net::setup(netns)?;
+            let record = serde_json::to_vec(&network.record()).unwrap_or_default();
+            let record_path = self.paths.dir.join(NET_RECORD);
+            fs::write(&record_path, record).map_err(io_err("writing", &record_path))?;
+            log::info!(
+                "sandbox {}: {} interface(s) from {}",
+                self.id,
+                network.links.len(),
+                netns.display()
+            );
+            self.network = Some(network);
+        } else {
+            log::info!(
+                "sandbox {}: no network namespace given; the VM has no network interface",
+                self.id
+            );
+        }
         self.timings.mark("sandbox_prepare");
         let spec = self.vm_spec();
         let dir = &self.paths.dir;
@@ -370,7 +404,13 @@ impl Sandbox {
             health.kernel_release,
             health.ready_since_boot_ms
         );
-        agent.create_sandbox(&self.id, hostname).await?;
+        let (interfaces, routes) = match &self.network {
+            Some(n) => (n.interfaces(), n.routes.clone()),
+            None => (Vec::new(), Vec::new()),
+        };
+        agent
+            .create_sandbox(&self.id, hostname, interfaces, routes)
+            .await?;
         self.agent = Some(agent);
         Ok(())
     }
@@ -403,6 +443,9 @@ impl Sandbox {
         if let Some(fs) = self.fs.take() {
             fs.process().stop(STOP_GRACE).await;
         }
+        if let Some(network) = self.network.take() {
+            network.teardown();
+        }
         mounts::unmount_all_under(&self.paths.dir)?;
         remove_sandbox_dir(&self.paths.dir)
     }
@@ -428,6 +471,11 @@ pub async fn cleanup_on_disk(
     let paths = SandboxPaths::new(root, namespace, sandbox_id)?;
     if !paths.dir.exists() {
         return Ok(());
+    }
+    if let Ok(bytes) = fs::read(paths.dir.join(NET_RECORD)) {
+        if let Ok(record) = serde_json::from_slice::<crate::net::NetRecord>(&bytes) {
+            crate::net::teardown_record(&record);
+        }
     }
     for name in PID_FILES {
         let pid_file = paths.dir.join(name);

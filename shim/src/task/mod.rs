@@ -249,6 +249,13 @@ impl TaskService {
 
         let mut sandbox_slot = self.sandbox.lock().await;
         let booting = sandbox_slot.is_none();
+        let netns = match crate::net::mode(&spec) {
+            crate::net::NetworkMode::Host if booting => {
+                return Err(TaskError::Sandbox(crate::net::NetError::HostNetwork.into()))
+            }
+            crate::net::NetworkMode::Namespace(path) => Some(path),
+            _ => None,
+        };
         if booting {
             let loaded = Config::load(config_path_option(req).as_deref())?;
             log::info!(
@@ -277,7 +284,7 @@ impl TaskService {
             Ok(()) => {
                 let hostname = spec.hostname().clone().unwrap_or_default();
                 let booted = if booting {
-                    sandbox.boot(&hostname).await
+                    sandbox.boot(&hostname, netns.as_deref()).await
                 } else {
                     Ok(())
                 };

@@ -52,6 +52,14 @@ pub struct VmSpec {
     pub agent_socket: PathBuf,
     /// Where the guest's serial console goes.
     pub console_log: PathBuf,
+    /// NICs: a tap queue fd (owned by the caller until the VMM has started) and the MAC.
+    pub net: Vec<NetDevice>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NetDevice {
+    pub tap_fd: std::os::fd::RawFd,
+    pub mac: String,
 }
 
 /// A VMM process running one VM.

@@ -15,6 +15,8 @@ use super::{choose_accel, AccelChoice, Hypervisor, VmSpec, VmmError};
 use crate::config::{HypervisorConfig, VsockConfig};
 use crate::daemon::{resolve_binary, Daemon};
 
+/// The tap fds reach QEMU as these descriptor numbers.
+const FIRST_NET_FD: i32 = 3;
 /// How long a helper may take to create its socket.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const QMP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -100,6 +102,20 @@ impl Qemu {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp.display()),
         ];
+        for (i, nic) in spec.net.iter().enumerate() {
+            let vhost = if std::path::Path::new("/dev/vhost-net").exists() {
+                ",vhost=on"
+            } else {
+                ""
+            };
+            args.push("-netdev".into());
+            args.push(format!(
+                "tap,id=net{i},fd={}{vhost}",
+                FIRST_NET_FD + i as i32
+            ));
+            args.push("-device".into());
+            args.push(format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac));
+        }
         if seccomp {
             args.push("-sandbox".into());
             args.push(
@@ -211,6 +227,21 @@ impl Hypervisor for Qemu {
         let qmp = spec.dir.join("qmp.sock");
         let mut cmd = Command::new(binary);
         cmd.args(Self::args(spec, self.accel.kvm, self.config.seccomp, &qmp));
+        let taps: Vec<i32> = spec.net.iter().map(|n| n.tap_fd).collect();
+        if !taps.is_empty() {
+            // SAFETY: runs in the forked child before exec and only calls dup2 (async-signal-safe).
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (i, fd) in taps.iter().enumerate() {
+                        // dup2 leaves the new descriptor open across exec.
+                        if libc::dup2(*fd, FIRST_NET_FD + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         let daemon = Daemon::spawn(
             "qemu",
             cmd,
@@ -278,6 +309,10 @@ mod tests {
             fs_tag: "hakoShared".into(),
             agent_socket: PathBuf::from("/run/hako/default/sb1/agent.sock"),
             console_log: PathBuf::from("/run/hako/default/sb1/console.log"),
+            net: vec![super::super::NetDevice {
+                tap_fd: 9,
+                mac: "02:42:0a:58:00:02".into(),
+            }],
         }
     }
 
@@ -301,6 +336,11 @@ mod tests {
         assert!(a.contains("-smp 2"), "{a}");
         assert!(a.contains("-sandbox on,"), "{a}");
         assert!(a.contains("-nodefaults"), "{a}");
+        assert!(a.contains("-netdev tap,id=net0,fd=3"), "{a}");
+        assert!(
+            a.contains("virtio-net-pci,netdev=net0,mac=02:42:0a:58:00:02"),
+            "{a}"
+        );
     }
 
     #[test]

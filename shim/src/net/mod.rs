@@ -1,0 +1,457 @@
+//! Pod networking on the host: for each veth in the pod's network namespace, a tap device in
+//! the same namespace, joined to the veth by tc ingress redirects both ways, and handed to the
+//! VMM as a file descriptor. The guest NIC takes the veth's MAC, MTU and addresses, so to the
+//! network plugin the VM is the veth.
+
+use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use hako_protocol as pb;
+use nix::sched::{setns, CloneFlags};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The spec asks for the host's network stack, which a VM cannot share.
+    #[error("host networking is not possible with hako: a VM cannot share the host's network stack; give the container a network namespace (the default for ctr, docker, CRI)")]
+    HostNetwork,
+    /// The network namespace could not be used.
+    #[error("network namespace {path}: {reason}")]
+    Namespace { path: PathBuf, reason: String },
+    /// An `ip` or `tc` command failed.
+    #[error("{command}: {message}")]
+    Command { command: String, message: String },
+    /// The tap device could not be created.
+    #[error("creating tap {name}: {source}")]
+    Tap {
+        name: String,
+        source: std::io::Error,
+    },
+    /// An interface name from the namespace is not a plain name.
+    #[error("unexpected interface name {0:?} in the pod's network namespace")]
+    BadName(String),
+}
+
+/// What the spec says about the pod's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// A network namespace with no path: a new, empty one. The VM gets no NIC.
+    Isolated,
+    /// The pod's network namespace, made by containerd, Docker or a CNI plugin.
+    Namespace(PathBuf),
+    /// No network namespace at all: the host's stack.
+    Host,
+}
+
+pub fn mode(spec: &Spec) -> NetworkMode {
+    let ns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|n| {
+            n.iter()
+                .find(|n| n.typ() == LinuxNamespaceType::Network)
+                .cloned()
+        });
+    match ns {
+        None => NetworkMode::Host,
+        Some(ns) => match ns.path() {
+            Some(path) => NetworkMode::Namespace(path.clone()),
+            None => NetworkMode::Isolated,
+        },
+    }
+}
+
+/// One veth and its tap.
+#[derive(Debug)]
+pub struct TapLink {
+    pub veth: String,
+    pub tap: String,
+    pub mac: String,
+    pub mtu: u32,
+    pub addresses: Vec<String>,
+    /// The tap's queue: the VMM reads and writes the guest's packets through it.
+    pub fd: OwnedFd,
+}
+
+/// What teardown needs, also written to the sandbox dir for the `delete` path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetRecord {
+    pub netns: PathBuf,
+    pub links: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+pub struct PodNetwork {
+    pub netns: PathBuf,
+    pub links: Vec<TapLink>,
+    pub routes: Vec<pb::Route>,
+}
+
+/// Interface names reach `ip`/`tc` argv: the kernel's own rules, but refuse anything odd.
+fn plain_name(name: &str) -> Result<&str, NetError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '@'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(NetError::BadName(name.to_string()))
+    }
+}
+
+fn run_in(netns: &Path, program: &str, args: &[&str]) -> Result<String, NetError> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
+        .arg(program)
+        .args(args);
+    let shown = format!("{program} {}", args.join(" "));
+    let out = cmd.output().map_err(|e| NetError::Command {
+        command: shown.clone(),
+        message: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(NetError::Command {
+            command: shown,
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct IpLink {
+    ifname: String,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    mtu: u32,
+    #[serde(default)]
+    link_type: String,
+    #[serde(default)]
+    addr_info: Vec<IpAddr>,
+}
+
+#[derive(Deserialize)]
+struct IpAddr {
+    family: String,
+    local: String,
+    prefixlen: u32,
+    #[serde(default)]
+    scope: String,
+}
+
+#[derive(Deserialize)]
+struct IpRoute {
+    dst: String,
+    #[serde(default)]
+    gateway: Option<String>,
+    #[serde(default)]
+    dev: String,
+}
+
+const TAP_SUFFIX: &str = "_hk";
+
+/// An ethernet link of the pod as `ip` shows it.
+#[derive(Debug, PartialEq, Eq)]
+struct FoundLink {
+    name: String,
+    mac: String,
+    mtu: u32,
+    addresses: Vec<String>,
+}
+
+/// Parses `ip -j addr show`: the pod's ethernet links with global addresses (loopback and our
+/// own taps skipped).
+fn parse_links(json: &str) -> Result<Vec<FoundLink>, NetError> {
+    let links: Vec<IpLink> = serde_json::from_str(json).map_err(|e| NetError::Command {
+        command: "ip -j addr show".to_string(),
+        message: e.to_string(),
+    })?;
+    let mut out = Vec::new();
+    for link in links {
+        if link.link_type != "ether" || link.ifname.ends_with(TAP_SUFFIX) {
+            continue;
+        }
+        // "eth0@if12": the part before '@' is the name.
+        let name = link
+            .ifname
+            .split('@')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        plain_name(&name)?;
+        let addresses = link
+            .addr_info
+            .iter()
+            .filter(|a| a.scope == "global" && (a.family == "inet" || a.family == "inet6"))
+            .map(|a| format!("{}/{}", a.local, a.prefixlen))
+            .collect();
+        out.push(FoundLink {
+            name,
+            mac: link.address,
+            mtu: link.mtu,
+            addresses,
+        });
+    }
+    Ok(out)
+}
+
+/// Parses `ip -j route show`: the routes through a gateway on one of `devs`.
+fn parse_routes(json: &str, devs: &[String], ipv6: bool) -> Vec<pb::Route> {
+    let routes: Vec<IpRoute> = serde_json::from_str(json).unwrap_or_default();
+    routes
+        .into_iter()
+        .filter(|r| devs.contains(&r.dev))
+        .filter_map(|r| {
+            Some(pb::Route {
+                destination: r.dst,
+                gateway: r.gateway?,
+                ipv6,
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
+/// Opens a tap device named `name` inside `netns`. The namespace switch happens on a thread of
+/// its own, so no other thread of the shim changes namespace.
+fn open_tap(netns: &Path, name: &str) -> Result<OwnedFd, NetError> {
+    let netns = netns.to_path_buf();
+    let name = name.to_string();
+    let tap_err = |source| NetError::Tap {
+        name: name.clone(),
+        source,
+    };
+    let thread_name = name.clone();
+    let result = std::thread::spawn(move || -> std::io::Result<OwnedFd> {
+        let ns = fs::File::open(&netns)?;
+        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        let tun = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
+        #[repr(C)]
+        struct IfReq {
+            name: [u8; libc::IFNAMSIZ],
+            flags: libc::c_short,
+            _pad: [u8; 22],
+        }
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+            _pad: [0; 22],
+        };
+        req.name[..thread_name.len()].copy_from_slice(thread_name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is, on a tun fd we own.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &mut req) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from(tun))
+    })
+    .join();
+    match result {
+        Ok(fd) => fd.map_err(tap_err),
+        Err(_) => Err(tap_err(std::io::Error::other(
+            "the namespace thread panicked",
+        ))),
+    }
+}
+
+/// Builds the taps and redirects. On error, what was made is removed again.
+pub fn setup(netns: &Path) -> Result<PodNetwork, NetError> {
+    if !netns.exists() {
+        return Err(NetError::Namespace {
+            path: netns.to_path_buf(),
+            reason: "does not exist".to_string(),
+        });
+    }
+    let found = parse_links(&run_in(netns, "ip", &["-j", "addr", "show"])?)?;
+    let mut network = PodNetwork {
+        netns: netns.to_path_buf(),
+        links: Vec::new(),
+        routes: Vec::new(),
+    };
+    for (index, link) in found.into_iter().enumerate() {
+        let FoundLink {
+            name: veth,
+            mac,
+            mtu,
+            addresses,
+        } = link;
+        let tap = format!("tap{index}{TAP_SUFFIX}");
+        match link_one(netns, &veth, &tap, mtu) {
+            Ok(fd) => network.links.push(TapLink {
+                veth,
+                tap,
+                mac,
+                mtu,
+                addresses,
+                fd,
+            }),
+            Err(e) => {
+                unlink(netns, &veth, &tap);
+                network.teardown();
+                return Err(e);
+            }
+        }
+    }
+    let devs: Vec<String> = network.links.iter().map(|l| l.veth.clone()).collect();
+    network.routes = parse_routes(
+        &run_in(netns, "ip", &["-j", "-4", "route", "show"])?,
+        &devs,
+        false,
+    );
+    network.routes.extend(parse_routes(
+        &run_in(netns, "ip", &["-j", "-6", "route", "show"])?,
+        &devs,
+        true,
+    ));
+    Ok(network)
+}
+
+fn link_one(netns: &Path, veth: &str, tap: &str, mtu: u32) -> Result<OwnedFd, NetError> {
+    let fd = open_tap(netns, tap)?;
+    let mtu = mtu.max(68).to_string();
+    run_in(netns, "ip", &["link", "set", "dev", tap, "mtu", &mtu, "up"])?;
+    for dev in [veth, tap] {
+        run_in(netns, "tc", &["qdisc", "add", "dev", dev, "ingress"])?;
+    }
+    for (from, to) in [(veth, tap), (tap, veth)] {
+        run_in(
+            netns,
+            "tc",
+            &[
+                "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
+                "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+            ],
+        )?;
+    }
+    Ok(fd)
+}
+
+/// Removes the veth's ingress qdisc (and with it the filter) and the tap; the veth stays as the
+/// network plugin made it. Missing pieces are fine.
+fn unlink(netns: &Path, veth: &str, tap: &str) {
+    let _ = run_in(netns, "tc", &["qdisc", "del", "dev", veth, "ingress"]);
+    let _ = run_in(netns, "ip", &["link", "del", "dev", tap]);
+}
+
+impl PodNetwork {
+    pub fn record(&self) -> NetRecord {
+        NetRecord {
+            netns: self.netns.clone(),
+            links: self
+                .links
+                .iter()
+                .map(|l| (l.veth.clone(), l.tap.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn teardown(&self) {
+        teardown_record(&self.record());
+    }
+
+    pub fn interfaces(&self) -> Vec<pb::Interface> {
+        self.links
+            .iter()
+            .map(|l| pb::Interface {
+                name: l.veth.clone(),
+                mac: l.mac.clone(),
+                mtu: l.mtu,
+                addresses: l.addresses.clone(),
+                ..Default::default()
+            })
+            .collect()
+    }
+}
+
+pub fn teardown_record(record: &NetRecord) {
+    if !record.netns.exists() {
+        return;
+    }
+    for (veth, tap) in &record.links {
+        if plain_name(veth).is_ok() && plain_name(tap).is_ok() {
+            unlink(&record.netns, veth, tap);
+        }
+    }
+}
+
+/// Duplicates a tap fd for a child process (QEMU takes them by number).
+pub fn dup_fd(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: dup of a valid fd; the result is owned by the OwnedFd.
+    let raw = unsafe { libc::dup(fd.as_raw_fd()) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_modes_follow_the_spec() {
+        let spec = |ns: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":[{ns}]}}}}"#
+            ))
+            .expect("spec")
+        };
+        assert_eq!(mode(&spec(r#"{"type":"pid"}"#)), NetworkMode::Host);
+        assert_eq!(mode(&spec(r#"{"type":"network"}"#)), NetworkMode::Isolated);
+        assert_eq!(
+            mode(&spec(r#"{"type":"network","path":"/run/netns/p"}"#)),
+            NetworkMode::Namespace(PathBuf::from("/run/netns/p"))
+        );
+    }
+
+    #[test]
+    fn links_and_routes_are_read_from_ip_json() {
+        let links = r#"[
+          {"ifname":"lo","link_type":"loopback","address":"00:00:00:00:00:00","mtu":65536,"addr_info":[]},
+          {"ifname":"eth0@if7","link_type":"ether","address":"02:42:0a:58:00:02","mtu":1450,
+           "addr_info":[{"family":"inet","local":"10.88.0.2","prefixlen":16,"scope":"global"},
+                        {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"},
+                        {"family":"inet6","local":"fd00::2","prefixlen":64,"scope":"global"}]},
+          {"ifname":"tap0_hk","link_type":"ether","address":"aa:aa:aa:aa:aa:aa","mtu":1500,"addr_info":[]}]"#;
+        let parsed = parse_links(links).expect("parsed");
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(
+            parsed[0],
+            FoundLink {
+                name: "eth0".into(),
+                mac: "02:42:0a:58:00:02".into(),
+                mtu: 1450,
+                addresses: vec!["10.88.0.2/16".into(), "fd00::2/64".into()],
+            }
+        );
+
+        let routes = r#"[{"dst":"default","gateway":"10.88.0.1","dev":"eth0"},
+                         {"dst":"10.88.0.0/16","dev":"eth0","scope":"link"},
+                         {"dst":"default","gateway":"192.168.1.1","dev":"other"}]"#;
+        let parsed = parse_routes(routes, &["eth0".to_string()], false);
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0].destination, "default");
+        assert_eq!(parsed[0].gateway, "10.88.0.1");
+    }
+
+    #[test]
+    fn odd_names_are_refused() {
+        assert!(plain_name("eth0").is_ok());
+        for bad in ["", "-x", "a b", "x;y", &"e".repeat(16)] {
+            assert!(plain_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
