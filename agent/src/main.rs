@@ -75,9 +75,10 @@ async fn serve(started: Instant) -> Result<(), String> {
         .unwrap_or_default();
     cgroup::enable_controllers();
     let (oom, oom_events) = oom::OomMonitor::new();
-    let containers = Arc::new(container::Containers::new(reaper, oom));
+    let containers = Arc::new(container::Containers::new(reaper.clone(), oom));
     server::poll_oom(containers.clone());
     let agent = server::Agent {
+        reaper,
         oom_events: tokio::sync::Mutex::new(oom_events),
         containers,
         kernel_release,

@@ -3,10 +3,13 @@
 //! image carries.
 
 use std::fs;
+use std::io::Read;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use hako_protocol as pb;
+
+use crate::reaper::Reaper;
 
 const IP: &str = "/bin/busybox";
 
@@ -37,22 +40,31 @@ fn checked(value: &str) -> Result<&str, NetError> {
     }
 }
 
-fn ip(args: &[&str]) -> Result<(), NetError> {
-    let out = Command::new(IP)
+/// Runs busybox `ip`. PID 1's reaper collects every child, so the exit status comes from it,
+/// not from waiting on the child (which would race the reaper and see ECHILD).
+async fn ip(reaper: &Reaper, args: &[&str]) -> Result<(), NetError> {
+    let failed = |message: String| NetError::Ip {
+        args: args.join(" "),
+        message,
+    };
+    let mut child = Command::new(IP)
         .arg("ip")
         .args(args)
-        .output()
-        .map_err(|e| NetError::Ip {
-            args: args.join(" "),
-            message: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NetError::Ip {
-            args: args.join(" "),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| failed(e.to_string()))?;
+    let exit = reaper.watch(child.id() as i32);
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        // `ip` is short-lived; the pipe ends when it exits.
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    match exit.await {
+        Ok(0) => Ok(()),
+        Ok(status) => Err(failed(format!("exit status {status}: {}", stderr.trim()))),
+        Err(_) => Err(failed("the reaper went away".to_string())),
     }
 }
 
@@ -69,15 +81,19 @@ fn link_with_mac(mac: &str) -> Result<String, NetError> {
     Err(NetError::NoSuchMac(mac.to_string()))
 }
 
-pub fn configure(interfaces: &[pb::Interface], routes: &[pb::Route]) -> Result<(), NetError> {
+pub async fn configure(
+    reaper: &Reaper,
+    interfaces: &[pb::Interface],
+    routes: &[pb::Route],
+) -> Result<(), NetError> {
     if Path::new("/sys/class/net/lo").exists() {
-        ip(&["link", "set", "dev", "lo", "up"])?;
+        ip(reaper, &["link", "set", "dev", "lo", "up"]).await?;
     }
     for iface in interfaces {
         let dev = link_with_mac(checked(&iface.mac)?)?;
         let mtu = iface.mtu.to_string();
         if iface.mtu > 0 {
-            ip(&["link", "set", "dev", &dev, "mtu", &mtu])?;
+            ip(reaper, &["link", "set", "dev", &dev, "mtu", &mtu]).await?;
         }
         // No duplicate address detection: the addresses are the pod's, already in use on the
         // host side, and DAD would hold IPv6 back for a second or more.
@@ -85,9 +101,9 @@ pub fn configure(interfaces: &[pb::Interface], routes: &[pb::Route]) -> Result<(
         for address in &iface.addresses {
             let address = checked(address)?;
             let family = if address.contains(':') { "-6" } else { "-4" };
-            ip(&[family, "addr", "add", address, "dev", &dev])?;
+            ip(reaper, &[family, "addr", "add", address, "dev", &dev]).await?;
         }
-        ip(&["link", "set", "dev", &dev, "up"])?;
+        ip(reaper, &["link", "set", "dev", &dev, "up"]).await?;
         log::info!(
             "interface {dev} ({}) configured as {}",
             iface.mac,
@@ -98,7 +114,11 @@ pub fn configure(interfaces: &[pb::Interface], routes: &[pb::Route]) -> Result<(
         let family = if route.ipv6 { "-6" } else { "-4" };
         let destination = checked(&route.destination)?;
         let gateway = checked(&route.gateway)?;
-        ip(&[family, "route", "add", destination, "via", gateway])?;
+        ip(
+            reaper,
+            &[family, "route", "add", destination, "via", gateway],
+        )
+        .await?;
     }
     Ok(())
 }

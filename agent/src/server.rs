@@ -17,6 +17,7 @@ const MAX_READ: usize = 1024 * 1024;
 
 pub struct Agent {
     pub containers: Arc<Containers>,
+    pub reaper: Arc<crate::reaper::Reaper>,
     pub kernel_release: String,
     pub ready_since_boot_ms: u64,
     /// Ids of OOM-killed containers, from `watch_oom`.
@@ -78,7 +79,8 @@ impl pb::AgentService for Agent {
             nix::unistd::sethostname(&req.hostname)
                 .map_err(|e| get_rpc_status(Code::INVALID_ARGUMENT, format!("sethostname: {e}")))?;
         }
-        crate::net::configure(&req.interfaces, &req.routes)
+        crate::net::configure(&self.reaper, &req.interfaces, &req.routes)
+            .await
             .map_err(|e| get_rpc_status(Code::INTERNAL, format!("configuring the network: {e}")))?;
         log::info!("sandbox {} ready", req.sandbox_id);
         Ok(pb::Empty::default())
