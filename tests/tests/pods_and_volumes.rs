@@ -167,6 +167,25 @@ fn shim_pid_for(id: &str) -> Option<u32> {
     })
 }
 
+/// Waits (bounded) until containerd has noticed a task's shim died, then removes what it keeps
+/// of the task and its container.
+fn forget_dead_task(c: &Containerd, id: &str) {
+    let started = Instant::now();
+    while c.task_status(id).as_deref() == Some("RUNNING") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "containerd never noticed {id}'s shim died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if c.task_status(id).is_some() {
+        let r = c.ctr(&["task", "delete", id]);
+        assert!(r.code == 0 || r.stderr.contains("not found"), "{r:?}");
+    }
+    let r = c.ctr(&["container", "rm", id]);
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
 #[test]
 #[ignore = "boots VMs: run through scripts/test.sh"]
 fn killing_the_shim_leaves_nothing_after_delete() {
@@ -181,20 +200,7 @@ fn killing_the_shim_leaves_nothing_after_delete() {
         .unwrap();
 
         // containerd sees the shim go and runs `delete`; the task ends up stopped or gone.
-        let started = Instant::now();
-        while c.task_status("crash1").as_deref() == Some("RUNNING") {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the task still runs"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if c.task_status("crash1").is_some() {
-            let r = c.ctr(&["task", "delete", "crash1"]);
-            assert!(r.code == 0 || r.stderr.contains("not found"), "{r:?}");
-        }
-        let r = c.ctr(&["container", "rm", "crash1"]);
-        assert_eq!(r.code, 0, "{r:?}");
+        forget_dead_task(c, "crash1");
         assert_no_leaks("after containerd cleaned up the killed shim");
 
         // By hand, with containerd frozen so that only the subcommand can clean up: a shim
@@ -237,19 +243,6 @@ fn killing_the_shim_leaves_nothing_after_delete() {
             assert!(left.is_empty(), "round {round}: left behind: {left:#?}");
         }
         nix::sys::signal::kill(containerd, nix::sys::signal::Signal::SIGCONT).unwrap();
-        let started = Instant::now();
-        while c.task_status("crash2").as_deref() == Some("RUNNING") {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "containerd never noticed"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if c.task_status("crash2").is_some() {
-            let r = c.ctr(&["task", "delete", "crash2"]);
-            assert!(r.code == 0 || r.stderr.contains("not found"), "{r:?}");
-        }
-        let r = c.ctr(&["container", "rm", "crash2"]);
-        assert_eq!(r.code, 0, "{r:?}");
+        forget_dead_task(c, "crash2");
     });
 }
