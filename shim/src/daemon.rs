@@ -160,10 +160,6 @@ impl Daemon {
         self.pid
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Changes to `Some(code)` when the process exits.
     pub fn exit_watch(&self) -> watch::Receiver<Option<ExitCode>> {
         self.exit.clone()

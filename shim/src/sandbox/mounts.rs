@@ -275,13 +275,20 @@ mod tests {
     }
 
     #[test]
-    fn remove_tree_removes_plain_trees() {
+    fn remove_tree_removes_the_link_not_its_target() {
         let dir = std::env::temp_dir().join(format!("hako-rm-{}", std::process::id()));
+        let outside = std::env::temp_dir().join(format!("hako-rm-outside-{}", std::process::id()));
         fs::create_dir_all(dir.join("a/b")).expect("mkdir");
+        fs::create_dir_all(&outside).expect("mkdir");
         fs::write(dir.join("a/b/f"), "x").expect("write");
-        std::os::unix::fs::symlink("/etc", dir.join("a/link")).expect("symlink");
+        fs::write(outside.join("marker"), "keep").expect("write");
+        std::os::unix::fs::symlink(&outside, dir.join("a/link")).expect("symlink");
         remove_tree(&dir).expect("remove");
         assert!(!dir.exists());
-        assert!(Path::new("/etc/hostname").exists() || Path::new("/etc").exists());
+        assert_eq!(
+            fs::read_to_string(outside.join("marker")).expect("marker kept"),
+            "keep"
+        );
+        fs::remove_dir_all(&outside).expect("cleanup");
     }
 }

@@ -65,7 +65,6 @@ pub struct NetDevice {
 /// A VMM process running one VM.
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
-    fn name(&self) -> &'static str;
     /// Starts what the VMM needs before the shared filesystem is ready (such as a vsock
     /// backend), so it can come up in parallel with it.
     async fn prepare(&mut self, spec: &VmSpec) -> Result<(), VmmError>;

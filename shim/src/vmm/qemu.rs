@@ -45,10 +45,6 @@ impl Qemu {
         })
     }
 
-    pub fn accel(&self) -> &AccelChoice {
-        &self.accel
-    }
-
     fn vhost_user_vsock_socket(dir: &Path) -> PathBuf {
         dir.join("vhu.sock")
     }
@@ -191,10 +187,6 @@ async fn qmp_expect_return(lines: &mut QmpLines) -> Result<(), String> {
 
 #[async_trait]
 impl Hypervisor for Qemu {
-    fn name(&self) -> &'static str {
-        "qemu"
-    }
-
     async fn prepare(&mut self, spec: &VmSpec) -> Result<(), VmmError> {
         let binary = resolve_binary("vhost-device-vsock", &self.vsock_config.path)?;
         let mut cmd = Command::new(binary);
