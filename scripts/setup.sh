@@ -9,13 +9,15 @@
 # - containerd 1.7 (Debian 13) and 2.x (Debian unstable) unpacked side by side under
 #   /opt/hako/containerd/<version>/ without touching the system's packages; the end-to-end
 #   tests run against each.
+# - Docker Engine 26 (Debian 13) unpacked the same way under /opt/hako/docker/<version>/.
 set -euo pipefail
 
 VIRTIOFSD_VERSION=1.14.0
 VSOCK_VERSION=0.3.0
 CONTAINERD_ROOT=/opt/hako/containerd
+DOCKER_ROOT=/opt/hako/docker
 APT_PACKAGES=(qemu-system-x86 libcap-ng-dev libseccomp-dev pkg-config busybox-static cpio
-    iproute2 kmod ca-certificates file procps)
+    iproute2 kmod ca-certificates file procps curl)
 
 step() { echo "setup: $*"; }
 fail() {
@@ -64,7 +66,7 @@ cargo_install vhost-device-vsock "$VSOCK_VERSION" vhost-device-vsock
 # system's own packages stay as they are. The extra suites are pinned to priority 1.
 sources=/etc/apt/sources.list.d/hako-containerd.sources
 if [[ ! -f $sources ]]; then
-    step "adding the trixie and sid package lists (pinned low; used only to download containerd)"
+    step "adding the trixie and sid package lists (pinned low; used only to download containerd and docker)"
     uri="$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)"
     uri="${uri:-http://deb.debian.org/debian}"
     cat >"$sources" <<EOF
@@ -86,27 +88,32 @@ EOF
     apt-get update -q >/dev/null || fail "apt-get update with trixie/sid failed"
 fi
 
-fetch_containerd() {
-    local suite="$1" version
-    version="$(apt-cache madison containerd | awk -v s="$suite" '$0 ~ s"/main" {print $3; exit}')"
-    [[ -n "$version" ]] || fail "no containerd in $suite"
-    local dir="$CONTAINERD_ROOT/$version"
-    if [[ -x "$dir/usr/bin/containerd" ]]; then
-        step "containerd $version ($suite) present"
+# Unpacks the .deb files of one suite's version of `package` (and of `extra` packages of the
+# same source version) into <root>/<version>/.
+fetch_debs() {
+    local root="$1" suite="$2" package="$3" check="$4" extra="${5:-}" version
+    version="$(apt-cache madison "$package" | awk -v s="$suite" '$0 ~ s"/main" {print $3; exit}')"
+    [[ -n "$version" ]] || fail "no $package in $suite"
+    local dir="$root/$version"
+    if [[ -x "$dir/$check" ]]; then
+        step "$package $version ($suite) present"
         return
     fi
-    step "fetching containerd $version from $suite"
-    local tmp
+    step "fetching $package $version from $suite"
+    local tmp pkgs=("$package=$version")
+    [[ -n $extra ]] && pkgs+=("$extra=$version")
     tmp="$(mktemp -d)"
-    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "containerd=$version") >/dev/null ||
-        fail "apt-get download containerd=$version failed"
+    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "${pkgs[@]}") >/dev/null ||
+        fail "apt-get download ${pkgs[*]} failed"
     mkdir -p "$dir.tmp"
-    dpkg-deb -x "$tmp"/containerd_*.deb "$dir.tmp"
+    for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$dir.tmp"; done
     rm -rf "$tmp" "$dir"
     mv "$dir.tmp" "$dir"
-    "$dir/usr/bin/containerd" --version
 }
-fetch_containerd trixie
-fetch_containerd sid
+fetch_debs "$CONTAINERD_ROOT" trixie containerd usr/bin/containerd
+fetch_debs "$CONTAINERD_ROOT" sid containerd usr/bin/containerd
+# Docker Engine 26 (Debian 13) with its client: the first with `--runtime io.containerd.<x>.v2`
+# (Debian 12's 20.10 only knows runc). Tests run its dockerd against the containerd above.
+fetch_debs "$DOCKER_ROOT" trixie docker.io usr/sbin/dockerd docker-cli
 
 step "done"

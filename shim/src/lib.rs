@@ -8,6 +8,7 @@ pub mod agent_client;
 pub mod config;
 pub mod daemon;
 pub mod fs;
+pub mod hooks;
 pub mod ids;
 pub mod net;
 pub mod sandbox;

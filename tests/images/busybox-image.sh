@@ -1,5 +1,6 @@
 #!/bin/bash
-# Builds a tiny OCI image archive from Debian's static busybox, for `ctr image import`: no
+# Builds a tiny OCI image archive from Debian's static busybox, for `ctr image import` and
+# `docker load`: no
 # registry is needed. Reproducible: the same busybox gives the same digests.
 #
 #   tests/images/busybox-image.sh OUT.tar [REF]     (REF default: hako.local/busybox:latest)
@@ -45,5 +46,11 @@ manifest="$(put "$work/manifest.json" application/vnd.oci.image.manifest.v1+json
 manifest="${manifest%\}},\"platform\":{\"architecture\":\"amd64\",\"os\":\"linux\"},\"annotations\":{\"org.opencontainers.image.ref.name\":\"$ref\",\"io.containerd.image.name\":\"$ref\"}}"
 printf '{"schemaVersion":2,"manifests":[%s]}' "$manifest" >"$work/oci/index.json"
 printf '{"imageLayoutVersion":"1.0.0"}' >"$work/oci/oci-layout"
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/oci" -cf "$out" oci-layout index.json blobs
+# manifest.json makes the same archive loadable by `docker load` (Docker's archive format points
+# at the same blobs).
+digest_of() { sed -E 's/.*"digest":"sha256:([0-9a-f]+)".*/\1/' <<<"$1"; }
+printf '[{"Config":"blobs/sha256/%s","RepoTags":["%s"],"Layers":["blobs/sha256/%s"]}]' \
+    "$(digest_of "$config")" "$ref" "$(digest_of "$layer")" >"$work/oci/manifest.json"
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/oci" -cf "$out" \
+    oci-layout index.json manifest.json blobs
 echo "busybox-image: wrote $out ($ref)"

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // Test harness: a failed step should fail the test loudly.
 
+pub mod docker;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
@@ -184,7 +186,7 @@ impl Containerd {
         containerd
     }
 
-    fn socket(&self) -> PathBuf {
+    pub fn socket(&self) -> PathBuf {
         self.dir.join("containerd.sock")
     }
 

@@ -386,6 +386,116 @@ pub fn teardown_record(record: &NetRecord) {
     }
 }
 
+/// A thread of the shim parked in a network namespace. Hooks get its id as the container's
+/// pid: Docker's `libnetwork-setkey` and CNI hooks find the namespace as `/proc/<pid>/ns/net`,
+/// which names a thread's namespace as well as a process's. No extra process is needed, and the
+/// thread never runs anything else.
+pub struct NetnsHolder {
+    tid: u32,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum HolderTarget {
+    /// A new, empty namespace, kept alive by a bind mount on this file.
+    New(PathBuf),
+    Existing(PathBuf),
+}
+
+impl NetnsHolder {
+    /// Makes a new network namespace and bind-mounts it at `bind_at` (a file that must not
+    /// exist yet; unmounting it and removing it is the caller's cleanup).
+    pub fn create(bind_at: &Path) -> Result<Self, NetError> {
+        Self::spawn(HolderTarget::New(bind_at.to_path_buf()))
+    }
+
+    /// Parks a thread in the namespace at `path`.
+    pub fn enter(path: &Path) -> Result<Self, NetError> {
+        Self::spawn(HolderTarget::Existing(path.to_path_buf()))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.tid
+    }
+
+    fn spawn(target: HolderTarget) -> Result<Self, NetError> {
+        let path = match &target {
+            HolderTarget::New(p) | HolderTarget::Existing(p) => p.clone(),
+        };
+        let ns_err = |reason: String| NetError::Namespace {
+            path: path.clone(),
+            reason,
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u32, String>>();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("netns-holder".to_string())
+            .spawn(move || {
+                let entered = enter_on_this_thread(&target);
+                let tid = nix::unistd::gettid().as_raw() as u32;
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered.map(|()| tid));
+                if ok {
+                    // Parked until the holder is dropped (the sender goes away).
+                    let _ = stop_rx.recv();
+                }
+            })
+            .map_err(|e| ns_err(format!("starting a thread: {e}")))?;
+        let mut holder = Self {
+            tid: 0,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        };
+        match ready_rx.recv() {
+            Ok(Ok(tid)) => {
+                holder.tid = tid;
+                Ok(holder)
+            }
+            Ok(Err(reason)) => Err(ns_err(reason)),
+            Err(_) => Err(ns_err("the namespace thread died".to_string())),
+        }
+    }
+}
+
+fn enter_on_this_thread(target: &HolderTarget) -> Result<(), String> {
+    match target {
+        HolderTarget::Existing(path) => {
+            let ns = fs::File::open(path).map_err(|e| e.to_string())?;
+            setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))
+        }
+        HolderTarget::New(bind_at) => {
+            // Only this thread moves: network namespaces are per task.
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(bind_at)
+                .map_err(|e| format!("creating the mount point: {e}"))?;
+            let bound = nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                bind_at,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            );
+            if let Err(e) = bound {
+                let _ = fs::remove_file(bind_at);
+                return Err(format!("bind-mounting the namespace: {e}"));
+            }
+            Ok(())
+        }
+    }
+}
+
+impl Drop for NetnsHolder {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Duplicates a tap fd for a child process (QEMU takes them by number).
 pub fn dup_fd(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
     // SAFETY: dup of a valid fd; the result is owned by the OwnedFd.
@@ -445,6 +555,32 @@ mod tests {
         assert_eq!(parsed.len(), 1);
         assert_eq!(parsed[0].destination, "default");
         assert_eq!(parsed[0].gateway, "10.88.0.1");
+    }
+
+    #[test]
+    fn a_holder_thread_names_a_new_namespace_by_its_pid() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to make a network namespace");
+            return;
+        }
+        let bind_at = std::env::temp_dir().join(format!("hako-netns-{}", std::process::id()));
+        let holder = NetnsHolder::create(&bind_at).expect("holder");
+        let ns_of = |p: &str| fs::read_link(p).expect(p).display().to_string();
+        let held = ns_of(&format!("/proc/{}/ns/net", holder.pid()));
+        assert_ne!(
+            held,
+            ns_of("/proc/self/ns/net"),
+            "the thread moved, the shim did not"
+        );
+        // The bind mount is the same namespace, and outlives the thread.
+        drop(holder);
+        let bound = fs::File::open(&bind_at).expect("bound");
+        let again = NetnsHolder::enter(&bind_at).expect("enter");
+        assert_eq!(ns_of(&format!("/proc/{}/ns/net", again.pid())), held);
+        drop((again, bound));
+        nix::mount::umount(&bind_at).expect("unmount");
+        fs::remove_file(&bind_at).expect("remove");
+        assert!(NetnsHolder::enter(&bind_at).is_err());
     }
 
     #[test]

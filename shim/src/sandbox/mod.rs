@@ -3,8 +3,9 @@
 //! Layout of `<sandbox_root>/<namespace>/<sandbox id>/`:
 //! `rw/` (the host writes here) and `ro/` (a read-only bind of `rw/`, a slave of it so later
 //! mounts under `rw/` appear; virtiofsd serves only `ro/`), the sockets `fs.sock`, `vhu.sock`,
-//! `agent.sock`, `qmp.sock`, logs (`console.log`, `vmm.log`, `virtiofsd.log`, `vsock.log`) and
-//! pid files. Each container gets `rw/<cid>/rootfs` (a bind of the bundle's rootfs) and
+//! `agent.sock`, `qmp.sock`, logs (`console.log`, `vmm.log`, `virtiofsd.log`, `vsock.log`), the
+//! pod's own network namespace `netns` when the shim made one, and
+//! pid files. Each container gets `rw/<cid>/rootfs` (a bind of its rootfs) and
 //! `rw/<cid>/mounts/<n>-<name>` for its bind mounts.
 
 pub mod mounts;
@@ -23,7 +24,9 @@ use crate::agent_client::{dial, AgentClient, AgentError, ReadyListener, TtrpcAge
 use crate::config::Config;
 use crate::daemon::{kill_from_pid_file, tail, wait_gone, DaemonError};
 use crate::fs::{FsPaths, SharedFs, Virtiofsd};
+use crate::hooks::{self, HookError};
 use crate::ids::{validate, IdError};
+use crate::net::{NetError, NetnsHolder, NetworkMode, PodNetwork};
 use crate::timing::Timings;
 use crate::vmm::qemu::Qemu;
 use crate::vmm::{kernel_cmdline, Hypervisor, VmSpec, VmmError};
@@ -35,6 +38,9 @@ const MAX_SOCKET_PATH: usize = 107;
 const PID_FILES: [&str; 3] = ["vmm.pid", "virtiofsd.pid", "vsock.pid"];
 /// The pod network's veths and taps, for cleanup when the shim is gone.
 const NET_RECORD: &str = "net.json";
+/// Mount point of the network namespace the shim makes when the caller's hooks set up the
+/// network (Docker, nerdctl) instead of handing over a namespace path.
+const OWN_NETNS: &str = "netns";
 const STOP_GRACE: Duration = Duration::from_secs(3);
 const FS_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once the agent announced itself, its port answers at once; this only covers slow hosts.
@@ -53,7 +59,9 @@ pub enum SandboxError {
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
-    Net(#[from] crate::net::NetError),
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Hook(#[from] HookError),
     /// The VM did not come up; carries the end of the guest console.
     #[error("the sandbox VM did not come up: {reason}; guest console: {console}")]
     Boot { reason: String, console: String },
@@ -121,7 +129,11 @@ pub struct Sandbox {
     fs: Option<Box<dyn SharedFs>>,
     vmm: Option<Box<dyn Hypervisor>>,
     agent: Option<Arc<dyn AgentClient>>,
-    network: Option<crate::net::PodNetwork>,
+    /// The pod's network namespace, whose interfaces the VM takes over (none: no NIC).
+    netns: Option<PathBuf>,
+    /// A thread in `netns`, whose id hooks get as the container's pid.
+    holder: Option<NetnsHolder>,
+    network: Option<PodNetwork>,
     pub timings: Timings,
 }
 
@@ -148,6 +160,8 @@ impl Sandbox {
             fs: None,
             vmm: None,
             agent: None,
+            netns: None,
+            holder: None,
             network: None,
             timings: Timings::new(),
         };
@@ -185,18 +199,20 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Mounts a container's rootfs and binds into the share. On error nothing is left.
+    /// Mounts a container's rootfs (containerd's `rootfs` mounts on `bundle_rootfs`, or nothing
+    /// when the caller mounted it there itself, as Docker does) and binds it and the container's
+    /// volumes into the share. On error nothing is left.
     pub fn attach_container(
         &self,
         container_id: &str,
-        bundle: &Path,
+        bundle_rootfs: &Path,
         rootfs: &[RootfsMount],
         binds: &[SharedBind],
     ) -> Result<(), SandboxError> {
         validate("container id", container_id)?;
-        let result = self.try_attach(container_id, bundle, rootfs, binds);
+        let result = self.try_attach(container_id, bundle_rootfs, rootfs, binds);
         if result.is_err() {
-            self.detach_container(container_id, bundle, !rootfs.is_empty());
+            self.detach_container(container_id, bundle_rootfs, !rootfs.is_empty());
         }
         result
     }
@@ -204,19 +220,18 @@ impl Sandbox {
     fn try_attach(
         &self,
         container_id: &str,
-        bundle: &Path,
+        bundle_rootfs: &Path,
         rootfs: &[RootfsMount],
         binds: &[SharedBind],
     ) -> Result<(), SandboxError> {
-        let bundle_rootfs = bundle.join("rootfs");
         if !rootfs.is_empty() {
-            fs::create_dir_all(&bundle_rootfs).map_err(io_err("creating", &bundle_rootfs))?;
-            mounts::mount_rootfs(rootfs, &bundle_rootfs)?;
+            fs::create_dir_all(bundle_rootfs).map_err(io_err("creating", bundle_rootfs))?;
+            mounts::mount_rootfs(rootfs, bundle_rootfs)?;
         }
         let dir = self.paths.container_dir(container_id);
         let target = dir.join("rootfs");
         fs::create_dir_all(&target).map_err(io_err("creating", &target))?;
-        mounts::bind(&bundle_rootfs, &target, false)?;
+        mounts::bind(bundle_rootfs, &target, false)?;
         if !binds.is_empty() {
             let mounts_dir = dir.join("mounts");
             fs::create_dir_all(&mounts_dir).map_err(io_err("creating", &mounts_dir))?;
@@ -277,7 +292,7 @@ impl Sandbox {
     }
 
     /// Undoes `attach_container`. Best effort: every step runs, failures are logged.
-    pub fn detach_container(&self, container_id: &str, bundle: &Path, rootfs_mounted: bool) {
+    pub fn detach_container(&self, container_id: &str, bundle_rootfs: &Path, rootfs_mounted: bool) {
         let dir = self.paths.container_dir(container_id);
         if let Err(e) = mounts::unmount_all_under(&dir) {
             log::error!("container {container_id}: {e}");
@@ -286,7 +301,7 @@ impl Sandbox {
             log::error!("container {container_id}: {e}");
         }
         if rootfs_mounted {
-            if let Err(e) = mounts::unmount_all_under(&bundle.join("rootfs")) {
+            if let Err(e) = mounts::unmount_all_under(bundle_rootfs) {
                 log::error!("container {container_id}: {e}");
             }
         }
@@ -318,11 +333,53 @@ impl Sandbox {
         }
     }
 
-    /// Starts virtiofsd and the VM and waits for the agent. `netns` is the pod's network
-    /// namespace, whose interfaces the VM takes over (none: the VM has no NIC). On error the
-    /// caller runs `shutdown`, which stops whatever did start.
-    pub async fn boot(&mut self, hostname: &str, netns: Option<&Path>) -> Result<(), SandboxError> {
-        if let Some(netns) = netns {
+    /// Decides where the pod's network comes from, before `boot`: the namespace the spec names;
+    /// or, when the spec asks for a new one and hooks will configure it (`hooks_configure`), one
+    /// the shim makes; otherwise none, and the VM gets no NIC.
+    pub fn choose_network(
+        &mut self,
+        mode: &NetworkMode,
+        hooks_configure: bool,
+    ) -> Result<(), SandboxError> {
+        self.netns = match mode {
+            NetworkMode::Host => return Err(NetError::HostNetwork.into()),
+            NetworkMode::Namespace(path) => Some(path.clone()),
+            NetworkMode::Isolated if hooks_configure => {
+                let path = self.paths.dir.join(OWN_NETNS);
+                self.holder = Some(NetnsHolder::create(&path)?);
+                Some(path)
+            }
+            NetworkMode::Isolated => None,
+        };
+        Ok(())
+    }
+
+    /// Runs a container's `prestart` and `createRuntime` hooks on the host, with a thread in
+    /// the pod's network namespace standing in for the container's process.
+    pub async fn run_create_hooks(
+        &mut self,
+        hook_list: &[oci_spec::runtime::Hook],
+        mut state: hooks::State,
+    ) -> Result<(), SandboxError> {
+        if hook_list.is_empty() {
+            return Ok(());
+        }
+        if self.holder.is_none() {
+            if let Some(netns) = &self.netns {
+                self.holder = Some(NetnsHolder::enter(netns)?);
+            }
+        }
+        state.pid = self.holder.as_ref().map(NetnsHolder::pid).unwrap_or(0);
+        hooks::run("prestart/createRuntime", hook_list, &state).await?;
+        Ok(())
+    }
+
+    /// Starts virtiofsd and the VM and waits for the agent. The VM takes over the interfaces of
+    /// the namespace `choose_network` picked. On error the caller runs `shutdown`, which stops
+    /// whatever did start.
+    pub async fn boot(&mut self, hostname: &str) -> Result<(), SandboxError> {
+        if let Some(netns) = self.netns.clone() {
+            let netns = netns.as_path();
             let network = crate::net::setup(netns)?;
             let record = serde_json::to_vec(&network.record()).unwrap_or_default();
             let record_path = self.paths.dir.join(NET_RECORD);
@@ -429,6 +486,7 @@ impl Sandbox {
 
     /// Stops the VM and daemons and removes the sandbox dir. Safe to call at any stage.
     pub async fn shutdown(&mut self) -> Result<(), SandboxError> {
+        self.holder.take();
         if let Some(agent) = self.agent.take() {
             let vm_alive = self.vm_exit().is_some_and(|rx| rx.borrow().is_none());
             if vm_alive {

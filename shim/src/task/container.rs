@@ -36,9 +36,21 @@ impl ProcEntry {
     }
 }
 
+/// What the shim keeps from a container's spec after create.
+pub struct ContainerInfo {
+    /// The container's root filesystem on the host.
+    pub rootfs: PathBuf,
+    /// Host-side hooks for after start and after delete, and the state they read.
+    pub poststart: Vec<oci_spec::runtime::Hook>,
+    pub poststop: Vec<oci_spec::runtime::Hook>,
+    pub hook_state: crate::hooks::State,
+}
+
 pub struct Container {
     pub id: String,
     pub bundle: PathBuf,
+    pub info: ContainerInfo,
+    /// Whether the shim mounted the rootfs (from containerd's mounts) and must unmount it.
     pub rootfs_mounted: bool,
     pub init: Arc<ProcEntry>,
     execs: Mutex<HashMap<String, Arc<ProcEntry>>>,
@@ -46,14 +58,30 @@ pub struct Container {
 }
 
 impl Container {
-    pub fn new(id: &str, bundle: PathBuf, rootfs_mounted: bool, stdio: StdioPaths) -> Self {
+    pub fn new(
+        id: &str,
+        bundle: PathBuf,
+        info: ContainerInfo,
+        rootfs_mounted: bool,
+        stdio: StdioPaths,
+    ) -> Self {
         Self {
             id: id.to_string(),
             bundle,
+            info,
             rootfs_mounted,
             init: Arc::new(ProcEntry::new("", stdio)),
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
+        }
+    }
+
+    /// The state a poststart or poststop hook reads.
+    pub fn hook_state(&self, status: &'static str, pid: u32) -> crate::hooks::State {
+        crate::hooks::State {
+            status,
+            pid,
+            ..self.info.hook_state.clone()
         }
     }
 

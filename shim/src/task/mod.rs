@@ -32,12 +32,13 @@ use ttrpc::{Code, Error as TtrpcError};
 
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::{Config, ConfigError};
+use crate::hooks;
 use crate::ids::{validate, IdError};
 use crate::sandbox::mounts::RootfsMount;
 use crate::sandbox::spec::{to_guest, SpecError};
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::timing::Timings;
-use container::{Container, ProcEntry};
+use container::{Container, ContainerInfo, ProcEntry};
 use events::EventSender;
 use state::{wait_exit, Exit, StateError, Status};
 use stdio::{StdioError, StdioPaths};
@@ -247,15 +248,15 @@ impl TaskService {
             })
             .collect();
 
+        let create_hooks = hooks::create_hooks(&spec);
+        let hook_state = hooks::State::new(&spec, &req.id, "creating", 0, &bundle);
+        let network_mode = crate::net::mode(&spec);
+
         let mut sandbox_slot = self.sandbox.lock().await;
         let booting = sandbox_slot.is_none();
-        let netns = match crate::net::mode(&spec) {
-            crate::net::NetworkMode::Host if booting => {
-                return Err(TaskError::Sandbox(crate::net::NetError::HostNetwork.into()))
-            }
-            crate::net::NetworkMode::Namespace(path) => Some(path),
-            _ => None,
-        };
+        if booting && network_mode == crate::net::NetworkMode::Host {
+            return Err(TaskError::Sandbox(crate::net::NetError::HostNetwork.into()));
+        }
         if booting {
             let loaded = Config::load(config_path_option(req).as_deref())?;
             log::info!(
@@ -279,17 +280,37 @@ impl TaskService {
             });
         }
 
-        let attached = sandbox.attach_container(&req.id, &bundle, &rootfs, &binds);
+        let rootfs_dir = host_rootfs(&bundle, &spec, !rootfs.is_empty());
+        let attached = sandbox.attach_container(&req.id, &rootfs_dir, &rootfs, &binds);
         let result = match attached {
             Ok(()) => {
                 let hostname = spec.hostname().clone().unwrap_or_default();
-                let booted = if booting {
-                    sandbox.boot(&hostname, netns.as_deref()).await
-                } else {
-                    Ok(())
-                };
+                let booted = async {
+                    if booting {
+                        sandbox.choose_network(&network_mode, !create_hooks.is_empty())?;
+                    }
+                    // Hooks (Docker's network set-up among them) run before the VM takes the
+                    // namespace's interfaces over.
+                    sandbox
+                        .run_create_hooks(&create_hooks, hook_state.clone())
+                        .await?;
+                    if booting {
+                        sandbox.boot(&hostname).await?;
+                    }
+                    Ok::<(), crate::sandbox::SandboxError>(())
+                }
+                .await;
                 match booted {
-                    Ok(()) => self.create_in_guest(sandbox, req, guest_spec_json).await,
+                    Ok(()) => {
+                        let created = ContainerInfo {
+                            rootfs: rootfs_dir.clone(),
+                            poststart: hooks::poststart_hooks(&spec),
+                            poststop: hooks::poststop_hooks(&spec),
+                            hook_state,
+                        };
+                        self.create_in_guest(sandbox, req, created, guest_spec_json)
+                            .await
+                    }
                     Err(e) => Err(e.into()),
                 }
             }
@@ -308,7 +329,7 @@ impl TaskService {
                 Ok(pid)
             }
             Err(e) => {
-                sandbox.detach_container(&req.id, &bundle, !rootfs.is_empty());
+                sandbox.detach_container(&req.id, &rootfs_dir, !rootfs.is_empty());
                 if booting {
                     if let Some(mut sandbox) = sandbox_slot.take() {
                         self.set_running(None);
@@ -326,6 +347,7 @@ impl TaskService {
         &self,
         sandbox: &Sandbox,
         req: &api::CreateTaskRequest,
+        info: ContainerInfo,
         spec_json: Vec<u8>,
     ) -> Result<(Arc<Container>, u32), TaskError> {
         let agent = sandbox
@@ -360,6 +382,7 @@ impl TaskService {
         let container = Arc::new(Container::new(
             &req.id,
             PathBuf::from(&req.bundle),
+            info,
             !req.rootfs.is_empty(),
             stdio,
         ));
@@ -560,6 +583,11 @@ impl TaskService {
         running.agent.start_process(&req.id, &req.exec_id).await?;
         entry.state().start()?;
         if req.exec_id.is_empty() {
+            // A failed poststart hook is worth a warning, not the container (OCI runtime spec).
+            let state = container.hook_state("running", running.vmm_pid);
+            if let Err(e) = hooks::run("poststart", &container.info.poststart, &state).await {
+                log::warn!("container {}: {e}", req.id);
+            }
             log::info!(
                 "container {} start phases: process_started={:.1}ms",
                 req.id,
@@ -629,7 +657,7 @@ impl TaskService {
             if let Some(sandbox) = slot.as_mut() {
                 sandbox.detach_container(
                     &container.id,
-                    &container.bundle,
+                    &container.info.rootfs,
                     container.rootfs_mounted,
                 );
             }
@@ -645,6 +673,10 @@ impl TaskService {
                     );
                 }
             }
+        }
+        let state = container.hook_state("stopped", pid);
+        if let Err(e) = hooks::run("poststop", &container.info.poststop, &state).await {
+            log::warn!("container {}: {e}", req.id);
         }
         self.events
             .send(
@@ -876,6 +908,16 @@ fn v2_metrics(s: &pb::StatsContainerResponse) -> v2::Metrics {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// Where the container's root filesystem is on the host: containerd's rootfs mounts go on
+/// `<bundle>/rootfs`; without them the caller has mounted it at the spec's `root.path` itself
+/// (Docker's graph drivers do), relative to the bundle unless absolute.
+fn host_rootfs(bundle: &Path, spec: &Spec, has_mounts: bool) -> PathBuf {
+    match spec.root().as_ref().map(|r| r.path()) {
+        Some(path) if !has_mounts && !path.as_os_str().is_empty() => bundle.join(path),
+        _ => bundle.join("rootfs"),
     }
 }
 

@@ -1,0 +1,172 @@
+//! End-to-end: Docker Engine with `--runtime io.containerd.hako.v2`, on containerd 1.7 and 2.x.
+//! dockerd runs in a network namespace the harness makes (see `hako_tests::docker`), which is
+//! "the host" here: its bridge, its port proxy and `curl` all live there.
+//!
+//! Boots VMs: `#[ignore]`d in a plain `cargo test`; `scripts/test.sh` runs them.
+
+#![allow(clippy::unwrap_used)] // Test code: a failed step should fail the test loudly.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use hako_tests::docker::Docker;
+use hako_tests::*;
+
+fn for_each_docker(test: impl Fn(&Docker)) {
+    for_each_containerd(|c| {
+        let docker = Docker::start(c);
+        eprintln!("--- docker {} on containerd {}", docker.version, c.version);
+        test(&docker);
+        drop(docker);
+    });
+}
+
+/// Polls `probe` until it is true: a server in a VM is listening a moment after its task
+/// starts, and nothing announces that.
+fn eventually(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<(), String>) {
+    let started = Instant::now();
+    loop {
+        match probe() {
+            Ok(()) => return,
+            Err(last) => assert!(
+                started.elapsed() < timeout,
+                "{what}: not within {timeout:?}; last try: {last}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_published_port_serves_a_page_from_the_vm() {
+    let www = std::env::temp_dir().join(format!("hako-docker-www-{}", std::process::id()));
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("index.html"), "hello from a hako VM\n").unwrap();
+    let volume = format!("{}:/www:ro", www.display());
+    for_each_docker(|d| {
+        let links_before = d.host_links();
+        let r = d.docker(&[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "--runtime",
+            RUNTIME,
+            "-p",
+            "8080:80",
+            "-v",
+            &volume,
+            IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ]);
+        assert_eq!(r.code, 0, "{r:?}\n{}", d.log());
+
+        // In: `curl` on the host reaches the container through the published port.
+        eventually(
+            "the page through -p 8080:80",
+            Duration::from_secs(30),
+            || {
+                let r = d.on_host("curl -sS -m 5 http://127.0.0.1:8080/");
+                if r.stdout == "hello from a hako VM\n" {
+                    Ok(())
+                } else {
+                    Err(format!("{r:?}"))
+                }
+            },
+        );
+        let ports = d.docker(&["port", "web", "80"]);
+        assert!(ports.stdout.contains("0.0.0.0:8080"), "{ports:?}");
+
+        // Out: the container reaches a server on the host's side of the bridge.
+        let gateway = d
+            .docker(&["inspect", "-f", "{{.NetworkSettings.Gateway}}", "web"])
+            .stdout
+            .trim()
+            .to_string();
+        assert!(!gateway.is_empty(), "no gateway");
+        let mut server = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &d.netns, "busybox", "nc", "-l", "-p", "9099",
+            ])
+            .args(["-e", "echo", "hello-from-the-host"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        eventually("the host's listener", Duration::from_secs(10), || {
+            let r = d.on_host("ss -Hltn 'sport = :9099'");
+            if r.stdout.contains("9099") {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        });
+        let fetched = d.docker(&["exec", "web", "nc", "-w", "5", &gateway, "9099"]);
+        let _ = server.kill();
+        let _ = server.wait();
+        assert!(
+            fetched.stdout.contains("hello-from-the-host"),
+            "{fetched:?}"
+        );
+
+        let r = d.docker(&["rm", "-f", "web"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        // The container's veth went with it; no tap or other device is left on the host.
+        assert_eq!(d.host_links(), links_before);
+    });
+    let _ = fs::remove_dir_all(&www);
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn resolv_conf_hosts_and_hostname_are_what_docker_wrote() {
+    for_each_docker(|d| {
+        let r = d.docker(&[
+            "create",
+            "--name",
+            "names",
+            "--runtime",
+            RUNTIME,
+            "--hostname",
+            "hako-box",
+            "--add-host",
+            "extra.test:10.1.2.3",
+            "--dns",
+            "192.0.2.53",
+            "--dns-search",
+            "example.test",
+            IMAGE,
+            "sh",
+            "-c",
+            "cat /etc/hostname; echo @@; cat /etc/hosts; echo @@; cat /etc/resolv.conf; echo @@; hostname",
+        ]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let run = d.docker(&["start", "-a", "names"]);
+        assert_eq!(run.code, 0, "{run:?}\n{}", d.log());
+        let parts: Vec<&str> = run.stdout.split("@@\n").collect();
+        assert_eq!(parts.len(), 4, "{run:?}");
+
+        // Byte for byte the files Docker generated for the container.
+        for (part, field) in [
+            (parts[0], "{{.HostnamePath}}"),
+            (parts[1], "{{.HostsPath}}"),
+            (parts[2], "{{.ResolvConfPath}}"),
+        ] {
+            let path = d.docker(&["inspect", "-f", field, "names"]).stdout;
+            let written = fs::read_to_string(path.trim()).unwrap();
+            assert_eq!(part, written, "{field}");
+        }
+        assert_eq!(parts[3].trim(), "hako-box");
+        assert!(parts[1].contains("10.1.2.3\textra.test"), "{}", parts[1]);
+        assert!(parts[2].contains("nameserver 192.0.2.53"), "{}", parts[2]);
+        assert!(parts[2].contains("search example.test"), "{}", parts[2]);
+
+        let r = d.docker(&["rm", "names"]);
+        assert_eq!(r.code, 0, "{r:?}");
+    });
+}
