@@ -6,27 +6,9 @@
 #   bench/cold-start.sh [N]        (default 30)
 set -euo pipefail
 n="${1:-30}"
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-containerd_dir="$(ls -d /opt/hako/containerd/1.7* | head -n1)"
-bin="$containerd_dir/usr/bin"
-work="$(mktemp -d /tmp/hako-bench-XXXXXX)"
-command -v runc >/dev/null || { echo "bench: installing runc for the comparison"; apt-get install -y -q runc >/dev/null; }
-
-cat >"$work/config.toml" <<TOML
-version = 2
-root = "$work/root"
-state = "$work/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$work/containerd.sock"
-[ttrpc]
-  address = "$work/containerd.sock.ttrpc"
-TOML
-PATH="/usr/local/bin:$bin:$PATH" "$bin/containerd" --config "$work/config.toml" >"$work/containerd.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
-ctr() { "$bin/ctr" --address "$work/containerd.sock" "$@"; }
-for _ in $(seq 1 100); do ctr version >/dev/null 2>&1 && break; sleep 0.1; done
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+need_package runc runc
+start_containerd
 "$repo/tests/images/busybox-image.sh" "$work/busybox.tar" >/dev/null
 ctr image import "$work/busybox.tar" >/dev/null
 
@@ -41,12 +23,8 @@ measure() { # runtime label
     done
     printf '%s\n' "${times[@]}" | sort -n >"$work/$label.ms"
 }
-pct() { # file percentile
-    local count; count=$(wc -l <"$1")
-    sed -n "$(( (count * $2 + 99) / 100 ))p" "$1"
-}
 
-echo "bench: $n cold starts each (containerd $("$bin/containerd" --version | awk '{print $3}'), $(nproc) cores)"
+echo "bench: $n cold starts each (containerd $(containerd_version), $(nproc) cores)"
 measure io.containerd.runc.v2 runc
 measure io.containerd.hako.v2 hako
 

@@ -17,7 +17,7 @@ cache="$repo/build/cache"
 mkdir -p "$out" "$cache"
 
 step=0
-steps=5
+steps=6
 progress() {
     step=$((step + 1))
     echo "guest-image [$step/$steps] $*"
@@ -70,7 +70,7 @@ fi
 [[ -x /bin/busybox ]] || fail "/bin/busybox missing: apt-get install busybox-static"
 stamp_inputs="$(sha256sum "$deb" "$agent" /bin/busybox "${BASH_SOURCE[0]}" | awk '{print $1}' | tr '\n' ' ')"
 if [[ -f "$out/.inputs" && "$(cat "$out/.inputs")" == "$stamp_inputs" &&
-      -s "$out/vmlinuz" && -s "$out/initramfs.cpio" ]]; then
+      -s "$out/vmlinuz" && -s "$out/vmlinux" && -s "$out/initramfs.cpio" ]]; then
     echo "guest-image: up to date in $out (inputs unchanged)"
     exit 0
 fi
@@ -90,6 +90,30 @@ if [[ ! -f "$moddir/modules.dep" ]]; then
     command -v depmod >/dev/null || PATH="$PATH:/usr/sbin:/sbin"
     depmod -b "$kdir" "$kver" || fail "depmod failed for $kver (is the kmod package installed?)"
 fi
+
+# Cloud Hypervisor boots an ELF vmlinux (through its PVH entry point), not a bzImage: take the
+# compressed kernel out of the bzImage. The setup header says where it is (setup_sects at
+# 0x1f1, payload_offset and payload_length at 0x248 and 0x24c) and its magic says how it is
+# compressed.
+progress "extracting vmlinux for Cloud Hypervisor"
+header_u() { od -An -tu"$1" -j "$2" -N"$1" "$vmlinuz" | tr -d ' '; }
+payload_start=$(( ($(header_u 1 $((0x1f1))) + 1) * 512 + $(header_u 4 $((0x248))) ))
+payload_length=$(header_u 4 $((0x24c)))
+case "$(od -An -tx1 -j "$payload_start" -N4 "$vmlinuz" | tr -d ' ')" in
+    02214c18) decompress=(lz4 -dc) ;;
+    28b52ffd) decompress=(zstd -dc) ;;
+    fd377a58) decompress=(xz -dc) ;;
+    1f8b*) decompress=(gzip -dc) ;;
+    *) fail "unknown compression of the kernel in $vmlinuz" ;;
+esac
+command -v "${decompress[0]}" >/dev/null || fail "${decompress[0]} is missing: run scripts/setup.sh"
+# The decompressors may complain about the size trailer after the stream; the ELF check below
+# is what counts.
+tail -c +$((payload_start + 1)) "$vmlinuz" | head -c "$payload_length" |
+    "${decompress[@]}" >"$out/vmlinux.tmp" 2>/dev/null || true
+[[ "$(od -An -c -N4 "$out/vmlinux.tmp" | tr -d ' ')" == '177ELF' ]] ||
+    fail "could not extract an ELF vmlinux from $vmlinuz"
+mv "$out/vmlinux.tmp" "$out/vmlinux"
 
 progress "assembling the initramfs"
 root="$(mktemp -d "$cache/initramfs.XXXXXX")"
@@ -127,5 +151,5 @@ mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
 install -m 0644 "$vmlinuz" "$out/vmlinuz"
 echo "$kver" >"$out/kernel-release"
 echo "$stamp_inputs" >"$out/.inputs"
-ls -l "$out/vmlinuz" "$out/initramfs.cpio" | awk '{printf "  %-40s %8.1f MiB\n", $NF, $5/1048576}'
+ls -l "$out/vmlinuz" "$out/vmlinux" "$out/initramfs.cpio" | awk '{printf "  %-40s %8.1f MiB\n", $NF, $5/1048576}'
 echo "guest-image: done"

@@ -3,7 +3,7 @@
 #
 #   /usr/local/bin/containerd-shim-hako-v2     the runtime shim (containerd finds it in $PATH)
 #   /usr/local/bin/hako                        the CLI (hako check, hako env)
-#   /usr/share/hako/guest/                     guest kernel and initramfs
+#   /usr/share/hako/guest/                     guest kernel (bzImage and vmlinux) and initramfs
 #   /usr/share/defaults/hako/configuration.toml  the default configuration
 #
 #   scripts/install.sh [--no-build] [--uninstall]
@@ -42,6 +42,7 @@ fi
 install -D -m 0755 "$repo/target/release/containerd-shim-hako-v2" "$BIN/containerd-shim-hako-v2"
 install -D -m 0755 "$repo/target/release/hako" "$BIN/hako"
 install -D -m 0644 "$repo/build/guest/vmlinuz" "$GUEST/vmlinuz"
+install -D -m 0644 "$repo/build/guest/vmlinux" "$GUEST/vmlinux"
 install -D -m 0644 "$repo/build/guest/initramfs.cpio" "$GUEST/initramfs.cpio"
 install -D -m 0644 "$repo/build/guest/kernel-release" "$GUEST/kernel-release"
 install -D -m 0644 "$repo/configs/configuration.toml" "$DEFAULTS/configuration.toml"

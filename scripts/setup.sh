@@ -17,7 +17,7 @@ VSOCK_VERSION=0.3.0
 CONTAINERD_ROOT=/opt/hako/containerd
 DOCKER_ROOT=/opt/hako/docker
 APT_PACKAGES=(qemu-system-x86 libcap-ng-dev libseccomp-dev pkg-config busybox-static cpio
-    iproute2 kmod ca-certificates file procps curl)
+    iproute2 kmod ca-certificates file procps curl lz4 zstd xz-utils)
 
 step() { echo "setup: $*"; }
 fail() {

@@ -34,6 +34,8 @@ pub enum ConfigError {
 pub enum HypervisorKind {
     #[default]
     Qemu,
+    /// Needs hardware KVM; see docs/hypervisors.md.
+    CloudHypervisor,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -71,10 +73,14 @@ pub struct HypervisorConfig {
     pub kind: HypervisorKind,
     /// QEMU binary: a path, or a name looked up in $PATH.
     pub path: String,
+    /// Cloud Hypervisor binary, likewise; `$HAKO_CLOUD_HYPERVISOR` overrides it.
+    pub cloud_hypervisor_path: String,
     pub accel: Accel,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub kernel: PathBuf,
+    /// The same kernel as an ELF image, which Cloud Hypervisor boots.
+    pub vmlinux: PathBuf,
     pub initrd: PathBuf,
     /// Appended to the built-in kernel command line.
     pub kernel_params: String,
@@ -87,10 +93,12 @@ impl Default for HypervisorConfig {
         Self {
             kind: HypervisorKind::Qemu,
             path: "qemu-system-x86_64".to_string(),
+            cloud_hypervisor_path: "cloud-hypervisor".to_string(),
             accel: Accel::Auto,
             vcpus: 1,
             memory_mib: 512,
             kernel: PathBuf::from("/usr/share/hako/guest/vmlinuz"),
+            vmlinux: PathBuf::from("/usr/share/hako/guest/vmlinux"),
             initrd: PathBuf::from("/usr/share/hako/guest/initramfs.cpio"),
             kernel_params: String::new(),
             seccomp: true,

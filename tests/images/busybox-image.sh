@@ -3,10 +3,14 @@
 # `docker load`: no
 # registry is needed. Reproducible: the same busybox gives the same digests.
 #
-#   tests/images/busybox-image.sh OUT.tar [REF]     (REF default: hako.local/busybox:latest)
+#   tests/images/busybox-image.sh OUT.tar [REF [BINARY...]]
+#
+# REF defaults to hako.local/busybox:latest. Each BINARY (a host program, such as iperf3 for
+# the network benchmark) is copied in with the shared libraries it loads.
 set -euo pipefail
-out="${1:?usage: busybox-image.sh OUT.tar [REF]}"
+out="${1:?usage: busybox-image.sh OUT.tar [REF [BINARY...]]}"
 ref="${2:-hako.local/busybox:latest}"
+extra=("${@:3}")
 busybox=/bin/busybox
 [[ -x $busybox ]] || { echo "busybox-image: $busybox missing: apt-get install busybox-static" >&2; exit 1; }
 file "$busybox" 2>/dev/null | grep -q 'statically linked' ||
@@ -20,6 +24,13 @@ chmod 1777 "$root/tmp"
 install -m 0755 "$busybox" "$root/bin/busybox"
 for applet in $("$busybox" --list-full); do
     [[ -e "$root/$applet" ]] || ln -s /bin/busybox "$root/$applet"
+done
+for bin in "${extra[@]}"; do
+    path="$(command -v "$bin")" || { echo "busybox-image: $bin not found" >&2; exit 1; }
+    install -D -m 0755 "$path" "$root/usr/bin/$(basename "$path")"
+    for lib in $(ldd "$path" | grep -o '/[^ ]*'); do
+        install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
+    done
 done
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"

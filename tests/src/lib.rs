@@ -141,6 +141,12 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start(install: &Path) -> Containerd {
+        Self::start_with_env(install, &[])
+    }
+
+    /// `start`, with extra environment for containerd and so for the shims it starts (such as
+    /// HAKO_CONFIG).
+    pub fn start_with_env(install: &Path, env: &[(&str, &str)]) -> Containerd {
         let version = install.file_name().unwrap().to_string_lossy().into_owned();
         let dir = std::env::temp_dir().join(format!(
             "hako-e2e-{}-{}",
@@ -169,6 +175,7 @@ impl Containerd {
                     bin.display()
                 ),
             )
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

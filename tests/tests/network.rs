@@ -174,3 +174,34 @@ fn without_a_namespace_there_is_no_nic_and_host_networking_is_refused() {
         );
     });
 }
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_vm_with_two_vcpus_gets_a_queue_pair_per_vcpu() {
+    let net = TestNet::new();
+    let with_ns = format!("--with-ns=network:{}", net.netns_path());
+    let dir = std::env::temp_dir().join(format!("hako-mq-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("configuration.toml");
+    fs::write(&config, "[hypervisor]\nvcpus = 2\n").unwrap();
+    let config = config.display().to_string();
+    for install in containerd_versions() {
+        assert_no_leaks("before the test");
+        let c = Containerd::start_with_env(&install, &[("HAKO_CONFIG", &config)]);
+        let script = "nproc; ls /sys/class/net/eth0/queues; \
+                      printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.99.0.1 8080";
+        let r = c.run_rm_with("mq", &[&with_ns], &["sh", "-c", script]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let words: Vec<&str> = r.stdout.split_whitespace().collect();
+        assert_eq!(words[0], "2", "{r:?}");
+        for queue in ["rx-0", "rx-1", "tx-0", "tx-1"] {
+            assert!(words.contains(&queue), "{queue}: {r:?}");
+        }
+        assert!(r.stdout.contains("hello from the server"), "{r:?}");
+        // The tap and both its queues are gone: the namespace is as the plugin left it.
+        net.assert_pristine();
+        drop(c);
+        assert_no_leaks(&format!("containerd {}", install.display()));
+    }
+    fs::remove_dir_all(&dir).unwrap();
+}

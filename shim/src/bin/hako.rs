@@ -4,9 +4,10 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use anyhow::Context;
-use hako_shim::config::Config;
+use hako_shim::config::{Config, HypervisorKind};
 use hako_shim::daemon::resolve_binary;
 use hako_shim::vmm::choose_accel;
+use hako_shim::vmm::cloud_hypervisor::CloudHypervisor;
 
 const USAGE: &str = "usage: hako check | hako env [--json] | hako --version";
 
@@ -115,6 +116,48 @@ fn check() -> anyhow::Result<bool> {
             ),
         ),
         Err(e) => report(false, true, "accelerator", e.to_string()),
+    }
+    let uses_ch = loaded.hypervisor.kind == HypervisorKind::CloudHypervisor;
+    report(
+        true,
+        true,
+        "hypervisor",
+        format!(
+            "{} (hypervisor.kind)",
+            if uses_ch { "cloud-hypervisor" } else { "qemu" }
+        ),
+    );
+    // Optional unless configured: Cloud Hypervisor needs hardware KVM and is not packaged.
+    match CloudHypervisor::from_config(&loaded.hypervisor.cloud_hypervisor_path) {
+        Ok(ch) => report(
+            true,
+            uses_ch,
+            "cloud-hypervisor",
+            format!("usable: {}", ch.version()),
+        ),
+        Err(e) => report(
+            false,
+            uses_ch,
+            "cloud-hypervisor",
+            format!("not usable: {e}; see docs/hypervisors.md"),
+        ),
+    }
+    if uses_ch {
+        let found = loaded.hypervisor.vmlinux.is_file();
+        report(
+            found,
+            true,
+            "guest vmlinux",
+            format!(
+                "{}{}",
+                loaded.hypervisor.vmlinux.display(),
+                if found {
+                    ""
+                } else {
+                    " missing; fix: scripts/install.sh"
+                }
+            ),
+        );
     }
     let helpers = [
         (

@@ -4,7 +4,7 @@
 //! network plugin the VM is the veth.
 
 use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -73,8 +73,8 @@ pub struct TapLink {
     pub mac: String,
     pub mtu: u32,
     pub addresses: Vec<String>,
-    /// The tap's queue: the VMM reads and writes the guest's packets through it.
-    pub fd: OwnedFd,
+    /// The tap's queues: the VMM reads and writes the guest's packets through them.
+    pub fds: Vec<OwnedFd>,
 }
 
 /// What teardown needs, also written to the sandbox dir for the `delete` path.
@@ -221,9 +221,14 @@ fn parse_routes(json: &str, devs: &[String], ipv6: bool) -> Vec<pb::Route> {
         .collect()
 }
 
-/// Opens a tap device named `name` inside `netns`. The namespace switch happens on a thread of
-/// its own, so no other thread of the shim changes namespace.
-fn open_tap(netns: &Path, name: &str) -> Result<OwnedFd, NetError> {
+/// Most queue pairs a NIC gets, whatever the vCPU count.
+pub const MAX_QUEUES: u32 = 8;
+
+/// Opens a tap device named `name` inside `netns`, with `queues` queues (a multiqueue tap when
+/// more than one). The taps carry virtio-net headers, so checksum and segmentation offloads
+/// reach the guest instead of every packet being cut to the MTU on the host. The namespace
+/// switch happens on a thread of its own, so no other thread of the shim changes namespace.
+fn open_tap(netns: &Path, name: &str, queues: u32) -> Result<Vec<OwnedFd>, NetError> {
     let netns = netns.to_path_buf();
     let name = name.to_string();
     let tap_err = |source| NetError::Tap {
@@ -231,43 +236,55 @@ fn open_tap(netns: &Path, name: &str) -> Result<OwnedFd, NetError> {
         source,
     };
     let thread_name = name.clone();
-    let result = std::thread::spawn(move || -> std::io::Result<OwnedFd> {
+    let result = std::thread::spawn(move || -> std::io::Result<Vec<OwnedFd>> {
         let ns = fs::File::open(&netns)?;
         setns(&ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-        let tun = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")?;
-        #[repr(C)]
-        struct IfReq {
-            name: [u8; libc::IFNAMSIZ],
-            flags: libc::c_short,
-            _pad: [u8; 22],
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if queues > 1 {
+            flags |= libc::IFF_MULTI_QUEUE;
         }
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
-            _pad: [0; 22],
-        };
-        req.name[..thread_name.len()].copy_from_slice(thread_name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is, on a tun fd we own.
-        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &mut req) };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from(tun))
+        (0..queues.max(1))
+            .map(|_| open_queue(&thread_name, flags as libc::c_short))
+            .collect()
     })
     .join();
     match result {
-        Ok(fd) => fd.map_err(tap_err),
+        Ok(fds) => fds.map_err(tap_err),
         Err(_) => Err(tap_err(std::io::Error::other(
             "the namespace thread panicked",
         ))),
     }
 }
 
-/// Builds the taps and redirects. On error, what was made is removed again.
-pub fn setup(netns: &Path) -> Result<PodNetwork, NetError> {
+/// One queue of the tap `name`: the first call creates the device, later ones attach to it.
+fn open_queue(name: &str, flags: libc::c_short) -> std::io::Result<OwnedFd> {
+    let tun = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is, on a tun fd we own.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &mut req) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(tun))
+}
+
+/// Builds the taps (each with `queues` queues) and redirects. On error, what was made is
+/// removed again.
+pub fn setup(netns: &Path, queues: u32) -> Result<PodNetwork, NetError> {
     if !netns.exists() {
         return Err(NetError::Namespace {
             path: netns.to_path_buf(),
@@ -288,14 +305,14 @@ pub fn setup(netns: &Path) -> Result<PodNetwork, NetError> {
             addresses,
         } = link;
         let tap = format!("tap{index}{TAP_SUFFIX}");
-        match link_one(netns, &veth, &tap, mtu) {
-            Ok(fd) => network.links.push(TapLink {
+        match link_one(netns, &veth, &tap, mtu, queues) {
+            Ok(fds) => network.links.push(TapLink {
                 veth,
                 tap,
                 mac,
                 mtu,
                 addresses,
-                fd,
+                fds,
             }),
             Err(e) => {
                 unlink(netns, &veth, &tap);
@@ -318,8 +335,14 @@ pub fn setup(netns: &Path) -> Result<PodNetwork, NetError> {
     Ok(network)
 }
 
-fn link_one(netns: &Path, veth: &str, tap: &str, mtu: u32) -> Result<OwnedFd, NetError> {
-    let fd = open_tap(netns, tap)?;
+fn link_one(
+    netns: &Path,
+    veth: &str,
+    tap: &str,
+    mtu: u32,
+    queues: u32,
+) -> Result<Vec<OwnedFd>, NetError> {
+    let fds = open_tap(netns, tap, queues)?;
     let mtu = mtu.max(68).to_string();
     run_in(netns, "ip", &["link", "set", "dev", tap, "mtu", &mtu, "up"])?;
     for dev in [veth, tap] {
@@ -335,7 +358,7 @@ fn link_one(netns: &Path, veth: &str, tap: &str, mtu: u32) -> Result<OwnedFd, Ne
             ],
         )?;
     }
-    Ok(fd)
+    Ok(fds)
 }
 
 /// Removes the veth's ingress qdisc (and with it the filter) and the tap; the veth stays as the
@@ -494,17 +517,6 @@ impl Drop for NetnsHolder {
             let _ = thread.join();
         }
     }
-}
-
-/// Duplicates a tap fd for a child process (QEMU takes them by number).
-pub fn dup_fd(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: dup of a valid fd; the result is owned by the OwnedFd.
-    let raw = unsafe { libc::dup(fd.as_raw_fd()) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 #[cfg(test)]

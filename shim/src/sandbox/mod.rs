@@ -28,7 +28,6 @@ use crate::hooks::{self, HookError};
 use crate::ids::{validate, IdError};
 use crate::net::{NetError, NetnsHolder, NetworkMode, PodNetwork};
 use crate::timing::Timings;
-use crate::vmm::qemu::Qemu;
 use crate::vmm::{kernel_cmdline, Hypervisor, VmSpec, VmmError};
 use mounts::{MountError, RootfsMount};
 use spec::SharedBind;
@@ -315,6 +314,7 @@ impl Sandbox {
             vcpus: h.vcpus,
             memory_mib: h.memory_mib,
             kernel: h.kernel.clone(),
+            vmlinux: h.vmlinux.clone(),
             initrd: h.initrd.clone(),
             cmdline: kernel_cmdline(&self.config.agent.log_level, &h.kernel_params),
             fs_socket: self.paths.fs_socket.clone(),
@@ -326,7 +326,7 @@ impl Sandbox {
                 .iter()
                 .flat_map(|n| n.links.iter())
                 .map(|l| crate::vmm::NetDevice {
-                    tap_fd: std::os::fd::AsRawFd::as_raw_fd(&l.fd),
+                    tap_fds: l.fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
                     mac: l.mac.clone(),
                 })
                 .collect(),
@@ -380,7 +380,8 @@ impl Sandbox {
     pub async fn boot(&mut self, hostname: &str) -> Result<(), SandboxError> {
         if let Some(netns) = self.netns.clone() {
             let netns = netns.as_path();
-            let network = crate::net::setup(netns)?;
+            let queues = self.config.hypervisor.vcpus.min(crate::net::MAX_QUEUES);
+            let network = crate::net::setup(netns, queues)?;
             let record = serde_json::to_vec(&network.record()).unwrap_or_default();
             let record_path = self.paths.dir.join(NET_RECORD);
             fs::write(&record_path, record).map_err(io_err("writing", &record_path))?;
@@ -410,8 +411,7 @@ impl Sandbox {
             },
         )?;
         let fs: &dyn SharedFs = &**self.fs.insert(Box::new(fs));
-        let mut vmm: Box<dyn Hypervisor> =
-            Box::new(Qemu::new(&self.config.hypervisor, &self.config.vsock)?);
+        let mut vmm = crate::vmm::for_config(&self.config)?;
         // The vsock backend comes up while virtiofsd does.
         vmm.prepare(&spec).await?;
         let vmm = self.vmm.insert(vmm);

@@ -2,6 +2,7 @@
 //! Accelerator choice lives here too: KVM where the host has hardware virtualisation, TCG
 //! otherwise.
 
+pub mod cloud_hypervisor;
 pub mod qemu;
 
 use std::fs;
@@ -28,6 +29,9 @@ pub enum VmmError {
     /// The VMM's control channel failed.
     #[error("{vmm} control channel: {message}")]
     Control { vmm: &'static str, message: String },
+    /// Cloud Hypervisor cannot be used or refused the VM.
+    #[error("cloud-hypervisor: {0}")]
+    CloudHypervisor(#[from] cloud_hypervisor::CloudHypervisorError),
     /// The VM is not running.
     #[error("the VM is not running")]
     NotRunning,
@@ -41,8 +45,10 @@ pub struct VmSpec {
     pub dir: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
-    /// Guest kernel and initramfs (read-only inputs, outside the sandbox dir).
+    /// Guest kernel (a bzImage, and the same kernel as an ELF vmlinux) and initramfs:
+    /// read-only inputs, outside the sandbox dir.
     pub kernel: PathBuf,
+    pub vmlinux: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
     /// vhost-user socket of the shared filesystem daemon, and the tag the guest mounts.
@@ -52,13 +58,14 @@ pub struct VmSpec {
     pub agent_socket: PathBuf,
     /// Where the guest's serial console goes.
     pub console_log: PathBuf,
-    /// NICs: a tap queue fd (owned by the caller until the VMM has started) and the MAC.
+    /// NICs: their tap queues (owned by the caller until the VMM has started) and MACs.
     pub net: Vec<NetDevice>,
 }
 
 #[derive(Debug, Clone)]
 pub struct NetDevice {
-    pub tap_fd: std::os::fd::RawFd,
+    /// One fd per queue pair of a multiqueue tap (one when the VM has one vCPU).
+    pub tap_fds: Vec<std::os::fd::RawFd>,
     pub mac: String,
 }
 
@@ -78,6 +85,20 @@ pub trait Hypervisor: Send + Sync {
     fn exit_watch(&self) -> Option<watch::Receiver<Option<i32>>>;
     /// The last lines the VMM printed, for error messages.
     fn log_tail(&self) -> String;
+}
+
+/// The configured hypervisor, checked for what it needs on this host.
+pub fn for_config(config: &crate::config::Config) -> Result<Box<dyn Hypervisor>, VmmError> {
+    Ok(match config.hypervisor.kind {
+        crate::config::HypervisorKind::Qemu => {
+            Box::new(qemu::Qemu::new(&config.hypervisor, &config.vsock)?)
+        }
+        crate::config::HypervisorKind::CloudHypervisor => {
+            Box::new(cloud_hypervisor::CloudHypervisor::from_config(
+                &config.hypervisor.cloud_hypervisor_path,
+            )?)
+        }
+    })
 }
 
 /// The accelerator a VM will use and why.

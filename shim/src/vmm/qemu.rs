@@ -98,19 +98,34 @@ impl Qemu {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp.display()),
         ];
+        let vhost = if std::path::Path::new("/dev/vhost-net").exists() {
+            ",vhost=on"
+        } else {
+            ""
+        };
+        let mut next_fd = FIRST_NET_FD;
         for (i, nic) in spec.net.iter().enumerate() {
-            let vhost = if std::path::Path::new("/dev/vhost-net").exists() {
-                ",vhost=on"
+            let queues = nic.tap_fds.len().max(1);
+            let fds: Vec<String> = (0..queues)
+                .map(|q| (next_fd + q as i32).to_string())
+                .collect();
+            next_fd += queues as i32;
+            // Several queues: a queue pair per vCPU, and MSI-X vectors for each queue plus the
+            // config interrupt and a spare.
+            let (netdev, multiqueue) = if queues == 1 {
+                (format!("tap,id=net{i},fd={}{vhost}", fds[0]), String::new())
             } else {
-                ""
+                (
+                    format!("tap,id=net{i},fds={}{vhost}", fds.join(":")),
+                    format!(",mq=on,vectors={}", 2 * queues + 2),
+                )
             };
-            args.push("-netdev".into());
-            args.push(format!(
-                "tap,id=net{i},fd={}{vhost}",
-                FIRST_NET_FD + i as i32
-            ));
-            args.push("-device".into());
-            args.push(format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac));
+            args.extend([
+                "-netdev".into(),
+                netdev,
+                "-device".into(),
+                format!("virtio-net-pci,netdev=net{i},mac={}{multiqueue}", nic.mac),
+            ]);
         }
         if seccomp {
             args.push("-sandbox".into());
@@ -219,7 +234,7 @@ impl Hypervisor for Qemu {
         let qmp = spec.dir.join("qmp.sock");
         let mut cmd = Command::new(binary);
         cmd.args(Self::args(spec, self.accel.kvm, self.config.seccomp, &qmp));
-        let taps: Vec<i32> = spec.net.iter().map(|n| n.tap_fd).collect();
+        let taps: Vec<i32> = spec.net.iter().flat_map(|n| n.tap_fds.clone()).collect();
         if !taps.is_empty() {
             // SAFETY: runs in the forked child before exec and only calls dup2 (async-signal-safe).
             unsafe {
@@ -295,6 +310,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 256,
             kernel: PathBuf::from("/k"),
+            vmlinux: PathBuf::from("/v"),
             initrd: PathBuf::from("/i"),
             cmdline: "console=ttyS0".into(),
             fs_socket: PathBuf::from("/run/hako/default/sb1/fs.sock"),
@@ -302,7 +318,7 @@ mod tests {
             agent_socket: PathBuf::from("/run/hako/default/sb1/agent.sock"),
             console_log: PathBuf::from("/run/hako/default/sb1/console.log"),
             net: vec![super::super::NetDevice {
-                tap_fd: 9,
+                tap_fds: vec![9],
                 mac: "02:42:0a:58:00:02".into(),
             }],
         }

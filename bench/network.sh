@@ -1,0 +1,103 @@
+#!/bin/bash
+# Network: throughput and latency between a container and the host, for hako and for runc, on
+# the same machine in the same run. A benchmark, not a test: it asserts nothing. Run as root
+# after scripts/install.sh.
+#
+#   bench/network.sh [SECONDS]      (default 10: length of each iperf3 run)
+#
+# Topology, the same for both runtimes: a "pod" network namespace and a "host" one joined by a
+# veth pair (10.98.0.2 and 10.98.0.1), as a CNI bridge plugin would leave them; the container
+# joins the pod namespace with --with-ns. Measured from the host namespace:
+#   - TCP throughput with iperf3, host to container and container to host (-R);
+#   - ICMP round trip with ping (under runc the pod namespace's kernel answers, under hako the
+#     guest kernel does);
+#   - an HTTP request to busybox httpd in the container, with curl (a fresh TCP connection
+#     each time, and a fork in the container).
+set -euo pipefail
+secs="${1:-10}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+need_package runc runc
+need_package iperf3 iperf3
+need_package curl curl
+start_containerd
+image=hako.local/netbench:latest
+"$repo/tests/images/busybox-image.sh" "$work/netbench.tar" "$image" iperf3 >/dev/null
+ctr image import "$work/netbench.tar" >/dev/null
+
+pod=hkb-pod-$$ host=hkb-host-$$
+ip netns add "$pod"
+cleanups+=("ip netns del $pod")
+ip netns add "$host"
+cleanups+=("ip netns del $host")
+ip link add "hkbp$$" type veth peer name "hkbh$$"
+ip link set "hkbp$$" netns "$pod"
+ip link set "hkbh$$" netns "$host"
+ip -n "$pod" addr add 10.98.0.2/24 dev "hkbp$$"
+ip -n "$host" addr add 10.98.0.1/24 dev "hkbh$$"
+for ns in "$pod" "$host"; do ip -n "$ns" link set lo up; done
+ip -n "$pod" link set "hkbp$$" up
+ip -n "$host" link set "hkbh$$" up
+on_host() { ip netns exec "$host" "$@"; }
+
+# Bits per second the receiver saw in one iperf3 run. A slow server may still be finishing the
+# previous run ("the server is busy"): such a run is tried again, up to three times.
+iperf_bps() { # name [iperf3 args]
+    local name="$1" try bps
+    shift
+    for try in 1 2 3; do
+        on_host iperf3 -c 10.98.0.2 -t "$secs" -J "$@" >"$work/iperf-$name-$try.json" || true
+        bps=$(awk -F: '/"sum_received"/ {f=1} f && /bits_per_second/ {gsub(/[ ,\t]/, "", $2); print $2; exit}' \
+            "$work/iperf-$name-$try.json")
+        [[ -n $bps ]] && { echo "$bps"; return; }
+        sleep 1
+    done
+    echo "bench: iperf3 $name failed 3 times: $(grep -m1 '"error"' "$work/iperf-$name-3.json")" >&2
+    echo 0
+}
+
+measure() { # runtime label
+    local runtime="$1" label="$2" id="netbench-$2"
+    mkdir -p "$work/www-$label"
+    echo "hello" >"$work/www-$label/index.html"
+    ctr run -d --runtime "$runtime" --with-ns "network:/run/netns/$pod" \
+        --mount "type=bind,src=$work/www-$label,dst=/www,options=rbind:ro" \
+        "$image" "$id" sh -c 'httpd -p 80 -h /www; exec iperf3 -s' >/dev/null
+    cleanups+=("ctr task kill -s KILL $id 2>/dev/null; ctr task delete $id 2>/dev/null; ctr container delete $id 2>/dev/null")
+    # The servers listen a moment after the task starts; nothing announces it.
+    for _ in $(seq 1 100); do on_host curl -s -o /dev/null -m 2 http://10.98.0.2/ && break; sleep 0.2; done
+    for _ in $(seq 1 50); do on_host iperf3 -c 10.98.0.2 -t 1 >/dev/null 2>&1 && break; sleep 0.2; done
+
+    local up down
+    up=$(iperf_bps "$label-up")
+    down=$(iperf_bps "$label-down" -R)
+    local ping
+    ping=$(on_host busybox ping -q -c 50 -i 0.05 10.98.0.2 | awk -F'[/ ]+' '/^round-trip/ {print $6 " " $7 " " $8}')
+    for _ in $(seq 1 50); do
+        on_host curl -s -o /dev/null -w '%{time_total}\n' http://10.98.0.2/
+    done | awk '{printf "%.3f\n", $1 * 1000}' | sort -n >"$work/http-$label"
+    ctr task kill -s KILL "$id" >/dev/null 2>&1 || true
+    for _ in $(seq 1 100); do ctr task delete "$id" >/dev/null 2>&1 && break; sleep 0.1; done
+    ctr container delete "$id" >/dev/null 2>&1 || true
+    printf '%s %s %s %s %s\n' "$label" "$up" "$down" "$ping" "$(pct "$work/http-$label" 50) $(pct "$work/http-$label" 90)" >>"$work/results"
+}
+
+echo "bench: network, ${secs}s per iperf3 run (containerd $(containerd_version), $(nproc) cores, $(uname -r))"
+measure io.containerd.runc.v2 runc
+measure io.containerd.hako.v2 hako
+accel="$(grep -o 'qemu pid [0-9]* ([A-Z]*' "$work/containerd.log" | head -n1 | awk '{print $4}' | tr -d '(')"
+vhost="userspace virtio-net"
+[[ -e /dev/vhost-net ]] && vhost="vhost-net"
+
+echo
+printf '%-6s %14s %14s %10s %10s %10s %10s\n' runtime "host->ctr" "ctr->host" ping_avg ping_max http_p50 http_p90
+printf '%-6s %14s %14s %10s %10s %10s %10s\n' "" "Mbit/s" "Mbit/s" ms ms ms ms
+while read -r label up down pmin pavg pmax hp50 hp90; do
+    printf '%-6s %14.0f %14.0f %10s %10s %10s %10s\n' "$label" "$(awk -v b="$up" 'BEGIN {print b / 1e6}')" \
+        "$(awk -v b="$down" 'BEGIN {print b / 1e6}')" "$pavg" "$pmax" "$hp50" "$hp90"
+    [[ $label == runc ]] && runc_up="$up" runc_down="$down"
+    [[ $label == hako ]] && hako_up="$up" hako_down="$down"
+done <"$work/results"
+echo
+awk -v a="$hako_up" -v b="$runc_up" -v c="$hako_down" -v d="$runc_down" \
+    'BEGIN {printf "hako/runc throughput: host->ctr %.1f%%, ctr->host %.1f%%\n", 100 * a / b, 100 * c / d}'
+echo "hako: accelerator ${accel:-unknown}, 1 vCPU, 512 MiB, tap + tc mirred, $vhost"

@@ -1,0 +1,199 @@
+//! End-to-end: Cloud Hypervisor. Neither test can run on a host without the parts it needs, and
+//! `scripts/test.sh` runs each only where they are, reporting it as SKIPPED otherwise:
+//!
+//! - the API test needs a `cloud-hypervisor` binary (`$HAKO_CLOUD_HYPERVISOR` or $PATH) and a
+//!   /dev/kvm that opens; it drives the real process without booting a guest;
+//! - the container test also needs hardware virtualisation (`hako check` says
+//!   "ok cloud-hypervisor"), and runs the whole container path on Cloud Hypervisor.
+//!
+//! Run by hand: `HAKO_CLOUD_HYPERVISOR=/path/to/cloud-hypervisor cargo test -p hako-tests
+//! --test cloud_hypervisor -- --ignored --test-threads=1 <name>`.
+
+#![allow(clippy::unwrap_used)] // Test code: a failed step should fail the test loudly.
+
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hako_shim::daemon::{resolve_binary, Daemon};
+use hako_shim::vmm::cloud_hypervisor::api::ApiClient;
+use hako_shim::vmm::cloud_hypervisor::types::{FsConfig, VmState};
+use hako_shim::vmm::cloud_hypervisor::{binary_from_env, CloudHypervisor};
+use hako_shim::vmm::{NetDevice, VmSpec};
+use hako_tests::*;
+
+const GUEST: &str = "/usr/share/hako/guest";
+
+fn binary() -> PathBuf {
+    let wanted = binary_from_env("cloud-hypervisor");
+    resolve_binary("cloud-hypervisor", &wanted).unwrap_or_else(|e| {
+        panic!("this test needs Cloud Hypervisor ({e}); scripts/test.sh skips it without one")
+    })
+}
+
+/// The spec the sandbox would give the backend, with the installed guest.
+fn spec(dir: &Path, tap_fd: i32) -> VmSpec {
+    VmSpec {
+        sandbox_id: "ch-e2e".into(),
+        dir: dir.to_path_buf(),
+        vcpus: 1,
+        memory_mib: 256,
+        kernel: PathBuf::from(GUEST).join("vmlinuz"),
+        vmlinux: PathBuf::from(GUEST).join("vmlinux"),
+        initrd: PathBuf::from(GUEST).join("initramfs.cpio"),
+        cmdline: "console=ttyS0".into(),
+        fs_socket: dir.join("fs.sock"),
+        fs_tag: "hakoShared".into(),
+        agent_socket: dir.join("agent.sock"),
+        console_log: dir.join("console.log"),
+        net: vec![NetDevice {
+            tap_fds: vec![tap_fd],
+            mac: "02:42:0a:58:00:02".into(),
+        }],
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a cloud-hypervisor binary: run through scripts/test.sh"]
+async fn a_real_cloud_hypervisor_takes_the_vm_hako_defines() {
+    let binary = binary();
+    let dir = std::env::temp_dir().join(format!("hako-ch-e2e-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("api.sock");
+    let mut cmd = tokio::process::Command::new(&binary);
+    cmd.arg("--api-socket").arg(&socket);
+    let vmm = Daemon::spawn(
+        "cloud-hypervisor",
+        cmd,
+        &dir.join("vmm.log"),
+        &dir.join("vmm.pid"),
+    )
+    .unwrap();
+    vmm.wait_for_socket(&socket, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let api = ApiClient::new(&socket).unwrap();
+
+    let pong = api.ping().await.unwrap();
+    assert!(!pong.version.is_empty(), "{pong:?}");
+
+    // The exact definition the backend sends, then what it adds before boot.
+    let stand_in_tap = fs::File::create(dir.join("stand-in-tap")).unwrap();
+    let spec = spec(&dir, stand_in_tap.as_raw_fd());
+    api.create(&CloudHypervisor::vm_config(&spec))
+        .await
+        .unwrap();
+    api.add_fs(&FsConfig {
+        tag: "second".into(),
+        socket: dir.join("second-fs.sock"),
+        num_queues: 1,
+        queue_size: 1024,
+        id: None,
+    })
+    .await
+    .unwrap();
+    api.add_net(
+        &CloudHypervisor::net_config(&spec.net[0]),
+        &[stand_in_tap.as_raw_fd()],
+    )
+    .await
+    .unwrap();
+
+    let info = api.info().await.unwrap();
+    assert_eq!(info.state, VmState::Created);
+    let config = &info.config;
+    assert_eq!(
+        config.payload.kernel.as_deref(),
+        Some(spec.vmlinux.as_path())
+    );
+    assert_eq!(
+        config.payload.initramfs.as_deref(),
+        Some(spec.initrd.as_path())
+    );
+    let memory = config.memory.as_ref().unwrap();
+    assert_eq!(memory.size, 256 << 20);
+    assert_eq!(memory.shared, Some(true), "virtiofsd needs shared memory");
+    let tags: Vec<&str> = config.fs.iter().flatten().map(|f| f.tag.as_str()).collect();
+    assert_eq!(tags, ["hakoShared", "second"]);
+    assert_eq!(
+        config.vsock.as_ref().map(|v| v.socket.clone()),
+        Some(spec.agent_socket.clone())
+    );
+    let nets = config.net.as_deref().unwrap();
+    assert_eq!(nets[0].mac.as_deref(), Some("02:42:0a:58:00:02"));
+    // Cloud Hypervisor's own number for the descriptor that arrived by SCM_RIGHTS.
+    assert!(
+        matches!(nets[0].fds.as_deref(), Some([fd]) if *fd > 2),
+        "{nets:?}"
+    );
+
+    // Errors carry the API's status and message.
+    let again = api
+        .create(&CloudHypervisor::vm_config(&spec))
+        .await
+        .unwrap_err();
+    assert!(again.to_string().contains("500"), "{again}");
+    api.delete().await.unwrap();
+    let gone = api.info().await.unwrap_err();
+    assert_eq!(gone.status(), Some(404), "{gone}");
+
+    api.vmm_shutdown().await.unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(10), vmm.wait())
+        .await
+        .expect("the VMM exits after vmm.shutdown");
+    assert_eq!(code, 0, "log: {}", vmm.log_tail());
+    assert!(api.ping().await.is_err());
+    drop(stand_in_tap);
+    fs::remove_dir_all(&dir).unwrap();
+    assert_no_leaks("cloud-hypervisor API test");
+}
+
+#[test]
+#[ignore = "needs cloud-hypervisor and hardware KVM: run through scripts/test.sh"]
+fn a_container_runs_on_cloud_hypervisor() {
+    let binary = binary();
+    let dir = std::env::temp_dir().join(format!("hako-ch-config-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("configuration.toml");
+    fs::write(
+        &config,
+        format!(
+            "[hypervisor]\nkind = \"cloud-hypervisor\"\ncloud_hypervisor_path = \"{}\"\n",
+            binary.display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    for install in containerd_versions() {
+        assert_no_leaks("before the test");
+        let c = Containerd::start_with_env(&install, &[("HAKO_CONFIG", &config)]);
+        let r = c.run_rm(
+            "ch1",
+            &[
+                "sh",
+                "-c",
+                "echo on-ch; cat /proc/cmdline; ls /sys/class/net",
+            ],
+        );
+        assert_eq!(r.code, 0, "{r:?}\n{}", c.log());
+        assert!(r.stdout.starts_with("on-ch\n"), "{r:?}");
+
+        // The task's pid is the VMM's: it must be Cloud Hypervisor, not QEMU.
+        let r = c.run_detached("ch2", &[], &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let tasks = c.ctr(&["task", "ls"]).stdout;
+        let pid = tasks
+            .lines()
+            .find(|l| l.starts_with("ch2 "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_else(|| panic!("ch2 in {tasks}"));
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert!(comm.starts_with("cloud-hyperv"), "{comm}");
+        c.remove_task("ch2");
+        drop(c);
+        assert_no_leaks(&format!("containerd {}", install.display()));
+    }
+    fs::remove_dir_all(&dir).unwrap();
+}
