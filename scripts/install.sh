@@ -6,26 +6,108 @@
 #   /usr/share/hako/guest/                     guest kernel (bzImage and vmlinux) and initramfs
 #   /usr/share/defaults/hako/configuration.toml  the default configuration
 #
-#   scripts/install.sh [--no-build] [--uninstall]
+#   scripts/install.sh [--no-build] [--configure] [--print-config] [--uninstall]
+#
+# --print-config prints what to add to containerd's config (version 2 for containerd 1.x,
+# version 3 for 2.x), Docker's daemon.json and a Kubernetes RuntimeClass. --configure adds the
+# containerd and Docker entries itself (between "# BEGIN hako" and "# END hako" in containerd's
+# config; daemon.json only when there is none yet) and creates /etc/hako/configuration.toml from
+# the defaults; --uninstall removes what --configure added.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN=/usr/local/bin
 GUEST=/usr/share/hako/guest
 DEFAULTS=/usr/share/defaults/hako
+CONTAINERD_CONFIG=/etc/containerd/config.toml
+DAEMON_JSON=/etc/docker/daemon.json
+
+# The containerd config snippet for the containerd in $PATH (2.x: version 3; else version 2).
+containerd_snippet() {
+    local major=1
+    if command -v containerd >/dev/null; then
+        major="$(containerd --version | grep -oE ' v?[0-9]+\.' | head -n1 | tr -dc '0-9')"
+    fi
+    if ((major >= 2)); then
+        echo "$repo/configs/containerd-config-v3.toml"
+    else
+        echo "$repo/configs/containerd-config-v2.toml"
+    fi
+}
+
+print_config() {
+    local snippet
+    snippet="$(containerd_snippet)"
+    echo "# --- $CONTAINERD_CONFIG ($(basename "$snippet"))"
+    cat "$snippet"
+    echo
+    echo "# --- $DAEMON_JSON (Docker Engine 23 or later; then: docker run --runtime hako ...)"
+    cat "$repo/configs/docker-daemon.json"
+    echo
+    echo "# --- Kubernetes (kubectl apply -f -)"
+    cat "$repo/configs/runtimeclass.yaml"
+}
+
+configure() {
+    mkdir -p /etc/hako
+    if [[ ! -f /etc/hako/configuration.toml ]]; then
+        install -m 0644 "$repo/configs/configuration.toml" /etc/hako/configuration.toml
+        echo "install: created /etc/hako/configuration.toml (the defaults; edit it to taste)"
+    fi
+    if grep -q '^# BEGIN hako' "$CONTAINERD_CONFIG" 2>/dev/null; then
+        echo "install: $CONTAINERD_CONFIG already has hako's runtime entry"
+    else
+        local snippet version=2
+        snippet="$(containerd_snippet)"
+        [[ $snippet == *v3.toml ]] && version=3
+        mkdir -p "$(dirname "$CONTAINERD_CONFIG")"
+        [[ -s $CONTAINERD_CONFIG ]] || echo "version = $version" >"$CONTAINERD_CONFIG"
+        { echo; echo "# BEGIN hako (scripts/install.sh --configure)"; cat "$snippet"; echo "# END hako"; } \
+            >>"$CONTAINERD_CONFIG"
+        echo "install: added the hako runtime to $CONTAINERD_CONFIG; restart containerd to use it"
+    fi
+    if [[ ! -f $DAEMON_JSON ]]; then
+        install -D -m 0644 "$repo/configs/docker-daemon.json" "$DAEMON_JSON"
+        echo "install: wrote $DAEMON_JSON; restart dockerd to use --runtime hako"
+    elif grep -q 'io.containerd.hako.v2' "$DAEMON_JSON"; then
+        echo "install: $DAEMON_JSON already names io.containerd.hako.v2"
+    else
+        echo "install: $DAEMON_JSON exists; merge this into it by hand:"
+        cat "$repo/configs/docker-daemon.json"
+    fi
+}
+
+unconfigure() {
+    if grep -q '^# BEGIN hako' "$CONTAINERD_CONFIG" 2>/dev/null; then
+        sed -i '/^# BEGIN hako/,/^# END hako/d' "$CONTAINERD_CONFIG"
+        echo "install: removed the hako runtime from $CONTAINERD_CONFIG"
+    fi
+    if cmp -s "$DAEMON_JSON" "$repo/configs/docker-daemon.json"; then
+        rm -f "$DAEMON_JSON"
+        echo "install: removed $DAEMON_JSON (it held only hako's entry)"
+    fi
+}
 
 build=1
+configure=0
 for arg in "$@"; do
     case "$arg" in
         --no-build) build=0 ;;
+        --configure) configure=1 ;;
+        --print-config)
+            print_config
+            exit 0
+            ;;
         --uninstall)
+            [[ $(id -u) -eq 0 ]] || { echo "install: run as root" >&2; exit 1; }
             rm -f "$BIN/containerd-shim-hako-v2" "$BIN/hako"
             rm -rf /usr/share/hako "$DEFAULTS"
+            unconfigure
             echo "install: hako removed (configuration in /etc/hako, if any, is left alone)"
             exit 0
             ;;
         *)
-            echo "usage: $0 [--no-build] [--uninstall]" >&2
+            echo "usage: $0 [--no-build] [--configure] [--print-config] [--uninstall]" >&2
             exit 2
             ;;
     esac
@@ -47,3 +129,8 @@ install -D -m 0644 "$repo/build/guest/initramfs.cpio" "$GUEST/initramfs.cpio"
 install -D -m 0644 "$repo/build/guest/kernel-release" "$GUEST/kernel-release"
 install -D -m 0644 "$repo/configs/configuration.toml" "$DEFAULTS/configuration.toml"
 echo "install: installed containerd-shim-hako-v2 and hako in $BIN, the guest in $GUEST"
+if ((configure)); then
+    configure
+else
+    echo "install: for CRI/Kubernetes and 'docker run --runtime hako', see $0 --print-config (or --configure)"
+fi

@@ -12,6 +12,7 @@ mod init;
 mod logger;
 mod mounts;
 mod net;
+mod netlink;
 mod oom;
 mod reaper;
 mod seccomp;

@@ -1,6 +1,6 @@
 //! The guest's network: each pod interface the host found becomes the guest NIC with the same
-//! MAC, MTU and addresses, plus the pod's routes. Configured with the busybox `ip` the guest
-//! image carries.
+//! MAC, MTU, addresses and permanent neighbours, plus the pod's routes. Configured with the
+//! busybox `ip` the guest image carries, and rtnetlink for the neighbours (`netlink`).
 
 use std::fs;
 use std::io::Read;
@@ -24,6 +24,14 @@ pub enum NetError {
     /// An `ip` command failed.
     #[error("ip {args}: {message}")]
     Ip { args: String, message: String },
+    /// The kernel refused a neighbour entry.
+    #[error("neighbour {ip} ({mac}) on {dev}: {source}")]
+    Neighbour {
+        ip: String,
+        mac: String,
+        dev: String,
+        source: std::io::Error,
+    },
 }
 
 /// Values from the host land in `ip`'s argv: allow only what addresses, MACs and CIDRs use.
@@ -68,6 +76,25 @@ async fn ip(reaper: &Reaper, args: &[&str]) -> Result<(), NetError> {
     }
 }
 
+/// A permanent neighbour entry, through rtnetlink: busybox `ip` cannot add neighbours.
+fn add_neighbour(dev: &str, neighbour: &pb::Neighbor) -> Result<(), NetError> {
+    let invalid = || NetError::Invalid(format!("{} {}", neighbour.ip, neighbour.mac));
+    let ip: std::net::IpAddr = neighbour.ip.parse().map_err(|_| invalid())?;
+    let mac = crate::netlink::parse_mac(&neighbour.mac).ok_or_else(invalid)?;
+    let failed = |source| NetError::Neighbour {
+        ip: neighbour.ip.clone(),
+        mac: neighbour.mac.clone(),
+        dev: dev.to_string(),
+        source,
+    };
+    let ifindex: i32 = fs::read_to_string(format!("/sys/class/net/{dev}/ifindex"))
+        .map_err(failed)?
+        .trim()
+        .parse()
+        .map_err(|_| failed(std::io::Error::other("unreadable ifindex")))?;
+    crate::netlink::add_permanent_neighbour(ifindex, ip, mac).map_err(failed)
+}
+
 /// The guest interface whose MAC is `mac`.
 fn link_with_mac(mac: &str) -> Result<String, NetError> {
     let entries =
@@ -104,6 +131,9 @@ pub async fn configure(
             ip(reaper, &[family, "addr", "add", address, "dev", &dev]).await?;
         }
         ip(reaper, &["link", "set", "dev", &dev, "up"]).await?;
+        for neighbour in &iface.neighbors {
+            add_neighbour(&dev, neighbour)?;
+        }
         log::info!(
             "interface {dev} ({}) configured as {}",
             iface.mac,

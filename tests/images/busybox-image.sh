@@ -6,11 +6,14 @@
 #   tests/images/busybox-image.sh OUT.tar [REF [BINARY...]]
 #
 # REF defaults to hako.local/busybox:latest. Each BINARY (a host program, such as iperf3 for
-# the network benchmark) is copied in with the shared libraries it loads.
+# the network benchmark) is copied in with the shared libraries it loads. IMAGE_CMD, a JSON
+# array, replaces the image's default command (["sh"]); the CRI test's pause image sets
+# ["sleep","inf"].
 set -euo pipefail
 out="${1:?usage: busybox-image.sh OUT.tar [REF [BINARY...]]}"
 ref="${2:-hako.local/busybox:latest}"
 extra=("${@:3}")
+cmd="${IMAGE_CMD:-[\"sh\"]}"
 busybox=/bin/busybox
 [[ -x $busybox ]] || { echo "busybox-image: $busybox missing: apt-get install busybox-static" >&2; exit 1; }
 file "$busybox" 2>/dev/null | grep -q 'statically linked' ||
@@ -48,7 +51,7 @@ put() { # file mediatype -> prints descriptor JSON
 layer="$(put "$work/layer.tar" application/vnd.oci.image.layer.v1.tar)"
 diff_id="$(sha256sum "$work/layer.tar" | cut -d' ' -f1)"
 cat >"$work/config.json" <<JSON
-{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
+{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":$cmd,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
 JSON
 config="$(put "$work/config.json" application/vnd.oci.image.config.v1+json)"
 printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":%s,"layers":[%s]}' \

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use crate::{busybox_archive, mounts_under, run_with_timeout, Containerd, Run};
 
 pub const DOCKER_ROOT: &str = "/opt/hako/docker";
+/// The runtime registered under a short name, so `docker run --runtime hako` works.
+pub const DAEMON_JSON: &str = r#"{"runtimes": {"hako": {"runtimeType": "io.containerd.hako.v2"}}}"#;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -54,6 +56,8 @@ impl Docker {
         ));
         let bin = install.join("usr");
         let log = fs::File::create(dir.join("dockerd.log")).unwrap();
+        // The runtime by name, as an operator registers it (what `hako` prints for daemon.json).
+        fs::write(dir.join("daemon.json"), DAEMON_JSON).unwrap();
         // nsenter, not `ip netns exec`: that would also give dockerd a mount namespace of its
         // own, and containerd and the shim must see the rootfs mounts dockerd makes.
         let child = Command::new("nsenter")
@@ -67,6 +71,8 @@ impl Docker {
             .arg(dir.join("exec"))
             .arg("--pidfile")
             .arg(dir.join("dockerd.pid"))
+            .arg("--config-file")
+            .arg(dir.join("daemon.json"))
             .arg("--host")
             .arg(format!("unix://{}", dir.join("docker.sock").display()))
             // The bridge and NAT rules would be in the test's namespace, but port mapping here

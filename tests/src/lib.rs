@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)] // Test harness: a failed step should fail the test loudly.
 
+pub mod cri;
 pub mod docker;
 
 use std::collections::BTreeSet;

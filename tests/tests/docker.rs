@@ -170,3 +170,193 @@ fn resolv_conf_hosts_and_hostname_are_what_docker_wrote() {
         assert_eq!(r.code, 0, "{r:?}");
     });
 }
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn docker_run_options_reach_the_container() {
+    let vol = std::env::temp_dir().join(format!("hako-docker-vol-{}", std::process::id()));
+    fs::create_dir_all(&vol).unwrap();
+    fs::write(vol.join("from-host"), "host data\n").unwrap();
+    // The container runs as nobody and writes into the volume.
+    fs::set_permissions(&vol, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let volume = format!("{}:/data", vol.display());
+    for_each_docker(|d| {
+        let script = "echo \"$GREETING\"; pwd; id -u; id -g; cat /data/from-host; \
+                      echo guest data > /data/from-guest; \
+                      cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max; \
+                      touch /rootfs-write 2>/dev/null && echo rootfs-writable || echo rootfs-read-only";
+        let r = d.docker(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "-e",
+            "GREETING=hello docker",
+            "-w",
+            "/tmp",
+            "-u",
+            "65534:65534",
+            "-v",
+            &volume,
+            "--memory",
+            "64m",
+            "--cpus",
+            "0.5",
+            "--read-only",
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "hello docker",
+                "/tmp",
+                "65534",
+                "65534",
+                "host data",
+                "67108864",
+                "50000 100000",
+                "rootfs-read-only"
+            ],
+            "{r:?}"
+        );
+        // The guest's write went through the volume to the host.
+        assert_eq!(
+            fs::read_to_string(vol.join("from-guest")).unwrap_or_default(),
+            "guest data\n"
+        );
+        let _ = fs::remove_file(vol.join("from-guest"));
+
+        // Exit codes and stderr; the runtime by the name daemon.json gives it.
+        let r = d.docker(&[
+            "run",
+            "--rm",
+            "--runtime",
+            "hako",
+            IMAGE,
+            "sh",
+            "-c",
+            "echo oops >&2; exit 7",
+        ]);
+        assert_eq!(r.code, 7, "{r:?}");
+        assert_eq!(r.stderr, "oops\n", "{r:?}");
+    });
+    let _ = fs::remove_dir_all(&vol);
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn docker_exec_logs_stop_kill_and_rm() {
+    for_each_docker(|d| {
+        // A container that logs, and leaves on SIGTERM with a status of its own.
+        let script = "trap 'echo got-term; exit 42' TERM; echo started; \
+                      while true; do sleep 0.2; done";
+        let r = d.docker(&[
+            "run",
+            "-d",
+            "--name",
+            "life",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ]);
+        assert_eq!(r.code, 0, "{r:?}");
+        eventually(
+            "the container's first log line",
+            Duration::from_secs(30),
+            || {
+                let logs = d.docker(&["logs", "life"]);
+                if logs.stdout.contains("started") {
+                    Ok(())
+                } else {
+                    Err(format!("{logs:?}"))
+                }
+            },
+        );
+
+        let r = d.docker(&["exec", "life", "sh", "-c", "echo in-exec; exit 3"]);
+        assert_eq!((r.code, r.stdout.as_str()), (3, "in-exec\n"), "{r:?}");
+        let r = d.docker(&[
+            "exec",
+            "-e",
+            "X=1",
+            "-w",
+            "/tmp",
+            "life",
+            "sh",
+            "-c",
+            "echo $X; pwd",
+        ]);
+        assert_eq!(r.stdout, "1\n/tmp\n", "{r:?}");
+
+        // Graceful stop: SIGTERM is delivered and the container's own status is kept.
+        let r = d.docker(&["stop", "-t", "20", "life"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let status = d.docker(&["inspect", "-f", "{{.State.ExitCode}}", "life"]);
+        assert_eq!(status.stdout.trim(), "42", "{status:?}");
+        assert!(d.docker(&["logs", "life"]).stdout.contains("got-term"));
+        assert_eq!(d.docker(&["rm", "life"]).code, 0);
+
+        // A container that ignores SIGTERM is killed when the timeout runs out.
+        let r = d.docker(&[
+            "run",
+            "-d",
+            "--name",
+            "stubborn",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "sh",
+            "-c",
+            "trap '' TERM; echo ready; while true; do sleep 0.2; done",
+        ]);
+        assert_eq!(r.code, 0, "{r:?}");
+        eventually(
+            "the container's first log line",
+            Duration::from_secs(30),
+            || {
+                let logs = d.docker(&["logs", "stubborn"]);
+                if logs.stdout.contains("ready") {
+                    Ok(())
+                } else {
+                    Err(format!("{logs:?}"))
+                }
+            },
+        );
+        let r = d.docker(&["stop", "-t", "1", "stubborn"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let status = d.docker(&["inspect", "-f", "{{.State.ExitCode}}", "stubborn"]);
+        assert_eq!(status.stdout.trim(), "137", "{status:?}");
+        assert_eq!(d.docker(&["rm", "stubborn"]).code, 0);
+
+        // docker kill with a signal, then rm -f of a running container.
+        let r = d.docker(&[
+            "run",
+            "-d",
+            "--name",
+            "victim",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "sleep",
+            "600",
+        ]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let r = d.docker(&["kill", "-s", "KILL", "victim"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let r = d.docker(&["wait", "victim"]);
+        assert_eq!(r.stdout.trim(), "137", "{r:?}");
+        assert_eq!(d.docker(&["start", "victim"]).code, 0);
+        let r = d.docker(&["rm", "-f", "victim"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let r = d.docker(&["ps", "-aq"]);
+        assert_eq!(r.stdout.trim(), "", "{r:?}");
+    });
+}

@@ -48,7 +48,9 @@ impl TestNet {
              ip -n {pod} -6 addr add fd99::2/64 dev {veth} nodad && \
              ip -n {srv} -6 addr add fd99::1/64 dev {peer} nodad && \
              ip -n {pod} link set {veth} up && ip -n {srv} link set {peer} up && \
-             ip -n {pod} route add default via 10.99.0.1"
+             ip -n {pod} route add default via 10.99.0.1 && \
+             ip -n {pod} neigh add 10.99.0.77 lladdr 02:00:00:00:00:77 dev {veth} nud permanent && \
+             ip -n {pod} neigh add fd99::77 lladdr 02:00:00:00:00:78 dev {veth} nud permanent"
         ));
         let www = std::env::temp_dir().join(format!("hako-www-{tag}"));
         fs::create_dir_all(&www).unwrap();
@@ -118,13 +120,30 @@ fn the_vm_takes_over_the_pods_network() {
     let with_ns = format!("--with-ns=network:{}", net.netns_path());
     for_each_containerd(|c| {
         // Out: the container fetches a page from the server namespace, over IPv4.
-        let fetch = "ip -o addr show eth0; ip route; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.99.0.1 8080";
+        let fetch = "ip -o addr show eth0; ip route; ip neigh show; ip -6 neigh show; \
+                     printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.99.0.1 8080; \
+                     (nc -l -p 7777 -e echo loopback-answers &); \
+                     for i in $(seq 50); do nc 127.0.0.1 7777 </dev/null 2>/dev/null && break; sleep 0.1; done";
         let r = c.run_rm_with("net1", &[&with_ns], &["sh", "-c", fetch]);
         assert_eq!(r.code, 0, "{r:?}");
         assert!(r.stdout.contains("inet 10.99.0.2/24"), "{r:?}");
         assert!(r.stdout.contains("inet6 fd99::2/64"), "{r:?}");
         assert!(r.stdout.contains("default via 10.99.0.1"), "{r:?}");
         assert!(r.stdout.contains("hello from the server"), "{r:?}");
+        // The plugin's permanent neighbours, IPv4 and IPv6, are the guest's too.
+        for (ip, mac) in [
+            ("10.99.0.77", "02:00:00:00:00:77"),
+            ("fd99::77", "02:00:00:00:00:78"),
+        ] {
+            assert!(
+                r.stdout.lines().any(|l| l.starts_with(&format!("{ip} "))
+                    && l.contains(mac)
+                    && l.contains("PERMANENT")),
+                "{ip}: {r:?}"
+            );
+        }
+        // Loopback works in the guest.
+        assert!(r.stdout.contains("loopback-answers"), "{r:?}");
         net.assert_pristine();
 
         // In: a server in the container answers the server namespace, over IPv4 and IPv6.

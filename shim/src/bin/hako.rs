@@ -7,6 +7,8 @@ use anyhow::Context;
 use hako_shim::config::{Config, HypervisorKind};
 use hako_shim::daemon::resolve_binary;
 use hako_shim::vmm::choose_accel;
+
+const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 use hako_shim::vmm::cloud_hypervisor::CloudHypervisor;
 
 const USAGE: &str = "usage: hako check | hako env [--json] | hako --version";
@@ -73,6 +75,32 @@ fn version_of(binary: &Path) -> String {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "version unknown".to_string())
+}
+
+/// The containerd in $PATH, its version, and whether its configuration names the runtime.
+fn containerd_status() -> (bool, String) {
+    let Ok(binary) = resolve_binary("containerd", "containerd") else {
+        return (
+            false,
+            "not found in $PATH (hako needs containerd 1.6 or later)".into(),
+        );
+    };
+    let version = version_of(&binary);
+    let config = Path::new(CONTAINERD_CONFIG);
+    let registered = match std::fs::read_to_string(config) {
+        Ok(text) if text.contains("io.containerd.hako.v2") => {
+            format!("{} names io.containerd.hako.v2", config.display())
+        }
+        Ok(_) => format!(
+            "{} does not name io.containerd.hako.v2 (ctr and Docker can still use it by that name; for CRI add the runtime: scripts/install.sh --print-config)",
+            config.display()
+        ),
+        Err(_) => format!("no {}", config.display()),
+    };
+    (
+        true,
+        format!("{} ({version}); {registered}", binary.display()),
+    )
 }
 
 fn check() -> anyhow::Result<bool> {
@@ -232,5 +260,7 @@ fn check() -> anyhow::Result<bool> {
         "v1"
     };
     report(true, false, "host cgroups", cgroup.to_string());
+    let (found, detail) = containerd_status();
+    report(found, false, "containerd", detail);
     Ok(ok)
 }

@@ -73,6 +73,8 @@ pub struct TapLink {
     pub mac: String,
     pub mtu: u32,
     pub addresses: Vec<String>,
+    /// Permanent neighbour entries on the veth: (address, MAC).
+    pub neighbours: Vec<(String, String)>,
     /// The tap's queues: the VMM reads and writes the guest's packets through them.
     pub fds: Vec<OwnedFd>,
 }
@@ -146,6 +148,29 @@ struct IpAddr {
     prefixlen: u32,
     #[serde(default)]
     scope: String,
+}
+
+#[derive(Deserialize)]
+struct IpNeigh {
+    dst: String,
+    #[serde(default)]
+    dev: String,
+    #[serde(default)]
+    lladdr: String,
+    #[serde(default)]
+    state: Vec<String>,
+}
+
+/// Parses `ip -j neigh show`: the permanent entries on `dev` (what a plugin set on purpose;
+/// learnt entries the guest learns again itself).
+fn parse_neighbours(json: &str, dev: &str) -> Vec<(String, String)> {
+    let entries: Vec<IpNeigh> = serde_json::from_str(json).unwrap_or_default();
+    entries
+        .into_iter()
+        .filter(|n| n.dev == dev && !n.lladdr.is_empty())
+        .filter(|n| n.state.iter().any(|s| s == "PERMANENT"))
+        .map(|n| (n.dst, n.lladdr))
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -292,6 +317,7 @@ pub fn setup(netns: &Path, queues: u32) -> Result<PodNetwork, NetError> {
         });
     }
     let found = parse_links(&run_in(netns, "ip", &["-j", "addr", "show"])?)?;
+    let neighbours = run_in(netns, "ip", &["-j", "neigh", "show"])?;
     let mut network = PodNetwork {
         netns: netns.to_path_buf(),
         links: Vec::new(),
@@ -307,6 +333,7 @@ pub fn setup(netns: &Path, queues: u32) -> Result<PodNetwork, NetError> {
         let tap = format!("tap{index}{TAP_SUFFIX}");
         match link_one(netns, &veth, &tap, mtu, queues) {
             Ok(fds) => network.links.push(TapLink {
+                neighbours: parse_neighbours(&neighbours, &veth),
                 veth,
                 tap,
                 mac,
@@ -392,6 +419,15 @@ impl PodNetwork {
                 mac: l.mac.clone(),
                 mtu: l.mtu,
                 addresses: l.addresses.clone(),
+                neighbors: l
+                    .neighbours
+                    .iter()
+                    .map(|(ip, mac)| pb::Neighbor {
+                        ip: ip.clone(),
+                        mac: mac.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
                 ..Default::default()
             })
             .collect()
@@ -563,6 +599,18 @@ mod tests {
         let routes = r#"[{"dst":"default","gateway":"10.88.0.1","dev":"eth0"},
                          {"dst":"10.88.0.0/16","dev":"eth0","scope":"link"},
                          {"dst":"default","gateway":"192.168.1.1","dev":"other"}]"#;
+        let neighbours = r#"[{"dst":"10.88.0.1","dev":"eth0","lladdr":"ee:ee:ee:ee:ee:ee","state":["PERMANENT"]},
+                             {"dst":"10.88.0.9","dev":"eth0","lladdr":"02:00:00:00:00:09","state":["REACHABLE"]},
+                             {"dst":"fd00::1","dev":"eth0","lladdr":"ee:ee:ee:ee:ee:01","state":["PERMANENT"]},
+                             {"dst":"10.1.0.1","dev":"other","lladdr":"ee:ee:ee:ee:ee:02","state":["PERMANENT"]}]"#;
+        assert_eq!(
+            parse_neighbours(neighbours, "eth0"),
+            [
+                ("10.88.0.1".to_string(), "ee:ee:ee:ee:ee:ee".to_string()),
+                ("fd00::1".to_string(), "ee:ee:ee:ee:ee:01".to_string())
+            ]
+        );
+
         let parsed = parse_routes(routes, &["eth0".to_string()], false);
         assert_eq!(parsed.len(), 1);
         assert_eq!(parsed[0].destination, "default");
