@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 pub const ENV_CONFIG: &str = "HAKO_CONFIG";
 pub const ETC_CONFIG: &str = "/etc/hako/configuration.toml";
 pub const DEFAULTS_CONFIG: &str = "/usr/share/defaults/hako/configuration.toml";
+/// Pod annotations hako reads start with this; `io.hako.<key>` overrides one setting.
+pub const ANNOTATION_PREFIX: &str = "io.hako.";
+/// The settings a pod may override, by annotation key. Nothing else is: host helper paths, their
+/// arguments and the kernel command line stay the operator's.
+pub const OVERRIDABLE: [&str; 3] = ["vcpus", "memory_mib", "virtiofs_cache"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -27,6 +32,9 @@ pub enum ConfigError {
     /// A value is out of range.
     #[error("invalid configuration {path}: {message}")]
     Value { path: PathBuf, message: String },
+    /// A pod annotation hako does not know, may not take, or cannot parse.
+    #[error("annotation {key}: {message}")]
+    Annotation { key: String, message: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -172,12 +180,15 @@ impl AgentConfig {
 pub struct RuntimeConfig {
     /// Where sandbox directories live: `<root>/<namespace>/<sandbox id>/`.
     pub sandbox_root: PathBuf,
+    /// The settings (of `OVERRIDABLE`) a pod may override with an `io.hako.<key>` annotation.
+    pub pod_annotations: Vec<String>,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             sandbox_root: PathBuf::from("/run/hako"),
+            pod_annotations: OVERRIDABLE.iter().map(|k| k.to_string()).collect(),
         }
     }
 }
@@ -229,7 +240,75 @@ impl Config {
         if self.hypervisor.kernel_params.contains(['\n', '\0']) {
             return bad("hypervisor.kernel_params must be one line");
         }
+        if let Some(key) = self
+            .runtime
+            .pod_annotations
+            .iter()
+            .find(|k| !OVERRIDABLE.contains(&k.as_str()))
+        {
+            return bad(&format!(
+                "runtime.pod_annotations: {key:?} cannot be overridden per pod (only {OVERRIDABLE:?})"
+            ));
+        }
         Ok(())
+    }
+
+    /// Applies a pod's `io.hako.<key>` annotations. Only keys the configuration allow-lists in
+    /// `runtime.pod_annotations` may change a setting; an unknown or refused key, or a value
+    /// out of range, is an error that names the annotation. Other annotations are ignored.
+    pub fn with_pod_annotations<'a>(
+        mut self,
+        annotations: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Result<Config, ConfigError> {
+        for (name, value) in annotations {
+            let Some(key) = name.strip_prefix(ANNOTATION_PREFIX) else {
+                continue;
+            };
+            let refuse = |message: String| ConfigError::Annotation {
+                key: name.clone(),
+                message,
+            };
+            if !OVERRIDABLE.contains(&key) {
+                return Err(refuse(format!(
+                    "unknown; a pod may set only {}",
+                    OVERRIDABLE
+                        .map(|k| format!("{ANNOTATION_PREFIX}{k}"))
+                        .join(", ")
+                )));
+            }
+            if !self.runtime.pod_annotations.iter().any(|k| k == key) {
+                return Err(refuse(
+                    "not allowed by runtime.pod_annotations in the hako configuration".to_string(),
+                ));
+            }
+            let number = || {
+                value
+                    .parse::<u32>()
+                    .map_err(|_| refuse(format!("{value:?} is not a whole number")))
+            };
+            match key {
+                "vcpus" => self.hypervisor.vcpus = number()?,
+                "memory_mib" => self.hypervisor.memory_mib = number()?,
+                _ => {
+                    self.virtiofs.cache = match value.as_str() {
+                        "never" => CacheMode::Never,
+                        "auto" => CacheMode::Auto,
+                        "always" => CacheMode::Always,
+                        _ => {
+                            return Err(refuse(format!(
+                                "{value:?} is not one of never, auto, always"
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        self.check(Path::new("(pod annotations)"))
+            .map_err(|e| ConfigError::Annotation {
+                key: "io.hako.*".to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(self)
     }
 
     /// Loads by precedence. `explicit` is containerd's `ConfigPath` option, if any.
@@ -304,6 +383,61 @@ mod tests {
         let err =
             Config::parse("[hypervisor]\nvcpus = 0\n", Path::new("x.toml")).expect_err("0 vcpus");
         assert!(err.to_string().contains("vcpus"), "{err}");
+    }
+
+    #[test]
+    fn pods_override_only_what_is_allow_listed() {
+        let annotations = |pairs: &[(&str, &str)]| -> std::collections::HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let config = Config::default()
+            .with_pod_annotations(&annotations(&[
+                ("io.hako.vcpus", "2"),
+                ("io.hako.memory_mib", "256"),
+                ("io.hako.virtiofs_cache", "never"),
+                ("io.kubernetes.cri.sandbox-id", "ignored"),
+            ]))
+            .expect("allowed");
+        assert_eq!(config.hypervisor.vcpus, 2);
+        assert_eq!(config.hypervisor.memory_mib, 256);
+        assert_eq!(config.virtiofs.cache, CacheMode::Never);
+
+        let refused = |pairs: &[(&str, &str)], config: Config| {
+            config
+                .with_pod_annotations(&annotations(pairs))
+                .expect_err("refused")
+                .to_string()
+        };
+        // Unknown keys, host paths and the kernel command line are never taken.
+        for key in [
+            "io.hako.kernel_params",
+            "io.hako.hypervisor.path",
+            "io.hako.cpus",
+        ] {
+            let e = refused(&[(key, "x")], Config::default());
+            assert!(e.contains(key) && e.contains("unknown"), "{e}");
+        }
+        // Known keys only when the configuration allows them.
+        let mut strict = Config::default();
+        strict.runtime.pod_annotations = vec!["vcpus".into()];
+        let e = refused(&[("io.hako.memory_mib", "256")], strict);
+        assert!(
+            e.contains("io.hako.memory_mib") && e.contains("not allowed"),
+            "{e}"
+        );
+        // Values are parsed and range-checked.
+        let e = refused(&[("io.hako.vcpus", "two")], Config::default());
+        assert!(e.contains("not a whole number"), "{e}");
+        let e = refused(&[("io.hako.vcpus", "500")], Config::default());
+        assert!(e.contains("vcpus must be between"), "{e}");
+        let e = refused(
+            &[("io.hako.virtiofs_cache", "sometimes")],
+            Config::default(),
+        );
+        assert!(e.contains("never, auto, always"), "{e}");
     }
 
     #[test]

@@ -671,6 +671,10 @@ state = "{d}/state"
 "#,
         d = dir.display()
     );
+    // The runtime entry is configs/containerd-config-v{2,3}.toml's without ConfigPath (the
+    // installed defaults apply). In 1.7 the runtimes table replaces containerd's (runc goes),
+    // so the default runtime is hako; the test still names its handler, as kubelet does for a
+    // RuntimeClass.
     // NRI (on by default in 2.x) would listen on /var/run/nri/nri.sock, which every
     // containerd on the machine shares. AppArmor and SELinux would confine host processes
     // that do not exist: the containers run in the VM. Pod network namespaces go under the
@@ -688,10 +692,12 @@ state = "{d}/state"
   enable_selinux = false
   netns_mounts_under_state_dir = true
 
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "{HANDLER}"
+
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
     runtime_type = "{runtime}"
-    pod_annotations = []
-    container_annotations = []
+    pod_annotations = ["io.hako.*"]
 
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
@@ -715,11 +721,13 @@ state = "{d}/state"
   enable_selinux = false
   netns_mounts_under_state_dir = true
 
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "{HANDLER}"
+
   [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{HANDLER}]
     runtime_type = "{runtime}"
     sandboxer = "podsandbox"
-    pod_annotations = []
-    container_annotations = []
+    pod_annotations = ["io.hako.*"]
 
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["{CNI_BIN_DIR}"]

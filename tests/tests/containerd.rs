@@ -233,3 +233,42 @@ fn bad_ids_and_namespaces_are_refused_before_anything_is_created() {
         }
     });
 }
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn pod_annotations_size_the_vm_and_others_are_refused() {
+    for_each_containerd(|c| {
+        let r = c.run_rm_with(
+            "sized",
+            &[
+                "--annotation",
+                "io.hako.vcpus=2",
+                "--annotation",
+                "io.hako.memory_mib=256",
+            ],
+            &[
+                "sh",
+                "-c",
+                "nproc; awk '/^MemTotal/ {print $2}' /proc/meminfo",
+            ],
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert_eq!(lines.first(), Some(&"2"), "{r:?}");
+        let mem_kib: u64 = lines.get(1).and_then(|l| l.parse().ok()).unwrap_or(0);
+        // 256 MiB less what the guest kernel keeps for itself.
+        assert!((180_000..=262_144).contains(&mem_kib), "{r:?}");
+
+        // The kernel command line (like host helper paths) is not a pod's to change.
+        let r = c.run_rm_with(
+            "refused",
+            &["--annotation", "io.hako.kernel_params=init=/bin/sh"],
+            &["true"],
+        );
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(
+            r.stderr.contains("io.hako.kernel_params") && r.stderr.contains("unknown"),
+            "{r:?}"
+        );
+    });
+}

@@ -267,7 +267,10 @@ impl TaskService {
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|| "built-in defaults".to_string())
             );
-            let sandbox = Sandbox::prepare(&loaded.config, &self.namespace, &sandbox_id).await?;
+            let config = loaded
+                .config
+                .with_pod_annotations(spec.annotations().iter().flatten())?;
+            let sandbox = Sandbox::prepare(&config, &self.namespace, &sandbox_id).await?;
             *sandbox_slot = Some(sandbox);
         }
         let Some(sandbox) = sandbox_slot.as_mut() else {

@@ -1,0 +1,278 @@
+//! End-to-end: kubelet's path. A CRI client drives containerd's CRI plugin over its socket with
+//! runtime handler `hako`: a pod of two containers in one VM, networked by Debian's CNI plugins
+//! (a bridge with host-local addresses, in a node namespace the harness makes), against
+//! containerd 1.7 and 2.x.
+//!
+//! Needs root and the installed runtime: `#[ignore]`d in a plain `cargo test`;
+//! `scripts/test.sh` runs them.
+
+#![allow(clippy::unwrap_used)] // Test code: a failed step should fail the test loudly.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hako_tests::cri::*;
+use hako_tests::*;
+use k8s_cri::v1::{ContainerState, PodSandboxState};
+
+const MIB: i64 = 1024 * 1024;
+
+fn count_processes(name: &str) -> usize {
+    hako_processes()
+        .iter()
+        .filter(|(_, comm)| comm.starts_with(name))
+        .count()
+}
+
+/// Polls `check` (bounded) until it gives a value: for what nothing announces.
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what}: not within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+#[ignore = "needs root and containerd under /opt/hako: run through scripts/test.sh"]
+fn cri_offers_the_hako_handler_and_the_local_images() {
+    for_each_cri_containerd(|c| {
+        let cri = &c.client;
+        let version = cri.version().unwrap();
+        assert_eq!(version.runtime_name, "containerd", "{version:?}");
+        assert_eq!(version.runtime_api_version, "v1", "{version:?}");
+
+        // What `crictl info` shows: the runtime and the CNI network ready, `hako` configured.
+        let status = cri.status(true).unwrap();
+        let conditions = &status.status.as_ref().unwrap().conditions;
+        for kind in ["RuntimeReady", "NetworkReady"] {
+            assert!(
+                conditions.iter().any(|c| c.r#type == kind && c.status),
+                "{kind}: {conditions:?}"
+            );
+        }
+        let config: serde_json::Value = serde_json::from_str(&status.info["config"]).unwrap();
+        assert_eq!(
+            config["containerd"]["runtimes"][HANDLER]["runtimeType"], RUNTIME,
+            "{config:#}"
+        );
+
+        // What `crictl images` shows: both local images; the sandbox image is pinned, so CRI
+        // knows it as the pause image and will not pull it.
+        let tags: Vec<String> = cri
+            .list_images()
+            .unwrap()
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .collect();
+        for image in [IMAGE, PAUSE_IMAGE] {
+            assert!(tags.iter().any(|t| t == image), "{image}: {tags:?}");
+        }
+        let pause = cri.image_status(PAUSE_IMAGE).unwrap().unwrap();
+        assert!(pause.pinned, "{pause:?}");
+        assert!(cri.image_status("hako.local/absent:1").unwrap().is_none());
+
+        // A handler containerd does not know is refused before anything is made.
+        let log_dir = c.pod_log_directory("refused", "uid-refused", &[]);
+        let pod = pod_sandbox_config("refused", "uid-refused", &log_dir);
+        let err = cri.run_pod_sandbox(&pod, "no-such-handler").unwrap_err();
+        assert!(err.message().contains("no-such-handler"), "{err:?}");
+        assert!(cri.list_pod_sandbox().unwrap().is_empty());
+        assert!(c.node_veths().is_empty());
+    });
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_pod_of_two_containers_runs_in_one_vm_through_cri() {
+    let host_boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let guest_release = guest_kernel_release();
+    for_each_cri_containerd(|c| {
+        let cri = &c.client;
+        // Kubelet resolves the image reference and creates containers from the image's id.
+        let image = cri
+            .image_status(IMAGE)
+            .unwrap()
+            .expect("busybox is imported");
+
+        let uid = "6b0c3c52-hako-cri-web";
+        let log_dir = c.pod_log_directory("web", uid, &["app", "sidecar"]);
+        let pod_config = pod_sandbox_config("web", uid, &log_dir);
+        let pod = cri.run_pod_sandbox(&pod_config, HANDLER).unwrap();
+        assert_eq!(count_processes("qemu-system-x86"), 1, "the pod's VM");
+
+        let status = cri.pod_sandbox_status(&pod).unwrap();
+        let sandbox = status.status.as_ref().unwrap();
+        assert_eq!(
+            sandbox.state,
+            PodSandboxState::SandboxReady as i32,
+            "{sandbox:?}"
+        );
+        assert_eq!(sandbox.runtime_handler, HANDLER);
+        let ip = sandbox
+            .network
+            .as_ref()
+            .map(|n| n.ip.clone())
+            .unwrap_or_default();
+        assert!(
+            ip.starts_with("10.89.0.") && ip != POD_GATEWAY,
+            "the pod's address is from {POD_SUBNET}: {sandbox:?}"
+        );
+        // containerd's view (`crictl inspectp`): the hako runtime, and the pod's process is
+        // the VM.
+        let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
+        assert_eq!(info["runtimeType"], RUNTIME, "{info:#}");
+        let pid = info["pid"].as_u64().unwrap();
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert!(comm.starts_with("qemu-system-x86"), "pid {pid} is {comm:?}");
+        let netns = info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["type"] == "network")
+            .and_then(|n| n["path"].as_str())
+            .unwrap()
+            .to_string();
+        assert!(Path::new(&netns).exists(), "{netns}");
+        assert_eq!(c.node_veths().len(), 1, "one veth for the pod on the node");
+        assert!(c.ipam_dir().join(&ip).exists(), "host-local recorded {ip}");
+
+        // Two containers, as kubelet creates and starts them; `app` has a memory limit.
+        let app_config = container_config(
+            &pod_config,
+            "app",
+            &image.id,
+            &["sh", "-c", "echo hello from app; exec sleep inf"],
+            128 * MIB,
+        );
+        let sidecar_config = container_config(
+            &pod_config,
+            "sidecar",
+            &image.id,
+            &["sh", "-c", "echo hello from sidecar; exec sleep inf"],
+            0,
+        );
+        let mut ids = Vec::new();
+        for config in [&app_config, &sidecar_config] {
+            let id = cri.create_container(&pod, config, &pod_config).unwrap();
+            cri.start_container(&id).unwrap();
+            ids.push(id);
+        }
+        let (app, sidecar) = (ids[0].as_str(), ids[1].as_str());
+        for id in &ids {
+            let s = cri.container_status(id).unwrap();
+            assert_eq!(s.state, ContainerState::ContainerRunning as i32, "{s:?}");
+        }
+        assert_eq!(
+            count_processes("qemu-system-x86"),
+            1,
+            "both containers run in the pod's VM"
+        );
+
+        let exec = |id: &str, cmd: &[&str]| {
+            let r = cri.exec_sync(id, cmd).unwrap();
+            assert_eq!(r.code, 0, "{cmd:?} in {id}: {r:?}");
+            r.stdout
+        };
+        let mut boot_ids = Vec::new();
+        for id in &ids {
+            assert_eq!(exec(id, &["uname", "-r"]).trim(), guest_release);
+            assert_eq!(exec(id, &["hostname"]).trim(), "web", "the pod's hostname");
+            boot_ids.push(exec(id, &["cat", "/proc/sys/kernel/random/boot_id"]));
+            let addr = exec(id, &["ip", "-o", "-4", "addr", "show", "eth0"]);
+            assert!(addr.contains(&format!(" {ip}/24 ")), "{addr}");
+        }
+        assert_eq!(boot_ids[0], boot_ids[1], "both containers see one kernel");
+        assert_ne!(boot_ids[0], host_boot_id, "and it is not the host's");
+
+        // The pod and the node reach each other (the way kubelet's probes reach a pod).
+        let r = cri
+            .exec_sync(sidecar, &["ping", "-c", "1", "-W", "10", POD_GATEWAY])
+            .unwrap();
+        assert_eq!(r.code, 0, "pod to node: {r:?}");
+        let r = c.on_node(&format!("busybox ping -c 1 -W 10 {ip}"));
+        assert_eq!(r.code, 0, "node to pod: {r:?}");
+
+        // A failing command's exit code and output come back as they are.
+        let r = cri
+            .exec_sync(app, &["sh", "-c", "echo to stderr >&2; exit 3"])
+            .unwrap();
+        assert_eq!((r.code, r.stdout.as_str()), (3, ""), "{r:?}");
+        assert_eq!(r.stderr, "to stderr\n");
+
+        // Kubelet's limit reaches the container's cgroup in the guest.
+        assert_eq!(
+            exec(app, &["cat", "/sys/fs/cgroup/memory.max"]).trim(),
+            (128 * MIB).to_string()
+        );
+
+        // Stats (what kubelet's eviction and `kubectl top` read) come from the guest.
+        let stats = wait_for("ContainerStats with usage", || {
+            let s = cri.container_stats(app).unwrap();
+            let memory = s
+                .memory
+                .as_ref()
+                .and_then(|m| m.working_set_bytes.as_ref())
+                .map_or(0, |v| v.value);
+            let cpu = s
+                .cpu
+                .as_ref()
+                .and_then(|c| c.usage_core_nano_seconds.as_ref())
+                .map_or(0, |v| v.value);
+            (memory > 0 || cpu > 0).then_some(s)
+        });
+        assert_eq!(stats.attributes.as_ref().unwrap().id, app);
+
+        // What each container printed is in its log, in CRI's log format.
+        for (id, name) in [(app, "app"), (sidecar, "sidecar")] {
+            let log_path = cri.container_status(id).unwrap().log_path;
+            assert_eq!(Path::new(&log_path), log_dir.join(name).join("0.log"));
+            let line = format!(" stdout F hello from {name}");
+            wait_for(&format!("{line:?} in {log_path}"), || {
+                let log = fs::read_to_string(&log_path).ok()?;
+                log.lines().any(|l| l.ends_with(&line)).then_some(())
+            });
+        }
+
+        // StopPodSandbox ends the containers and the VM and gives the network back.
+        cri.stop_pod_sandbox(&pod).unwrap();
+        let status = cri.pod_sandbox_status(&pod).unwrap();
+        let sandbox = status.status.as_ref().unwrap();
+        assert_eq!(
+            sandbox.state,
+            PodSandboxState::SandboxNotready as i32,
+            "{sandbox:?}"
+        );
+        for id in &ids {
+            let s = cri.container_status(id).unwrap();
+            assert_eq!(s.state, ContainerState::ContainerExited as i32, "{s:?}");
+        }
+        wait_for("the VM to stop", || {
+            (count_processes("qemu-system-x86") == 0).then_some(())
+        });
+        assert!(!Path::new(&netns).exists(), "{netns} is removed");
+        assert!(c.node_veths().is_empty(), "the pod's veth is gone");
+        assert!(!c.ipam_dir().join(&ip).exists(), "{ip} is released");
+        let cached: Vec<String> = fs::read_dir(CNI_RESULTS_DIR)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(&pod))
+            .collect();
+        assert!(cached.is_empty(), "CNI results left: {cached:?}");
+
+        cri.remove_pod_sandbox(&pod).unwrap();
+        assert!(cri.list_pod_sandbox().unwrap().is_empty());
+        assert!(cri.list_containers().unwrap().is_empty());
+        // CRI, not the harness's cleanup, left nothing behind.
+        assert_no_leaks("after RemovePodSandbox");
+    });
+}
