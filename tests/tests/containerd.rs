@@ -272,3 +272,25 @@ fn pod_annotations_size_the_vm_and_others_are_refused() {
         );
     });
 }
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn hako_logs_shows_the_guest_console_of_a_running_sandbox() {
+    for_each_containerd(|c| {
+        let r = c.run_detached("logged", &[], &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let mut cmd = std::process::Command::new("/usr/local/bin/hako");
+        cmd.args(["logs", "logged"]);
+        let logs = run_with_timeout(cmd, None, std::time::Duration::from_secs(30));
+        assert_eq!(logs.code, 0, "{logs:?}");
+        // The agent's own lines on the guest console, and the VMM's log.
+        assert!(
+            logs.stdout
+                .contains("/run/hako/default/logged/console.log <=="),
+            "{logs:?}"
+        );
+        assert!(logs.stdout.contains("container logged created"), "{logs:?}");
+        assert!(logs.stdout.contains("vmm.log <=="), "{logs:?}");
+        c.remove_task("logged");
+    });
+}

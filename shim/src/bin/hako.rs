@@ -1,4 +1,5 @@
-//! The `hako` CLI: `hako check` checks the host, `hako env` prints the effective configuration.
+//! The `hako` CLI: `hako check` checks the host, `hako env` prints the effective configuration,
+//! `hako logs` prints a running sandbox's logs.
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -6,12 +7,15 @@ use std::process::{Command, ExitCode};
 use anyhow::Context;
 use hako_shim::config::{Config, HypervisorKind};
 use hako_shim::daemon::resolve_binary;
+use hako_shim::ids::validate;
 use hako_shim::vmm::choose_accel;
-
-const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 use hako_shim::vmm::cloud_hypervisor::CloudHypervisor;
 
-const USAGE: &str = "usage: hako check | hako env [--json] | hako --version";
+const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+const USAGE: &str =
+    "usage: hako check | hako env [--json] | hako logs [-n NAMESPACE] SANDBOX | hako --version";
+/// The logs of a sandbox, in the order they are worth reading.
+const LOGS: [&str; 4] = ["console.log", "vmm.log", "virtiofsd.log", "vsock.log"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,6 +32,8 @@ fn main() -> ExitCode {
         ["env"] => env(false),
         ["env", "--json"] => env(true),
         ["check"] => check(),
+        ["logs", sandbox] => logs("default", sandbox),
+        ["logs", "-n" | "--namespace", namespace, sandbox] => logs(namespace, sandbox),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -59,6 +65,31 @@ fn env(json: bool) -> anyhow::Result<bool> {
             "{}",
             toml::to_string(&loaded.config).context("printing the configuration")?
         );
+    }
+    Ok(true)
+}
+
+/// Prints the guest console (kernel and agent) and the helpers' logs of a running sandbox.
+fn logs(namespace: &str, sandbox: &str) -> anyhow::Result<bool> {
+    validate("namespace", namespace)?;
+    validate("sandbox id", sandbox)?;
+    let config = Config::load(None)?.config;
+    let dir = config.runtime.sandbox_root.join(namespace).join(sandbox);
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "no sandbox {sandbox} in namespace {namespace} ({} does not exist); logs live there while the sandbox runs, and containerd's log keeps the shim's",
+            dir.display()
+        );
+    }
+    for name in LOGS {
+        let path = dir.join(name);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            println!("==> {} <==", path.display());
+            print!("{text}");
+            if !text.ends_with('\n') && !text.is_empty() {
+                println!();
+            }
+        }
     }
     Ok(true)
 }
