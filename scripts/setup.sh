@@ -4,7 +4,8 @@
 #
 #   scripts/setup.sh
 #
-# - Debian packages: QEMU, build dependencies of virtiofsd, busybox, kmod, cpio, iproute2.
+# - Debian packages: QEMU, build dependencies of virtiofsd, busybox, kmod, cpio, iproute2,
+#   protoc (the CRI client in the tests), the CNI plugins (CRI pod networking).
 # - virtiofsd and vhost-device-vsock, built with `cargo install` into /usr/local/bin.
 # - containerd 1.7 (Debian 13) and 2.x (Debian unstable) unpacked side by side under
 #   /opt/hako/containerd/<version>/ without touching the system's packages; the end-to-end
@@ -17,7 +18,8 @@ VSOCK_VERSION=0.3.0
 CONTAINERD_ROOT=/opt/hako/containerd
 DOCKER_ROOT=/opt/hako/docker
 APT_PACKAGES=(qemu-system-x86 libcap-ng-dev libseccomp-dev pkg-config busybox-static cpio
-    iproute2 kmod ca-certificates file procps curl lz4 zstd xz-utils)
+    iproute2 kmod ca-certificates file procps curl lz4 zstd xz-utils protobuf-compiler
+    containernetworking-plugins)
 
 step() { echo "setup: $*"; }
 fail() {
