@@ -283,6 +283,17 @@ fn check() -> anyhow::Result<bool> {
             "absent: networking uses the userspace virtio-net path".into()
         },
     );
+    let tun = Path::new("/dev/net/tun").exists();
+    report(
+        tun,
+        false,
+        "tun/tap",
+        if tun {
+            "/dev/net/tun available (pod networking)".into()
+        } else {
+            "/dev/net/tun missing: pods get no network (modprobe tun)".into()
+        },
+    );
     let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
         "v2 (unified)"
     } else if Path::new("/sys/fs/cgroup/unified").exists() {
