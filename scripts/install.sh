@@ -16,11 +16,14 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN=/usr/local/bin
-GUEST=/usr/share/hako/guest
-DEFAULTS=/usr/share/defaults/hako
-CONTAINERD_CONFIG=/etc/containerd/config.toml
-DAEMON_JSON=/etc/docker/daemon.json
+# DESTDIR puts everything under another root (the install test uses it).
+root="${DESTDIR:-}"
+BIN="$root/usr/local/bin"
+GUEST="$root/usr/share/hako/guest"
+DEFAULTS="$root/usr/share/defaults/hako"
+ETC_HAKO="$root/etc/hako"
+CONTAINERD_CONFIG="$root/etc/containerd/config.toml"
+DAEMON_JSON="$root/etc/docker/daemon.json"
 
 # The containerd config snippet for the containerd in $PATH (2.x: version 3; else version 2).
 containerd_snippet() {
@@ -49,10 +52,10 @@ print_config() {
 }
 
 configure() {
-    mkdir -p /etc/hako
-    if [[ ! -f /etc/hako/configuration.toml ]]; then
-        install -m 0644 "$repo/configs/configuration.toml" /etc/hako/configuration.toml
-        echo "install: created /etc/hako/configuration.toml (the defaults; edit it to taste)"
+    mkdir -p "$ETC_HAKO"
+    if [[ ! -f $ETC_HAKO/configuration.toml ]]; then
+        install -m 0644 "$repo/configs/configuration.toml" "$ETC_HAKO/configuration.toml"
+        echo "install: created $ETC_HAKO/configuration.toml (the defaults; edit it to taste)"
     fi
     if grep -q '^# BEGIN hako' "$CONTAINERD_CONFIG" 2>/dev/null; then
         echo "install: $CONTAINERD_CONFIG already has hako's runtime entry"
@@ -101,9 +104,9 @@ for arg in "$@"; do
         --uninstall)
             [[ $(id -u) -eq 0 ]] || { echo "install: run as root" >&2; exit 1; }
             rm -f "$BIN/containerd-shim-hako-v2" "$BIN/hako"
-            rm -rf /usr/share/hako "$DEFAULTS"
+            rm -rf "$root/usr/share/hako" "$DEFAULTS"
             unconfigure
-            echo "install: hako removed (configuration in /etc/hako, if any, is left alone)"
+            echo "install: hako removed (configuration in $ETC_HAKO, if any, is left alone)"
             exit 0
             ;;
         *)
