@@ -301,12 +301,23 @@ impl TtrpcAgent {
         call: &'static str,
         fut: impl std::future::Future<Output = ttrpc::Result<T>>,
     ) -> Result<T, AgentError> {
+        let started = std::time::Instant::now();
+        let timed_out = AgentError::Timeout {
+            call,
+            timeout: self.call_timeout,
+        };
         match tokio::time::timeout(self.call_timeout, fut).await {
-            Ok(result) => result.map_err(|e| map_err(call, e)),
-            Err(_) => Err(AgentError::Timeout {
-                call,
-                timeout: self.call_timeout,
-            }),
+            Ok(Ok(value)) => Ok(value),
+            // ttrpc's own deadline (the same, in the context) may fire first, as a transport
+            // error: it is still the call timing out.
+            Ok(Err(e))
+                if !matches!(e, ttrpc::Error::RpcStatus(_))
+                    && started.elapsed() >= self.call_timeout =>
+            {
+                Err(timed_out)
+            }
+            Ok(Err(e)) => Err(map_err(call, e)),
+            Err(_) => Err(timed_out),
         }
     }
 }

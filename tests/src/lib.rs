@@ -378,9 +378,15 @@ pub fn assert_no_leaks(context: &str) {
 /// Runs `test` against every containerd version, each on a fresh daemon, with the leak check
 /// before (nothing from earlier tests) and after.
 pub fn for_each_containerd(test: impl Fn(&Containerd)) {
+    for_each_containerd_with_env(&[], test)
+}
+
+/// `for_each_containerd`, with extra environment for containerd and its shims (such as a
+/// HAKO_CONFIG for the test).
+pub fn for_each_containerd_with_env(env: &[(&str, &str)], test: impl Fn(&Containerd)) {
     for install in containerd_versions() {
         assert_no_leaks("before the test");
-        let containerd = Containerd::start(&install);
+        let containerd = Containerd::start_with_env(&install, env);
         eprintln!("--- containerd {}", containerd.version);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&containerd)));
         if let Err(panic) = outcome {
@@ -477,6 +483,17 @@ impl Containerd {
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
             .find(|cols| cols.first() == Some(&id))
             .and_then(|cols| cols.get(2).map(|s| s.to_string()))
+    }
+
+    /// The task's pid as containerd reports it (for hako: the VMM's).
+    pub fn task_pid(&self, id: &str) -> u32 {
+        let ls = self.ctr(&["task", "ls"]);
+        ls.stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cols| cols.first() == Some(&id))
+            .and_then(|cols| cols.get(1).and_then(|p| p.parse().ok()))
+            .unwrap_or_else(|| panic!("no task {id}: {ls:?}"))
     }
 
     /// Polls `ctr task ls` (bounded) until `id` has `status`.

@@ -204,9 +204,7 @@ fn a_vm_with_two_vcpus_gets_a_queue_pair_per_vcpu() {
     let config = dir.join("configuration.toml");
     fs::write(&config, "[hypervisor]\nvcpus = 2\n").unwrap();
     let config = config.display().to_string();
-    for install in containerd_versions() {
-        assert_no_leaks("before the test");
-        let c = Containerd::start_with_env(&install, &[("HAKO_CONFIG", &config)]);
+    for_each_containerd_with_env(&[("HAKO_CONFIG", &config)], |c| {
         let script = "nproc; ls /sys/class/net/eth0/queues; \
                       printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.99.0.1 8080";
         let r = c.run_rm_with("mq", &[&with_ns], &["sh", "-c", script]);
@@ -219,8 +217,6 @@ fn a_vm_with_two_vcpus_gets_a_queue_pair_per_vcpu() {
         assert!(r.stdout.contains("hello from the server"), "{r:?}");
         // The tap and both its queues are gone: the namespace is as the plugin left it.
         net.assert_pristine();
-        drop(c);
-        assert_no_leaks(&format!("containerd {}", install.display()));
-    }
+    });
     fs::remove_dir_all(&dir).unwrap();
 }

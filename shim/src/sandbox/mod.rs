@@ -133,6 +133,8 @@ pub struct Sandbox {
     /// A thread in `netns`, whose id hooks get as the container's pid.
     holder: Option<NetnsHolder>,
     network: Option<PodNetwork>,
+    /// Stops the VM when virtiofsd dies under it (see `watch_shared_fs`).
+    fs_watch: Option<tokio::task::JoinHandle<()>>,
     pub timings: Timings,
 }
 
@@ -162,6 +164,7 @@ impl Sandbox {
             netns: None,
             holder: None,
             network: None,
+            fs_watch: None,
             timings: Timings::new(),
         };
         if let Err(e) = sandbox.make_share() {
@@ -421,6 +424,10 @@ impl Sandbox {
         self.timings.mark("virtiofsd_ready");
         vmm.start(&spec).await?;
         self.timings.mark("vmm_started");
+        self.fs_watch = self.watch_shared_fs();
+        let Some(vmm) = self.vmm.as_ref() else {
+            return Err(VmmError::NotRunning.into());
+        };
 
         // Dial only once the agent says it serves: a connection that reaches the guest before
         // its vsock driver is up can stall in the vsock backend.
@@ -472,6 +479,35 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Without virtiofsd the guest has lost every container's root filesystem and its requests
+    /// hang or fail: the sandbox has failed. The VM is stopped, so every process's exit is
+    /// published (as for a VM that died) and Delete tears down the rest.
+    fn watch_shared_fs(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let mut fs_exit = self.fs.as_ref()?.process().exit_watch();
+        let mut vm_exit = self.vm_exit()?;
+        let vmm_pid = self.vmm_pid();
+        let id = self.id.clone();
+        Some(tokio::spawn(async move {
+            let code = tokio::select! {
+                code = fs_exit.wait_for(Option::is_some) => match code {
+                    Ok(code) => *code,
+                    Err(_) => return,
+                },
+                // The VM went first: nothing to stop, and its pid may be reused.
+                _ = vm_exit.wait_for(Option::is_some) => return,
+            };
+            log::error!(
+                "sandbox {id}: virtiofsd exited ({code:?}) under the running VM; the guest lost its root filesystems, stopping the VM"
+            );
+            if vmm_pid != 0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(vmm_pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }))
+    }
+
     pub fn agent(&self) -> Option<Arc<dyn AgentClient>> {
         self.agent.clone()
     }
@@ -487,6 +523,10 @@ impl Sandbox {
     /// Stops the VM and daemons and removes the sandbox dir. Safe to call at any stage.
     pub async fn shutdown(&mut self) -> Result<(), SandboxError> {
         self.holder.take();
+        // Stopping virtiofsd below is on purpose.
+        if let Some(watch) = self.fs_watch.take() {
+            watch.abort();
+        }
         if let Some(agent) = self.agent.take() {
             let vm_alive = self.vm_exit().is_some_and(|rx| rx.borrow().is_none());
             if vm_alive {

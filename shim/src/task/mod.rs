@@ -47,6 +47,7 @@ use stdio::{StdioError, StdioPaths};
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// Exit status reported when the VM died under a process: killed, never 0.
 const VM_GONE_STATUS: u32 = 137;
+const SIGKILL: u32 = 9;
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 const METRICS_V2_TYPE: &str = "io.containerd.cgroups.v2.Metrics";
 
@@ -713,6 +714,25 @@ impl TaskService {
                 code: Code::FAILED_PRECONDITION,
                 ..
             }) => Err(TaskError::Finished),
+            // An agent that does not answer a SIGKILL has failed its sandbox: the kill still
+            // has to happen, and the only way left is to end the VM. Every process of the
+            // sandbox then exits (published as failed), and Delete tears down the rest.
+            Err(e @ (AgentError::Timeout { .. } | AgentError::Transport { .. }))
+                if req.signal == SIGKILL && running.vm_alive() =>
+            {
+                log::error!(
+                    "container {}: {e}; the agent is not answering, so SIGKILL ends the whole VM (pid {})",
+                    req.id,
+                    running.vmm_pid
+                );
+                if running.vmm_pid != 0 {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(running.vmm_pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                Ok(())
+            }
             other => other.map_err(Into::into),
         }
     }

@@ -1,0 +1,124 @@
+//! End-to-end: faults a sandbox must survive. Each ends with the leak check (no VM, daemon,
+//! mount or directory left), against containerd 1.7 and 2.x.
+//!
+//! Boots VMs: `#[ignore]`d in a plain `cargo test`; `scripts/test.sh` runs them.
+
+#![allow(clippy::unwrap_used)] // Test code: a failed step should fail the test loudly.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use hako_tests::*;
+
+/// Kills the task's VM (or a helper) with `signal` while `sleep` runs in it, and checks what
+/// containerd's clients see: a non-zero exit published within 10 s, and a plain Delete.
+fn survive(c: &Containerd, id: &str, extra: &[&str], fault: impl FnOnce(&Containerd)) {
+    let events = c.events();
+    let r = c.run_detached(id, extra, &["sleep", "600"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    c.wait_status(id, "RUNNING");
+    let started = Instant::now();
+    fault(c);
+    let exit = events.wait_for(&["/tasks/exit", &format!("\"container_id\":\"{id}\"")]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the exit took {:?}",
+        started.elapsed()
+    );
+    // proto3 JSON leaves a zero status out: its presence means non-zero.
+    assert!(exit.contains("\"exit_status\":"), "exit status 0: {exit}");
+    c.wait_status(id, "STOPPED");
+    let r = c.ctr(&["task", "delete", id]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = c.ctr(&["container", "rm", id]);
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
+fn signal_comm(comm: &str, signal: Signal) {
+    let pids: Vec<u32> = hako_processes()
+        .into_iter()
+        .filter(|(_, name)| name.starts_with(comm))
+        .map(|(pid, _)| pid)
+        .collect();
+    // virtiofsd is two processes (it forks into its sandbox): all of them.
+    assert!(!pids.is_empty(), "no {comm}");
+    for pid in pids {
+        let _ = kill(Pid::from_raw(pid as i32), signal);
+    }
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn the_vmm_killed_or_terminated_ends_the_task_with_a_failure() {
+    for_each_containerd(|c| {
+        survive(c, "vmkill", &[], |c| {
+            let pid = c.task_pid("vmkill");
+            kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        });
+        survive(c, "vmterm", &[], |c| {
+            let pid = c.task_pid("vmterm");
+            kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+        });
+    });
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_guest_that_powers_off_or_panics_ends_the_task_with_a_failure() {
+    for_each_containerd(|c| {
+        for (id, key) in [("poweroff", "o"), ("panic", "c")] {
+            survive(c, id, &["--privileged"], |c| {
+                let r = c.exec(
+                    id,
+                    "sysrq",
+                    &[],
+                    &["sh", "-c", &format!("echo {key} > /proc/sysrq-trigger")],
+                );
+                // The exec dies with the guest; its status is not the point.
+                let _ = r;
+            });
+        }
+    });
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn virtiofsd_killed_fails_the_sandbox() {
+    for_each_containerd(|c| {
+        survive(c, "fskill", &[], |_| {
+            signal_comm("virtiofsd", Signal::SIGKILL)
+        });
+    });
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn an_agent_that_does_not_answer_fails_calls_in_time_and_sigkill_still_works() {
+    let dir = std::env::temp_dir().join(format!("hako-agent-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("configuration.toml");
+    std::fs::write(&config, "[agent]\ncall_timeout_ms = 2000\n").unwrap();
+    let config = config.display().to_string();
+    for_each_containerd_with_env(&[("HAKO_CONFIG", &config)], |c| {
+        survive(c, "frozen", &[], |c| {
+            // A stopped VM: the agent's socket accepts nothing and answers nothing.
+            let pid = c.task_pid("frozen");
+            kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+            for args in [
+                &["task", "ps", "frozen"][..],
+                &["task", "kill", "-s", "SIGTERM", "frozen"][..],
+            ] {
+                let started = Instant::now();
+                let r = c.ctr(args);
+                assert_ne!(r.code, 0, "{args:?}: {r:?}");
+                assert!(r.stderr.contains("timed out"), "{args:?}: {r:?}");
+                assert!(started.elapsed() < Duration::from_secs(10), "{args:?}");
+            }
+            let r = c.ctr(&["task", "kill", "-s", "SIGKILL", "frozen"]);
+            assert_eq!(r.code, 0, "{r:?}");
+        });
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+}
