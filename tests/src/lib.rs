@@ -137,7 +137,8 @@ pub struct Containerd {
     pub version: String,
     bin: PathBuf,
     dir: PathBuf,
-    child: Option<Child>,
+    env: Vec<(String, String)>,
+    child: std::sync::Mutex<Option<Child>>,
 }
 
 impl Containerd {
@@ -164,30 +165,17 @@ impl Containerd {
             d = dir.display()
         );
         fs::write(dir.join("config.toml"), config).unwrap();
-        let bin = install.join("usr/bin");
-        let log = fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new(bin.join("containerd"))
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .env(
-                "PATH",
-                format!(
-                    "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin:{}",
-                    bin.display()
-                ),
-            )
-            .envs(env.iter().copied())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut containerd = Containerd {
+        let containerd = Containerd {
             version,
-            bin,
+            bin: install.join("usr/bin"),
             dir,
-            child: Some(child),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: std::sync::Mutex::new(None),
         };
-        containerd.wait_ready();
+        containerd.spawn();
         let archive = busybox_archive();
         let import = containerd.ctr(&["image", "import", &archive.display().to_string()]);
         assert_eq!(import.code, 0, "image import failed: {import:?}");
@@ -198,7 +186,54 @@ impl Containerd {
         self.dir.join("containerd.sock")
     }
 
-    fn wait_ready(&mut self) {
+    fn child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the daemon (its log appended to) and waits until it answers.
+    fn spawn(&self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("containerd.log"))
+            .unwrap();
+        let child = Command::new(self.bin.join("containerd"))
+            .arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .env(
+                "PATH",
+                format!(
+                    "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin:{}",
+                    self.bin.display()
+                ),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        *self.child() = Some(child);
+        self.wait_ready();
+    }
+
+    /// Stops the daemon (SIGTERM) and waits for it to exit; shims keep running.
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child().take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops containerd and starts it again on the same state, as an operator's restart does.
+    pub fn restart(&self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn wait_ready(&self) {
         let started = Instant::now();
         loop {
             let up = fs::metadata(self.socket())
@@ -208,7 +243,8 @@ impl Containerd {
             if up {
                 return;
             }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            let exited = self.child().as_mut().and_then(|c| c.try_wait().unwrap());
+            if let Some(status) = exited {
                 panic!(
                     "containerd {} exited with {status}: {}",
                     self.version,
@@ -257,13 +293,7 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = child.wait();
-        }
+        self.stop();
         // containerd leaves snapshot mounts only while tasks run; unmount anything left so the
         // directory can go.
         for m in mounts_under(&self.dir) {
@@ -390,6 +420,17 @@ pub fn for_each_containerd_with_env(env: &[(&str, &str)], test: impl Fn(&Contain
         eprintln!("--- containerd {}", containerd.version);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&containerd)));
         if let Err(panic) = outcome {
+            // What the shims logged (through containerd) says why; the directory goes below.
+            let log = containerd.log();
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("level=error") || l.contains("level=warn"))
+                .collect();
+            eprintln!(
+                "containerd {} warnings and errors (last 40):\n{}",
+                containerd.version,
+                notable[notable.len().saturating_sub(40)..].join("\n")
+            );
             // Leave no VM behind for the next test: stop every task this containerd still has.
             containerd.remove_all_tasks();
             drop(containerd);
@@ -440,7 +481,7 @@ impl Containerd {
 
     /// The containerd daemon's pid.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
+        self.child().as_ref().map(Child::id).unwrap_or(0)
     }
 
     /// The bundle containerd made for a task in the `default` namespace.

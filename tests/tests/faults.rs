@@ -122,3 +122,120 @@ fn an_agent_that_does_not_answer_fails_calls_in_time_and_sigkill_still_works() {
     });
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn containerd_restarts_leave_pods_running_or_gone() {
+    for_each_containerd(|c| {
+        // A running pod survives a restart and stays manageable.
+        let r = c.run_detached("steady", &[], &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        c.wait_status("steady", "RUNNING");
+        c.restart();
+        c.wait_status("steady", "RUNNING");
+        let r = c.exec("steady", "after", &[], &["echo", "still here"]);
+        assert_eq!((r.code, r.stdout.as_str()), (0, "still here\n"), "{r:?}");
+        c.remove_task("steady");
+
+        // A restart while a pod is being created: its VM is booting when containerd goes.
+        let mut run = c
+            .ctr_command(&[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "midway",
+                "sleep",
+                "600",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while !hako_processes()
+            .iter()
+            .any(|(_, comm)| comm.starts_with("qemu-system"))
+        {
+            assert!(started.elapsed() < Duration::from_secs(30), "no VM started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c.stop();
+        let _ = run.wait();
+        c.restart();
+        // Afterwards the task is either there and manageable, or gone with everything it had.
+        let midway = c.task_status("midway");
+        eprintln!("after the restart, midway is {midway:?}");
+        match midway.as_deref() {
+            Some(status) => {
+                assert!(
+                    ["CREATED", "RUNNING", "STOPPED"].contains(&status),
+                    "midway is {status}"
+                );
+                c.remove_task("midway");
+            }
+            None => {
+                let _ = c.ctr(&["container", "rm", "midway"]);
+            }
+        }
+    });
+}
+
+/// VMs, vsock backends, shims and sandbox dirs now, and virtiofsd instances (two processes
+/// each: it forks into its sandbox).
+fn sandbox_counts() -> [usize; 5] {
+    let procs = hako_processes();
+    let count = |prefix: &str| procs.iter().filter(|(_, c)| c.starts_with(prefix)).count();
+    [
+        count("qemu-system"),
+        count("vhost-device-vs"),
+        count("containerd-shim"),
+        sandbox_dirs().len(),
+        count("virtiofsd") / 2,
+    ]
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn ten_pods_at_once_for_five_rounds() {
+    const PODS: usize = 10;
+    for_each_containerd(|c| {
+        for round in 0..5 {
+            let ids: Vec<String> = (0..PODS).map(|i| format!("load{round}-{i}")).collect();
+            std::thread::scope(|s| {
+                for id in &ids {
+                    s.spawn(move || {
+                        let r = c.run_detached(id, &[], &["sleep", "600"]);
+                        assert_eq!(r.code, 0, "{id}: {r:?}");
+                    });
+                }
+            });
+            assert_eq!(sandbox_counts(), [PODS; 5], "round {round}, all started");
+            std::thread::scope(|s| {
+                for id in &ids {
+                    s.spawn(move || {
+                        let r = c.exec(id, "hello", &[], &["echo", id]);
+                        assert_eq!(r.stdout.trim(), id.as_str(), "{r:?}");
+                    });
+                }
+            });
+            assert_eq!(sandbox_counts(), [PODS; 5], "round {round}, after exec");
+            std::thread::scope(|s| {
+                for id in &ids {
+                    s.spawn(move || c.remove_task(id));
+                }
+            });
+            // containerd stops each shim after its Delete, on its own schedule.
+            let started = Instant::now();
+            while sandbox_counts() != [0; 5] {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "round {round}, after delete: {:?}",
+                    sandbox_counts()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+}

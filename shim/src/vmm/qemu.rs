@@ -27,6 +27,8 @@ pub struct Qemu {
     config: HypervisorConfig,
     vsock_config: VsockConfig,
     accel: AccelChoice,
+    /// The guest's clock parameters (`super::clock_params`).
+    clock: String,
     vsock: Option<Daemon>,
     vmm: Option<Daemon>,
     qmp_socket: Option<PathBuf>,
@@ -35,9 +37,15 @@ pub struct Qemu {
 impl Qemu {
     pub fn new(config: &HypervisorConfig, vsock_config: &VsockConfig) -> Result<Self, VmmError> {
         let accel = choose_accel(config.accel)?;
+        let tsc_khz = if accel.kvm {
+            None
+        } else {
+            super::host_tsc_khz()
+        };
         Ok(Self {
             config: config.clone(),
             vsock_config: vsock_config.clone(),
+            clock: super::clock_params(accel.kvm, tsc_khz),
             accel,
             vsock: None,
             vmm: None,
@@ -50,7 +58,7 @@ impl Qemu {
     }
 
     /// The full QEMU command line (without the binary) for `spec`.
-    pub fn args(spec: &VmSpec, kvm: bool, seccomp: bool, qmp: &Path) -> Vec<String> {
+    pub fn args(spec: &VmSpec, kvm: bool, clock: &str, seccomp: bool, qmp: &Path) -> Vec<String> {
         let mem = format!("{}M", spec.memory_mib);
         let mut args: Vec<String> = vec![
             "-name".into(),
@@ -80,7 +88,7 @@ impl Qemu {
             "-initrd".into(),
             spec.initrd.display().to_string(),
             "-append".into(),
-            spec.cmdline.clone(),
+            format!("{} {clock}", spec.cmdline),
             "-chardev".into(),
             format!("socket,id=fs0,path={}", spec.fs_socket.display()),
             "-device".into(),
@@ -233,7 +241,13 @@ impl Hypervisor for Qemu {
         }
         let qmp = spec.dir.join("qmp.sock");
         let mut cmd = Command::new(binary);
-        cmd.args(Self::args(spec, self.accel.kvm, self.config.seccomp, &qmp));
+        cmd.args(Self::args(
+            spec,
+            self.accel.kvm,
+            &self.clock,
+            self.config.seccomp,
+            &qmp,
+        ));
         let taps: Vec<i32> = spec.net.iter().flat_map(|n| n.tap_fds.clone()).collect();
         if !taps.is_empty() {
             // SAFETY: runs in the forked child before exec and only calls dup2 (async-signal-safe).
@@ -330,9 +344,17 @@ mod tests {
 
     #[test]
     fn tcg_command_line() {
-        let a = joined(&Qemu::args(&spec(), false, true, Path::new("/q.sock")));
+        let clock = crate::vmm::clock_params(false, Some(2_600_000));
+        let a = joined(&Qemu::args(
+            &spec(),
+            false,
+            &clock,
+            true,
+            Path::new("/q.sock"),
+        ));
         assert!(a.contains("-machine q35,accel=tcg,"), "{a}");
         assert!(a.contains("-cpu max"), "{a}");
+        assert!(a.contains("tsc=reliable tsc_early_khz=2600000"), "{a}");
         assert!(
             a.contains("memory-backend-memfd,id=mem,size=256M,share=on"),
             "{a}"
@@ -353,7 +375,14 @@ mod tests {
 
     #[test]
     fn kvm_uses_the_host_cpu() {
-        let a = joined(&Qemu::args(&spec(), true, false, Path::new("/q.sock")));
+        let clock = crate::vmm::clock_params(true, None);
+        let a = joined(&Qemu::args(
+            &spec(),
+            true,
+            &clock,
+            false,
+            Path::new("/q.sock"),
+        ));
         assert!(a.contains("accel=kvm"), "{a}");
         assert!(a.contains("-cpu host"), "{a}");
         assert!(!a.contains("-sandbox"), "{a}");

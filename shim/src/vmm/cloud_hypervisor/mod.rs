@@ -129,7 +129,12 @@ impl CloudHypervisor {
             payload: PayloadConfig {
                 kernel: Some(Self::vmlinux(spec)),
                 initramfs: Some(spec.initrd.clone()),
-                cmdline: Some(spec.cmdline.clone()),
+                // Cloud Hypervisor runs only on KVM.
+                cmdline: Some(format!(
+                    "{} {}",
+                    spec.cmdline,
+                    super::clock_params(true, None)
+                )),
                 firmware: None,
             },
             cpus: Some(CpusConfig {
@@ -431,7 +436,7 @@ mod tests {
                 "payload": {
                     "kernel": "/run/hako/default/sb1/guest/vmlinux",
                     "initramfs": "/run/hako/default/sb1/guest/initramfs.cpio",
-                    "cmdline": "console=ttyS0 quiet"
+                    "cmdline": "console=ttyS0 quiet tsc=reliable"
                 },
                 "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
                 "memory": {"size": 268435456u64, "shared": true},
