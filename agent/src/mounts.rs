@@ -211,4 +211,62 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A root whose entries lead everywhere a hostile image could point them; removed on
+        /// drop.
+        struct HostileRoot(PathBuf);
+
+        impl HostileRoot {
+            fn new() -> Self {
+                static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let dir = std::env::temp_dir()
+                    .join(format!("hako-mounts-prop-{}-{n}", std::process::id()));
+                std::fs::create_dir_all(dir.join("real/deeper")).expect("mkdir");
+                for (name, target) in [
+                    ("to-root", "/"),
+                    ("up", "../../.."),
+                    ("rel", "real"),
+                    ("loop", "loop"),
+                    ("dotdot", ".."),
+                    ("abs-etc", "/etc/../.."),
+                    ("real/deeper/back", "../../up"),
+                ] {
+                    symlink(target, dir.join(name)).expect("symlink");
+                }
+                Self(dir)
+            }
+        }
+
+        impl Drop for HostileRoot {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+
+        proptest! {
+            /// Whatever path an image's symlinks and a spec's destination make up, the result
+            /// stays inside the root (or is refused).
+            #[test]
+            fn destinations_never_leave_the_root(
+                parts in prop::collection::vec(
+                    prop::sample::select(vec![
+                        "to-root", "up", "rel", "loop", "dotdot", "abs-etc", "real", "deeper",
+                        "back", "etc", "..", ".", "x",
+                    ]),
+                    0..8,
+                ),
+            ) {
+                let root = HostileRoot::new();
+                let dest = format!("/{}", parts.join("/"));
+                if let Ok(resolved) = resolve_in_root(&root.0, &dest) {
+                    prop_assert!(resolved.starts_with(&root.0), "{dest} -> {}", resolved.display());
+                }
+            }
+        }
+    }
 }

@@ -401,3 +401,22 @@ impl Agent {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hako_protocol as pb;
+    use proptest::prelude::*;
+    use protobuf::Message;
+
+    proptest! {
+        /// Whatever bytes arrive as a CreateContainer request, decoding it and its OCI spec
+        /// fails cleanly or succeeds; it never panics.
+        #[test]
+        fn requests_decode_or_fail_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(req) = pb::CreateContainerRequest::parse_from_bytes(&bytes) {
+                let _ = serde_json::from_slice::<oci_spec::runtime::Spec>(&req.oci_spec);
+            }
+        }
+
+    }
+}

@@ -274,4 +274,87 @@ mod tests {
             Some(SpecError::NoProcess)
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn path() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop::sample::select(vec![
+                    "/", "..", ".", "a", "b/", "\0", " ", "x/../", "//", "data", "etc/", "c", "d/",
+                    "e", "/f",
+                ]),
+                0..6,
+            )
+            .prop_map(|parts| parts.concat())
+        }
+
+        /// Mostly absolute paths, so that most specs get past the first check.
+        fn absolute_mostly() -> impl Strategy<Value = String> {
+            prop_oneof![4 => path().prop_map(|p| format!("/{p}")), 1 => path()]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            /// Whatever mounts and environment a spec carries, the guest spec either is refused
+            /// or keeps every path the host hands the guest inside the container's share dir.
+            #[test]
+            fn guest_specs_stay_inside_the_share(
+                mounts in prop::collection::vec(
+                    (absolute_mostly(), absolute_mostly(), any::<bool>(), any::<bool>()),
+                    0..5,
+                ),
+                env in prop::collection::vec(
+                    prop_oneof![4 => "[a-z]{1,4}=[a-z=]{0,4}", 1 => "[a-z=\0]{0,6}"],
+                    0..4,
+                ),
+            ) {
+                let mounts: Vec<serde_json::Value> = mounts
+                    .iter()
+                    .map(|(dest, source, bind, ro)| {
+                        let mut options = vec![];
+                        if *bind { options.push("rbind"); }
+                        if *ro { options.push("ro"); }
+                        serde_json::json!({"destination": dest, "source": source,
+                                           "type": if *bind { "bind" } else { "tmpfs" },
+                                           "options": options})
+                    })
+                    .collect();
+                let json = serde_json::json!({
+                    "ociVersion": "1.0.2",
+                    "process": {"args": ["sh"], "cwd": "/", "env": env, "user": {"uid": 0, "gid": 0}},
+                    "root": {"path": "rootfs"},
+                    "mounts": mounts,
+                    "hooks": {"prestart": [{"path": "/bin/true"}]},
+                    "linux": {"cgroupsPath": "/x", "namespaces": [{"type": "network", "path": "/run/netns/p"}]}
+                });
+                // Every generated spec is valid JSON for the schema: what is tested is what
+                // to_guest does with it.
+                let spec: Spec = serde_json::from_value(json).expect("a spec");
+                let share = Path::new("/run/hako/shared");
+                if let Ok((guest, binds)) = to_guest(&spec, "c1", share, None) {
+                    let dir = share.join("c1");
+                    prop_assert_eq!(guest.root().as_ref().map(|r| r.path().clone()), Some(dir.join("rootfs")));
+                    prop_assert!(guest.hooks().is_none());
+                    prop_assert!(guest.linux().as_ref().and_then(|l| l.cgroups_path().clone()).is_none());
+                    for m in guest.mounts().iter().flatten() {
+                        let dest = m.destination();
+                        prop_assert!(dest.is_absolute());
+                        prop_assert!(!dest.components().any(|c| c.as_os_str() == ".."));
+                    }
+                    for b in &binds {
+                        prop_assert!(!b.name.contains('/') && b.name != "." && b.name != "..", "{}", b.name);
+                        prop_assert!(b.host_source.is_absolute());
+                        prop_assert!(!b.host_source.components().any(|c| c.as_os_str() == ".."));
+                    }
+                    let sources: Vec<_> = guest.mounts().iter().flatten().filter(|m| is_bind(m)).filter_map(|m| m.source().clone()).collect();
+                    for source in sources {
+                        prop_assert!(source.starts_with(dir.join("mounts")), "{}", source.display());
+                    }
+                }
+            }
+        }
+    }
 }

@@ -214,6 +214,7 @@ impl Hypervisor for Qemu {
         let binary = resolve_binary("vhost-device-vsock", &self.vsock_config.path)?;
         let mut cmd = Command::new(binary);
         cmd.args(Self::vsock_args(spec));
+        crate::daemon::confine(&mut cmd);
         let daemon = Daemon::spawn(
             "vhost-device-vsock",
             cmd,
@@ -248,6 +249,7 @@ impl Hypervisor for Qemu {
             self.config.seccomp,
             &qmp,
         ));
+        crate::daemon::confine(&mut cmd);
         let taps: Vec<i32> = spec.net.iter().flat_map(|n| n.tap_fds.clone()).collect();
         if !taps.is_empty() {
             // SAFETY: runs in the forked child before exec and only calls dup2 (async-signal-safe).
