@@ -16,7 +16,7 @@ echo "test: unit tests"
 cargo test --workspace --locked
 
 echo "test: end-to-end tests (each boots VMs; one at a time)"
-cargo test --locked -p hako-tests --test containerd --test cri --test docker --test faults --test install --test network --test pods_and_volumes --test task_api \
+cargo test --locked -p hako-tests --test containerd --test cri --test docker --test faults --test hostile_guest --test install --test network --test pods_and_volumes --test task_api \
     -- --ignored --test-threads=1
 
 # Cloud Hypervisor is not packaged and needs hardware KVM to boot guests: each of its tests runs

@@ -27,8 +27,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Status;
 
 use crate::{
-    assert_no_leaks, busybox_archive, containerd_versions, mounts_under, repo_root,
-    run_with_timeout, Run,
+    assert_no_leaks, busybox_archive, containerd_versions, remove_daemon_leftovers, repo_root,
+    run_with_timeout, stop_child, Run,
 };
 
 /// The runtime handler (kubelet's RuntimeClass handler) the CRI config maps to hako.
@@ -601,25 +601,12 @@ impl CriContainerd {
 
 impl Drop for CriContainerd {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if self.child.is_some() {
             self.remove_all_pods();
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = child.wait();
         }
-        for m in mounts_under(&self.dir).into_iter().rev() {
-            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
-        }
+        stop_child(self.child.take());
         // The bridge goes with the namespace.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .stderr(Stdio::null())
-            .status();
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
+        remove_daemon_leftovers(&self.dir, Some(&self.netns));
     }
 }
 

@@ -7,11 +7,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{busybox_archive, mounts_under, run_with_timeout, Containerd, Run};
+use crate::{
+    busybox_archive, remove_daemon_leftovers, run_with_timeout, stop_child, Containerd, Run,
+};
 
 pub const DOCKER_ROOT: &str = "/opt/hako/docker";
 /// The runtime registered under a short name, so `docker run --runtime hako` works.
@@ -162,24 +164,9 @@ impl Drop for Docker {
         for id in ids.stdout.split_whitespace() {
             let _ = self.docker(&["rm", "-f", id]);
         }
-        if let Some(mut child) = self.child.take() {
-            // nsenter execs dockerd, so this is dockerd's pid.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = child.wait();
-        }
-        for m in mounts_under(&self.dir).into_iter().rev() {
-            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .stderr(Stdio::null())
-            .status();
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
+        // nsenter execs dockerd, so the child's pid is dockerd's.
+        stop_child(self.child.take());
+        remove_daemon_leftovers(&self.dir, Some(&self.netns));
     }
 }
 

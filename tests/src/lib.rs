@@ -218,13 +218,8 @@ impl Containerd {
 
     /// Stops the daemon (SIGTERM) and waits for it to exit; shims keep running.
     pub fn stop(&self) {
-        if let Some(mut child) = self.child().take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = child.wait();
-        }
+        let child = self.child().take();
+        stop_child(child);
     }
 
     /// Stops containerd and starts it again on the same state, as an operator's restart does.
@@ -294,14 +289,36 @@ impl Containerd {
 impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
-        // containerd leaves snapshot mounts only while tasks run; unmount anything left so the
-        // directory can go.
-        for m in mounts_under(&self.dir) {
-            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
-        }
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
+        remove_daemon_leftovers(&self.dir, None);
+    }
+}
+
+/// Stops a daemon the harness started: SIGTERM, then waits for it.
+pub fn stop_child(child: Option<Child>) {
+    if let Some(mut child) = child {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = child.wait();
+    }
+}
+
+/// After a harness daemon stopped: unmounts what it left under `dir` (snapshots, rootfs
+/// mounts), deletes its network namespace, and removes `dir` unless a test is failing (its
+/// logs are worth keeping then).
+pub fn remove_daemon_leftovers(dir: &Path, netns: Option<&str>) {
+    for m in mounts_under(dir).into_iter().rev() {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    if let Some(netns) = netns {
+        let _ = Command::new("ip")
+            .args(["netns", "del", netns])
+            .stderr(Stdio::null())
+            .status();
+    }
+    if !std::thread::panicking() {
+        let _ = fs::remove_dir_all(dir);
     }
 }
 
@@ -513,6 +530,25 @@ impl Containerd {
         };
         task.update(ttrpc::context::with_timeout(30_000_000_000), &req)
             .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Calls the Task API's Create on the shim that runs `anchor`, as containerd would, with
+    /// a bundle the test made: for inputs containerd itself never sends.
+    pub fn shim_create(&self, anchor: &str, id: &str, bundle: &Path) -> Result<u32, String> {
+        use containerd_shim_protos::shim::shim::CreateTaskRequest;
+        use containerd_shim_protos::shim::shim_ttrpc::TaskClient;
+        let address = fs::read_to_string(self.bundle_dir(anchor).join("address"))
+            .map_err(|e| e.to_string())?;
+        let client = ttrpc::Client::connect(address.trim()).map_err(|e| e.to_string())?;
+        let task = TaskClient::new(client);
+        let req = CreateTaskRequest {
+            id: id.to_string(),
+            bundle: bundle.display().to_string(),
+            ..Default::default()
+        };
+        task.create(ttrpc::context::with_timeout(60_000_000_000), &req)
+            .map(|r| r.pid)
             .map_err(|e| e.to_string())
     }
 

@@ -48,6 +48,9 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// Exit status reported when the VM died under a process: killed, never 0.
 const VM_GONE_STATUS: u32 = 137;
 const SIGKILL: u32 = 9;
+/// The largest spec the agent channel carries: ttrpc's 4 MiB message limit, less room for the
+/// rest of the request.
+const MAX_GUEST_SPEC: usize = 4 * 1024 * 1024 - 64 * 1024;
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 const METRICS_V2_TYPE: &str = "io.containerd.cgroups.v2.Metrics";
 
@@ -239,6 +242,12 @@ impl TaskService {
             path: bundle.join("config.json"),
             reason: e.to_string(),
         })?;
+        if guest_spec_json.len() > MAX_GUEST_SPEC {
+            return Err(TaskError::Invalid(format!(
+                "the container's OCI spec is {} bytes; hako passes at most {MAX_GUEST_SPEC} bytes to the guest (is the environment or the set of annotations that large on purpose?)",
+                guest_spec_json.len()
+            )));
+        }
         let rootfs: Vec<RootfsMount> = req
             .rootfs
             .iter()
