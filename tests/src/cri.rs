@@ -27,8 +27,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Status;
 
 use crate::{
-    assert_no_leaks, busybox_archive, containerd_versions, remove_daemon_leftovers, repo_root,
-    run_with_timeout, stop_child, Run,
+    assert_host_unchanged, assert_no_leaks, busybox_archive, containerd_versions,
+    remove_daemon_leftovers, repo_root, run_with_timeout, stop_child, HostState, Run,
 };
 
 /// The runtime handler (kubelet's RuntimeClass handler) the CRI config maps to hako.
@@ -615,6 +615,7 @@ impl Drop for CriContainerd {
 pub fn for_each_cri_containerd(test: impl Fn(&CriContainerd)) {
     for install in containerd_versions() {
         assert_no_leaks("before the test");
+        let host = HostState::now();
         let containerd = CriContainerd::start(&install);
         eprintln!("--- containerd {} (CRI)", containerd.version);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&containerd)));
@@ -634,6 +635,7 @@ pub fn for_each_cri_containerd(test: impl Fn(&CriContainerd)) {
             std::panic::resume_unwind(panic);
         }
         assert_no_leaks(&format!("containerd {} (CRI)", install.display()));
+        assert_host_unchanged(&host, &format!("containerd {} (CRI)", install.display()));
         assert!(
             !Path::new("/run/netns").join(&netns).exists(),
             "network namespace {netns} left behind"

@@ -383,6 +383,72 @@ pub fn sandbox_dirs() -> Vec<PathBuf> {
     dirs
 }
 
+/// What the host has that hako must leave as it found it: the host namespace's network
+/// interfaces (no tap or veth may stay), the named network namespaces, the nsfs mounts that
+/// keep namespaces alive anywhere, and the cgroups (two levels under /sys/fs/cgroup).
+#[derive(Debug, PartialEq, Eq)]
+pub struct HostState {
+    pub links: BTreeSet<String>,
+    pub netns: BTreeSet<String>,
+    pub nsfs_mounts: BTreeSet<String>,
+    pub cgroups: BTreeSet<PathBuf>,
+}
+
+impl HostState {
+    pub fn now() -> Self {
+        let names = |dir: &str| -> BTreeSet<String> {
+            fs::read_dir(dir)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let nsfs_mounts = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" - nsfs "))
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .collect();
+        let mut cgroups = BTreeSet::new();
+        for top in fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for dir in fs::read_dir(top.path()).into_iter().flatten().flatten() {
+                if dir.file_type().is_ok_and(|t| t.is_dir()) {
+                    cgroups.insert(dir.path());
+                }
+            }
+        }
+        HostState {
+            links: names("/sys/class/net"),
+            netns: names("/run/netns"),
+            nsfs_mounts,
+            cgroups,
+        }
+    }
+}
+
+/// Asserts that the host is as `before` was taken. Namespaces and interfaces go with the
+/// processes that hold them, so this waits (up to 20 s) like the leak check.
+pub fn assert_host_unchanged(before: &HostState, context: &str) {
+    let started = Instant::now();
+    loop {
+        let now = HostState::now();
+        if &now == before {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{context}: the host changed:\nbefore: {before:#?}\nafter: {now:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// What a test may leave behind: nothing.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Leftovers {
@@ -433,6 +499,7 @@ pub fn for_each_containerd(test: impl Fn(&Containerd)) {
 pub fn for_each_containerd_with_env(env: &[(&str, &str)], test: impl Fn(&Containerd)) {
     for install in containerd_versions() {
         assert_no_leaks("before the test");
+        let host = HostState::now();
         let containerd = Containerd::start_with_env(&install, env);
         eprintln!("--- containerd {}", containerd.version);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&containerd)));
@@ -455,6 +522,7 @@ pub fn for_each_containerd_with_env(env: &[(&str, &str)], test: impl Fn(&Contain
         }
         drop(containerd);
         assert_no_leaks(&format!("containerd {}", install.display()));
+        assert_host_unchanged(&host, &format!("containerd {}", install.display()));
     }
 }
 
