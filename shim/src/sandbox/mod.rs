@@ -499,12 +499,7 @@ impl Sandbox {
             log::error!(
                 "sandbox {id}: virtiofsd exited ({code:?}) under the running VM; the guest lost its root filesystems, stopping the VM"
             );
-            if vmm_pid != 0 {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(vmm_pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            crate::vmm::kill_failed_vm(vmm_pid);
         }))
     }
 

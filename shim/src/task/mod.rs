@@ -734,12 +734,7 @@ impl TaskService {
                     req.id,
                     running.vmm_pid
                 );
-                if running.vmm_pid != 0 {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(running.vmm_pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+                crate::vmm::kill_failed_vm(running.vmm_pid);
                 Ok(())
             }
             other => other.map_err(Into::into),

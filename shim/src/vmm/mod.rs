@@ -101,6 +101,18 @@ pub fn for_config(config: &crate::config::Config) -> Result<Box<dyn Hypervisor>,
     })
 }
 
+/// Ends the VM of a sandbox that has failed (its agent or its shared filesystem is gone):
+/// SIGKILL to the VMM, whose exit watch then publishes every process's exit and lets Delete
+/// tear down the rest. The caller makes sure the VMM has not exited yet, so `pid` is still it.
+pub fn kill_failed_vm(pid: u32) {
+    if pid != 0 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 /// The accelerator a VM will use and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccelChoice {
