@@ -34,6 +34,8 @@ MODULES=(
     vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
     failover net_failover virtio_net
 )
+# Loaded by the agent only for a virtio-9p share (hypervisor.shared_fs = "virtio-9p").
+MODULES_9P=(9pnet 9pnet_virtio 9p)
 
 progress "resolving the kernel package"
 pkg="${HAKO_KERNEL_PACKAGE:-}"
@@ -76,7 +78,7 @@ if [[ -f "$out/.inputs" && "$(cat "$out/.inputs")" == "$stamp_inputs" &&
 fi
 
 progress "unpacking the kernel"
-kdir="$cache/kernel-$version"
+kdir="$cache/$pkg-$version"
 if [[ ! -d "$kdir/boot" ]]; then
     rm -rf "$kdir.tmp"
     dpkg-deb -x "$deb" "$kdir.tmp"
@@ -123,24 +125,56 @@ install -m 0755 "$agent" "$root/init"
 # busybox for `ip`: the agent configures the pod's network with it.
 mkdir -p "$root/bin"
 install -m 0755 /bin/busybox "$root/bin/busybox"
-: >"$root/etc/hako/modules"
-for name in "${MODULES[@]}"; do
-    # modules.dep names files with '-' or '_' interchangeably with the module name.
-    pattern="/(${name}|${name//_/-})\\.ko(\\.xz|\\.zst)?:"
+# module_file NAME: its path in modules.dep, empty when it is built in; fails when it is
+# neither (modules.dep names files with '-' or '_' interchangeably with the module name).
+module_file() {
+    local pattern="/(${1}|${1//_/-})\\.ko(\\.xz|\\.zst)?:"
+    local rel
     rel="$(grep -E "$pattern" "$moddir/modules.dep" | head -n1 | cut -d: -f1 || true)"
     if [[ -z "$rel" ]]; then
-        grep -qE "/(${name}|${name//_/-})\\.ko" "$moddir/modules.builtin" ||
-            fail "kernel module $name is neither a module nor built into $kver"
-        continue
+        grep -qE "/(${1}|${1//_/-})\\.ko" "$moddir/modules.builtin" || return 1
     fi
-    case "$rel" in
-        *.ko) ;;
-        *) fail "module $rel is compressed; the agent loads plain .ko files" ;;
-    esac
-    mkdir -p "$root/lib/modules/$(dirname "$rel")"
-    install -m 0644 "$moddir/$rel" "$root/lib/modules/$rel"
-    echo "$rel" >>"$root/etc/hako/modules"
+    echo "$rel"
+}
+declare -A included=()
+# add_module NAME LIST: copies the module and what it depends on into the image and appends
+# them to LIST in load order (modules.dep lists every dependency, the deepest last).
+add_module() {
+    local rel deps dep i
+    rel="$(module_file "$1")" || fail "kernel module $1 is neither a module nor built into $kver"
+    [[ -z "$rel" ]] && return 0
+    read -r -a deps <<<"$(grep -E "^$rel:" "$moddir/modules.dep" | cut -d: -f2)"
+    for ((i = ${#deps[@]} - 1; i >= -1; i--)); do
+        if ((i >= 0)); then dep="${deps[i]}"; else dep="$rel"; fi
+        [[ -n "${included[$dep]:-}" ]] && continue
+        case "$dep" in
+            *.ko) ;;
+            *) fail "module $dep is compressed; the agent loads plain .ko files" ;;
+        esac
+        mkdir -p "$root/lib/modules/$(dirname "$dep")"
+        install -m 0644 "$moddir/$dep" "$root/lib/modules/$dep"
+        echo "$dep" >>"$2"
+        included[$dep]=1
+    done
+}
+: >"$root/etc/hako/modules"
+for name in "${MODULES[@]}"; do
+    add_module "$name" "$root/etc/hako/modules"
 done
+# The 9p modules go in only when the kernel has them all (Debian's cloud kernel has none).
+have_9p=1
+for name in "${MODULES_9P[@]}"; do
+    module_file "$name" >/dev/null || have_9p=0
+done
+if ((have_9p)); then
+    : >"$root/etc/hako/modules-9p"
+    for name in "${MODULES_9P[@]}"; do
+        add_module "$name" "$root/etc/hako/modules-9p"
+    done
+    echo "  $(wc -l <"$root/etc/hako/modules-9p") modules for virtio-9p shares"
+else
+    echo "  $kver has no 9p: this guest serves virtio-fs shares only"
+fi
 echo "  $(wc -l <"$root/etc/hako/modules") modules for $kver"
 
 progress "writing $out"

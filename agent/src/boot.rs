@@ -14,10 +14,14 @@ use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
 use nix::unistd::{chdir, chroot};
 
-/// Set on the re-executed init so it knows it already left the initramfs.
+/// Set on the re-executed init so it knows it already left the initramfs; its value is the
+/// time the kernel ran /init, in milliseconds since boot.
 const RELOCATED_ENV: &str = "HAKO_RELOCATED";
 /// Written by the guest-image build: one module path per line, in load order.
 const MODULE_LIST: &str = "/etc/hako/modules";
+/// Likewise, the modules a 9p share needs; loaded only for one (and absent from kernels
+/// without 9p, such as Debian's cloud kernel).
+const MODULE_LIST_9P: &str = "/etc/hako/modules-9p";
 const MODULE_DIR: &str = "/lib/modules";
 
 #[derive(Debug, thiserror::Error)]
@@ -35,9 +39,10 @@ pub enum BootError {
     /// A kernel module could not be loaded.
     #[error("cannot load kernel module {module}: {source}")]
     Module { module: String, source: io::Error },
-    /// The virtio-fs share did not appear.
-    #[error("cannot mount the virtio-fs share {tag} on {target} after {waited:?}: {source}")]
+    /// The share did not appear.
+    #[error("cannot mount the {kind} share {tag} on {target} after {waited:?}: {source}")]
     Share {
+        kind: &'static str,
         tag: String,
         target: String,
         waited: Duration,
@@ -48,10 +53,13 @@ pub enum BootError {
 /// pivot_root(2) refuses to leave the initramfs (the "rootfs" mount), and every container needs
 /// pivot_root. So PID 1 copies the initramfs into a tmpfs, frees the original files, moves the
 /// tmpfs onto `/` and re-executes itself there, as switch_root does.
-pub fn relocate_off_initramfs() -> Result<(), BootError> {
-    if std::env::var_os(RELOCATED_ENV).is_some() {
-        return Ok(());
+///
+/// Returns when the kernel ran /init, in milliseconds since boot.
+pub fn relocate_off_initramfs() -> Result<u64, BootError> {
+    if let Some(value) = std::env::var_os(RELOCATED_ENV) {
+        return Ok(value.to_str().and_then(|v| v.parse().ok()).unwrap_or(0));
     }
+    let init_since_boot_ms = ms_since_boot();
     let err = |what: &str, e: &dyn std::fmt::Display| BootError::Relocate(format!("{what}: {e}"));
     let new_root = Path::new("/newroot");
     fs::create_dir_all(new_root).map_err(|e| err("mkdir /newroot", &e))?;
@@ -94,7 +102,10 @@ pub fn relocate_off_initramfs() -> Result<(), BootError> {
             CString::new(kv).ok()
         })
         .collect();
-    env.push(CString::new(format!("{RELOCATED_ENV}=1")).map_err(|e| err("env", &e))?);
+    env.push(
+        CString::new(format!("{RELOCATED_ENV}={init_since_boot_ms}"))
+            .map_err(|e| err("env", &e))?,
+    );
     let e = nix::unistd::execve(&init, std::slice::from_ref(&init), &env).unwrap_err();
     Err(err("re-exec /init", &e))
 }
@@ -187,17 +198,60 @@ pub fn mount_kernel_filesystems() -> Result<(), BootError> {
     Ok(())
 }
 
-/// Loads the modules named in the image's module list, in order. Modules that are built in or
-/// already loaded are fine.
-pub fn load_modules() -> Result<usize, BootError> {
-    let list = match fs::read_to_string(MODULE_LIST) {
+/// The device carrying the sandbox share, from the kernel command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShareKind {
+    VirtioFs,
+    Virtio9p,
+}
+
+impl ShareKind {
+    pub fn from_cmdline(cmdline: &str) -> Self {
+        let key = format!("{}=", hako_protocol::CMDLINE_SHARE);
+        match cmdline
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(key.as_str()))
+        {
+            Some("9p") => ShareKind::Virtio9p,
+            _ => ShareKind::VirtioFs,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            ShareKind::VirtioFs => "virtio-fs",
+            ShareKind::Virtio9p => "virtio-9p",
+        }
+    }
+}
+
+/// Loads the modules named in the image's module list, in order, and those of a 9p share when
+/// the share is one. Modules that are built in or already loaded are fine.
+pub fn load_modules(share: ShareKind) -> Result<usize, BootError> {
+    let mut loaded = load_module_list(MODULE_LIST, false)?;
+    if share == ShareKind::Virtio9p {
+        loaded += load_module_list(MODULE_LIST_9P, true)?;
+    }
+    Ok(loaded)
+}
+
+fn load_module_list(list_path: &str, required: bool) -> Result<usize, BootError> {
+    let list = match fs::read_to_string(list_path) {
         Ok(list) => list,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !required => return Ok(0),
         Err(source) => {
+            let source = if source.kind() == io::ErrorKind::NotFound {
+                io::Error::new(
+                    source.kind(),
+                    "this guest image has no 9p modules; build it from a kernel with 9p (guest-image/build.sh with HAKO_KERNEL_PACKAGE set to Debian's generic kernel)",
+                )
+            } else {
+                source
+            };
             return Err(BootError::Module {
-                module: MODULE_LIST.to_string(),
+                module: list_path.to_string(),
                 source,
-            })
+            });
         }
     };
     let mut loaded = 0;
@@ -217,10 +271,11 @@ pub fn load_modules() -> Result<usize, BootError> {
     Ok(loaded)
 }
 
-/// Mounts the sandbox's virtio-fs share. The device is probed while its module loads, but give
-/// it a short, bounded time in case the probe is still running.
-pub fn mount_share(tag: &str, target: &str) -> Result<(), BootError> {
+/// Mounts the sandbox share. The device is probed while its module loads, but give it a short,
+/// bounded time in case the probe is still running.
+pub fn mount_share(kind: ShareKind, tag: &str, target: &str) -> Result<(), BootError> {
     fs::create_dir_all(target).map_err(|e| BootError::Share {
+        kind: kind.describe(),
         tag: tag.to_string(),
         target: target.to_string(),
         waited: Duration::ZERO,
@@ -228,15 +283,27 @@ pub fn mount_share(tag: &str, target: &str) -> Result<(), BootError> {
     })?;
     let started = Instant::now();
     let budget = Duration::from_secs(5);
+    // 9p: the Linux client's 9P2000.L dialect, a large message size, and `cache=mmap` so that
+    // programs can be mapped (executables, shared libraries) while data is not cached.
+    let (fstype, data) = match kind {
+        ShareKind::VirtioFs => ("virtiofs", None),
+        ShareKind::Virtio9p => (
+            "9p",
+            Some(format!(
+                "trans=virtio,version=9p2000.L,msize={},cache=mmap",
+                hako_protocol::NINEP_MSIZE
+            )),
+        ),
+    };
     loop {
         // nodev: device nodes in the share must never work in the guest. The share keeps suid
         // bits working (images rely on them); the host side is read-only for the top level.
         match mount(
             Some(tag),
             target,
-            Some("virtiofs"),
+            Some(fstype),
             MsFlags::MS_NODEV,
-            None::<&str>,
+            data.as_deref(),
         ) {
             Ok(()) => return Ok(()),
             Err(e @ (Errno::ENOENT | Errno::ENODEV | Errno::EINVAL))
@@ -247,6 +314,7 @@ pub fn mount_share(tag: &str, target: &str) -> Result<(), BootError> {
             }
             Err(source) => {
                 return Err(BootError::Share {
+                    kind: kind.describe(),
                     tag: tag.to_string(),
                     target: target.to_string(),
                     waited: started.elapsed(),
@@ -262,4 +330,22 @@ pub fn ms_since_boot() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|ts| ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_share_kind_comes_from_the_cmdline() {
+        assert_eq!(
+            ShareKind::from_cmdline("quiet hako.share=9p hako.log=info"),
+            ShareKind::Virtio9p
+        );
+        assert_eq!(ShareKind::from_cmdline("quiet"), ShareKind::VirtioFs);
+        assert_eq!(
+            ShareKind::from_cmdline("hako.share=virtiofs"),
+            ShareKind::VirtioFs
+        );
+    }
 }

@@ -53,23 +53,24 @@ fn main() {
 
 fn run_init() -> Result<(), String> {
     let started = Instant::now();
-    boot::relocate_off_initramfs().map_err(|e| e.to_string())?;
+    let init_since_boot_ms = boot::relocate_off_initramfs().map_err(|e| e.to_string())?;
     boot::mount_kernel_filesystems().map_err(|e| e.to_string())?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     logger::init(logger::level_from_cmdline(&cmdline));
-    let modules = boot::load_modules().map_err(|e| e.to_string())?;
+    let share = boot::ShareKind::from_cmdline(&cmdline);
+    let modules = boot::load_modules(share).map_err(|e| e.to_string())?;
     log::debug!("loaded {modules} modules in {:?}", started.elapsed());
-    boot::mount_share(SHARED_FS_TAG, GUEST_SHARED_DIR).map_err(|e| e.to_string())?;
+    boot::mount_share(share, SHARED_FS_TAG, GUEST_SHARED_DIR).map_err(|e| e.to_string())?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| format!("starting the async runtime: {e}"))?;
-    runtime.block_on(serve(started))
+    runtime.block_on(serve(started, init_since_boot_ms))
 }
 
-async fn serve(started: Instant) -> Result<(), String> {
+async fn serve(started: Instant, init_since_boot_ms: u64) -> Result<(), String> {
     let reaper = reaper::Reaper::start().map_err(|e| format!("installing SIGCHLD handler: {e}"))?;
     let kernel_release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -84,6 +85,7 @@ async fn serve(started: Instant) -> Result<(), String> {
         containers,
         kernel_release,
         ready_since_boot_ms: boot::ms_since_boot(),
+        init_since_boot_ms,
     };
     let service = hako_protocol::create_agent_service(Arc::new(agent));
     let address = format!("vsock://-1:{AGENT_VSOCK_PORT}");

@@ -20,6 +20,7 @@ pub struct Agent {
     pub reaper: Arc<crate::reaper::Reaper>,
     pub kernel_release: String,
     pub ready_since_boot_ms: u64,
+    pub init_since_boot_ms: u64,
     /// Ids of OOM-killed containers, from `watch_oom`.
     pub oom_events: Mutex<mpsc::Receiver<String>>,
 }
@@ -66,6 +67,7 @@ impl pb::AgentService for Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             kernel_release: self.kernel_release.clone(),
             ready_since_boot_ms: self.ready_since_boot_ms,
+            init_since_boot_ms: self.init_since_boot_ms,
             ..Default::default()
         })
     }

@@ -75,6 +75,20 @@ impl CacheMode {
     }
 }
 
+/// The device that carries the sandbox share into the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SharedFsKind {
+    /// virtio-fs served by virtiofsd, sandboxed on the host: the default and the only choice
+    /// for Cloud Hypervisor.
+    #[default]
+    VirtioFs,
+    /// virtio-9p served by QEMU itself (`-fsdev local`), for comparison only: QEMU then reads
+    /// and writes host files directly, and the guest kernel needs the 9p modules. See ADR 9.
+    #[serde(rename = "virtio-9p")]
+    Virtio9p,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HypervisorConfig {
@@ -94,6 +108,7 @@ pub struct HypervisorConfig {
     pub kernel_params: String,
     /// QEMU's `-sandbox on` seccomp filter.
     pub seccomp: bool,
+    pub shared_fs: SharedFsKind,
 }
 
 impl Default for HypervisorConfig {
@@ -110,6 +125,7 @@ impl Default for HypervisorConfig {
             initrd: PathBuf::from("/usr/share/hako/guest/initramfs.cpio"),
             kernel_params: String::new(),
             seccomp: true,
+            shared_fs: SharedFsKind::VirtioFs,
         }
     }
 }
@@ -236,6 +252,11 @@ impl Config {
         }
         if self.agent.log_level.parse::<log::LevelFilter>().is_err() {
             return bad("agent.log_level must be one of off, error, warn, info, debug, trace");
+        }
+        if self.hypervisor.shared_fs == SharedFsKind::Virtio9p
+            && self.hypervisor.kind != HypervisorKind::Qemu
+        {
+            return bad("hypervisor.shared_fs = \"virtio-9p\" needs kind = \"qemu\"");
         }
         if self.hypervisor.kernel_params.contains(['\n', '\0']) {
             return bad("hypervisor.kernel_params must be one line");
@@ -383,6 +404,19 @@ mod tests {
         let err =
             Config::parse("[hypervisor]\nvcpus = 0\n", Path::new("x.toml")).expect_err("0 vcpus");
         assert!(err.to_string().contains("vcpus"), "{err}");
+    }
+
+    #[test]
+    fn virtio_9p_is_for_qemu_only() {
+        let ok = Config::parse("[hypervisor]\nshared_fs = \"virtio-9p\"\n", Path::new("x"))
+            .expect("qemu serves 9p");
+        assert_eq!(ok.hypervisor.shared_fs, SharedFsKind::Virtio9p);
+        let err = Config::parse(
+            "[hypervisor]\nkind = \"cloud-hypervisor\"\nshared_fs = \"virtio-9p\"\n",
+            Path::new("x.toml"),
+        )
+        .expect_err("cloud hypervisor has no 9p");
+        assert!(err.to_string().contains("shared_fs"), "{err}");
     }
 
     #[test]

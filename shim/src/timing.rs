@@ -9,6 +9,9 @@ pub struct Timings {
     started: Instant,
     last: Instant,
     phases: Vec<(&'static str, Duration)>,
+    /// Parts of a phase measured elsewhere (the guest's own clock), shown after the phases and
+    /// not counted in the total.
+    details: Vec<(&'static str, Duration)>,
 }
 
 impl Default for Timings {
@@ -24,6 +27,7 @@ impl Timings {
             started: now,
             last: now,
             phases: Vec::new(),
+            details: Vec::new(),
         }
     }
 
@@ -32,6 +36,19 @@ impl Timings {
         let now = Instant::now();
         self.phases.push((phase, now - self.last));
         self.last = now;
+    }
+
+    /// Records a part of a phase, such as the guest kernel's share of `agent_ready`.
+    pub fn detail(&mut self, name: &'static str, d: Duration) {
+        self.details.push((name, d));
+    }
+
+    /// The duration recorded for `phase`, if it was marked.
+    pub fn phase(&self, phase: &str) -> Option<Duration> {
+        self.phases
+            .iter()
+            .find(|(name, _)| *name == phase)
+            .map(|(_, d)| *d)
     }
 
     pub fn total(&self) -> Duration {
@@ -43,6 +60,9 @@ impl Timings {
         let mut out = String::new();
         for (phase, d) in &self.phases {
             let _ = write!(out, "{phase}={:.1}ms ", d.as_secs_f64() * 1000.0);
+        }
+        for (name, d) in &self.details {
+            let _ = write!(out, "{name}={:.1}ms ", d.as_secs_f64() * 1000.0);
         }
         let _ = write!(out, "total={:.1}ms", self.total().as_secs_f64() * 1000.0);
         out
@@ -63,5 +83,17 @@ mod tests {
         let boot = s.find("boot=").expect("boot");
         assert!(prepare < boot, "{s}");
         assert!(s.ends_with("ms") && s.contains("total="), "{s}");
+    }
+
+    #[test]
+    fn details_are_listed_but_not_counted() {
+        let mut t = Timings::new();
+        t.mark("boot");
+        let boot = t.phase("boot").expect("marked");
+        t.detail("boot.kernel", Duration::from_secs(5));
+        let s = t.summary();
+        assert!(s.contains("boot.kernel=5000.0ms"), "{s}");
+        assert_eq!(t.total(), boot);
+        assert_eq!(t.phase("absent"), None);
     }
 }

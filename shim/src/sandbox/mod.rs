@@ -21,14 +21,14 @@ use nix::mount::MsFlags;
 use tokio::sync::watch;
 
 use crate::agent_client::{dial, AgentClient, AgentError, ReadyListener, TtrpcAgent};
-use crate::config::Config;
+use crate::config::{Config, SharedFsKind};
 use crate::daemon::{kill_from_pid_file, tail, wait_gone, DaemonError};
 use crate::fs::{FsPaths, SharedFs, Virtiofsd};
 use crate::hooks::{self, HookError};
 use crate::ids::{validate, IdError};
 use crate::net::{NetError, NetnsHolder, NetworkMode, PodNetwork};
 use crate::timing::Timings;
-use crate::vmm::{kernel_cmdline, Hypervisor, VmSpec, VmmError};
+use crate::vmm::{kernel_cmdline, Hypervisor, Share, VmSpec, VmmError};
 use mounts::{MountError, RootfsMount};
 use spec::SharedBind;
 
@@ -319,8 +319,15 @@ impl Sandbox {
             kernel: h.kernel.clone(),
             vmlinux: h.vmlinux.clone(),
             initrd: h.initrd.clone(),
-            cmdline: kernel_cmdline(&self.config.agent.log_level, &h.kernel_params),
-            fs_socket: self.paths.fs_socket.clone(),
+            cmdline: kernel_cmdline(&self.config.agent.log_level, &h.kernel_params, h.shared_fs),
+            share: match h.shared_fs {
+                SharedFsKind::VirtioFs => Share::VirtioFs {
+                    socket: self.paths.fs_socket.clone(),
+                },
+                SharedFsKind::Virtio9p => Share::Virtio9p {
+                    dir: self.paths.ro.clone(),
+                },
+            },
             fs_tag: hako_protocol::SHARED_FS_TAG.to_string(),
             agent_socket: self.paths.agent_socket.clone(),
             console_log: self.paths.console_log.clone(),
@@ -404,23 +411,28 @@ impl Sandbox {
         self.timings.mark("sandbox_prepare");
         let spec = self.vm_spec();
         let dir = &self.paths.dir;
-        let fs = Virtiofsd::spawn(
-            &self.config.virtiofs,
-            &self.paths.ro,
-            FsPaths {
-                socket: &self.paths.fs_socket,
-                log: &dir.join("virtiofsd.log"),
-                pid_file: &dir.join("virtiofsd.pid"),
-            },
-        )?;
-        let fs: &dyn SharedFs = &**self.fs.insert(Box::new(fs));
+        // With virtio-9p the VMM serves the share itself: no daemon.
+        if let Share::VirtioFs { socket } = &spec.share {
+            let fs = Virtiofsd::spawn(
+                &self.config.virtiofs,
+                &self.paths.ro,
+                FsPaths {
+                    socket,
+                    log: &dir.join("virtiofsd.log"),
+                    pid_file: &dir.join("virtiofsd.pid"),
+                },
+            )?;
+            self.fs = Some(Box::new(fs));
+        }
         let mut vmm = crate::vmm::for_config(&self.config)?;
         // The vsock backend comes up while virtiofsd does.
         vmm.prepare(&spec).await?;
         let vmm = self.vmm.insert(vmm);
         let ready = ReadyListener::bind(&self.paths.agent_socket, hako_protocol::READY_VSOCK_PORT)
             .map_err(io_err("listening on", &self.paths.agent_socket))?;
-        fs.wait_ready(FS_READY_TIMEOUT).await?;
+        if let Some(fs) = &self.fs {
+            fs.wait_ready(FS_READY_TIMEOUT).await?;
+        }
         self.timings.mark("virtiofsd_ready");
         vmm.start(&spec).await?;
         self.timings.mark("vmm_started");
@@ -461,6 +473,7 @@ impl Sandbox {
             Arc::new(TtrpcAgent::new(stream, self.config.agent.call_timeout()));
         let health = agent.health().await?;
         self.timings.mark("agent_connected");
+        self.record_boot_details(&health);
         log::info!(
             "sandbox {}: agent {} on guest kernel {} ready {} ms after guest boot",
             self.id,
@@ -515,8 +528,36 @@ impl Sandbox {
         self.vmm.as_ref().and_then(|v| v.pid()).unwrap_or(0)
     }
 
+    /// Splits `agent_ready` by the guest's clock: the VMM and firmware up to the kernel's first
+    /// tick (with the kernel's decompression), the kernel until it ran /init, and the agent's
+    /// own start. The guest clock keeps the host's rate (see `vmm::clock_params`).
+    fn record_boot_details(&mut self, health: &hako_protocol::agent::HealthResponse) {
+        let Some(ready) = self.timings.phase("agent_ready") else {
+            return;
+        };
+        let ms = Duration::from_millis;
+        let guest_ready = ms(health.ready_since_boot_ms);
+        let kernel = ms(health.init_since_boot_ms.min(health.ready_since_boot_ms));
+        self.timings
+            .detail("agent_ready.firmware", ready.saturating_sub(guest_ready));
+        self.timings.detail("agent_ready.kernel", kernel);
+        self.timings
+            .detail("agent_ready.agent", guest_ready.saturating_sub(kernel));
+    }
+
     /// Stops the VM and daemons and removes the sandbox dir. Safe to call at any stage.
     pub async fn shutdown(&mut self) -> Result<(), SandboxError> {
+        let started = std::time::Instant::now();
+        let result = self.stop_everything().await;
+        log::info!(
+            "sandbox {} teardown={:.1}ms",
+            self.id,
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        result
+    }
+
+    async fn stop_everything(&mut self) -> Result<(), SandboxError> {
         self.holder.take();
         // Stopping virtiofsd below is on purpose.
         if let Some(watch) = self.fs_watch.take() {

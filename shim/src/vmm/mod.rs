@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::config::Accel;
+use crate::config::{Accel, SharedFsKind};
 use crate::daemon::DaemonError;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,12 @@ pub enum VmmError {
     /// The VM is not running.
     #[error("the VM is not running")]
     NotRunning,
+    /// The VMM cannot provide a device the configuration asks for.
+    #[error("{vmm} does not support {what}")]
+    Unsupported {
+        vmm: &'static str,
+        what: &'static str,
+    },
 }
 
 /// What a VM is made of. Paths are in the sandbox dir unless noted.
@@ -51,8 +57,8 @@ pub struct VmSpec {
     pub vmlinux: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
-    /// vhost-user socket of the shared filesystem daemon, and the tag the guest mounts.
-    pub fs_socket: PathBuf,
+    /// The device carrying the sandbox share, and the tag the guest mounts.
+    pub share: Share,
     pub fs_tag: String,
     /// The hybrid-vsock unix socket the host dials the agent on.
     pub agent_socket: PathBuf,
@@ -60,6 +66,15 @@ pub struct VmSpec {
     pub console_log: PathBuf,
     /// NICs: their tap queues (owned by the caller until the VMM has started) and MACs.
     pub net: Vec<NetDevice>,
+}
+
+/// How the sandbox share reaches the guest.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Share {
+    /// virtio-fs: the vhost-user socket of the daemon serving it.
+    VirtioFs { socket: PathBuf },
+    /// virtio-9p: the VMM serves this host directory itself (QEMU only).
+    Virtio9p { dir: PathBuf },
 }
 
 #[derive(Debug, Clone)]
@@ -206,7 +221,7 @@ pub fn host_tsc_khz() -> Option<u64> {
 
 /// Kernel command line: console on the first serial port, no reboot loops, and the options
 /// that measurably shorten boot (see docs/performance notes in docs/architecture.md).
-pub fn kernel_cmdline(agent_log_level: &str, extra: &str) -> String {
+pub fn kernel_cmdline(agent_log_level: &str, extra: &str, share: SharedFsKind) -> String {
     let mut cmdline = [
         "console=ttyS0",
         "quiet",
@@ -229,6 +244,9 @@ pub fn kernel_cmdline(agent_log_level: &str, extra: &str) -> String {
         " {}={agent_log_level}",
         hako_protocol::CMDLINE_LOG_LEVEL
     ));
+    if share == SharedFsKind::Virtio9p {
+        cmdline.push_str(&format!(" {}=9p", hako_protocol::CMDLINE_SHARE));
+    }
     if !extra.trim().is_empty() {
         cmdline.push(' ');
         cmdline.push_str(extra.trim());
@@ -271,9 +289,12 @@ mod tests {
 
     #[test]
     fn cmdline_carries_the_agent_log_level_and_extras() {
-        let c = kernel_cmdline("debug", " loglevel=7 ");
+        let c = kernel_cmdline("debug", " loglevel=7 ", SharedFsKind::VirtioFs);
         assert!(c.starts_with("console=ttyS0 "));
         assert!(c.contains(" hako.log=debug"));
         assert!(c.ends_with(" loglevel=7"));
+        assert!(!c.contains("hako.share"), "{c}");
+        let c = kernel_cmdline("info", "", SharedFsKind::Virtio9p);
+        assert!(c.ends_with(" hako.share=9p"), "{c}");
     }
 }

@@ -11,7 +11,7 @@ use tokio::net::UnixStream;
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use super::{choose_accel, AccelChoice, Hypervisor, VmSpec, VmmError};
+use super::{choose_accel, AccelChoice, Hypervisor, Share, VmSpec, VmmError};
 use crate::config::{HypervisorConfig, VsockConfig};
 use crate::daemon::{resolve_binary, Daemon};
 
@@ -89,13 +89,9 @@ impl Qemu {
             spec.initrd.display().to_string(),
             "-append".into(),
             format!("{} {clock}", spec.cmdline),
-            "-chardev".into(),
-            format!("socket,id=fs0,path={}", spec.fs_socket.display()),
-            "-device".into(),
-            format!(
-                "vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag={}",
-                spec.fs_tag
-            ),
+        ];
+        args.extend(Self::share_args(spec));
+        args.extend([
             "-chardev".into(),
             format!(
                 "socket,id=vsock0,path={}",
@@ -105,7 +101,7 @@ impl Qemu {
             "vhost-user-vsock-pci,chardev=vsock0".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp.display()),
-        ];
+        ]);
         let vhost = if std::path::Path::new("/dev/vhost-net").exists() {
             ",vhost=on"
         } else {
@@ -142,6 +138,32 @@ impl Qemu {
             );
         }
         args
+    }
+
+    /// The share's device. For 9p, QEMU itself serves the directory: `security_model=none`
+    /// because QEMU has no capabilities to change owners, `multidevs=remap` because the share
+    /// crosses into the containers' root filesystem mounts, whose inode numbers could collide.
+    fn share_args(spec: &VmSpec) -> Vec<String> {
+        match &spec.share {
+            Share::VirtioFs { socket } => vec![
+                "-chardev".into(),
+                format!("socket,id=fs0,path={}", socket.display()),
+                "-device".into(),
+                format!(
+                    "vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag={}",
+                    spec.fs_tag
+                ),
+            ],
+            Share::Virtio9p { dir } => vec![
+                "-fsdev".into(),
+                format!(
+                    "local,id=fs0,path={},security_model=none,multidevs=remap",
+                    dir.display()
+                ),
+                "-device".into(),
+                format!("virtio-9p-pci,fsdev=fs0,mount_tag={}", spec.fs_tag),
+            ],
+        }
     }
 
     pub fn vsock_args(spec: &VmSpec) -> Vec<String> {
@@ -329,7 +351,9 @@ mod tests {
             vmlinux: PathBuf::from("/v"),
             initrd: PathBuf::from("/i"),
             cmdline: "console=ttyS0".into(),
-            fs_socket: PathBuf::from("/run/hako/default/sb1/fs.sock"),
+            share: Share::VirtioFs {
+                socket: PathBuf::from("/run/hako/default/sb1/fs.sock"),
+            },
             fs_tag: "hakoShared".into(),
             agent_socket: PathBuf::from("/run/hako/default/sb1/agent.sock"),
             console_log: PathBuf::from("/run/hako/default/sb1/console.log"),
@@ -388,6 +412,27 @@ mod tests {
         assert!(a.contains("accel=kvm"), "{a}");
         assert!(a.contains("-cpu host"), "{a}");
         assert!(!a.contains("-sandbox"), "{a}");
+    }
+
+    #[test]
+    fn the_share_is_virtio_fs_or_qemus_own_9p() {
+        let q = Path::new("/q.sock");
+        let a = joined(&Qemu::args(&spec(), false, "", true, q));
+        assert!(
+            a.contains("-chardev socket,id=fs0,path=/run/hako/default/sb1/fs.sock -device vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag=hakoShared"),
+            "{a}"
+        );
+        assert!(!a.contains("-fsdev"), "{a}");
+        let mut s = spec();
+        s.share = Share::Virtio9p {
+            dir: PathBuf::from("/run/hako/default/sb1/ro"),
+        };
+        let a = joined(&Qemu::args(&s, false, "", true, q));
+        assert!(
+            a.contains("-fsdev local,id=fs0,path=/run/hako/default/sb1/ro,security_model=none,multidevs=remap -device virtio-9p-pci,fsdev=fs0,mount_tag=hakoShared"),
+            "{a}"
+        );
+        assert!(!a.contains("vhost-user-fs"), "{a}");
     }
 
     #[test]

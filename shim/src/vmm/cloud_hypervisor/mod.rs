@@ -25,7 +25,7 @@ use self::types::{
     ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, NetConfig, PayloadConfig,
     SerialConfig, VmConfig, VsockConfig,
 };
-use super::{kvm_usable, Hypervisor, NetDevice, VmSpec, VmmError};
+use super::{kvm_usable, Hypervisor, NetDevice, Share, VmSpec, VmmError};
 use crate::daemon::{resolve_binary, Daemon};
 
 /// Overrides `hypervisor.cloud_hypervisor_path` (for tests and by-hand checks).
@@ -153,13 +153,17 @@ impl CloudHypervisor {
                 prefault: None,
                 hotplug_size: None,
             }),
-            fs: Some(vec![FsConfig {
-                tag: spec.fs_tag.clone(),
-                socket: spec.fs_socket.clone(),
-                num_queues: FS_QUEUES,
-                queue_size: FS_QUEUE_SIZE,
-                id: None,
-            }]),
+            fs: match &spec.share {
+                Share::VirtioFs { socket } => Some(vec![FsConfig {
+                    tag: spec.fs_tag.clone(),
+                    socket: socket.clone(),
+                    num_queues: FS_QUEUES,
+                    queue_size: FS_QUEUE_SIZE,
+                    id: None,
+                }]),
+                // Refused in `check`; the configuration check refuses it first.
+                Share::Virtio9p { .. } => None,
+            },
             vsock: Some(VsockConfig {
                 cid: GUEST_CID,
                 socket: spec.agent_socket.clone(),
@@ -196,6 +200,12 @@ impl CloudHypervisor {
 
     /// Everything `start` checks before it spawns anything.
     fn check(spec: &VmSpec) -> Result<(), VmmError> {
+        if let Share::Virtio9p { .. } = spec.share {
+            return Err(VmmError::Unsupported {
+                vmm: "cloud-hypervisor",
+                what: "virtio-9p",
+            });
+        }
         for (what, path) in [
             (
                 "kernel (an ELF vmlinux for Cloud Hypervisor)",
@@ -392,7 +402,9 @@ mod tests {
             vmlinux: dir.join("guest/vmlinux"),
             initrd: dir.join("guest/initramfs.cpio"),
             cmdline: "console=ttyS0 quiet".into(),
-            fs_socket: dir.join("fs.sock"),
+            share: Share::VirtioFs {
+                socket: dir.join("fs.sock"),
+            },
             fs_tag: "hakoShared".into(),
             agent_socket: dir.join("agent.sock"),
             console_log: dir.join("console.log"),
