@@ -1,44 +1,148 @@
 #!/bin/bash
-# Cold start: `ctr run --rm <image> <id> true` N times with hako and with runc, on a private
-# containerd, then a table of wall times (p50/p90/max) and hako's own start phases.
+# Cold start: `ctr run --rm <image> <id> /bin/true` N times per runtime, and as many runs of
+# `echo` for the time to the first byte of output, with runc and hako interleaved on a private
+# containerd. Prints p50/p90/max and the ratio to runc, and hako's start phases from its own
+# log: sandbox prepare, virtiofsd ready, VMM start, then the guest's boot split by its clock
+# into firmware (with the kernel's decompression), kernel and agent start, the agent
+# connection, container create, process start, and the sandbox's teardown.
 # A benchmark, not a test: it asserts nothing. Run as root after scripts/install.sh.
 #
-#   bench/cold-start.sh [N]        (default 30)
+#   bench/cold-start.sh [N [LABEL=CONFIG ...]]      (default 30; hako with its installed config)
+#
+# Each LABEL=CONFIG is a hako variant run with that configuration file (ctr
+# --runtime-config-path), to compare configurations in one interleaved run, e.g.
+#   bench/cold-start.sh 20 bzimage=/tmp/bzimage.toml pvh=/tmp/pvh.toml
 set -euo pipefail
 n="${1:-30}"
+shift || true
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_package runc runc
 start_containerd
-"$repo/tests/images/busybox-image.sh" "$work/busybox.tar" >/dev/null
-ctr image import "$work/busybox.tar" >/dev/null
+image=hako.local/busybox:latest
+import_image "$image"
 
-measure() { # runtime label
-    local runtime="$1" label="$2" times=()
-    for i in $(seq 1 "$n"); do
-        local start end
-        start=$(date +%s%N)
-        ctr run --rm --runtime "$runtime" hako.local/busybox:latest "bench-$label-$i" true
-        end=$(date +%s%N)
-        times+=("$(( (end - start) / 1000000 ))")
+variants=("runc=runc")
+if (($# == 0)); then
+    variants+=("hako=hako")
+else
+    for v in "$@"; do variants+=("${v%%=*}=hako:${v#*=}"); done
+fi
+
+tsv="$out/cold-start.tsv"
+printf 'label\trun\tcommand\twall_ms\tttfb_ms\n' >"$tsv"
+echo "bench: cold start, $n runs of /bin/true and $n of echo per runtime: ${variants[*]}"
+for i in $(seq 1 "$n"); do
+    for v in "${variants[@]}"; do
+        label="${v%%=*}"
+        # shellcheck disable=SC2046
+        read -r -a args <<<"$(runtime_args "${v#*=}")"
+        start=$EPOCHREALTIME
+        ctr run --rm "${args[@]}" "$image" "cs-$label-$i" /bin/true
+        printf '%s\t%s\ttrue\t%s\t\n' "$label" "$i" "$(ms_since "$start")" >>"$tsv"
+        start=$EPOCHREALTIME
+        first="$(ctr run --rm "${args[@]}" "$image" "tt-$label-$i" echo hako |
+            { IFS= read -r -n1 _ && echo "$EPOCHREALTIME"; cat >/dev/null; })"
+        wall="$(ms_since "$start")"
+        printf '%s\t%s\techo\t%s\t%s\n' "$label" "$i" "$wall" \
+            "$(awk -v a="$start" -v b="$first" 'BEGIN {printf "%.0f", (b - a) * 1000}')" >>"$tsv"
     done
-    printf '%s\n' "${times[@]}" | sort -n >"$work/$label.ms"
-}
-
-echo "bench: $n cold starts each (containerd $(containerd_version), $(nproc) cores)"
-measure io.containerd.runc.v2 runc
-measure io.containerd.hako.v2 hako
-
-accel="$(grep -o 'qemu pid [0-9]* ([A-Z]*' "$work/containerd.log" | head -n1 | awk '{print $4}' | tr -d '(')"
-printf '\n%-8s %8s %8s %8s %10s\n' runtime p50_ms p90_ms max_ms vs_runc_p50
-for label in runc hako; do
-    p50=$(pct "$work/$label.ms" 50)
-    printf '%-8s %8s %8s %8s %10s\n' "$label" "$p50" "$(pct "$work/$label.ms" 90)" "$(tail -n1 "$work/$label.ms")" \
-        "$(awk -v a="$p50" -v b="$(pct "$work/runc.ms" 50)" 'BEGIN {printf "%.1fx", a / b}')"
+    printf '\r  %d/%d' "$i" "$n"
 done
 echo
-echo "hako start phases (ms, median of $n; accelerator ${accel:-unknown}, 1 vCPU, 512 MiB, virtiofs cache auto):"
-grep -o 'start phases: [^"]*' "$work/containerd.log" | tr ' ' '\n' | grep '=' | sed 's/ms$//' >"$work/phases"
-for phase in $(cut -d= -f1 "$work/phases" | sort -u); do
-    grep "^$phase=" "$work/phases" | cut -d= -f2 | sort -n >"$work/phase.values"
-    printf '  %-18s %8s\n' "$phase" "$(pct "$work/phase.values" 50)"
-done
+
+# The shim's phase lines: "container cs-LABEL-I start phases: a=1.0ms b=2.0ms ..." and
+# "sandbox cs-LABEL-I teardown=3.0ms".
+phases="$out/cold-start-phases.tsv"
+printf 'label\trun\tphase\tms\n' >"$phases"
+grep -oE '(container|sandbox) cs-[^ ]+ (start phases: [^"]*|teardown=[0-9.]+ms)' "$work/containerd.log" |
+    awk '{
+        split($2, id, "-"); label = id[2]; run = id[3]
+        for (i = 3; i <= NF; i++) if ($i ~ /=/) {
+            split($i, kv, "="); sub(/ms$/, "", kv[2]); print label "\t" run "\t" kv[1] "\t" kv[2]
+        }
+    }' >>"$phases"
+
+md="$out/cold-start.md"
+{
+    echo "### Cold start"
+    echo
+    echo "Conditions: $(conditions). $n runs of each, interleaved."
+    echo
+    echo "| runtime | command | p50 ms | p90 ms | max ms | p50 vs runc | first byte p50 ms | first byte p90 ms |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|"
+} | tee_md "$md"
+for v in "${variants[@]}"; do
+    label="${v%%=*}"
+    for cmd in true echo; do
+        awk -F'\t' -v l="$label" -v c="$cmd" '$1 == l && $3 == c {print $4}' "$tsv" | sort -g >"$work/wall"
+        awk -F'\t' -v c="$cmd" '$1 == "runc" && $3 == c {print $4}' "$tsv" | sort -g >"$work/runc"
+        awk -F'\t' -v l="$label" -v c="$cmd" '$1 == l && $3 == c && $5 != "" {print $5}' "$tsv" | sort -g >"$work/ttfb"
+        p50=$(pct "$work/wall" 50)
+        printf '| %s | `%s` | %s | %s | %s | %s | %s | %s |\n' "$label" "$cmd" "$p50" "$(pct "$work/wall" 90)" \
+            "$(tail -n1 "$work/wall")" "$(ratio "$p50" "$(pct "$work/runc" 50)")" \
+            "$(pct "$work/ttfb" 50)" "$(pct "$work/ttfb" 90)"
+    done
+done | tee_md "$md"
+
+order="sandbox_prepare virtiofsd_ready vmm_started agent_ready agent_ready.firmware agent_ready.kernel agent_ready.agent agent_connected container_created guest.create_sandbox guest.create_container total process_started teardown"
+hakos=()
+for v in "${variants[@]}"; do [[ $v == runc=* ]] || hakos+=("${v%%=*}"); done
+{
+    echo
+    echo "hako's start phases, median ms of the $((2 * n)) starts of each (\`agent_ready\` is split by the guest's clock; \`guest.*\` are the agent calls inside \`container_created\`; \`total\` is Create's, without process start and teardown; host orchestration is \`total\` less the guest's boot and its calls):"
+    echo
+    printf '| phase |'; printf ' %s |' "${hakos[@]}"; echo
+    printf '|---|'; printf -- '---:|%.0s' "${hakos[@]}"; echo
+    orchestration=()
+    for phase in $order; do
+        printf '| %s |' "$phase"
+        for label in "${hakos[@]}"; do
+            awk -F'\t' -v l="$label" -v p="$phase" '$1 == l && $3 == p {print $4}' "$phases" | sort -g >"$work/p"
+            printf ' %s |' "$(pct "$work/p" 50)"
+        done
+        echo
+    done
+    # Host-side orchestration: Create's total without the guest's boot and its two calls.
+    printf '| **host orchestration** |'
+    for label in "${hakos[@]}"; do
+        awk -F'\t' -v l="$label" '$1 == l && $3 == "total" {s[$2] += $4}
+            $1 == l && ($3 == "agent_ready" || $3 ~ /^guest\./) {s[$2] -= $4}
+            END {for (r in s) print s[r]}' "$phases" | sort -g >"$work/p"
+        printf ' **%s** |' "$(pct "$work/p" 50)"
+    done
+    echo
+} | tee_md "$md"
+
+# Plot: the distribution of wall times per runtime, and the median phases of each hako variant.
+{
+    echo "set multiplot layout 1,2 title 'Cold start, $(conditions | cut -d';' -f1-2 | tr -d "'")'"
+    echo "set style fill solid 0.8 border -1; set grid ytics; set key top left"
+    echo "set title 'ctr run --rm ... /bin/true (ms)'; set ylabel 'ms'; set xlabel 'runs, sorted by time'"
+    printf "plot "
+    sep=""
+    for v in "${variants[@]}"; do
+        label="${v%%=*}"
+        awk -F'\t' -v l="$label" '$1 == l && $3 == "true" {print $4}' "$tsv" | sort -g >"$out/cold-start-$label.dat"
+        printf "%s'cold-start-%s.dat' using (\$0 + 1):1 with linespoints title '%s'" "$sep" "$label" "$label"
+        sep=", "
+    done
+    echo
+    echo "set title 'hako start phases, median (ms)'; set xlabel ''; set style data histograms; set style histogram rowstacked; set boxwidth 0.6; set key outside right; unset grid"
+    for label in "${hakos[@]}"; do
+        for phase in sandbox_prepare virtiofsd_ready vmm_started agent_ready.firmware agent_ready.kernel agent_ready.agent agent_connected container_created process_started teardown; do
+            awk -F'\t' -v l="$label" -v p="$phase" '$1 == l && $3 == p {print $4}' "$phases" | sort -g >"$work/p"
+            printf '%s ' "$(pct "$work/p" 50)"
+        done
+        echo "$label"
+    done >"$out/cold-start-phases.dat"
+    printf "plot 'cold-start-phases.dat' using 1:xtic(11) title 'sandbox prepare' lc rgb '#1b9e77'"
+    col=2
+    for what in "virtiofsd ready:#d95f02" "VMM start:#7570b3" "firmware:#e7298a" "kernel boot:#66a61e" \
+        "agent start:#e6ab02" "agent connect:#a6761d" "container create:#666666" "process start:#1f78b4" "teardown:#b2df8a"; do
+        printf ", '' using %d title '%s' lc rgb '%s'" "$col" "${what%:*}" "${what##*:}"
+        col=$((col + 1))
+    done
+    echo
+    echo "unset multiplot"
+} >"$out/cold-start.gp"
+plot cold-start

@@ -485,9 +485,12 @@ impl Sandbox {
             Some(n) => (n.interfaces(), n.routes.clone()),
             None => (Vec::new(), Vec::new()),
         };
+        let called = std::time::Instant::now();
         agent
             .create_sandbox(&self.id, hostname, interfaces, routes)
             .await?;
+        self.timings
+            .detail("guest.create_sandbox", called.elapsed());
         self.agent = Some(agent);
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use containerd_shim::api;
@@ -330,12 +330,13 @@ impl TaskService {
             Err(e) => Err(e.into()),
         };
         match result {
-            Ok((container, guest_pid)) => {
+            Ok((container, guest_pid, in_guest)) => {
                 if booting {
                     timings = sandbox.timings.clone();
                     self.sandbox_init_pid.store(guest_pid, Ordering::SeqCst);
                 }
                 timings.mark("container_created");
+                timings.detail("guest.create_container", in_guest);
                 log::info!("container {} start phases: {}", req.id, timings.summary());
                 let pid = sandbox.vmm_pid();
                 self.containers().insert(req.id.clone(), container);
@@ -362,7 +363,7 @@ impl TaskService {
         req: &api::CreateTaskRequest,
         info: ContainerInfo,
         spec_json: Vec<u8>,
-    ) -> Result<(Arc<Container>, u32), TaskError> {
+    ) -> Result<(Arc<Container>, u32, Duration), TaskError> {
         let agent = sandbox
             .agent()
             .ok_or_else(|| TaskError::NotFound("agent".to_string()))?;
@@ -381,6 +382,7 @@ impl TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        let called = Instant::now();
         let guest_pid = agent
             .create_container(pb::CreateContainerRequest {
                 container_id: req.id.clone(),
@@ -392,6 +394,7 @@ impl TaskService {
                 ..Default::default()
             })
             .await?;
+        let in_guest = called.elapsed();
         let container = Arc::new(Container::new(
             &req.id,
             PathBuf::from(&req.bundle),
@@ -405,7 +408,7 @@ impl TaskService {
             let _ = agent.remove_container(&req.id).await;
             return Err(e);
         }
-        Ok((container, guest_pid))
+        Ok((container, guest_pid, in_guest))
     }
 
     /// Opens the process's FIFOs, starts the copies and the exit watcher.
@@ -581,7 +584,7 @@ impl TaskService {
     }
 
     async fn do_start(&self, req: &api::StartRequest) -> Result<u32, TaskError> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let container = self.container(&req.id)?;
         let entry = container.process(&req.exec_id)?;
         let running = self.running()?;
@@ -677,7 +680,7 @@ impl TaskService {
             if last {
                 if let Some(mut sandbox) = slot.take() {
                     self.set_running(None);
-                    let started = std::time::Instant::now();
+                    let started = Instant::now();
                     sandbox.shutdown().await?;
                     log::info!(
                         "sandbox {} torn down in {:?}",
