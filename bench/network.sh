@@ -81,23 +81,23 @@ measure() { # runtime label
     printf '%s %s %s %s %s\n' "$label" "$up" "$down" "$ping" "$(pct "$work/http-$label" 50) $(pct "$work/http-$label" 90)" >>"$work/results"
 }
 
-echo "bench: network, ${secs}s per iperf3 run (containerd $(containerd_version), $(nproc) cores, $(uname -r))"
+echo "bench: network, ${secs}s per iperf3 run"
 measure io.containerd.runc.v2 runc
 measure io.containerd.hako.v2 hako
-accel="$(grep -o 'qemu pid [0-9]* ([A-Z]*' "$work/containerd.log" | head -n1 | awk '{print $4}' | tr -d '(')"
 vhost="userspace virtio-net"
 [[ -e /dev/vhost-net ]] && vhost="vhost-net"
 
-echo
-printf '%-6s %14s %14s %10s %10s %10s %10s\n' runtime "host->ctr" "ctr->host" ping_avg ping_max http_p50 http_p90
-printf '%-6s %14s %14s %10s %10s %10s %10s\n' "" "Mbit/s" "Mbit/s" ms ms ms ms
-while read -r label up down pmin pavg pmax hp50 hp90; do
-    printf '%-6s %14.0f %14.0f %10s %10s %10s %10s\n' "$label" "$(awk -v b="$up" 'BEGIN {print b / 1e6}')" \
-        "$(awk -v b="$down" 'BEGIN {print b / 1e6}')" "$pavg" "$pmax" "$hp50" "$hp90"
-    [[ $label == runc ]] && runc_up="$up" runc_down="$down"
-    [[ $label == hako ]] && hako_up="$up" hako_down="$down"
-done <"$work/results"
-echo
-awk -v a="$hako_up" -v b="$runc_up" -v c="$hako_down" -v d="$runc_down" \
-    'BEGIN {printf "hako/runc throughput: host->ctr %.1f%%, ctr->host %.1f%%\n", 100 * a / b, 100 * c / d}'
-echo "hako: accelerator ${accel:-unknown}, 1 vCPU, 512 MiB, tap + tc mirred, $vhost"
+md="$out/network.md"
+{
+    echo "### Network"
+    echo
+    echo "Conditions: $(conditions "1 vCPU, 512 MiB guest, tap + tc mirred, $vhost"). iperf3 ${secs} s each way, 50 pings, 50 HTTP GETs (a new connection each) from the \"host\" namespace to the container's."
+    echo
+    echo "| runtime | host→ctr Mbit/s | ctr→host Mbit/s | host→ctr, % of runc | ping avg ms | ping max ms | HTTP p50 ms | HTTP p90 ms |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    runc_up=$(awk '$1 == "runc" {print $2}' "$work/results")
+    while read -r label up down _pmin pavg pmax hp50 hp90; do
+        printf '| %s | %.0f | %.0f | %s | %s | %s | %s | %s |\n' "$label" "$(awk -v b="$up" 'BEGIN {print b / 1e6}')" \
+            "$(awk -v b="$down" 'BEGIN {print b / 1e6}')" "$(awk -v a="$up" -v b="$runc_up" 'BEGIN {printf "%.1f%%", 100 * a / b}')" "$pavg" "$pmax" "$hp50" "$hp90"
+    done <"$work/results"
+} | tee_md "$md"

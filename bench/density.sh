@@ -1,0 +1,66 @@
+#!/bin/bash
+# Density: starts N pods at once (`ctr run -d ... sleep`, all in parallel) and measures the
+# time until every one runs (each `ctr run -d` returns once its task started; `ctr task ls`
+# then confirms they all are RUNNING), then the time to tear them all down in parallel.
+# ROUNDS rounds per runtime, runc and hako alternating.
+# A benchmark, not a test: it asserts nothing. Run as root after scripts/install.sh.
+#
+#   bench/density.sh [N [ROUNDS]]      (defaults: 10 pods, 3 rounds)
+set -euo pipefail
+pods="${1:-10}"
+rounds="${2:-3}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+need_package runc runc
+start_containerd
+image=hako.local/busybox:latest
+import_image "$image"
+tsv="$out/density.tsv"
+printf 'runtime\tround\tall_running_ms\trunning\tall_removed_ms\n' >"$tsv"
+
+round() { # runtime round
+    local runtime="$1" r="$2" start up down running i pids=()
+    read -r -a args <<<"$(runtime_args "$runtime")"
+    for i in $(seq 1 "$pods"); do cleanups+=("stop_task dn-$runtime-$r-$i"); done
+    start=$EPOCHREALTIME
+    for i in $(seq 1 "$pods"); do
+        ctr run -d "${args[@]}" "$image" "dn-$runtime-$r-$i" sleep 100000 >/dev/null &
+        pids+=($!)
+    done
+    wait "${pids[@]}" || echo "bench: a $runtime pod failed to start (see $work/containerd.log)" >&2
+    up=$(ms_since "$start")
+    running=$(ctr task ls | awk -v p="dn-$runtime-$r-" 'index($1, p) == 1 && $3 == "RUNNING"' | wc -l)
+    start=$EPOCHREALTIME
+    pids=()
+    for i in $(seq 1 "$pods"); do
+        stop_task "dn-$runtime-$r-$i" &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    down=$(ms_since "$start")
+    printf '%s\t%s\t%s\t%s\t%s\n' "$runtime" "$r" "$up" "$running" "$down" >>"$tsv"
+    echo "  $runtime round $r: $running/$pods running after $up ms, all removed after $down ms"
+}
+
+echo "bench: density, $pods pods started at once, $rounds rounds per runtime"
+for r in $(seq 1 "$rounds"); do
+    round runc "$r"
+    round hako "$r"
+done
+
+md="$out/density.md"
+{
+    echo "### Density: $pods pods started at once"
+    echo
+    echo "Conditions: $(conditions). $rounds rounds per runtime, alternating."
+    echo
+    echo "| runtime | all running, median ms | slowest round ms | running / started | all removed, median ms | vs runc |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for runtime in runc hako; do
+        column "$tsv" 1 "$runtime" 3 >"$work/up"
+        column "$tsv" 1 "$runtime" 5 >"$work/down"
+        column "$tsv" 1 runc 3 >"$work/runc"
+        printf '| %s | %s | %s | %s / %s | %s | %s |\n' "$runtime" "$(pct "$work/up" 50)" "$(tail -n1 "$work/up")" \
+            "$(column "$tsv" 1 "$runtime" 4 | head -n1)" "$pods" "$(pct "$work/down" 50)" \
+            "$(ratio "$(pct "$work/up" 50)" "$(pct "$work/runc" 50)")"
+    done
+} | tee_md "$md"

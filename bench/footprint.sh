@@ -1,0 +1,141 @@
+#!/bin/bash
+# Footprint, idle CPU and teardown of idle pods, hako beside runc: for each pod count, starts
+# that many idle pods (`sleep`) one after another, lets them settle, then reports per pod
+#   - RSS and PSS of each host process of a pod (shim, virtiofsd, vhost-device-vsock, QEMU;
+#     for runc its shim and the container's process);
+#   - the drop in the host's MemAvailable;
+#   - the CPU the pods' host processes use while idle for IDLE_SECONDS;
+# and then the teardown time of each pod (kill, delete of task and container).
+# A benchmark, not a test: it asserts nothing. Run as root after scripts/install.sh.
+#
+#   bench/footprint.sh [IDLE_SECONDS [PODS...]]      (defaults: 30 s, 1 and 10 pods)
+set -euo pipefail
+idle="${1:-30}"
+shift || true
+counts=("$@")
+((${#counts[@]})) || counts=(1 10)
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+need_package runc runc
+start_containerd
+image=hako.local/busybox:latest
+import_image "$image"
+hz=$(getconf CLK_TCK)
+tsv="$out/footprint.tsv"
+teardown_tsv="$out/teardown.tsv"
+printf 'runtime\tpods\twhat\trss_mib\tpss_mib\n' >"$tsv"
+printf 'runtime\tpods\tpod\tms\n' >"$teardown_tsv"
+per_pod() { awk -v k="$1" -v n="$2" 'BEGIN {printf "%.1f", k / 1024 / n}'; }
+
+measure() { # runtime pods
+    local runtime="$1" pods="$2" i before after t0 t1 all start
+    read -r -a args <<<"$(runtime_args "$runtime")"
+    echo "bench: $pods idle $runtime pod(s)"
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    before=$(mem_available_kib)
+    for i in $(seq 1 "$pods"); do
+        ctr run -d "${args[@]}" "$image" "fp-$runtime-$i" sleep 100000 >/dev/null
+        cleanups+=("stop_task fp-$runtime-$i")
+    done
+    # Boot-time work done (guest kernel threads, page cache) before the idle state is measured.
+    sleep 5
+    declare -A groups=()
+    if [[ $runtime == hako ]]; then
+        groups=([shim]="$(hako_shims)" [virtiofsd]="$(pids_of virtiofsd)"
+            [vhost-device-vsock]="$(pids_of vhost-device-vs)" [qemu]="$(pids_of qemu-system-x86)")
+    else
+        local shims
+        shims="$(for p in $(pids_of containerd-shim); do grep -q runc "/proc/$p/cmdline" && echo "$p"; done)"
+        groups=([shim]="$shims" [container]="$(ctr task ls | awk '$1 ~ /^fp-runc-/ {print $2}')")
+    fi
+    all="${groups[*]}"
+    # shellcheck disable=SC2086
+    t0=$(ticks $all)
+    sleep "$idle"
+    # shellcheck disable=SC2086
+    t1=$(ticks $all)
+    after=$(mem_available_kib)
+    local helpers_rss=0 helpers_pss=0
+    for what in "${!groups[@]}"; do
+        # shellcheck disable=SC2086
+        rss=$(smaps Rss ${groups[$what]}) pss=$(smaps Pss ${groups[$what]})
+        printf '%s\t%s\t%s\t%s\t%s\n' "$runtime" "$pods" "$what" "$(per_pod "$rss" "$pods")" "$(per_pod "$pss" "$pods")" >>"$tsv"
+        if [[ $what != qemu && $what != container ]]; then
+            helpers_rss=$((helpers_rss + rss)) helpers_pss=$((helpers_pss + pss))
+        fi
+    done
+    # shellcheck disable=SC2086
+    printf '%s\t%s\t%s\t%s\t%s\n' "$runtime" "$pods" "host helpers" "$(per_pod "$helpers_rss" "$pods")" "$(per_pod "$helpers_pss" "$pods")" >>"$tsv"
+    # shellcheck disable=SC2086
+    printf '%s\t%s\t%s\t%s\t%s\n' "$runtime" "$pods" "all" "$(per_pod "$(smaps Rss $all)" "$pods")" "$(per_pod "$(smaps Pss $all)" "$pods")" >>"$tsv"
+    printf '%s\t%s\tMemAvailable drop\t%s\t\n' "$runtime" "$pods" "$(per_pod $((before - after)) "$pods")" >>"$tsv"
+    printf '%s\t%s\tidle CPU millicores\t%s\t\n' "$runtime" "$pods" \
+        "$(awk -v d="$((t1 - t0))" -v hz="$hz" -v s="$idle" -v n="$pods" 'BEGIN {printf "%.1f", d / hz / s * 1000 / n}')" >>"$tsv"
+    for i in $(seq 1 "$pods"); do
+        start=$EPOCHREALTIME
+        stop_task "fp-$runtime-$i"
+        printf '%s\t%s\t%s\t%s\n' "$runtime" "$pods" "$i" "$(ms_since "$start")" >>"$teardown_tsv"
+    done
+}
+
+for pods in "${counts[@]}"; do
+    measure runc "$pods"
+    measure hako "$pods"
+done
+
+md="$out/footprint.md"
+value() { # runtime pods what column(4 rss, 5 pss)
+    awk -F'\t' -v r="$1" -v p="$2" -v w="$3" -v c="$4" '$1 == r && $2 == p && $3 == w {print $c}' "$tsv"
+}
+{
+    echo "### Footprint of idle pods"
+    echo
+    echo "Conditions: $(conditions). Idle pods running \`sleep\`, measured 5 s after the last started, CPU over ${idle} s idle; figures per pod."
+    echo
+    printf '| process |'
+    for pods in "${counts[@]}"; do printf ' RSS MiB, %s pod(s) | PSS MiB, %s pod(s) |' "$pods" "$pods"; done
+    echo
+    printf '|---|'; for _ in "${counts[@]}"; do printf -- '---:|---:|'; done; echo
+    for row in "hako:shim" "hako:virtiofsd" "hako:vhost-device-vsock" "hako:host helpers" "hako:qemu" "hako:all" \
+        "runc:shim" "runc:container" "runc:all"; do
+        printf '| %s %s |' "${row%%:*}" "${row#*:}"
+        for pods in "${counts[@]}"; do
+            printf ' %s | %s |' "$(value "${row%%:*}" "$pods" "${row#*:}" 4)" "$(value "${row%%:*}" "$pods" "${row#*:}" 5)"
+        done
+        echo
+    done
+    echo
+    printf '| per pod |'; for pods in "${counts[@]}"; do printf ' runc, %s | hako, %s |' "$pods" "$pods"; done; echo
+    printf '|---|'; for _ in "${counts[@]}"; do printf -- '---:|---:|'; done; echo
+    for what in "MemAvailable drop" "idle CPU millicores"; do
+        unit="MiB"; [[ $what == idle* ]] && unit=""
+        printf '| %s %s |' "$what" "$unit"
+        for pods in "${counts[@]}"; do printf ' %s | %s |' "$(value runc "$pods" "$what" 4)" "$(value hako "$pods" "$what" 4)"; done
+        echo
+    done
+    printf '| teardown p50 / max ms |'
+    for pods in "${counts[@]}"; do
+        for runtime in runc hako; do
+            awk -F'\t' -v r="$runtime" -v p="$pods" '$1 == r && $2 == p {print $4}' "$teardown_tsv" | sort -g >"$work/t"
+            printf ' %s / %s |' "$(pct "$work/t" 50)" "$(tail -n1 "$work/t")"
+        done
+    done
+    echo
+} | tee_md "$md"
+
+# Plot: PSS per pod by process, stacked, for each runtime and pod count.
+{
+    for pods in "${counts[@]}"; do
+        printf 'runc-%s %s %s 0 0 0\n' "$pods" "$(value runc "$pods" shim 5)" "$(value runc "$pods" container 5)"
+        printf 'hako-%s %s 0 %s %s %s\n' "$pods" "$(value hako "$pods" shim 5)" "$(value hako "$pods" virtiofsd 5)" \
+            "$(value hako "$pods" vhost-device-vsock 5)" "$(value hako "$pods" qemu 5)"
+    done
+} >"$out/footprint.dat"
+cat >"$out/footprint.gp" <<GP
+set title "PSS per idle pod (MiB); $(conditions | cut -d';' -f1-2 | tr -d '"')"
+set style data histograms; set style histogram rowstacked; set style fill solid 0.8 border -1
+set boxwidth 0.6; set key outside right; set grid ytics; set ylabel 'MiB'; set xlabel 'runtime-pods'
+plot 'footprint.dat' using 2:xtic(1) title 'shim', '' using 3 title 'container (runc)', \
+    '' using 4 title 'virtiofsd', '' using 5 title 'vhost-device-vsock', '' using 6 title 'QEMU (guest memory included)'
+GP
+plot footprint
