@@ -25,7 +25,12 @@ variants=("runc=runc")
 if (($# == 0)); then
     variants+=("hako=hako")
 else
-    for v in "$@"; do variants+=("${v%%=*}=hako:${v#*=}"); done
+    for v in "$@"; do
+        [[ "${v%%=*}" =~ ^[A-Za-z0-9]+([._-][A-Za-z0-9]+)*$ ]] ||
+            { echo "bench: label ${v%%=*} must be letters, digits and single . _ - inside (it names containers)" >&2; exit 2; }
+        [[ -f "${v#*=}" ]] || { echo "bench: no configuration file ${v#*=}" >&2; exit 2; }
+        variants+=("${v%%=*}=hako:${v#*=}")
+    done
 fi
 
 tsv="$out/cold-start.tsv"
@@ -56,7 +61,7 @@ phases="$out/cold-start-phases.tsv"
 printf 'label\trun\tphase\tms\n' >"$phases"
 grep -oE '(container|sandbox) cs-[^ ]+ (start phases: [^"]*|teardown=[0-9.]+ms)' "$work/containerd.log" |
     awk '{
-        split($2, id, "-"); label = id[2]; run = id[3]
+        run = $2; sub(/.*-/, "", run); label = $2; sub(/^cs-/, "", label); sub(/-[0-9]+$/, "", label)
         for (i = 3; i <= NF; i++) if ($i ~ /=/) {
             split($i, kv, "="); sub(/ms$/, "", kv[2]); print label "\t" run "\t" kv[1] "\t" kv[2]
         }

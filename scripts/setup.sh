@@ -19,7 +19,7 @@ CONTAINERD_ROOT=/opt/hako/containerd
 DOCKER_ROOT=/opt/hako/docker
 APT_PACKAGES=(qemu-system-x86 libcap-ng-dev libseccomp-dev pkg-config busybox-static cpio
     iproute2 kmod ca-certificates file procps curl lz4 zstd xz-utils protobuf-compiler
-    containernetworking-plugins)
+    containernetworking-plugins binutils)
 
 step() { echo "setup: $*"; }
 fail() {

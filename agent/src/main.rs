@@ -54,13 +54,19 @@ fn main() {
 fn run_init() -> Result<(), String> {
     let started = Instant::now();
     let init_since_boot_ms = boot::relocate_off_initramfs().map_err(|e| e.to_string())?;
+    let relocated = boot::ms_since_boot();
     boot::mount_kernel_filesystems().map_err(|e| e.to_string())?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     logger::init(logger::level_from_cmdline(&cmdline));
     let share = boot::ShareKind::from_cmdline(&cmdline);
+    let mounted = boot::ms_since_boot();
     let modules = boot::load_modules(share).map_err(|e| e.to_string())?;
-    log::debug!("loaded {modules} modules in {:?}", started.elapsed());
+    let loaded = boot::ms_since_boot();
     boot::mount_share(share, SHARED_FS_TAG, GUEST_SHARED_DIR).map_err(|e| e.to_string())?;
+    log::debug!(
+        "boot, ms since the kernel started: /init {init_since_boot_ms}, off the initramfs {relocated}, kernel filesystems {mounted}, {modules} modules {loaded}, share {}",
+        boot::ms_since_boot()
+    );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
