@@ -162,6 +162,7 @@ stop_task() {
     local _
     for _ in $(seq 1 300); do
         ctr task delete "$1" >/dev/null 2>&1 && break
+        ctr task ls -q 2>/dev/null | grep -qx "$1" || break
         sleep 0.05
     done
     ctr container delete "$1" >/dev/null 2>&1 || true

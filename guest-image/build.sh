@@ -6,8 +6,10 @@
 #
 # Reproducible: the same kernel package and agent binary give byte-identical output (sorted cpio
 # entries, fixed timestamps and owners). The work is skipped when none of the inputs changed.
-# Environment: HAKO_KERNEL_PACKAGE picks another kernel package (default: what
-# linux-image-cloud-amd64 depends on); HAKO_AGENT_BIN uses a prebuilt agent.
+# Environment: HAKO_KERNEL_META picks the kernel through another Debian meta package (default
+# linux-image-cloud-amd64; linux-image-amd64 gives the generic kernel, which has the 9p modules
+# a virtio-9p share needs), HAKO_KERNEL_PACKAGE names the kernel package itself, and
+# HAKO_AGENT_BIN uses a prebuilt agent.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,7 +42,8 @@ MODULES_9P=(9pnet 9pnet_virtio 9p)
 progress "resolving the kernel package"
 pkg="${HAKO_KERNEL_PACKAGE:-}"
 if [[ -z "$pkg" ]]; then
-    pkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+    meta="${HAKO_KERNEL_META:-linux-image-cloud-amd64}"
+    pkg="$(apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
 fi
 [[ -n "$pkg" ]] || fail "cannot find the kernel package; run 'apt-get update' first"
 version="$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')"

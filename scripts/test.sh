@@ -11,6 +11,8 @@ cd "$repo"
 
 scripts/setup.sh
 scripts/install.sh
+echo "test: the guest with Debian's generic kernel, for the virtio-9p test"
+HAKO_KERNEL_META=linux-image-amd64 guest-image/build.sh build/guest-generic
 
 echo "test: unit tests"
 cargo test --workspace --locked

@@ -21,9 +21,7 @@ mod server;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hako_protocol::{
-    AGENT_VSOCK_PORT, GUEST_SHARED_DIR, READY_MESSAGE, READY_VSOCK_PORT, SHARED_FS_TAG,
-};
+use hako_protocol::{AGENT_VSOCK_PORT, GUEST_SHARED_DIR, READY_VSOCK_PORT, SHARED_FS_TAG};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -93,6 +91,7 @@ async fn serve(started: Instant, init_since_boot_ms: u64) -> Result<(), String> 
         ready_since_boot_ms: boot::ms_since_boot(),
         init_since_boot_ms,
     };
+    let health = agent.health_response();
     let service = hako_protocol::create_agent_service(Arc::new(agent));
     let address = format!("vsock://-1:{AGENT_VSOCK_PORT}");
     let mut server = ttrpc::r#async::Server::new()
@@ -108,16 +107,17 @@ async fn serve(started: Instant, init_since_boot_ms: u64) -> Result<(), String> 
         boot::ms_since_boot(),
         started.elapsed()
     );
-    if let Err(e) = tokio::task::spawn_blocking(announce_ready).await {
+    if let Err(e) = tokio::task::spawn_blocking(move || announce_ready(&health)).await {
         log::warn!("announcing readiness: {e}");
     }
     std::future::pending::<()>().await;
     Ok(())
 }
 
-/// Tells the host the agent serves, by connecting to the host's readiness port. A host that
-/// does not listen there simply dials until the agent answers.
-fn announce_ready() {
+/// Tells the host the agent serves, and how it is (the Health answer), by connecting to the
+/// host's readiness port. A host that does not listen there simply dials until the agent
+/// answers.
+fn announce_ready(health: &hako_protocol::HealthResponse) {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
     use std::io::Write;
     const VMADDR_CID_HOST: u32 = 2;
@@ -135,7 +135,10 @@ fn announce_ready() {
         Ok(fd)
     })
     .map_err(std::io::Error::from)
-    .and_then(|fd| std::fs::File::from(fd).write_all(READY_MESSAGE));
+    .and_then(|fd| {
+        let message = hako_protocol::ready_message(health).map_err(std::io::Error::other)?;
+        std::fs::File::from(fd).write_all(&message)
+    });
     match result {
         Ok(()) => log::debug!("told the host the agent is ready"),
         Err(e) => log::warn!("cannot tell the host the agent is ready: {e}"),

@@ -63,13 +63,7 @@ impl pb::AgentService for Agent {
         _ctx: &TtrpcContext,
         _req: pb::HealthRequest,
     ) -> ttrpc::Result<pb::HealthResponse> {
-        Ok(pb::HealthResponse {
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            kernel_release: self.kernel_release.clone(),
-            ready_since_boot_ms: self.ready_since_boot_ms,
-            init_since_boot_ms: self.init_since_boot_ms,
-            ..Default::default()
-        })
+        Ok(self.health_response())
     }
 
     async fn create_sandbox(
@@ -380,6 +374,17 @@ impl pb::AgentService for Agent {
 }
 
 impl Agent {
+    /// What Health answers, and what the readiness message carries.
+    pub fn health_response(&self) -> pb::HealthResponse {
+        pb::HealthResponse {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            kernel_release: self.kernel_release.clone(),
+            ready_since_boot_ms: self.ready_since_boot_ms,
+            init_since_boot_ms: self.init_since_boot_ms,
+            ..Default::default()
+        }
+    }
+
     async fn read(
         &self,
         req: pb::ReadStreamRequest,

@@ -23,8 +23,54 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// only after this, so no connection reaches the guest before its vsock driver is up.
 pub const READY_VSOCK_PORT: u32 = 1025;
 
-/// What the agent writes on the readiness connection.
+/// What the agent writes first on the readiness connection; its `HealthResponse` follows,
+/// protobuf-encoded, so the host needs no Health call before its first real one.
 pub const READY_MESSAGE: &[u8] = b"READY\n";
+
+/// The most the host reads of a readiness message.
+pub const MAX_READY_MESSAGE: usize = 4096;
+
+/// The readiness message for `health`.
+pub fn ready_message(health: &HealthResponse) -> Result<Vec<u8>, protobuf::Error> {
+    use protobuf::Message;
+    let mut message = READY_MESSAGE.to_vec();
+    message.extend(health.write_to_bytes()?);
+    Ok(message)
+}
+
+/// The agent's `HealthResponse` from a whole readiness message; `None` if it is not one.
+pub fn parse_ready_message(message: &[u8]) -> Option<HealthResponse> {
+    use protobuf::Message;
+    let body = message.strip_prefix(READY_MESSAGE)?;
+    if message.len() > MAX_READY_MESSAGE {
+        return None;
+    }
+    HealthResponse::parse_from_bytes(body).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_message_carries_the_agents_health() {
+        let health = HealthResponse {
+            agent_version: "0.1.0".into(),
+            kernel_release: "6.1.0".into(),
+            ready_since_boot_ms: 1500,
+            init_since_boot_ms: 1200,
+            ..Default::default()
+        };
+        let message = ready_message(&health).expect("encodes");
+        assert!(message.starts_with(READY_MESSAGE));
+        assert_eq!(parse_ready_message(&message), Some(health));
+        assert_eq!(parse_ready_message(b"HELLO\n"), None);
+        assert_eq!(parse_ready_message(b"READY\n\xff\xff\xff"), None);
+        let mut huge = READY_MESSAGE.to_vec();
+        huge.resize(MAX_READY_MESSAGE + 1, 0);
+        assert_eq!(parse_ready_message(&huge), None);
+    }
+}
 
 /// virtio-fs tag of the sandbox share.
 pub const SHARED_FS_TAG: &str = "hakoShared";

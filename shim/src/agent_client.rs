@@ -158,33 +158,29 @@ impl ReadyListener {
         Ok(Self { listener, path })
     }
 
-    /// Waits for the agent's readiness message, the VM's exit, or `timeout`.
+    /// Waits for the agent's readiness message, the VM's exit, or `timeout`, and returns the
+    /// agent's Health answer the message carries.
     pub async fn wait(
         &self,
         timeout: Duration,
         vm_exit: Option<watch::Receiver<Option<i32>>>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<pb::HealthResponse, AgentError> {
         let accept = async {
             loop {
-                let (mut stream, _) = self.listener.accept().await.map_err(|e| e.to_string())?;
-                let mut buf = [0u8; 16];
+                let (stream, _) = self.listener.accept().await.map_err(|e| e.to_string())?;
+                // The agent closes after its message; a guest may send at most the limit.
                 let mut got = Vec::new();
-                // Read until the message is complete or the agent closes.
-                loop {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                    if got.len() >= pb::READY_MESSAGE.len() {
-                        break;
-                    }
+                let limit = pb::MAX_READY_MESSAGE as u64 + 1;
+                if let Err(e) = stream.take(limit).read_to_end(&mut got).await {
+                    log::warn!("reading the readiness message: {e}");
+                    continue;
                 }
-                if got.starts_with(pb::READY_MESSAGE) {
-                    return Ok::<_, String>(());
+                if let Some(health) = pb::parse_ready_message(&got) {
+                    return Ok::<_, String>(health);
                 }
                 log::warn!(
                     "unexpected message on the readiness socket: {:?}",
-                    String::from_utf8_lossy(&got)
+                    String::from_utf8_lossy(&got[..got.len().min(64)])
                 );
             }
         };
@@ -203,7 +199,7 @@ impl ReadyListener {
         };
         tokio::select! {
             result = tokio::time::timeout(timeout, accept) => match result {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(health)) => Ok(health),
                 Ok(Err(last)) => Err(AgentError::Dial { socket: self.path.clone(), timeout, last }),
                 Err(_) => Err(AgentError::Dial {
                     socket: self.path.clone(),
@@ -225,7 +221,6 @@ impl Drop for ReadyListener {
 /// The agent API as the shim uses it.
 #[async_trait]
 pub trait AgentClient: Send + Sync {
-    async fn health(&self) -> Result<pb::HealthResponse, AgentError>;
     async fn create_sandbox(
         &self,
         sandbox_id: &str,
@@ -338,12 +333,6 @@ fn map_err(call: &'static str, e: ttrpc::Error) -> AgentError {
 
 #[async_trait]
 impl AgentClient for TtrpcAgent {
-    async fn health(&self) -> Result<pb::HealthResponse, AgentError> {
-        let req = pb::HealthRequest::default();
-        self.timed("Health", self.client.health(self.ctx(), &req))
-            .await
-    }
-
     async fn create_sandbox(
         &self,
         sandbox_id: &str,
@@ -656,14 +645,25 @@ mod tests {
         let ready = ReadyListener::bind(&agent, 1025).expect("bind");
         let path = ReadyListener::path_for(&agent, 1025);
         assert!(path.to_string_lossy().ends_with(".sock_1025"));
+        let health = pb::HealthResponse {
+            agent_version: "9.9.9".into(),
+            ready_since_boot_ms: 1234,
+            ..Default::default()
+        };
+        let message = pb::ready_message(&health).expect("encode");
         let client = tokio::spawn(async move {
+            // A stranger's bytes first: ignored, the wait goes on.
             let mut s = UnixStream::connect(&path).await.expect("connect");
-            s.write_all(pb::READY_MESSAGE).await.expect("write");
+            s.write_all(b"HELLO\n").await.expect("write");
+            drop(s);
+            let mut s = UnixStream::connect(&path).await.expect("connect");
+            s.write_all(&message).await.expect("write");
         });
-        ready
+        let got = ready
             .wait(Duration::from_secs(10), None)
             .await
             .expect("ready");
+        assert_eq!(got, health);
         client.await.expect("client");
         drop(ready);
         assert!(

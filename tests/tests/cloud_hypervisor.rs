@@ -20,7 +20,7 @@ use hako_shim::daemon::{resolve_binary, Daemon};
 use hako_shim::vmm::cloud_hypervisor::api::ApiClient;
 use hako_shim::vmm::cloud_hypervisor::types::{FsConfig, VmState};
 use hako_shim::vmm::cloud_hypervisor::{binary_from_env, CloudHypervisor};
-use hako_shim::vmm::{NetDevice, VmSpec};
+use hako_shim::vmm::{NetDevice, Share, VmSpec};
 use hako_tests::*;
 
 const GUEST: &str = "/usr/share/hako/guest";
@@ -43,7 +43,9 @@ fn spec(dir: &Path, tap_fd: i32) -> VmSpec {
         vmlinux: PathBuf::from(GUEST).join("vmlinux"),
         initrd: PathBuf::from(GUEST).join("initramfs.cpio"),
         cmdline: "console=ttyS0".into(),
-        fs_socket: dir.join("fs.sock"),
+        share: Share::VirtioFs {
+            socket: dir.join("fs.sock"),
+        },
         fs_tag: "hakoShared".into(),
         agent_socket: dir.join("agent.sock"),
         console_log: dir.join("console.log"),

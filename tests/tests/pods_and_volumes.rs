@@ -246,3 +246,61 @@ fn killing_the_shim_leaves_nothing_after_delete() {
         forget_dead_task(c, "crash2");
     });
 }
+
+/// virtio-9p, served by QEMU itself, for the file I/O comparison: needs the guest built from
+/// Debian's generic kernel (the cloud kernel has no 9p), which scripts/test.sh builds.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_virtio_9p_share_carries_the_root_filesystem_without_virtiofsd() {
+    let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest-generic");
+    assert!(
+        guest.join("initramfs.cpio").is_file(),
+        "{} is missing: HAKO_KERNEL_META=linux-image-amd64 guest-image/build.sh build/guest-generic",
+        guest.display()
+    );
+    let dir = std::env::temp_dir().join(format!("hako-9p-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let with_9p = dir.join("9p.toml");
+    fs::write(
+        &with_9p,
+        format!(
+            "[hypervisor]\nshared_fs = \"virtio-9p\"\nkernel = \"{0}/vmlinuz\"\nvmlinux = \"{0}/vmlinux\"\ninitrd = \"{0}/initramfs.cpio\"\n",
+            guest.display()
+        ),
+    )
+    .unwrap();
+    // The installed guest (the cloud kernel) has no 9p modules.
+    let without_modules = dir.join("no-modules.toml");
+    fs::write(
+        &without_modules,
+        "[hypervisor]\nshared_fs = \"virtio-9p\"\n",
+    )
+    .unwrap();
+    let with_9p = format!("--runtime-config-path={}", with_9p.display());
+    let without_modules = format!("--runtime-config-path={}", without_modules.display());
+    for_each_containerd(|c| {
+        let r = c.run_detached("ninep", &[&with_9p], &["sleep", "1000"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_eq!(count_processes("virtiofsd"), 0, "QEMU serves 9p itself");
+        let r = c.exec(
+            "ninep",
+            "fs",
+            &[],
+            &[
+                "sh",
+                "-c",
+                "awk '$2 == \"/\" {print $3}' /proc/mounts; echo written > /f; cat /f; ls /bin/busybox",
+            ],
+        );
+        assert_eq!(r.stdout, "9p\nwritten\n/bin/busybox\n", "{r:?}");
+        let r = c.exec("ninep", "exit", &[], &["sh", "-c", "exit 7"]);
+        assert_eq!(r.code, 7, "{r:?}");
+        c.remove_task("ninep");
+
+        let r = c.run_rm_with("no9p", &[&without_modules], &["true"]);
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(r.stderr.contains("no 9p modules"), "{r:?}");
+        let _ = c.ctr(&["container", "delete", "no9p"]);
+    });
+    fs::remove_dir_all(&dir).unwrap();
+}

@@ -443,11 +443,12 @@ impl Sandbox {
 
         // Dial only once the agent says it serves: a connection that reaches the guest before
         // its vsock driver is up can stall in the vsock backend.
+        // The readiness message carries the agent's Health answer: no call for it.
         let connected = match ready
             .wait(self.config.agent.dial_timeout(), vmm.exit_watch())
             .await
         {
-            Ok(()) => {
+            Ok(health) => {
                 self.timings.mark("agent_ready");
                 dial(
                     &self.paths.agent_socket,
@@ -456,12 +457,13 @@ impl Sandbox {
                     vmm.exit_watch(),
                 )
                 .await
+                .map(|stream| (stream, health))
             }
             Err(e) => Err(e),
         };
         drop(ready);
-        let stream = match connected {
-            Ok(stream) => stream,
+        let (stream, health) = match connected {
+            Ok(connected) => connected,
             Err(e) => {
                 return Err(SandboxError::Boot {
                     reason: format!("{e}; qemu: {}", vmm.log_tail()),
@@ -471,7 +473,6 @@ impl Sandbox {
         };
         let agent: Arc<dyn AgentClient> =
             Arc::new(TtrpcAgent::new(stream, self.config.agent.call_timeout()));
-        let health = agent.health().await?;
         self.timings.mark("agent_connected");
         self.record_boot_details(&health);
         log::info!(

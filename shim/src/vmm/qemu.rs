@@ -435,11 +435,18 @@ mod tests {
         let mut s = spec();
         s.kernel = dir.join("vmlinuz");
         s.vmlinux = dir.join("vmlinux");
-        assert_eq!(Qemu::boot_kernel(&s), s.kernel.as_path(), "no vmlinux: the bzImage");
+        assert_eq!(
+            Qemu::boot_kernel(&s),
+            s.kernel.as_path(),
+            "no vmlinux: the bzImage"
+        );
         std::fs::write(&s.vmlinux, b"ELF").expect("write");
         assert_eq!(Qemu::boot_kernel(&s), s.vmlinux.as_path());
         let a = joined(&Qemu::args(&s, false, "", true, Path::new("/q.sock")));
-        assert!(a.contains(&format!("-kernel {}", s.vmlinux.display())), "{a}");
+        assert!(
+            a.contains(&format!("-kernel {}", s.vmlinux.display())),
+            "{a}"
+        );
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
