@@ -11,10 +11,15 @@
 # build/guest-generic. A benchmark, not a test: it asserts nothing. Run as root after
 # scripts/install.sh.
 #
-#   bench/file-io.sh [SECONDS [SIZE]]      (defaults: 5 s per fio job, 64m)
+#   bench/file-io.sh [SECONDS [SIZE [CONFIG...]]]      (defaults: 5 s per fio job, 64m, all)
+#
+# CONFIGs pick some of: "virtio-fs never", "virtio-fs auto", "virtio-fs always", virtio-9p
+# (native always runs: the percentages are of it).
 set -euo pipefail
 secs="${1:-5}"
 size="${2:-64m}"
+shift 2 || shift $#
+only=("$@")
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_package runc runc
 need_package fio fio
@@ -86,8 +91,16 @@ configs=(
     "virtio-fs auto=hako:$(hako_config auto '[virtiofs]' 'cache = "auto"')"
     "virtio-fs always=hako:$(hako_config always '[virtiofs]' 'cache = "always"')"
     "virtio-9p=hako:$(hako_config 9p '[hypervisor]' 'shared_fs = "virtio-9p"' \
-        "kernel = \"$repo/build/guest-generic/vmlinuz\"" "initrd = \"$repo/build/guest-generic/initramfs.cpio\"")"
+        "kernel = \"$repo/build/guest-generic/vmlinux\"" "initrd = \"$repo/build/guest-generic/initramfs.cpio\"")"
 )
+if ((${#only[@]})); then
+    picked=("${configs[0]}")
+    for entry in "${configs[@]:1}"; do
+        for want in "${only[@]}"; do [[ "${entry%%=*}" == "$want" ]] && picked+=("$entry"); done
+    done
+    ((${#picked[@]} > ${#only[@]})) || { echo "bench: unknown configuration among: ${only[*]}" >&2; exit 2; }
+    configs=("${picked[@]}")
+fi
 tsv="$out/file-io.tsv"
 printf 'config\ttest\tmib_s\tiops\n' >"$tsv"
 for entry in "${configs[@]}"; do

@@ -48,6 +48,23 @@ pub fn parse_ready_message(message: &[u8]) -> Option<HealthResponse> {
     HealthResponse::parse_from_bytes(body).ok()
 }
 
+/// virtio-fs tag of the sandbox share.
+pub const SHARED_FS_TAG: &str = "hakoShared";
+
+/// Where the agent mounts the sandbox share inside the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/hako/shared";
+
+/// Kernel command line key that says which device carries the sandbox share: absent or
+/// `virtiofs` for virtio-fs, `9p` for virtio-9p (QEMU only, for comparison).
+pub const CMDLINE_SHARE: &str = "hako.share";
+
+/// The 9p message size the guest asks for: large, so that big reads and writes take few
+/// round trips (the kernel caps it to what its virtio transport can carry).
+pub const NINEP_MSIZE: u32 = 512_000;
+
+/// Kernel command line key that carries the agent's log level.
+pub const CMDLINE_LOG_LEVEL: &str = "hako.log";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,20 +88,3 @@ mod tests {
         assert_eq!(parse_ready_message(&huge), None);
     }
 }
-
-/// virtio-fs tag of the sandbox share.
-pub const SHARED_FS_TAG: &str = "hakoShared";
-
-/// Where the agent mounts the sandbox share inside the guest.
-pub const GUEST_SHARED_DIR: &str = "/run/hako/shared";
-
-/// Kernel command line key that says which device carries the sandbox share: absent or
-/// `virtiofs` for virtio-fs, `9p` for virtio-9p (QEMU only, for comparison).
-pub const CMDLINE_SHARE: &str = "hako.share";
-
-/// The 9p message size the guest asks for: large, so that big reads and writes take few
-/// round trips (the kernel caps it to what its virtio transport can carry).
-pub const NINEP_MSIZE: u32 = 512_000;
-
-/// Kernel command line key that carries the agent's log level.
-pub const CMDLINE_LOG_LEVEL: &str = "hako.log";

@@ -120,7 +120,7 @@ impl Default for HypervisorConfig {
             accel: Accel::Auto,
             vcpus: 1,
             memory_mib: 512,
-            kernel: PathBuf::from("/usr/share/hako/guest/vmlinuz"),
+            kernel: PathBuf::from("/usr/share/hako/guest/vmlinux"),
             vmlinux: PathBuf::from("/usr/share/hako/guest/vmlinux"),
             initrd: PathBuf::from("/usr/share/hako/guest/initramfs.cpio"),
             kernel_params: String::new(),

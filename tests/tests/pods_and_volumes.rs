@@ -264,7 +264,7 @@ fn a_virtio_9p_share_carries_the_root_filesystem_without_virtiofsd() {
     fs::write(
         &with_9p,
         format!(
-            "[hypervisor]\nshared_fs = \"virtio-9p\"\nkernel = \"{0}/vmlinuz\"\nvmlinux = \"{0}/vmlinux\"\ninitrd = \"{0}/initramfs.cpio\"\n",
+            "[hypervisor]\nshared_fs = \"virtio-9p\"\nkernel = \"{0}/vmlinux\"\ninitrd = \"{0}/initramfs.cpio\"\n",
             guest.display()
         ),
     )

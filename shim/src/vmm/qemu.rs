@@ -57,17 +57,6 @@ impl Qemu {
         dir.join("vhu.sock")
     }
 
-    /// The kernel QEMU loads: the ELF vmlinux where there is one, entered through its PVH
-    /// note, which skips the real-mode setup and the kernel's self-decompression (about 0.2 s
-    /// of each boot under TCG, see docs/performance.md); else the bzImage.
-    pub fn boot_kernel(spec: &VmSpec) -> &Path {
-        if spec.vmlinux.is_file() {
-            &spec.vmlinux
-        } else {
-            &spec.kernel
-        }
-    }
-
     /// The full QEMU command line (without the binary) for `spec`.
     pub fn args(spec: &VmSpec, kvm: bool, clock: &str, seccomp: bool, qmp: &Path) -> Vec<String> {
         let mem = format!("{}M", spec.memory_mib);
@@ -95,7 +84,7 @@ impl Qemu {
             "-serial".into(),
             format!("file:{}", spec.console_log.display()),
             "-kernel".into(),
-            Self::boot_kernel(spec).display().to_string(),
+            spec.kernel.display().to_string(),
             "-initrd".into(),
             spec.initrd.display().to_string(),
             "-append".into(),
@@ -259,14 +248,11 @@ impl Hypervisor for Qemu {
     }
 
     async fn start(&mut self, spec: &VmSpec) -> Result<(), VmmError> {
-        for (what, path) in [
-            ("kernel", Self::boot_kernel(spec)),
-            ("initramfs", &spec.initrd),
-        ] {
+        for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initrd)] {
             if !path.is_file() {
                 return Err(VmmError::MissingImage {
                     what,
-                    path: path.to_path_buf(),
+                    path: path.clone(),
                 });
             }
         }
@@ -426,28 +412,6 @@ mod tests {
         assert!(a.contains("accel=kvm"), "{a}");
         assert!(a.contains("-cpu host"), "{a}");
         assert!(!a.contains("-sandbox"), "{a}");
-    }
-
-    #[test]
-    fn the_elf_kernel_is_booted_where_there_is_one() {
-        let dir = std::env::temp_dir().join(format!("hako-qemu-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let mut s = spec();
-        s.kernel = dir.join("vmlinuz");
-        s.vmlinux = dir.join("vmlinux");
-        assert_eq!(
-            Qemu::boot_kernel(&s),
-            s.kernel.as_path(),
-            "no vmlinux: the bzImage"
-        );
-        std::fs::write(&s.vmlinux, b"ELF").expect("write");
-        assert_eq!(Qemu::boot_kernel(&s), s.vmlinux.as_path());
-        let a = joined(&Qemu::args(&s, false, "", true, Path::new("/q.sock")));
-        assert!(
-            a.contains(&format!("-kernel {}", s.vmlinux.display())),
-            "{a}"
-        );
-        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]
