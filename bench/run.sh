@@ -7,7 +7,7 @@
 #   bench/run.sh [--quick] [OUT_DIR]      (default OUT_DIR: build/bench/<date>-<time>)
 #
 # --quick runs each part briefly, to check the suite works; its figures are not worth quoting.
-# The full run takes about 40 minutes under TCG. Run as root after scripts/install.sh; the
+# The full run takes about 20 minutes under TCG. Run as root after scripts/install.sh; the
 # machine should be otherwise idle. On a host with hardware virtualisation hako uses KVM by
 # itself, and every table says which accelerator it ran under.
 set -euo pipefail
