@@ -442,8 +442,8 @@ impl Sandbox {
         };
 
         // Dial only once the agent says it serves: a connection that reaches the guest before
-        // its vsock driver is up can stall in the vsock backend.
-        // The readiness message carries the agent's Health answer: no call for it.
+        // its vsock driver is up can stall in the vsock backend. The readiness message carries
+        // the agent's Health answer (guest input, quoted when logged), so no call is made for it.
         let connected = match ready
             .wait(self.config.agent.dial_timeout(), vmm.exit_watch())
             .await
@@ -476,7 +476,7 @@ impl Sandbox {
         self.timings.mark("agent_connected");
         self.record_boot_details(&health);
         log::info!(
-            "sandbox {}: agent {} on guest kernel {} ready {} ms after guest boot",
+            "sandbox {}: agent {:?} on guest kernel {:?} ready {} ms after guest boot",
             self.id,
             health.agent_version,
             health.kernel_release,
