@@ -68,6 +68,7 @@ grep -oE '(container|sandbox) cs-[^ ]+ (start phases: [^"]*|teardown=[0-9.]+ms)'
     }' >>"$phases"
 
 md="$out/cold-start.md"
+: >"$md"
 {
     echo "### Cold start"
     echo

@@ -48,6 +48,7 @@ for r in $(seq 1 "$rounds"); do
 done
 
 md="$out/density.md"
+: >"$md"
 {
     echo "### Density: $pods pods started at once"
     echo

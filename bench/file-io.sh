@@ -121,6 +121,7 @@ for entry in "${configs[@]}"; do
 done
 
 md="$out/file-io.md"
+: >"$md"
 value() { awk -F'\t' -v c="$1" -v t="$2" -v col="$3" '$1 == c && $2 == t {print $col}' "$tsv"; }
 labels=()
 for entry in "${configs[@]}"; do labels+=("${entry%%=*}"); done

@@ -84,6 +84,7 @@ for pods in "${counts[@]}"; do
 done
 
 md="$out/footprint.md"
+: >"$md"
 value() { # runtime pods what column(4 rss, 5 pss)
     awk -F'\t' -v r="$1" -v p="$2" -v w="$3" -v c="$4" '$1 == r && $2 == p && $3 == w {print $c}' "$tsv"
 }

@@ -88,6 +88,7 @@ vhost="userspace virtio-net"
 [[ -e /dev/vhost-net ]] && vhost="vhost-net"
 
 md="$out/network.md"
+: >"$md"
 {
     echo "### Network"
     echo
