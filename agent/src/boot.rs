@@ -207,11 +207,7 @@ pub enum ShareKind {
 
 impl ShareKind {
     pub fn from_cmdline(cmdline: &str) -> Self {
-        let key = format!("{}=", hako_protocol::CMDLINE_SHARE);
-        match cmdline
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix(key.as_str()))
-        {
+        match hako_protocol::cmdline_value(cmdline, hako_protocol::CMDLINE_SHARE) {
             Some("9p") => ShareKind::Virtio9p,
             _ => ShareKind::VirtioFs,
         }
@@ -243,7 +239,7 @@ fn load_module_list(list_path: &str, required: bool) -> Result<usize, BootError>
             let source = if source.kind() == io::ErrorKind::NotFound {
                 io::Error::new(
                     source.kind(),
-                    "this guest image has no 9p modules; build it from a kernel with 9p (guest-image/build.sh with HAKO_KERNEL_PACKAGE set to Debian's generic kernel)",
+                    "this guest image has no 9p modules; build it from a kernel with 9p (HAKO_KERNEL_META=linux-image-amd64 guest-image/build.sh)",
                 )
             } else {
                 source

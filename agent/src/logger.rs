@@ -44,10 +44,7 @@ pub fn init(level: LevelFilter) {
 
 /// Reads `hako.log=<level>` from the kernel command line.
 pub fn level_from_cmdline(cmdline: &str) -> LevelFilter {
-    let key = format!("{}=", hako_protocol::CMDLINE_LOG_LEVEL);
-    cmdline
-        .split_whitespace()
-        .find_map(|word| word.strip_prefix(key.as_str()))
+    hako_protocol::cmdline_value(cmdline, hako_protocol::CMDLINE_LOG_LEVEL)
         .and_then(|value| value.parse().ok())
         .unwrap_or(LevelFilter::Info)
 }

@@ -88,11 +88,11 @@ async fn serve(started: Instant, init_since_boot_ms: u64) -> Result<(), String> 
         oom_events: tokio::sync::Mutex::new(oom_events),
         containers,
         kernel_release,
-        ready_since_boot_ms: boot::ms_since_boot(),
+        ready_since_boot_ms: Default::default(),
         init_since_boot_ms,
     };
-    let health = agent.health_response();
-    let service = hako_protocol::create_agent_service(Arc::new(agent));
+    let agent = Arc::new(agent);
+    let service = hako_protocol::create_agent_service(agent.clone());
     let address = format!("vsock://-1:{AGENT_VSOCK_PORT}");
     let mut server = ttrpc::r#async::Server::new()
         .bind(&address)
@@ -102,9 +102,14 @@ async fn serve(started: Instant, init_since_boot_ms: u64) -> Result<(), String> 
         .start()
         .await
         .map_err(|e| format!("serving on {address}: {e}"))?;
+    // Ready means serving: the host splits its boot phases by this time.
+    let ready = boot::ms_since_boot();
+    agent
+        .ready_since_boot_ms
+        .store(ready, std::sync::atomic::Ordering::SeqCst);
+    let health = agent.health_response();
     log::info!(
-        "serving on {address}, {} ms after boot ({:?} in init)",
-        boot::ms_since_boot(),
+        "serving on {address}, {ready} ms after boot ({:?} in init)",
         started.elapsed()
     );
     if let Err(e) = tokio::task::spawn_blocking(move || announce_ready(&health)).await {

@@ -19,7 +19,8 @@ pub struct Agent {
     pub containers: Arc<Containers>,
     pub reaper: Arc<crate::reaper::Reaper>,
     pub kernel_release: String,
-    pub ready_since_boot_ms: u64,
+    /// Set once the ttrpc server serves, just before the agent announces itself.
+    pub ready_since_boot_ms: std::sync::atomic::AtomicU64,
     pub init_since_boot_ms: u64,
     /// Ids of OOM-killed containers, from `watch_oom`.
     pub oom_events: Mutex<mpsc::Receiver<String>>,
@@ -379,7 +380,9 @@ impl Agent {
         pb::HealthResponse {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             kernel_release: self.kernel_release.clone(),
-            ready_since_boot_ms: self.ready_since_boot_ms,
+            ready_since_boot_ms: self
+                .ready_since_boot_ms
+                .load(std::sync::atomic::Ordering::SeqCst),
             init_since_boot_ms: self.init_since_boot_ms,
             ..Default::default()
         }

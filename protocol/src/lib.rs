@@ -65,6 +65,13 @@ pub const NINEP_MSIZE: u32 = 512_000;
 /// Kernel command line key that carries the agent's log level.
 pub const CMDLINE_LOG_LEVEL: &str = "hako.log";
 
+/// The value of `key=value` on a kernel command line, the first one wins.
+pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +93,13 @@ mod tests {
         let mut huge = READY_MESSAGE.to_vec();
         huge.resize(MAX_READY_MESSAGE + 1, 0);
         assert_eq!(parse_ready_message(&huge), None);
+    }
+
+    #[test]
+    fn cmdline_values_are_whole_keys() {
+        let cmdline = "quiet hako.logx=1 hako.log=debug hako.log=info";
+        assert_eq!(cmdline_value(cmdline, CMDLINE_LOG_LEVEL), Some("debug"));
+        assert_eq!(cmdline_value(cmdline, CMDLINE_SHARE), None);
+        assert_eq!(cmdline_value("quiet", "quiet"), None);
     }
 }

@@ -680,13 +680,8 @@ impl TaskService {
             if last {
                 if let Some(mut sandbox) = slot.take() {
                     self.set_running(None);
-                    let started = Instant::now();
+                    // Sandbox::shutdown logs its own teardown time.
                     sandbox.shutdown().await?;
-                    log::info!(
-                        "sandbox {} torn down in {:?}",
-                        sandbox.id,
-                        started.elapsed()
-                    );
                 }
             }
         }

@@ -6,7 +6,7 @@ pub mod cloud_hypervisor;
 pub mod qemu;
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -105,9 +105,11 @@ pub trait Hypervisor: Send + Sync {
 /// The configured hypervisor, checked for what it needs on this host.
 pub fn for_config(config: &crate::config::Config) -> Result<Box<dyn Hypervisor>, VmmError> {
     Ok(match config.hypervisor.kind {
-        crate::config::HypervisorKind::Qemu => {
-            Box::new(qemu::Qemu::new(&config.hypervisor, &config.vsock)?)
-        }
+        crate::config::HypervisorKind::Qemu => Box::new(qemu::Qemu::new(
+            &config.hypervisor,
+            &config.vsock,
+            &config.runtime.sandbox_root.join(TSC_CACHE),
+        )?),
         crate::config::HypervisorKind::CloudHypervisor => {
             Box::new(cloud_hypervisor::CloudHypervisor::from_config(
                 &config.hypervisor.cloud_hypervisor_path,
@@ -194,6 +196,31 @@ pub fn clock_params(kvm: bool, tsc_khz: Option<u64>) -> String {
     }
 }
 
+/// Where the host's measured TSC rate is kept, under the sandbox root (a tmpfs, so it goes
+/// with the boot it was measured in); the leading dot keeps it apart from every namespace dir,
+/// since containerd namespaces start with a letter or digit.
+const TSC_CACHE: &str = ".tsc_khz";
+
+/// `host_tsc_khz`, measured once per host boot: the first start writes it to `cache`, later
+/// starts read it there instead of spending 5 ms measuring it again.
+pub fn host_tsc_khz_cached(cache: &Path) -> Option<u64> {
+    let plausible = |khz: &u64| (100_000..20_000_000).contains(khz);
+    if let Some(khz) = fs::read_to_string(cache)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(plausible)
+    {
+        return Some(khz);
+    }
+    let khz = host_tsc_khz().filter(plausible)?;
+    // Written whole or not at all: concurrent shims may race to it with the same figure.
+    let tmp = cache.with_extension(format!("{}.tmp", std::process::id()));
+    if fs::write(&tmp, khz.to_string()).is_ok() && fs::rename(&tmp, cache).is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    Some(khz)
+}
+
 /// The host's TSC rate in kHz, measured against the monotonic clock over a few milliseconds
 /// (an error far below the 1% the guest kernel's own refinement tolerates). `None` unless the
 /// host's TSC is invariant (constant_tsc and nonstop_tsc), or on other architectures.
@@ -271,6 +298,28 @@ mod tests {
         if let Some(khz) = super::host_tsc_khz() {
             assert!((500_000..10_000_000).contains(&khz), "{khz}");
         }
+    }
+
+    #[test]
+    fn the_tsc_rate_is_measured_once_and_then_read_back() {
+        let dir = std::env::temp_dir().join(format!("hako-tsc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let cache = dir.join("tsc_khz");
+        let measured = super::host_tsc_khz_cached(&cache);
+        assert_eq!(
+            measured.is_some(),
+            cache.exists(),
+            "kept only when measured"
+        );
+        // A kept figure is what later starts use, without measuring.
+        std::fs::write(&cache, "2000000").expect("write");
+        assert_eq!(super::host_tsc_khz_cached(&cache), Some(2_000_000));
+        // A damaged or implausible file is measured over.
+        std::fs::write(&cache, "7").expect("write");
+        let again = super::host_tsc_khz_cached(&cache);
+        assert_eq!(again.is_some(), measured.is_some());
+        assert_ne!(again, Some(7));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     use super::*;

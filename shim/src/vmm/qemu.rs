@@ -35,12 +35,16 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    pub fn new(config: &HypervisorConfig, vsock_config: &VsockConfig) -> Result<Self, VmmError> {
+    pub fn new(
+        config: &HypervisorConfig,
+        vsock_config: &VsockConfig,
+        tsc_cache: &Path,
+    ) -> Result<Self, VmmError> {
         let accel = choose_accel(config.accel)?;
         let tsc_khz = if accel.kvm {
             None
         } else {
-            super::host_tsc_khz()
+            super::host_tsc_khz_cached(tsc_cache)
         };
         Ok(Self {
             config: config.clone(),
