@@ -1,6 +1,7 @@
 #!/bin/bash
-# The whole benchmark suite, hako beside runc on this machine: cold start, footprint and idle
-# CPU with teardown, density, file I/O and network. Each part prints its tables; all of them
+# The whole benchmark suite, hako beside runc on this machine: cold start (through ctr and
+# through each Docker version), footprint and idle CPU with teardown, density, file I/O and
+# network. Each part prints its tables; all of them
 # (with the run's conditions) end up in one markdown file, next to the raw figures (.tsv) and
 # the plots (.png):
 #
@@ -19,9 +20,9 @@ mkdir -p "$HAKO_BENCH_OUT"
 HAKO_BENCH_OUT="$(cd "$HAKO_BENCH_OUT" && pwd)"
 
 if ((quick)); then
-    parts=("cold-start.sh 3" "footprint.sh 5 1 2" "density.sh 3 1" "file-io.sh 1 8m" "network.sh 2")
+    parts=("cold-start.sh 3" "docker-start.sh 2" "footprint.sh 5 1 2" "density.sh 3 1" "file-io.sh 1 8m" "network.sh 2")
 else
-    parts=("cold-start.sh 30" "footprint.sh 30 1 10" "density.sh 10 3" "file-io.sh 5 64m" "network.sh 10")
+    parts=("cold-start.sh 30" "docker-start.sh 20" "footprint.sh 30 1 10" "density.sh 10 3" "file-io.sh 5 64m" "network.sh 10")
 fi
 started=$SECONDS
 for part in "${parts[@]}"; do
@@ -34,7 +35,7 @@ done
 summary="$HAKO_BENCH_OUT/summary.md"
 {
     echo "## Benchmarks, $(date -u +%Y-%m-%d)"
-    for part in cold-start footprint density file-io network; do
+    for part in cold-start docker-start footprint density file-io network; do
         [[ -f "$HAKO_BENCH_OUT/$part.md" ]] && { echo; cat "$HAKO_BENCH_OUT/$part.md"; }
     done
 } >"$summary"

@@ -5,12 +5,14 @@
 #   scripts/setup.sh
 #
 # - Debian packages: QEMU, build dependencies of virtiofsd, busybox, kmod, cpio, iproute2,
-#   protoc (the CRI client in the tests), the CNI plugins (CRI pod networking).
+#   protoc (the CRI client in the tests), the CNI plugins (CRI pod networking), and the guest
+#   kernel's source (linux-source-6.12, from bookworm-security) with what building it needs.
 # - virtiofsd and vhost-device-vsock, built with `cargo install` into /usr/local/bin.
 # - containerd 1.7 (Debian 13) and 2.x (Debian unstable) unpacked side by side under
 #   /opt/hako/containerd/<version>/ without touching the system's packages; the end-to-end
 #   tests run against each.
-# - Docker Engine 26 (Debian 13) unpacked the same way under /opt/hako/docker/<version>/.
+# - Docker Engine 26 (Debian 13) and the newest (Debian unstable, 28 or later) unpacked the same
+#   way under /opt/hako/docker/<version>/.
 set -euo pipefail
 
 VIRTIOFSD_VERSION=1.14.0
@@ -19,7 +21,8 @@ CONTAINERD_ROOT=/opt/hako/containerd
 DOCKER_ROOT=/opt/hako/docker
 APT_PACKAGES=(qemu-system-x86 libcap-ng-dev libseccomp-dev pkg-config busybox-static cpio
     iproute2 kmod ca-certificates file procps curl lz4 zstd xz-utils protobuf-compiler
-    containernetworking-plugins binutils)
+    containernetworking-plugins binutils runc
+    linux-source-6.12 make gcc flex bison bc libelf-dev libssl-dev)
 
 step() { echo "setup: $*"; }
 fail() {
@@ -115,7 +118,10 @@ fetch_debs() {
 fetch_debs "$CONTAINERD_ROOT" trixie containerd usr/bin/containerd
 fetch_debs "$CONTAINERD_ROOT" sid containerd usr/bin/containerd
 # Docker Engine 26 (Debian 13) with its client: the first with `--runtime io.containerd.<x>.v2`
-# (Debian 12's 20.10 only knows runc). Tests run its dockerd against the containerd above.
+# (Debian 12's 20.10 only knows runc); it networks containers through a prestart hook. And the
+# newest Docker (Debian unstable, 28 or later), which networks the task's namespace after Create
+# instead. Tests run each dockerd against each containerd above.
 fetch_debs "$DOCKER_ROOT" trixie docker.io usr/sbin/dockerd docker-cli
+fetch_debs "$DOCKER_ROOT" sid docker.io usr/sbin/dockerd docker-cli
 
 step "done"

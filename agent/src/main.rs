@@ -12,9 +12,9 @@ mod init;
 mod logger;
 mod mounts;
 mod net;
-mod netlink;
 mod oom;
 mod reaper;
+mod rtnl;
 mod seccomp;
 mod server;
 
@@ -81,10 +81,9 @@ async fn serve(started: Instant, init_since_boot_ms: u64) -> Result<(), String> 
         .unwrap_or_default();
     cgroup::enable_controllers();
     let (oom, oom_events) = oom::OomMonitor::new();
-    let containers = Arc::new(container::Containers::new(reaper.clone(), oom));
+    let containers = Arc::new(container::Containers::new(reaper, oom));
     server::poll_oom(containers.clone());
     let agent = server::Agent {
-        reaper,
         oom_events: tokio::sync::Mutex::new(oom_events),
         containers,
         kernel_release,

@@ -17,7 +17,6 @@ const MAX_READ: usize = 1024 * 1024;
 
 pub struct Agent {
     pub containers: Arc<Containers>,
-    pub reaper: Arc<crate::reaper::Reaper>,
     pub kernel_release: String,
     /// Set once the ttrpc server serves, just before the agent announces itself.
     pub ready_since_boot_ms: std::sync::atomic::AtomicU64,
@@ -37,6 +36,26 @@ pub fn poll_oom(containers: Arc<Containers>) {
             containers.check_oom().await;
         }
     });
+}
+
+/// `net::apply` off the async workers: it waits for hot-plugged NICs to appear.
+async fn configure_network(
+    interfaces: Vec<pb::Interface>,
+    routes: Vec<pb::Route>,
+) -> ttrpc::Result<()> {
+    let applied = tokio::task::spawn_blocking(move || crate::net::apply(&interfaces, &routes))
+        .await
+        .map_err(|e| get_rpc_status(Code::INTERNAL, format!("configuring the network: {e}")))?;
+    applied.map_err(|e| {
+        let code = match e {
+            crate::net::NetError::Invalid(_) | crate::net::NetError::TooMany { .. } => {
+                Code::INVALID_ARGUMENT
+            }
+            _ => Code::INTERNAL,
+        };
+        log::warn!("configuring the network: {e}");
+        get_rpc_status(code, format!("configuring the network: {e}"))
+    })
 }
 
 fn get_rpc_status(code: Code, message: impl ToString) -> ttrpc::Error {
@@ -76,10 +95,17 @@ impl pb::AgentService for Agent {
             nix::unistd::sethostname(&req.hostname)
                 .map_err(|e| get_rpc_status(Code::INVALID_ARGUMENT, format!("sethostname: {e}")))?;
         }
-        crate::net::configure(&self.reaper, &req.interfaces, &req.routes)
-            .await
-            .map_err(|e| get_rpc_status(Code::INTERNAL, format!("configuring the network: {e}")))?;
+        configure_network(req.interfaces, req.routes).await?;
         log::info!("sandbox {} ready", req.sandbox_id);
+        Ok(pb::Empty::default())
+    }
+
+    async fn update_interfaces(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::UpdateInterfacesRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        configure_network(req.interfaces, req.routes).await?;
         Ok(pb::Empty::default())
     }
 

@@ -228,6 +228,12 @@ pub trait AgentClient: Send + Sync {
         interfaces: Vec<pb::Interface>,
         routes: Vec<pb::Route>,
     ) -> Result<(), AgentError>;
+    /// Makes the guest's network the given picture (it waits for hot-plugged NICs).
+    async fn update_interfaces(
+        &self,
+        interfaces: Vec<pb::Interface>,
+        routes: Vec<pb::Route>,
+    ) -> Result<(), AgentError>;
     async fn destroy_sandbox(&self) -> Result<(), AgentError>;
     async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<u32, AgentError>;
     async fn start_process(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError>;
@@ -350,6 +356,24 @@ impl AgentClient for TtrpcAgent {
         self.timed(
             "CreateSandbox",
             self.client.create_sandbox(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn update_interfaces(
+        &self,
+        interfaces: Vec<pb::Interface>,
+        routes: Vec<pb::Route>,
+    ) -> Result<(), AgentError> {
+        let req = pb::UpdateInterfacesRequest {
+            interfaces,
+            routes,
+            ..Default::default()
+        };
+        self.timed(
+            "UpdateInterfaces",
+            self.client.update_interfaces(self.ctx(), &req),
         )
         .await
         .map(drop)

@@ -17,6 +17,8 @@ pub const ANNOTATION_PREFIX: &str = "io.hako.";
 /// The settings a pod may override, by annotation key. Nothing else is: host helper paths, their
 /// arguments and the kernel command line stay the operator's.
 pub const OVERRIDABLE: [&str; 3] = ["vcpus", "memory_mib", "virtiofs_cache"];
+/// PCIe root ports take slots on the machine's root bus, which has 32.
+pub const MAX_HOTPLUG_SLOTS: u32 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -109,6 +111,9 @@ pub struct HypervisorConfig {
     /// QEMU's `-sandbox on` seccomp filter.
     pub seccomp: bool,
     pub shared_fs: SharedFsKind,
+    /// NICs a running VM can gain (Docker 28 and later network a container after Create;
+    /// `docker network connect`): QEMU gets a PCIe root port for each.
+    pub hotplug_slots: u32,
 }
 
 impl Default for HypervisorConfig {
@@ -126,6 +131,7 @@ impl Default for HypervisorConfig {
             kernel_params: String::new(),
             seccomp: true,
             shared_fs: SharedFsKind::VirtioFs,
+            hotplug_slots: 4,
         }
     }
 }
@@ -249,6 +255,11 @@ impl Config {
         }
         if !(64..=65536).contains(&self.hypervisor.memory_mib) {
             return bad("hypervisor.memory_mib must be between 64 and 65536");
+        }
+        if self.hypervisor.hotplug_slots > MAX_HOTPLUG_SLOTS {
+            return bad(&format!(
+                "hypervisor.hotplug_slots must be at most {MAX_HOTPLUG_SLOTS}"
+            ));
         }
         if self.agent.log_level.parse::<log::LevelFilter>().is_err() {
             return bad("agent.log_level must be one of off, error, warn, info, debug, trace");

@@ -315,23 +315,23 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The pid a pid file names, if that process still runs and is the same process (its start
+/// time matches).
+pub fn live_pid(path: &Path) -> Option<u32> {
+    let text = fs::read_to_string(path).ok()?;
+    let mut parts = text.split_whitespace();
+    let pid = parts.next()?.parse::<u32>().ok()?;
+    let started = parts.next()?.parse::<u64>().ok()?;
+    (pid > 1 && start_time(pid) == Some(started)).then_some(pid)
+}
+
 /// Kills the process a pid file names, if it is still the same process. Returns whether a
 /// process was signalled.
 pub fn kill_from_pid_file(path: &Path) -> bool {
-    let Ok(text) = fs::read_to_string(path) else {
-        return false;
-    };
-    let mut parts = text.split_whitespace();
-    let (Some(Ok(pid)), Some(Ok(started))) = (
-        parts.next().map(str::parse::<u32>),
-        parts.next().map(str::parse::<u64>),
-    ) else {
-        return false;
-    };
-    if pid <= 1 || start_time(pid) != Some(started) {
-        return false;
+    match live_pid(path) {
+        Some(pid) => kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok(),
+        None => false,
     }
-    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok()
 }
 
 /// Waits (bounded) until the process a pid file names is gone.

@@ -15,7 +15,7 @@ use containerd_shim::{api, Config as ShimConfig, Error as ShimError, Flags, Star
 
 use crate::config::Config;
 use crate::ids::validate;
-use crate::sandbox::{cleanup_on_disk, mounts, SandboxPaths};
+use crate::sandbox::{cleanup_on_disk, holding_netns, mounts, SandboxPaths};
 use crate::task::events::ContainerdEvents;
 use crate::task::{TaskService, SANDBOX_ID_ANNOTATION};
 
@@ -175,23 +175,40 @@ fn signal_server_started() {
     }
 }
 
-/// The sandbox a bundle's container belongs to: the CRI annotation, else the container itself.
-fn sandbox_of(bundle: &Path, id: &str) -> Result<String, ShimError> {
+/// The sandbox a bundle's container belongs to: the CRI annotation; else the sandbox whose VM
+/// holds the network namespace the spec names (Docker's `--network container:<x>`); else the
+/// container itself.
+fn sandbox_of(bundle: &Path, namespace: &str, id: &str) -> Result<String, ShimError> {
     let spec_path = bundle.join("config.json");
     let sandbox = match std::fs::read(&spec_path) {
         Ok(bytes) => {
             let spec: oci_spec::runtime::Spec = serde_json::from_slice(&bytes)
                 .map_err(|e| invalid(format!("{}: {e}", spec_path.display())))?;
-            spec.annotations()
+            let annotated = spec
+                .annotations()
                 .as_ref()
                 .and_then(|a| a.get(SANDBOX_ID_ANNOTATION))
-                .cloned()
-                .unwrap_or_else(|| id.to_string())
+                .cloned();
+            let sharing = || match crate::net::mode(&spec) {
+                crate::net::NetworkMode::Namespace(path) => {
+                    holding_netns(&sandbox_root(), namespace, &path)
+                }
+                _ => None,
+            };
+            annotated.or_else(sharing).unwrap_or_else(|| id.to_string())
         }
         Err(_) => id.to_string(),
     };
     validate("sandbox id", &sandbox).map_err(invalid)?;
     Ok(sandbox)
+}
+
+/// The configured sandbox root (the defaults' when the configuration cannot be read: the
+/// shim that serves the sandbox reports that error).
+fn sandbox_root() -> PathBuf {
+    Config::load(None)
+        .map(|l| l.config.runtime.sandbox_root)
+        .unwrap_or_else(|_| Config::default().runtime.sandbox_root)
 }
 
 #[async_trait]
@@ -216,7 +233,7 @@ impl Shim for HakoShim {
         validate("namespace", &opts.namespace).map_err(invalid)?;
         validate("container id", &opts.id).map_err(invalid)?;
         // One shim per sandbox: containers of a pod reuse the address of its first one.
-        let grouping = sandbox_of(&self.bundle, &opts.id)?;
+        let grouping = sandbox_of(&self.bundle, &opts.namespace, &opts.id)?;
         let version = task_api_version(&opts.publish_binary);
         let address = spawn(opts, &grouping, Vec::new()).await?;
         write_str_to_file("address", &address).await?;
@@ -226,10 +243,8 @@ impl Shim for HakoShim {
     async fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
         validate("namespace", &self.namespace).map_err(invalid)?;
         validate("container id", &self.id).map_err(invalid)?;
-        let sandbox = sandbox_of(&self.bundle, &self.id)?;
-        let root = Config::load(None)
-            .map(|l| l.config.runtime.sandbox_root)
-            .unwrap_or_else(|_| Config::default().runtime.sandbox_root);
+        let sandbox = sandbox_of(&self.bundle, &self.namespace, &self.id)?;
+        let root = sandbox_root();
         if sandbox == self.id {
             cleanup_on_disk(&root, &self.namespace, &sandbox)
                 .await

@@ -1,7 +1,10 @@
-//! A private Docker Engine for the end-to-end tests: Debian 13's dockerd (unpacked under
-//! /opt/hako/docker by `scripts/setup.sh`) on a test's containerd, inside a network namespace
-//! the harness makes. Its bridge, port proxies and container traffic stay in that namespace,
-//! which plays "the host" for the tests and goes away with the daemon.
+//! A private Docker Engine for the end-to-end tests: each build `scripts/setup.sh` unpacks under
+//! /opt/hako/docker (Debian 13's 26, which networks containers through a prestart hook, and
+//! Debian unstable's 28 or later, which networks the task's namespace after Create), on a
+//! test's containerd. containerd, its shims and dockerd all run inside a network namespace the
+//! harness makes (`HostNetns`), which plays "the host": its uplink is `uplink0`, not `eth0`, so
+//! a runtime that let Docker configure the host's own namespace would not fail loudly there but
+//! change it, and every test compares it before and after.
 
 #![allow(clippy::unwrap_used)] // Test harness: a failed step should fail the test loudly.
 
@@ -12,7 +15,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{
-    busybox_archive, remove_daemon_leftovers, run_with_timeout, stop_child, Containerd, Run,
+    assert_host_unchanged, assert_no_leaks, busybox_archive, containerd_versions,
+    remove_daemon_leftovers, run_with_timeout, stop_child, Containerd, HostState, Run,
 };
 
 pub const DOCKER_ROOT: &str = "/opt/hako/docker";
@@ -21,22 +25,175 @@ pub const DAEMON_JSON: &str = r#"{"runtimes": {"hako": {"runtimeType": "io.conta
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// The Docker Engine build under /opt/hako/docker.
-pub fn docker_install() -> PathBuf {
+/// The Docker Engine builds under /opt/hako/docker, oldest first.
+pub fn docker_installs() -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = fs::read_dir(DOCKER_ROOT)
         .unwrap_or_else(|e| panic!("{DOCKER_ROOT}: {e}; run scripts/setup.sh"))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("usr/sbin/dockerd").is_file())
         .collect();
     found.sort();
+    assert!(
+        !found.is_empty(),
+        "no dockerd under {DOCKER_ROOT}; run scripts/setup.sh"
+    );
     found
-        .pop()
-        .unwrap_or_else(|| panic!("no dockerd under {DOCKER_ROOT}; run scripts/setup.sh"))
+}
+
+/// Runs `test` on every Docker build against every containerd, each pair in a fresh "host"
+/// namespace; after the test, that namespace's interfaces, addresses and routes must be what
+/// they were once dockerd was up, and the real host must be unchanged and leak-free.
+pub fn for_each_docker(test: impl Fn(&Docker)) {
+    for containerd in containerd_versions() {
+        for docker in docker_installs() {
+            assert_no_leaks("before the test");
+            let host_state = HostState::now();
+            let host = HostNetns::create();
+            let c = Containerd::start_in(&containerd, &[], Some(&host.path()));
+            let d = Docker::start(&c, &docker, &host);
+            eprintln!("--- docker {} on containerd {}", d.version, c.version);
+            let before = host.snapshot();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&d)));
+            if let Err(panic) = outcome {
+                eprintln!("dockerd log (last 30 lines):\n{}", tail_lines(&d.log(), 30));
+                drop(d);
+                c.remove_all_tasks();
+                drop(c);
+                std::panic::resume_unwind(panic);
+            }
+            host.assert_unchanged(&before, &format!("docker {}", d.version));
+            drop(d);
+            drop(c);
+            drop(host);
+            assert_no_leaks(&format!("docker {}", docker.display()));
+            assert_host_unchanged(&host_state, &format!("docker {}", docker.display()));
+        }
+    }
+}
+
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A network namespace standing in for the host: loopback, and an uplink named `uplink0` (a
+/// veth whose peer `wan0` stays beside it: this host kernel has no dummy driver) with IPv4 and
+/// IPv6 addresses and default routes. Removed on drop.
+pub struct HostNetns {
+    pub name: String,
+}
+
+/// What must not change in the host's namespace: its interfaces with their addresses, and its
+/// routes (flags such as `linkdown`, link-local addresses and their routes left out: they come
+/// and go with a bridge's carrier).
+#[derive(Debug, PartialEq, Eq)]
+pub struct NetSnapshot {
+    pub addresses: Vec<String>,
+    pub routes: Vec<String>,
+}
+
+impl HostNetns {
+    pub fn create() -> HostNetns {
+        let name = format!(
+            "hkt-host-{}-{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        must(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up && \
+             ip -n {name} link add uplink0 type veth peer name wan0 && \
+             ip -n {name} addr add 192.0.2.10/24 dev uplink0 && \
+             ip -n {name} -6 addr add 2001:db8::10/64 dev uplink0 nodad && \
+             ip -n {name} link set wan0 up && ip -n {name} link set uplink0 up && \
+             ip -n {name} route add default via 192.0.2.1 && \
+             ip -n {name} -6 route add default via 2001:db8::1"
+        ));
+        HostNetns { name }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    pub fn snapshot(&self) -> NetSnapshot {
+        let query = |args: &str| -> Vec<serde_json::Value> {
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", &format!("ip -n {} -j {args}", self.name)]);
+            let r = run_with_timeout(cmd, None, Duration::from_secs(30));
+            assert_eq!(r.code, 0, "ip {args}: {r:?}");
+            serde_json::from_str(&r.stdout).unwrap_or_default()
+        };
+        let text = |v: &serde_json::Value, key: &str| {
+            v.get(key)
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| x.to_string())
+                })
+                .unwrap_or_default()
+        };
+        let mut addresses = Vec::new();
+        for link in query("addr show") {
+            let name = text(&link, "ifname");
+            let mut line = format!("{name} {}", text(&link, "address"));
+            // Link-local addresses come and go with a bridge's first port.
+            for a in link["addr_info"].as_array().into_iter().flatten() {
+                if text(a, "scope") != "link" {
+                    line.push_str(&format!(" {}/{}", text(a, "local"), text(a, "prefixlen")));
+                }
+            }
+            addresses.push(line);
+        }
+        let mut routes = Vec::new();
+        for family in ["-4", "-6"] {
+            for r in query(&format!("{family} route show table all")) {
+                let dst = text(&r, "dst");
+                if dst.starts_with("fe80") || dst.starts_with("ff00") {
+                    continue;
+                }
+                routes.push(format!(
+                    "{} via {} dev {} table {}",
+                    text(&r, "dst"),
+                    text(&r, "gateway"),
+                    text(&r, "dev"),
+                    text(&r, "table")
+                ));
+            }
+        }
+        addresses.sort();
+        routes.sort();
+        NetSnapshot { addresses, routes }
+    }
+
+    /// Waits (bounded) until the namespace looks as `before`: veths go when their containers'
+    /// tasks are deleted, a moment after `docker rm` returns.
+    pub fn assert_unchanged(&self, before: &NetSnapshot, context: &str) {
+        let started = Instant::now();
+        loop {
+            let now = self.snapshot();
+            if &now == before {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{context}: the host's network namespace changed:\nbefore: {before:#?}\nafter: {now:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for HostNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }
 
 pub struct Docker {
     pub version: String,
-    /// The network namespace dockerd and its bridge live in.
+    /// The network namespace dockerd (and containerd) live in: "the host".
     pub netns: String,
     bin: PathBuf,
     dir: PathBuf,
@@ -44,18 +201,14 @@ pub struct Docker {
 }
 
 impl Docker {
-    /// Starts dockerd on `containerd` and loads the busybox image.
-    pub fn start(containerd: &Containerd) -> Docker {
-        let install = docker_install();
+    /// Starts the dockerd of `install` in the host namespace `host`, on `containerd`, and
+    /// loads the busybox image.
+    pub fn start(containerd: &Containerd, install: &Path, host: &HostNetns) -> Docker {
         let version = install.file_name().unwrap().to_string_lossy().into_owned();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let netns = format!("hkt-dock-{}-{n}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("hako-docker-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
-        must(&format!(
-            "ip netns add {netns} && ip -n {netns} link set lo up"
-        ));
         let bin = install.join("usr");
         let log = fs::File::create(dir.join("dockerd.log")).unwrap();
         // The runtime by name, as an operator registers it (what `hako` prints for daemon.json).
@@ -63,7 +216,7 @@ impl Docker {
         // nsenter, not `ip netns exec`: that would also give dockerd a mount namespace of its
         // own, and containerd and the shim must see the rootfs mounts dockerd makes.
         let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
+            .arg(format!("--net={}", host.path().display()))
             .arg(bin.join("sbin/dockerd"))
             .arg("--containerd")
             .arg(containerd.socket())
@@ -77,8 +230,7 @@ impl Docker {
             .arg(dir.join("daemon.json"))
             .arg("--host")
             .arg(format!("unix://{}", dir.join("docker.sock").display()))
-            // The bridge and NAT rules would be in the test's namespace, but port mapping here
-            // goes through docker-proxy, which needs no iptables.
+            // Port mapping goes through docker-proxy, which needs no iptables.
             .args(["--iptables=false", "--ip6tables=false"])
             .env(
                 "PATH",
@@ -94,7 +246,7 @@ impl Docker {
             .unwrap();
         let mut docker = Docker {
             version,
-            netns,
+            netns: host.name.clone(),
             bin,
             dir,
             child: Some(child),
@@ -125,6 +277,15 @@ impl Docker {
 
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// The major version, from the build's directory name (such as 28 for 28.5.2+dfsg4-5).
+    pub fn major(&self) -> u32 {
+        self.version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0)
     }
 
     /// `docker <args>` against this daemon.
@@ -166,7 +327,7 @@ impl Drop for Docker {
         }
         // nsenter execs dockerd, so the child's pid is dockerd's.
         stop_child(self.child.take());
-        remove_daemon_leftovers(&self.dir, Some(&self.netns));
+        remove_daemon_leftovers(&self.dir, None);
     }
 }
 

@@ -24,9 +24,11 @@ pub const RUNTIME: &str = "io.containerd.hako.v2";
 pub const IMAGE: &str = "hako.local/busybox:latest";
 pub const CONTAINERD_ROOT: &str = "/opt/hako/containerd";
 pub const SANDBOX_ROOT: &str = "/run/hako";
-/// Processes a hako sandbox consists of; none may outlive its test.
-pub const HAKO_PROCESSES: [&str; 4] = [
+/// Processes a hako sandbox consists of (by their 15-character `comm`); none may outlive its
+/// test.
+pub const HAKO_PROCESSES: [&str; 5] = [
     "qemu-system-x86",
+    "cloud-hyperviso",
     "virtiofsd",
     "vhost-device-vs",
     "containerd-shim",
@@ -138,6 +140,8 @@ pub struct Containerd {
     bin: PathBuf,
     dir: PathBuf,
     env: Vec<(String, String)>,
+    /// The network namespace containerd (and so its shims) runs in; the host's when `None`.
+    netns: Option<PathBuf>,
     child: std::sync::Mutex<Option<Child>>,
 }
 
@@ -149,6 +153,11 @@ impl Containerd {
     /// `start`, with extra environment for containerd and so for the shims it starts (such as
     /// HAKO_CONFIG).
     pub fn start_with_env(install: &Path, env: &[(&str, &str)]) -> Containerd {
+        Self::start_in(install, env, None)
+    }
+
+    /// `start_with_env`, with containerd (and its shims) in the network namespace `netns`.
+    pub fn start_in(install: &Path, env: &[(&str, &str)], netns: Option<&Path>) -> Containerd {
         let version = install.file_name().unwrap().to_string_lossy().into_owned();
         let dir = std::env::temp_dir().join(format!(
             "hako-e2e-{}-{}",
@@ -173,6 +182,7 @@ impl Containerd {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            netns: netns.map(Path::to_path_buf),
             child: std::sync::Mutex::new(None),
         };
         containerd.spawn();
@@ -197,7 +207,17 @@ impl Containerd {
             .append(true)
             .open(self.dir.join("containerd.log"))
             .unwrap();
-        let child = Command::new(self.bin.join("containerd"))
+        // nsenter execs containerd, so the child is containerd itself.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", netns.display()))
+                    .arg(self.bin.join("containerd"));
+                c
+            }
+            None => Command::new(self.bin.join("containerd")),
+        };
+        let child = command
             .arg("--config")
             .arg(self.dir.join("config.toml"))
             .env(
@@ -333,7 +353,9 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Pids and names of live hako processes (zombies included: they are leaks too).
+/// Pids and names of live hako processes (zombies included: they are leaks too). A helper is
+/// hako's when its command line names the sandbox root (other QEMUs on the machine are not), or,
+/// for a zombie, which has no command line left, when its parent is a hako shim.
 pub fn hako_processes() -> BTreeSet<(u32, String)> {
     let mut found = BTreeSet::new();
     for entry in fs::read_dir("/proc").unwrap().flatten() {
@@ -344,13 +366,28 @@ pub fn hako_processes() -> BTreeSet<(u32, String)> {
             continue;
         };
         let comm = comm.trim().to_string();
-        let is_hako = HAKO_PROCESSES.iter().any(|p| comm.starts_with(p))
-            && (comm != "containerd-shim" || is_hako_shim(pid));
+        if !HAKO_PROCESSES.iter().any(|p| comm.starts_with(p)) {
+            continue;
+        }
+        let is_hako = if comm == "containerd-shim" {
+            is_hako_shim(pid)
+        } else {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(SANDBOX_ROOT)
+                || (is_zombie(pid) && parent(pid).is_some_and(is_hako_shim))
+        };
         if is_hako {
             found.insert((pid, comm));
         }
     }
     found
+}
+
+/// A process's parent pid.
+fn parent(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Whether a process has exited and waits to be reaped.

@@ -50,9 +50,12 @@ fn spec(dir: &Path, tap_fd: i32) -> VmSpec {
         agent_socket: dir.join("agent.sock"),
         console_log: dir.join("console.log"),
         net: vec![NetDevice {
+            id: "nic0".into(),
             tap_fds: vec![tap_fd],
             mac: "02:42:0a:58:00:02".into(),
         }],
+        netns: None,
+        hotplug_slots: 0,
     }
 }
 
@@ -125,10 +128,25 @@ async fn a_real_cloud_hypervisor_takes_the_vm_hako_defines() {
     );
     let nets = config.net.as_deref().unwrap();
     assert_eq!(nets[0].mac.as_deref(), Some("02:42:0a:58:00:02"));
+    assert_eq!(
+        nets[0].id.as_deref(),
+        Some("nic0"),
+        "the id hako unplugs it by"
+    );
     // Cloud Hypervisor's own number for the descriptor that arrived by SCM_RIGHTS.
     assert!(
         matches!(nets[0].fds.as_deref(), Some([fd]) if *fd > 2),
         "{nets:?}"
+    );
+
+    // A NIC the pod lost goes by its id; an id it never had is an error.
+    let unknown = api.remove_device("nic9").await.unwrap_err();
+    assert!(unknown.status().is_some(), "{unknown}");
+    api.remove_device("nic0").await.unwrap();
+    let info = api.info().await.unwrap();
+    assert!(
+        info.config.net.iter().flatten().next().is_none(),
+        "{info:?}"
     );
 
     // Errors carry the API's status and message.

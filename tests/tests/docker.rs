@@ -9,17 +9,8 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use hako_tests::docker::Docker;
+use hako_tests::docker::for_each_docker;
 use hako_tests::*;
-
-fn for_each_docker(test: impl Fn(&Docker)) {
-    for_each_containerd(|c| {
-        let docker = Docker::start(c);
-        eprintln!("--- docker {} on containerd {}", docker.version, c.version);
-        test(&docker);
-        drop(docker);
-    });
-}
 
 /// Polls `probe` until it is true: a server in a VM is listening a moment after its task
 /// starts, and nothing announces that.
@@ -358,5 +349,168 @@ fn docker_exec_logs_stop_kill_and_rm() {
         assert_eq!(r.code, 0, "{r:?}");
         let r = d.docker(&["ps", "-aq"]);
         assert_eq!(r.stdout.trim(), "", "{r:?}");
+    });
+}
+
+/// `docker exec <id> ip -4 -o addr show` (the guest's IPv4 addresses, one line each).
+fn guest_ipv4(d: &hako_tests::docker::Docker, id: &str) -> String {
+    d.docker(&["exec", id, "ip", "-4", "-o", "addr", "show"])
+        .stdout
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn docker_networks_reach_the_vm_and_follow_live_changes() {
+    for_each_docker(|d| {
+        // The default bridge and a port published on loopback. Docker 26 networks the pod in a
+        // prestart hook; 28 and later after Create, and the NIC is hot-plugged at Start.
+        let r = d.docker(&[
+            "run",
+            "-d",
+            "--name",
+            "n1",
+            "--runtime",
+            RUNTIME,
+            "-p",
+            "127.0.0.1:8080:80",
+            IMAGE,
+            "sh",
+            "-c",
+            "echo page-from-n1 > /tmp/index.html; exec httpd -f -p 80 -h /tmp",
+        ]);
+        assert_eq!(r.code, 0, "{r:?}\n{}", d.log());
+        let inspect = |field: &str| {
+            d.docker(&["inspect", "-f", field, "n1"])
+                .stdout
+                .trim()
+                .to_string()
+        };
+        let ip = inspect("{{.NetworkSettings.IPAddress}}");
+        let gateway = inspect("{{.NetworkSettings.Gateway}}");
+        assert!(!ip.is_empty() && !gateway.is_empty(), "{ip:?} {gateway:?}");
+        let addresses = guest_ipv4(d, "n1");
+        assert!(
+            addresses.contains(&format!("eth0    inet {ip}/")),
+            "{addresses}"
+        );
+        let routes = d.docker(&["exec", "n1", "ip", "route"]).stdout;
+        assert!(
+            routes.contains(&format!("default via {gateway} dev eth0")),
+            "{routes}"
+        );
+        let page = || {
+            let r = d.on_host("curl -sS -m 5 http://127.0.0.1:8080/index.html");
+            if r.stdout == "page-from-n1\n" {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        };
+        eventually("the page through -p", Duration::from_secs(30), page);
+
+        // --network container:n1 shares n1's network stack, which only n1's VM has: the
+        // container joins that VM.
+        let r = d.docker(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--network",
+            "container:n1",
+            IMAGE,
+            "sh",
+            "-c",
+            "ip -4 -o addr show eth0; printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 80",
+        ]);
+        assert_eq!(r.code, 0, "{r:?}");
+        assert!(r.stdout.contains(&format!("inet {ip}/")), "{r:?}");
+        assert!(r.stdout.contains("page-from-n1"), "{r:?}");
+
+        // --network none: loopback only.
+        let r = d.docker(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--network",
+            "none",
+            IMAGE,
+            "ls",
+            "/sys/class/net",
+        ]);
+        assert_eq!((r.code, r.stdout.as_str()), (0, "lo\n"), "{r:?}");
+
+        // A user-defined network with a subnet of its own.
+        let r = d.docker(&["network", "create", "--subnet", "10.123.0.0/24", "hnet"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let r = d.docker(&[
+            "run",
+            "-d",
+            "--name",
+            "n2",
+            "--runtime",
+            RUNTIME,
+            "--network",
+            "hnet",
+            IMAGE,
+            "sleep",
+            "600",
+        ]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let addresses = guest_ipv4(d, "n2");
+        assert!(addresses.contains("eth0    inet 10.123.0."), "{addresses}");
+        let r = d.docker(&["exec", "n2", "ping", "-c", "1", "-W", "5", "10.123.0.1"]);
+        assert_eq!(r.code, 0, "the network's gateway on the host: {r:?}");
+
+        // Live changes: connect gives the running VM a NIC, disconnect takes it away.
+        let r = d.docker(&["network", "connect", "hnet", "n1"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let connected = Instant::now();
+        eventually(
+            "the connected network in n1",
+            Duration::from_secs(10),
+            || {
+                let a = guest_ipv4(d, "n1");
+                if a.contains("eth1    inet 10.123.0.") {
+                    Ok(())
+                } else {
+                    Err(a)
+                }
+            },
+        );
+        eprintln!(
+            "docker network connect: in the guest after {:?}",
+            connected.elapsed()
+        );
+        let r = d.docker(&["exec", "n1", "ping", "-c", "1", "-W", "5", "10.123.0.1"]);
+        assert_eq!(r.code, 0, "over the hot-plugged NIC: {r:?}");
+        let r = d.docker(&["network", "disconnect", "hnet", "n1"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let disconnected = Instant::now();
+        eventually("n1 without eth1", Duration::from_secs(10), || {
+            let links = d.docker(&["exec", "n1", "ls", "/sys/class/net"]).stdout;
+            if links == "eth0\nlo\n" {
+                Ok(())
+            } else {
+                Err(links)
+            }
+        });
+        eprintln!(
+            "docker network disconnect: NIC gone from the guest after {:?}",
+            disconnected.elapsed()
+        );
+        assert!(!guest_ipv4(d, "n1").contains("10.123.0."));
+
+        // docker restart: a new VM, networked again.
+        let r = d.docker(&["restart", "-t", "1", "n1"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        eventually("the page after a restart", Duration::from_secs(30), page);
+
+        for id in ["n1", "n2"] {
+            let r = d.docker(&["rm", "-f", id]);
+            assert_eq!(r.code, 0, "{r:?}");
+        }
+        let r = d.docker(&["network", "rm", "hnet"]);
+        assert_eq!(r.code, 0, "{r:?}");
     });
 }

@@ -26,6 +26,7 @@ use crate::daemon::{kill_from_pid_file, tail, wait_gone, DaemonError};
 use crate::fs::{FsPaths, SharedFs, Virtiofsd};
 use crate::hooks::{self, HookError};
 use crate::ids::{validate, IdError};
+use crate::net::watch::Watch;
 use crate::net::{NetError, NetnsHolder, NetworkMode, PodNetwork};
 use crate::timing::Timings;
 use crate::vmm::{kernel_cmdline, Hypervisor, Share, VmSpec, VmmError};
@@ -41,6 +42,8 @@ const NET_RECORD: &str = "net.json";
 /// network (Docker, nerdctl) instead of handing over a namespace path.
 const OWN_NETNS: &str = "netns";
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long a guest may take to let go of a NIC the pod lost.
+const NIC_UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 const FS_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once the agent announced itself, its port answers at once; this only covers slow hosts.
 const DIAL_AFTER_READY: Duration = Duration::from_secs(10);
@@ -128,11 +131,15 @@ pub struct Sandbox {
     fs: Option<Box<dyn SharedFs>>,
     vmm: Option<Box<dyn Hypervisor>>,
     agent: Option<Arc<dyn AgentClient>>,
-    /// The pod's network namespace, whose interfaces the VM takes over (none: no NIC).
+    /// The pod's network namespace: the VMM runs in it and takes its interfaces over.
     netns: Option<PathBuf>,
-    /// A thread in `netns`, whose id hooks get as the container's pid.
+    /// A thread in `netns`, whose id hooks get as the container's pid before the VMM exists.
     holder: Option<NetnsHolder>,
     network: Option<PodNetwork>,
+    /// Set when the namespace changed since the VM last matched it (`net::watch`).
+    network_dirty: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The task that follows the namespace while the pod runs; ends with the sandbox.
+    network_watch: Option<tokio::task::JoinHandle<()>>,
     /// Stops the VM when virtiofsd dies under it (see `watch_shared_fs`).
     fs_watch: Option<tokio::task::JoinHandle<()>>,
     pub timings: Timings,
@@ -164,6 +171,8 @@ impl Sandbox {
             netns: None,
             holder: None,
             network: None,
+            network_dirty: None,
+            network_watch: None,
             fs_watch: None,
             timings: Timings::new(),
         };
@@ -335,31 +344,29 @@ impl Sandbox {
                 .network
                 .iter()
                 .flat_map(|n| n.links.iter())
-                .map(|l| crate::vmm::NetDevice {
-                    tap_fds: l.fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
-                    mac: l.mac.clone(),
-                })
+                .map(nic_of)
                 .collect(),
+            netns: self.netns.clone(),
+            hotplug_slots: h.hotplug_slots,
         }
     }
 
-    /// Decides where the pod's network comes from, before `boot`: the namespace the spec names;
-    /// or, when the spec asks for a new one and hooks will configure it (`hooks_configure`), one
-    /// the shim makes; otherwise none, and the VM gets no NIC.
-    pub fn choose_network(
-        &mut self,
-        mode: &NetworkMode,
-        hooks_configure: bool,
-    ) -> Result<(), SandboxError> {
+    /// Decides where the pod's network lives, before `boot`: the namespace the spec names
+    /// (never the host's own), or, when the spec asks for a new one, one the shim makes.
+    /// Either way the VMM runs in it, and what appears there (from a hook, a plugin, or
+    /// Docker after Create) reaches the VM.
+    pub fn choose_network(&mut self, mode: &NetworkMode) -> Result<(), SandboxError> {
         self.netns = match mode {
             NetworkMode::Host => return Err(NetError::HostNetwork.into()),
-            NetworkMode::Namespace(path) => Some(path.clone()),
-            NetworkMode::Isolated if hooks_configure => {
+            NetworkMode::Namespace(path) => {
+                crate::net::namespace::refuse_host(path)?;
+                Some(path.clone())
+            }
+            NetworkMode::Isolated => {
                 let path = self.paths.dir.join(OWN_NETNS);
                 self.holder = Some(NetnsHolder::create(&path)?);
                 Some(path)
             }
-            NetworkMode::Isolated => None,
         };
         Ok(())
     }
@@ -389,12 +396,16 @@ impl Sandbox {
     /// whatever did start.
     pub async fn boot(&mut self, hostname: &str) -> Result<(), SandboxError> {
         if let Some(netns) = self.netns.clone() {
-            let netns = netns.as_path();
-            let queues = self.config.hypervisor.vcpus.min(crate::net::MAX_QUEUES);
-            let network = crate::net::setup(netns, queues)?;
-            let record = serde_json::to_vec(&network.record()).unwrap_or_default();
-            let record_path = self.paths.dir.join(NET_RECORD);
-            fs::write(&record_path, record).map_err(io_err("writing", &record_path))?;
+            let mut network = PodNetwork::new(&netns, self.config.hypervisor.vcpus);
+            // What the namespace holds now is plugged in at boot; what comes later, hot.
+            let scan = crate::net::ip::scan(&netns)?;
+            for link in scan.links.clone() {
+                if let Err(e) = network.attach(link) {
+                    network.teardown();
+                    return Err(e.into());
+                }
+            }
+            network.refresh(&scan);
             log::info!(
                 "sandbox {}: {} interface(s) from {}",
                 self.id,
@@ -402,11 +413,7 @@ impl Sandbox {
                 netns.display()
             );
             self.network = Some(network);
-        } else {
-            log::info!(
-                "sandbox {}: no network namespace given; the VM has no network interface",
-                self.id
-            );
+            self.write_net_record()?;
         }
         self.timings.mark("sandbox_prepare");
         let spec = self.vm_spec();
@@ -496,6 +503,108 @@ impl Sandbox {
         Ok(())
     }
 
+    fn write_net_record(&self) -> Result<(), SandboxError> {
+        let Some(network) = &self.network else {
+            return Ok(());
+        };
+        let record = serde_json::to_vec(&network.record()).unwrap_or_default();
+        let record_path = self.paths.dir.join(NET_RECORD);
+        fs::write(&record_path, record).map_err(io_err("writing", &record_path))
+    }
+
+    /// Starts following the pod's network namespace; `resync` is called after each change
+    /// (with the sandbox's lock, by the caller that owns the sandbox).
+    pub fn watch_network(&mut self) -> Result<Option<Watch>, SandboxError> {
+        let Some(netns) = &self.netns else {
+            return Ok(None);
+        };
+        let watch = Watch::start(netns)?;
+        self.network_dirty = Some(watch.dirty.clone());
+        Ok(Some(watch))
+    }
+
+    /// Keeps the task that follows the namespace, to end it with the sandbox.
+    pub fn keep_network_watch(&mut self, task: tokio::task::JoinHandle<()>) {
+        self.network_watch = Some(task);
+    }
+
+    /// Whether the namespace changed since the VM last matched it.
+    pub fn network_changed(&self) -> bool {
+        self.network_dirty
+            .as_ref()
+            .is_some_and(|d| d.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Makes the VM's network match the pod's namespace: NICs for new veths are hot-plugged,
+    /// the guest is told the whole picture (it waits for the new NICs, configures them and
+    /// releases those the pod lost), and then the lost NICs are unplugged and their taps go.
+    pub async fn sync_network(&mut self) -> Result<(), SandboxError> {
+        if let Some(dirty) = &self.network_dirty {
+            dirty.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        let (Some(network), Some(vmm), Some(agent)) = (
+            self.network.as_mut(),
+            self.vmm.as_mut(),
+            self.agent.as_ref(),
+        ) else {
+            return Ok(());
+        };
+        let scan = crate::net::ip::scan(&network.netns)?;
+        let plan = network.plan(&scan);
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let mut gone = Vec::new();
+        for nic in &plan.removed {
+            gone.extend(network.take(nic));
+        }
+        let mut plugged = Vec::new();
+        let mut failed = None;
+        for link in plan.added {
+            let name = link.name.clone();
+            let nic = match network.attach(link) {
+                Ok(attached) => nic_of(attached),
+                Err(e) => {
+                    failed = Some(SandboxError::from(e));
+                    break;
+                }
+            };
+            if let Err(e) = vmm.add_nic(&nic).await {
+                if let Some(link) = network.take(&nic.id) {
+                    network.release(link);
+                }
+                failed = Some(e.into());
+                break;
+            }
+            plugged.push(format!("{name} as {}", nic.id));
+        }
+        network.refresh(&scan);
+        let updated = agent
+            .update_interfaces(network.interfaces(), network.routes.clone())
+            .await;
+        for link in gone {
+            if let Err(e) = vmm.remove_nic(&link.nic, NIC_UNPLUG_TIMEOUT).await {
+                log::warn!("sandbox {}: unplugging {}: {e}", self.id, link.nic);
+            }
+            log::info!(
+                "sandbox {}: {} left the pod; NIC {} unplugged",
+                self.id,
+                link.veth.name,
+                link.nic
+            );
+            network.release(link);
+        }
+        if !plugged.is_empty() {
+            log::info!("sandbox {}: hot-plugged {}", self.id, plugged.join(", "));
+        }
+        self.write_net_record()?;
+        updated?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Without virtiofsd the guest has lost every container's root filesystem and its requests
     /// hang or fail: the sandbox has failed. The VM is stopped, so every process's exit is
     /// published (as for a VM that died) and Delete tears down the rest.
@@ -522,6 +631,15 @@ impl Sandbox {
 
     pub fn agent(&self) -> Option<Arc<dyn AgentClient>> {
         self.agent.clone()
+    }
+
+    /// Whether `netns` is the namespace this sandbox's VM runs in.
+    pub fn holds_netns(&self, netns: &Path) -> bool {
+        let identity = crate::net::namespace::identity;
+        match (&self.netns, identity(netns)) {
+            (Some(own), Ok(given)) => identity(own).is_ok_and(|id| id == given),
+            _ => false,
+        }
     }
 
     pub fn vm_exit(&self) -> Option<watch::Receiver<Option<i32>>> {
@@ -563,6 +681,9 @@ impl Sandbox {
 
     async fn stop_everything(&mut self) -> Result<(), SandboxError> {
         self.holder.take();
+        if let Some(task) = self.network_watch.take() {
+            task.abort();
+        }
         // Stopping virtiofsd below is on purpose.
         if let Some(watch) = self.fs_watch.take() {
             watch.abort();
@@ -589,6 +710,19 @@ impl Sandbox {
     }
 }
 
+/// The VMM's view of a NIC: its id, tap queues and MAC.
+fn nic_of(link: &crate::net::TapLink) -> crate::vmm::NetDevice {
+    crate::vmm::NetDevice {
+        id: link.nic.clone(),
+        tap_fds: link
+            .fds
+            .iter()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+            .collect(),
+        mac: link.veth.mac.clone(),
+    }
+}
+
 fn remove_sandbox_dir(dir: &Path) -> Result<(), SandboxError> {
     mounts::remove_tree(dir)?;
     // The namespace dir goes when its last sandbox does; another shim may race us to it.
@@ -596,6 +730,25 @@ fn remove_sandbox_dir(dir: &Path) -> Result<(), SandboxError> {
         let _ = fs::remove_dir(parent);
     }
     Ok(())
+}
+
+/// The sandbox of `namespace` whose VM runs in the network namespace `netns`, if any: a
+/// container given another sandbox's network namespace (Docker's `--network container:<x>`
+/// names `/proc/<x's VMM>/ns/net`) shares that sandbox's network stack, which only its VM has.
+pub fn holding_netns(root: &Path, namespace: &str, netns: &Path) -> Option<String> {
+    let wanted = crate::net::namespace::identity(netns).ok()?;
+    validate("namespace", namespace).ok()?;
+    fs::read_dir(root.join(namespace))
+        .ok()?
+        .flatten()
+        .filter_map(|entry| {
+            let id = entry.file_name().to_str()?.to_string();
+            validate("sandbox id", &id).ok()?;
+            let pid = crate::daemon::live_pid(&entry.path().join("vmm.pid"))?;
+            let held = crate::net::namespace::identity(Path::new(&format!("/proc/{pid}/ns/net")));
+            (held.ok()? == wanted).then_some(id)
+        })
+        .next()
 }
 
 /// Cleanup from what is on disk, for the `delete` subcommand and stale dirs: kills the

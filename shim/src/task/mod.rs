@@ -161,8 +161,8 @@ pub struct TaskService {
     namespace: String,
     events: Arc<dyn EventSender>,
     exit_signal: Arc<ExitSignal>,
-    /// Held across boot and teardown only.
-    sandbox: Mutex<Option<Sandbox>>,
+    /// Held across boot, network changes and teardown only.
+    sandbox: Arc<Mutex<Option<Sandbox>>>,
     running: StdMutex<Option<Running>>,
     containers: StdMutex<HashMap<String, Arc<Container>>>,
     /// Guest pid of the sandbox's first container, whose namespaces pod members join.
@@ -179,7 +179,7 @@ impl TaskService {
             namespace: namespace.to_string(),
             events,
             exit_signal,
-            sandbox: Mutex::new(None),
+            sandbox: Arc::new(Mutex::new(None)),
             running: StdMutex::new(None),
             containers: StdMutex::new(HashMap::new()),
             sandbox_init_pid: AtomicU32::new(0),
@@ -222,12 +222,18 @@ impl TaskService {
         }
         let bundle = PathBuf::from(&req.bundle);
         let spec = read_spec(&bundle)?;
-        let sandbox_id = spec
+        let network_mode = crate::net::mode(&spec);
+        let sandbox_id = match spec
             .annotations()
             .as_ref()
             .and_then(|a| a.get(SANDBOX_ID_ANNOTATION))
-            .cloned()
-            .unwrap_or_else(|| req.id.clone());
+        {
+            Some(annotated) => annotated.clone(),
+            None => self
+                .sharing_network(&network_mode)
+                .await
+                .unwrap_or_else(|| req.id.clone()),
+        };
         validate("sandbox id", &sandbox_id)?;
         let join = (sandbox_id != req.id)
             .then(|| self.sandbox_init_pid.load(Ordering::SeqCst))
@@ -260,7 +266,6 @@ impl TaskService {
 
         let create_hooks = hooks::create_hooks(&spec);
         let hook_state = hooks::State::new(&spec, &req.id, "creating", 0, &bundle);
-        let network_mode = crate::net::mode(&spec);
 
         let mut sandbox_slot = self.sandbox.lock().await;
         let booting = sandbox_slot.is_none();
@@ -300,7 +305,7 @@ impl TaskService {
                 let hostname = spec.hostname().clone().unwrap_or_default();
                 let booted = async {
                     if booting {
-                        sandbox.choose_network(&network_mode, !create_hooks.is_empty())?;
+                        sandbox.choose_network(&network_mode)?;
                     }
                     // Hooks (Docker's network set-up among them) run before the VM takes the
                     // namespace's interfaces over.
@@ -334,6 +339,7 @@ impl TaskService {
                 if booting {
                     timings = sandbox.timings.clone();
                     self.sandbox_init_pid.store(guest_pid, Ordering::SeqCst);
+                    self.follow_network(sandbox)?;
                 }
                 timings.mark("container_created");
                 timings.detail("guest.create_container", in_guest);
@@ -355,6 +361,18 @@ impl TaskService {
                 Err(e)
             }
         }
+    }
+
+    /// The sandbox this shim runs, if the container is given its VM's network namespace
+    /// (Docker's `--network container:<x>`): the container joins that VM.
+    async fn sharing_network(&self, mode: &crate::net::NetworkMode) -> Option<String> {
+        let crate::net::NetworkMode::Namespace(path) = mode else {
+            return None;
+        };
+        let slot = self.sandbox.lock().await;
+        slot.as_ref()
+            .filter(|sandbox| sandbox.holds_netns(path))
+            .map(|sandbox| sandbox.id.clone())
     }
 
     async fn create_in_guest(
@@ -409,6 +427,29 @@ impl TaskService {
             return Err(e);
         }
         Ok((container, guest_pid, in_guest))
+    }
+
+    /// Keeps the VM's network in step with the pod's namespace while the pod runs: each burst
+    /// of changes there (`docker network connect`, a plugin re-addressing) is synced under the
+    /// sandbox's lock.
+    fn follow_network(&self, sandbox: &mut Sandbox) -> Result<(), TaskError> {
+        let Some(mut watch) = sandbox.watch_network()? else {
+            return Ok(());
+        };
+        let slot = self.sandbox.clone();
+        let task = tokio::spawn(async move {
+            while watch.changed().await {
+                let mut guard = slot.lock().await;
+                let Some(sandbox) = guard.as_mut() else {
+                    return;
+                };
+                if let Err(e) = sandbox.sync_network().await {
+                    log::warn!("sandbox {}: following a network change: {e}", sandbox.id);
+                }
+            }
+        });
+        sandbox.keep_network_watch(task);
+        Ok(())
     }
 
     /// Opens the process's FIFOs, starts the copies and the exit watcher.
@@ -595,6 +636,14 @@ impl TaskService {
                 status,
             }
             .into());
+        }
+        if req.exec_id.is_empty() {
+            // Docker 28 and later network the pod after Create: what appeared in its namespace
+            // since then reaches the VM before the process runs.
+            let mut slot = self.sandbox.lock().await;
+            if let Some(sandbox) = slot.as_mut().filter(|s| s.network_changed()) {
+                sandbox.sync_network().await?;
+            }
         }
         running.agent.start_process(&req.id, &req.exec_id).await?;
         entry.state().start()?;

@@ -4,6 +4,7 @@
 
 pub mod cloud_hypervisor;
 pub mod qemu;
+pub mod qmp;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,43 @@ pub enum VmmError {
         vmm: &'static str,
         what: &'static str,
     },
+    /// Every hot-plug slot holds a NIC already.
+    #[error("no free slot to hot-plug NIC {nic}: all {slots} are in use (hypervisor.hotplug_slots in the hako configuration)")]
+    NoFreeSlot { nic: String, slots: usize },
+    /// QEMU refused or failed a control command.
+    #[error("qemu: {0}")]
+    Qmp(#[from] qmp::QmpError),
+    /// The pod's network namespace could not be entered.
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Opens the pod's network namespace for a VMM to enter in `enter_netns`.
+pub fn open_netns(path: &Path) -> Result<std::fs::File, VmmError> {
+    std::fs::File::open(path).map_err(|source| VmmError::Netns {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Makes the VMM's process enter the network namespace `netns` (an open nsfs file) before it
+/// runs: the file stays the caller's, and only the child changes namespace.
+pub fn enter_netns(cmd: &mut tokio::process::Command, netns: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let fd = netns.as_raw_fd();
+    // SAFETY: runs in the forked child before exec and only calls setns(2), which is
+    // async-signal-safe; `fd` stays open in the parent until the spawn returned.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// What a VM is made of. Paths are in the sandbox dir unless noted.
@@ -66,6 +104,11 @@ pub struct VmSpec {
     pub console_log: PathBuf,
     /// NICs: their tap queues (owned by the caller until the VMM has started) and MACs.
     pub net: Vec<NetDevice>,
+    /// The pod's network namespace: the VMM process runs in it, so the pid containerd and
+    /// Docker see names the pod's namespace, never the host's.
+    pub netns: Option<PathBuf>,
+    /// NICs that can be hot-plugged while the VM runs, beyond those it boots with.
+    pub hotplug_slots: u32,
 }
 
 /// How the sandbox share reaches the guest.
@@ -79,6 +122,8 @@ pub enum Share {
 
 #[derive(Debug, Clone)]
 pub struct NetDevice {
+    /// The VMM's id for the NIC, unique while the VM runs.
+    pub id: String,
     /// One fd per queue pair of a multiqueue tap (one when the VM has one vCPU).
     pub tap_fds: Vec<std::os::fd::RawFd>,
     pub mac: String,
@@ -100,6 +145,12 @@ pub trait Hypervisor: Send + Sync {
     fn exit_watch(&self) -> Option<watch::Receiver<Option<i32>>>;
     /// The last lines the VMM printed, for error messages.
     fn log_tail(&self) -> String;
+    /// Hot-plugs a NIC into the running VM; returns once the VMM has added the device (the
+    /// guest finds it on its own).
+    async fn add_nic(&mut self, nic: &NetDevice) -> Result<(), VmmError>;
+    /// Removes a NIC, once the guest has let go of it or `timeout` passed, and closes its
+    /// tap queues.
+    async fn remove_nic(&mut self, id: &str, timeout: Duration) -> Result<(), VmmError>;
 }
 
 /// The configured hypervisor, checked for what it needs on this host.

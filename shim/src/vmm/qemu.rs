@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+use serde_json::json;
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use super::{choose_accel, AccelChoice, Hypervisor, Share, VmSpec, VmmError};
+use super::qmp::{Qmp, QmpError};
+use super::{choose_accel, AccelChoice, Hypervisor, NetDevice, Share, VmSpec, VmmError};
 use crate::config::{HypervisorConfig, VsockConfig};
 use crate::daemon::{resolve_binary, Daemon};
 
@@ -32,6 +32,13 @@ pub struct Qemu {
     vsock: Option<Daemon>,
     vmm: Option<Daemon>,
     qmp_socket: Option<PathBuf>,
+    /// The PCIe root ports NICs sit in (`port_id`), and the NIC each holds.
+    ports: Vec<Option<String>>,
+}
+
+/// The PCIe root port `index`: every NIC sits in one, so that any can be unplugged.
+fn port_id(index: usize) -> String {
+    format!("nicport{index}")
 }
 
 impl Qemu {
@@ -54,6 +61,7 @@ impl Qemu {
             vsock: None,
             vmm: None,
             qmp_socket: None,
+            ports: Vec::new(),
         })
     }
 
@@ -106,33 +114,42 @@ impl Qemu {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp.display()),
         ]);
-        let vhost = if std::path::Path::new("/dev/vhost-net").exists() {
-            ",vhost=on"
-        } else {
-            ""
-        };
+        // A root port per NIC the VM boots with and per NIC it may gain: PCIe hot-plug needs a
+        // port to plug into, and a NIC in a port can leave again.
+        let ports = spec.net.len() + spec.hotplug_slots as usize;
+        for index in 0..ports {
+            args.extend([
+                "-device".into(),
+                format!(
+                    "pcie-root-port,id={},bus=pcie.0,chassis=1,slot={}",
+                    port_id(index),
+                    index + 1
+                ),
+            ]);
+        }
         let mut next_fd = FIRST_NET_FD;
-        for (i, nic) in spec.net.iter().enumerate() {
+        for (index, nic) in spec.net.iter().enumerate() {
             let queues = nic.tap_fds.len().max(1);
             let fds: Vec<String> = (0..queues)
                 .map(|q| (next_fd + q as i32).to_string())
                 .collect();
             next_fd += queues as i32;
-            // Several queues: a queue pair per vCPU, and MSI-X vectors for each queue plus the
-            // config interrupt and a spare.
-            let (netdev, multiqueue) = if queues == 1 {
-                (format!("tap,id=net{i},fd={}{vhost}", fds[0]), String::new())
+            let netdev = if queues == 1 {
+                format!("tap,id={},fd={}{}", nic.id, fds[0], vhost_option())
             } else {
-                (
-                    format!("tap,id=net{i},fds={}{vhost}", fds.join(":")),
-                    format!(",mq=on,vectors={}", 2 * queues + 2),
-                )
+                format!("tap,id={},fds={}{}", nic.id, fds.join(":"), vhost_option())
             };
             args.extend([
                 "-netdev".into(),
                 netdev,
                 "-device".into(),
-                format!("virtio-net-pci,netdev=net{i},mac={}{multiqueue}", nic.mac),
+                format!(
+                    "virtio-net-pci,id={id},netdev={id},mac={mac},bus={port}{mq}",
+                    id = nic.id,
+                    mac = nic.mac,
+                    port = port_id(index),
+                    mq = multiqueue_option(queues)
+                ),
             ]);
         }
         if seccomp {
@@ -170,6 +187,100 @@ impl Qemu {
         }
     }
 
+    /// Hot-plugs `nic` into a free root port: its tap queues go over the QMP socket, a tap
+    /// netdev takes them, and a virtio-net device on the port uses it.
+    async fn plug(&mut self, nic: &NetDevice) -> Result<(), VmmError> {
+        let port =
+            self.ports
+                .iter()
+                .position(Option::is_none)
+                .ok_or_else(|| VmmError::NoFreeSlot {
+                    nic: nic.id.clone(),
+                    slots: self.ports.len(),
+                })?;
+        let mut qmp = self.qmp().await?;
+        let names: Vec<String> = (0..nic.tap_fds.len())
+            .map(|q| format!("{}-q{q}", nic.id))
+            .collect();
+        for (name, fd) in names.iter().zip(&nic.tap_fds) {
+            qmp.send_fd(name, *fd).await?;
+        }
+        let mut netdev = json!({ "type": "tap", "id": nic.id });
+        if names.len() == 1 {
+            netdev["fd"] = json!(names[0]);
+        } else {
+            netdev["fds"] = json!(names.join(":"));
+        }
+        if vhost_net() {
+            netdev["vhost"] = json!(true);
+        }
+        if let Err(e) = qmp.execute("netdev_add", Some(netdev)).await {
+            for name in &names {
+                let _ = qmp
+                    .execute("closefd", Some(json!({ "fdname": name })))
+                    .await;
+            }
+            return Err(e.into());
+        }
+        let mut device = json!({
+            "driver": "virtio-net-pci",
+            "id": nic.id,
+            "netdev": nic.id,
+            "mac": nic.mac,
+            "bus": port_id(port),
+        });
+        if names.len() > 1 {
+            device["mq"] = json!(true);
+            device["vectors"] = json!(2 * names.len() + 2);
+        }
+        if let Err(e) = qmp.execute("device_add", Some(device)).await {
+            let _ = qmp
+                .execute("netdev_del", Some(json!({ "id": nic.id })))
+                .await;
+            return Err(e.into());
+        }
+        self.ports[port] = Some(nic.id.clone());
+        Ok(())
+    }
+
+    /// Unplugs a NIC. The agent has powered its slot off already, which unplugs it at once; a
+    /// guest that did not gets the standard unplug request (an attention button the guest
+    /// honours after five seconds), bounded by `timeout`. The netdev, which holds the tap
+    /// queues, goes either way.
+    async fn unplug(&mut self, id: &str, timeout: Duration) -> Result<(), VmmError> {
+        let mut qmp = self.qmp().await?;
+        match qmp.execute("device_del", Some(json!({ "id": id }))).await {
+            Ok(_) => {
+                let deleted = qmp
+                    .wait_event("DEVICE_DELETED", |e| e["data"]["device"] == id, timeout)
+                    .await;
+                if let Err(e) = deleted {
+                    log::warn!("NIC {id} is still in the VM after {timeout:?} ({e}); its network is cut off regardless");
+                }
+            }
+            Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {}
+            Err(e) => log::warn!("unplugging NIC {id}: {e}"),
+        }
+        let _ = qmp.execute("netdev_del", Some(json!({ "id": id }))).await;
+        for port in &mut self.ports {
+            if port.as_deref() == Some(id) {
+                *port = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn qmp(&self) -> Result<Qmp, VmmError> {
+        let socket = self.qmp_socket.as_ref().ok_or(VmmError::NotRunning)?;
+        tokio::time::timeout(QMP_TIMEOUT, Qmp::connect(socket))
+            .await
+            .map_err(|_| VmmError::Control {
+                vmm: "qemu",
+                message: format!("no QMP greeting within {QMP_TIMEOUT:?}"),
+            })?
+            .map_err(Into::into)
+    }
+
     pub fn vsock_args(spec: &VmSpec) -> Vec<String> {
         vec![
             "--guest-cid".into(),
@@ -187,50 +298,40 @@ impl Qemu {
     }
 
     async fn qmp_quit(&self) -> Result<(), VmmError> {
-        let socket = self.qmp_socket.as_ref().ok_or(VmmError::NotRunning)?;
-        let err = |message: String| VmmError::Control {
-            vmm: "qemu",
-            message,
-        };
-        let talk = async {
-            let stream = UnixStream::connect(socket)
-                .await
-                .map_err(|e| err(format!("connect {}: {e}", socket.display())))?;
-            let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
-            // Greeting, then capabilities negotiation, then the command.
-            let _greeting = lines.next_line().await.map_err(|e| err(e.to_string()))?;
-            write
-                .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
-                .await
-                .map_err(|e| err(e.to_string()))?;
-            qmp_expect_return(&mut lines).await.map_err(err)?;
-            write
-                .write_all(b"{\"execute\":\"quit\"}\n")
-                .await
-                .map_err(|e| err(e.to_string()))?;
+        let quit = async {
+            let mut qmp = self.qmp().await?;
             // QEMU may close the socket before or after answering; either means it is going.
-            let _ = qmp_expect_return(&mut lines).await;
-            Ok(())
+            let _ = qmp.execute("quit", None).await;
+            Ok::<(), VmmError>(())
         };
-        tokio::time::timeout(QMP_TIMEOUT, talk)
+        tokio::time::timeout(QMP_TIMEOUT, quit)
             .await
-            .map_err(|_| err(format!("no answer within {QMP_TIMEOUT:?}")))?
+            .map_err(|_| VmmError::Control {
+                vmm: "qemu",
+                message: format!("no answer within {QMP_TIMEOUT:?}"),
+            })?
     }
 }
 
-type QmpLines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
+fn vhost_net() -> bool {
+    Path::new("/dev/vhost-net").exists()
+}
 
-/// Reads QMP messages until a command's answer: events in between are skipped.
-async fn qmp_expect_return(lines: &mut QmpLines) -> Result<(), String> {
-    loop {
-        match lines.next_line().await {
-            Ok(Some(line)) if line.contains("\"return\"") => return Ok(()),
-            Ok(Some(line)) if line.contains("\"error\"") => return Err(line),
-            Ok(Some(_)) => continue,
-            Ok(None) => return Err("connection closed".to_string()),
-            Err(e) => return Err(e.to_string()),
-        }
+fn vhost_option() -> &'static str {
+    if vhost_net() {
+        ",vhost=on"
+    } else {
+        ""
+    }
+}
+
+/// Several queues: a queue pair per vCPU, and MSI-X vectors for each queue plus the config
+/// interrupt and a spare.
+fn multiqueue_option(queues: usize) -> String {
+    if queues > 1 {
+        format!(",mq=on,vectors={}", 2 * queues + 2)
+    } else {
+        String::new()
     }
 }
 
@@ -276,6 +377,10 @@ impl Hypervisor for Qemu {
             &qmp,
         ));
         crate::daemon::confine(&mut cmd);
+        let netns = spec.netns.as_deref().map(super::open_netns).transpose()?;
+        if let Some(netns) = &netns {
+            super::enter_netns(&mut cmd, netns);
+        }
         let taps: Vec<i32> = spec.net.iter().flat_map(|n| n.tap_fds.clone()).collect();
         if !taps.is_empty() {
             // SAFETY: runs in the forked child before exec and only calls dup2 (async-signal-safe).
@@ -306,6 +411,12 @@ impl Hypervisor for Qemu {
         );
         self.vmm = Some(daemon);
         self.qmp_socket = Some(qmp);
+        self.ports = spec
+            .net
+            .iter()
+            .map(|nic| Some(nic.id.clone()))
+            .chain((0..spec.hotplug_slots).map(|_| None))
+            .collect();
         Ok(())
     }
 
@@ -339,6 +450,14 @@ impl Hypervisor for Qemu {
             .map(Daemon::log_tail)
             .unwrap_or_else(|| "(qemu not started)".to_string())
     }
+
+    async fn add_nic(&mut self, nic: &NetDevice) -> Result<(), VmmError> {
+        self.plug(nic).await
+    }
+
+    async fn remove_nic(&mut self, id: &str, timeout: Duration) -> Result<(), VmmError> {
+        self.unplug(id, timeout).await
+    }
 }
 
 #[cfg(test)]
@@ -362,9 +481,12 @@ mod tests {
             agent_socket: PathBuf::from("/run/hako/default/sb1/agent.sock"),
             console_log: PathBuf::from("/run/hako/default/sb1/console.log"),
             net: vec![super::super::NetDevice {
+                id: "nic0".into(),
                 tap_fds: vec![9],
                 mac: "02:42:0a:58:00:02".into(),
             }],
+            netns: None,
+            hotplug_slots: 2,
         }
     }
 
@@ -396,11 +518,21 @@ mod tests {
         assert!(a.contains("-smp 2"), "{a}");
         assert!(a.contains("-sandbox on,"), "{a}");
         assert!(a.contains("-nodefaults"), "{a}");
-        assert!(a.contains("-netdev tap,id=net0,fd=3"), "{a}");
+        assert!(a.contains("-netdev tap,id=nic0,fd=3"), "{a}");
         assert!(
-            a.contains("virtio-net-pci,netdev=net0,mac=02:42:0a:58:00:02"),
+            a.contains("virtio-net-pci,id=nic0,netdev=nic0,mac=02:42:0a:58:00:02,bus=nicport0"),
             "{a}"
         );
+        // One port for the NIC it boots with, two for NICs plugged in later.
+        for (port, slot) in [("nicport0", 1), ("nicport1", 2), ("nicport2", 3)] {
+            assert!(
+                a.contains(&format!(
+                    "pcie-root-port,id={port},bus=pcie.0,chassis=1,slot={slot}"
+                )),
+                "{a}"
+            );
+        }
+        assert!(!a.contains("nicport3"), "{a}");
     }
 
     #[test]

@@ -17,7 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
 use super::types::{
-    FsConfig, NetConfig, PciDeviceInfo, VmConfig, VmInfo, VmResize, VmmPingResponse, VsockConfig,
+    FsConfig, NetConfig, PciDeviceInfo, VmConfig, VmInfo, VmRemoveDevice, VmResize,
+    VmmPingResponse, VsockConfig,
 };
 
 /// The API's root. The host part is never resolved: every connection goes to the socket.
@@ -192,6 +193,12 @@ impl ApiClient {
     /// `PUT vm.resize`.
     pub async fn resize(&self, resize: &VmResize) -> Result<(), ApiError> {
         self.put_json("vm.resize", resize).await.map(drop)
+    }
+
+    /// `PUT vm.remove-device`: unplugs the device `id` (a NIC the pod lost).
+    pub async fn remove_device(&self, id: &str) -> Result<(), ApiError> {
+        let body = VmRemoveDevice { id: id.to_string() };
+        self.put_json("vm.remove-device", &body).await.map(drop)
     }
 
     /// `PUT vm.add-fs`. `None` when the VM is not booted yet (the device is part of the boot).

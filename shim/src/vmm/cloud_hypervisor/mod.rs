@@ -191,6 +191,7 @@ impl CloudHypervisor {
     /// The `vm.add-net` body for one NIC; its tap fd goes alongside as SCM_RIGHTS.
     pub fn net_config(nic: &NetDevice) -> NetConfig {
         NetConfig {
+            id: Some(nic.id.clone()),
             mac: Some(nic.mac.clone()),
             num_queues: Some(NET_QUEUES_PER_FD * nic.tap_fds.len().max(1) as u32),
             queue_size: Some(NET_QUEUE_SIZE),
@@ -308,6 +309,10 @@ impl Hypervisor for CloudHypervisor {
         }
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--api-socket").arg(&socket);
+        let netns = spec.netns.as_deref().map(super::open_netns).transpose()?;
+        if let Some(netns) = &netns {
+            super::enter_netns(&mut cmd, netns);
+        }
         let daemon = Daemon::spawn(
             "cloud-hypervisor",
             cmd,
@@ -383,6 +388,25 @@ impl Hypervisor for CloudHypervisor {
             .map(Daemon::log_tail)
             .unwrap_or_else(|| "(cloud-hypervisor not started)".to_string())
     }
+
+    /// `vm.add-net` with the tap queues: Cloud Hypervisor plugs the NIC through its ACPI
+    /// hot-plug controller.
+    async fn add_nic(&mut self, nic: &NetDevice) -> Result<(), VmmError> {
+        let api = self.api.as_ref().ok_or(VmmError::NotRunning)?;
+        api.add_net(&Self::net_config(nic), &nic.tap_fds)
+            .await
+            .map(drop)
+            .map_err(|e| CloudHypervisorError::from(e).into())
+    }
+
+    /// `vm.remove-device`: Cloud Hypervisor removes the device (and closes its taps) once the
+    /// guest has ejected it.
+    async fn remove_nic(&mut self, id: &str, _timeout: Duration) -> Result<(), VmmError> {
+        let api = self.api.as_ref().ok_or(VmmError::NotRunning)?;
+        api.remove_device(id)
+            .await
+            .map_err(|e| CloudHypervisorError::from(e).into())
+    }
 }
 
 #[cfg(test)]
@@ -409,9 +433,12 @@ mod tests {
             agent_socket: dir.join("agent.sock"),
             console_log: dir.join("console.log"),
             net: vec![NetDevice {
+                id: "nic0".into(),
                 tap_fds: vec![9],
                 mac: "02:42:0a:58:00:02".into(),
             }],
+            netns: None,
+            hotplug_slots: 2,
         }
     }
 
@@ -467,7 +494,7 @@ mod tests {
         let v = serde_json::to_value(CloudHypervisor::net_config(&s.net[0])).expect("json");
         assert_eq!(
             v,
-            serde_json::json!({"mac": "02:42:0a:58:00:02", "num_queues": 2, "queue_size": 256})
+            serde_json::json!({"id": "nic0", "mac": "02:42:0a:58:00:02", "num_queues": 2, "queue_size": 256})
         );
     }
 

@@ -215,6 +215,12 @@ pub struct VsockConfig {
     pub id: Option<String>,
 }
 
+/// `PUT vm.remove-device`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRemoveDevice {
+    pub id: String,
+}
+
 /// `PUT vm.resize`: any of the three.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmResize {

@@ -1,0 +1,144 @@
+//! The pod's network namespace on the host: which one it is (never the host's own), and a
+//! thread of the shim parked in it for hooks that need a pid there.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::sched::{setns, CloneFlags};
+
+use super::NetError;
+
+/// A namespace's identity: the device and inode of its nsfs file.
+pub fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    let meta = fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Refuses a network namespace path that names the host's namespace (init's) or the shim's
+/// own: the VM would take over the host's interfaces, and the host's network would be the
+/// pod's to change.
+pub fn refuse_host(path: &Path) -> Result<(), NetError> {
+    let given = identity(path).map_err(|e| NetError::Namespace {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    for own in ["/proc/1/ns/net", "/proc/self/ns/net"] {
+        if identity(Path::new(own)).is_ok_and(|id| id == given) {
+            return Err(NetError::HostNamespace {
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A thread of the shim parked in a network namespace. Hooks get its id as the container's
+/// pid: Docker's `libnetwork-setkey` and CNI hooks find the namespace as `/proc/<pid>/ns/net`,
+/// which names a thread's namespace as well as a process's. No extra process is needed, and the
+/// thread never runs anything else.
+pub struct NetnsHolder {
+    tid: u32,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum HolderTarget {
+    /// A new, empty namespace, kept alive by a bind mount on this file.
+    New(PathBuf),
+    Existing(PathBuf),
+}
+
+impl NetnsHolder {
+    /// Makes a new network namespace and bind-mounts it at `bind_at` (a file that must not
+    /// exist yet; unmounting it and removing it is the caller's cleanup).
+    pub fn create(bind_at: &Path) -> Result<Self, NetError> {
+        Self::spawn(HolderTarget::New(bind_at.to_path_buf()))
+    }
+
+    /// Parks a thread in the namespace at `path`.
+    pub fn enter(path: &Path) -> Result<Self, NetError> {
+        Self::spawn(HolderTarget::Existing(path.to_path_buf()))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.tid
+    }
+
+    fn spawn(target: HolderTarget) -> Result<Self, NetError> {
+        let path = match &target {
+            HolderTarget::New(p) | HolderTarget::Existing(p) => p.clone(),
+        };
+        let ns_err = |reason: String| NetError::Namespace {
+            path: path.clone(),
+            reason,
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u32, String>>();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("netns-holder".to_string())
+            .spawn(move || {
+                let entered = enter_on_this_thread(&target);
+                let tid = nix::unistd::gettid().as_raw() as u32;
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered.map(|()| tid));
+                if ok {
+                    // Parked until the holder is dropped (the sender goes away).
+                    let _ = stop_rx.recv();
+                }
+            })
+            .map_err(|e| ns_err(format!("starting a thread: {e}")))?;
+        let mut holder = Self {
+            tid: 0,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        };
+        match ready_rx.recv() {
+            Ok(Ok(tid)) => {
+                holder.tid = tid;
+                Ok(holder)
+            }
+            Ok(Err(reason)) => Err(ns_err(reason)),
+            Err(_) => Err(ns_err("the namespace thread died".to_string())),
+        }
+    }
+}
+
+fn enter_on_this_thread(target: &HolderTarget) -> Result<(), String> {
+    match target {
+        HolderTarget::Existing(path) => {
+            let ns = fs::File::open(path).map_err(|e| e.to_string())?;
+            setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))
+        }
+        HolderTarget::New(bind_at) => {
+            // Only this thread moves: network namespaces are per task.
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(bind_at)
+                .map_err(|e| format!("creating the mount point: {e}"))?;
+            let bound = nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                bind_at,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            );
+            if let Err(e) = bound {
+                let _ = fs::remove_file(bind_at);
+                return Err(format!("bind-mounting the namespace: {e}"));
+            }
+            Ok(())
+        }
+    }
+}
+
+impl Drop for NetnsHolder {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
