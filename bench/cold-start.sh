@@ -12,6 +12,8 @@
 # Each LABEL=CONFIG is a hako variant run with that configuration file (ctr
 # --runtime-config-path), to compare configurations in one interleaved run, e.g.
 #   bench/cold-start.sh 20 bzimage=/tmp/bzimage.toml pvh=/tmp/pvh.toml
+# LABEL=io.containerd.<name>.v2[:CONFIG] runs another runtime by name instead, such as an
+# older hako build installed as containerd-shim-<name>-v2, to compare builds.
 set -euo pipefail
 n="${1:-30}"
 shift || true
@@ -28,8 +30,13 @@ else
     for v in "$@"; do
         [[ "${v%%=*}" =~ ^[A-Za-z0-9]+([._-][A-Za-z0-9]+)*$ ]] ||
             { echo "bench: label ${v%%=*} must be letters, digits and single . _ - inside (it names containers)" >&2; exit 2; }
-        [[ -f "${v#*=}" ]] || { echo "bench: no configuration file ${v#*=}" >&2; exit 2; }
-        variants+=("${v%%=*}=hako:${v#*=}")
+        value="${v#*=}"
+        if [[ $value == io.containerd.* ]]; then
+            variants+=("${v%%=*}=$value")
+            continue
+        fi
+        [[ -f "$value" ]] || { echo "bench: no configuration file $value" >&2; exit 2; }
+        variants+=("${v%%=*}=hako:$value")
     done
 fi
 

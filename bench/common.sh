@@ -65,12 +65,16 @@ hako_config() {
     echo "$file"
 }
 
-# The arguments that run a container with RUNTIME: "runc", or "hako[:CONFIG]".
+# The arguments that run a container with RUNTIME: "runc", "hako[:CONFIG]", or another
+# containerd runtime by name, "io.containerd.<name>.v2[:CONFIG]" (such as an older hako build
+# installed as containerd-shim-<name>-v2, to compare builds in one run).
 runtime_args() {
     case "$1" in
         runc) echo "--runtime io.containerd.runc.v2" ;;
         hako) echo "--runtime io.containerd.hako.v2" ;;
         hako:*) echo "--runtime io.containerd.hako.v2 --runtime-config-path ${1#hako:}" ;;
+        io.containerd.*:*) echo "--runtime ${1%%:*} --runtime-config-path ${1#*:}" ;;
+        io.containerd.*) echo "--runtime $1" ;;
         *) echo "bench: unknown runtime $1" >&2; exit 1 ;;
     esac
 }

@@ -108,11 +108,48 @@ struct Proc {
 
 struct Container {
     init: Proc,
+    /// The device filter on its cgroup (`devices`).
+    devices: Option<crate::devices::DeviceFilter>,
     /// The container's seccomp profile, which its execs get too.
     seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
     execs: HashMap<String, Proc>,
     cgroup: Cgroup,
     state_dir: PathBuf,
+    /// The files the host binds in (hosts, resolv.conf, ...), in the share.
+    file_binds: Vec<PathBuf>,
+}
+
+/// The share paths of a spec's file bind mounts: files the host may rewrite between Create
+/// and Start (Docker 28 writes resolv.conf once it has networked the pod).
+fn file_binds(spec: &Spec) -> Vec<PathBuf> {
+    spec.mounts()
+        .iter()
+        .flatten()
+        .filter(|m| m.typ().as_deref() == Some("bind"))
+        .filter_map(|m| m.source().clone())
+        .filter(|source| source.is_file())
+        .collect()
+}
+
+/// Asks virtiofs for a file's attributes afresh. The guest caches them for a while (virtiofsd's
+/// `cache=auto`), and a file the host rewrote meanwhile would read with its old size: cut short,
+/// or padded.
+fn refresh_attributes(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: statx into a zeroed, correctly sized buffer we own, with a NUL-terminated path.
+    unsafe {
+        let mut buffer: libc::statx = std::mem::zeroed();
+        libc::statx(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_BASIC_STATS,
+            &mut buffer,
+        );
+    }
 }
 
 /// What `Containers::spawn` needs to start one process through the init helper.
@@ -202,6 +239,7 @@ impl Containers {
             }
         };
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        let file_binds = file_binds(&spec);
         let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         let new_pid_ns = spec
             .linux()
@@ -221,10 +259,24 @@ impl Containers {
             terminal: stdio.terminal,
             seccomp: seccomp.clone(),
         };
+        let device_rules = resources
+            .as_ref()
+            .and_then(|r| r.devices().clone())
+            .unwrap_or_default();
+        let mut devices = None;
         let result = async {
             if let Some(resources) = &resources {
                 cgroup.apply(resources)?;
             }
+            // Before the container's first process exists: it never runs unfiltered.
+            devices = Some(
+                crate::devices::attach(&cgroup.dir, &device_rules, None).map_err(|e| {
+                    ContainerError::Spec {
+                        id: id.to_string(),
+                        reason: e.to_string(),
+                    }
+                })?,
+            );
             self.spawn(SpawnRequest {
                 id,
                 exec_id: "",
@@ -250,6 +302,8 @@ impl Containers {
             id.to_string(),
             Container {
                 init,
+                file_binds,
+                devices,
                 seccomp,
                 execs: HashMap::new(),
                 cgroup,
@@ -404,7 +458,11 @@ impl Containers {
                     reason: "can only start a created process".to_string(),
                 });
             }
-            (p.start_pipe.take(), p.sync_pipe.take(), p.pid)
+            let taken = (p.start_pipe.take(), p.sync_pipe.take(), p.pid);
+            if exec_id.is_empty() {
+                c.file_binds.iter().for_each(|f| refresh_attributes(f));
+            }
+            taken
         };
         let (Some(start), Some(mut sync)) = (start, sync) else {
             return Err(ContainerError::State {
@@ -689,7 +747,20 @@ impl Containers {
                 id: id.to_string(),
                 reason: e.to_string(),
             })?;
-        Ok(self.cgroup_of(id).await?.apply(&resources)?)
+        self.cgroup_of(id).await?.apply(&resources)?;
+        if let Some(rules) = resources.devices() {
+            let mut table = self.table.lock().await;
+            let c = table.get_mut(id).ok_or_else(|| not_found(id, ""))?;
+            let filter =
+                crate::devices::attach(&c.cgroup.dir, rules, c.devices.take()).map_err(|e| {
+                    ContainerError::Spec {
+                        id: id.to_string(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            c.devices = Some(filter);
+        }
+        Ok(())
     }
 
     /// Checks every container for OOM kills (of any of its processes).

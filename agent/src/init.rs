@@ -107,6 +107,9 @@ pub enum InitError {
     /// The command was not found in the container.
     #[error("executable {0:?} not found in $PATH")]
     NotFound(String),
+    /// A bind mount carries options hako does not know.
+    #[error("bind mount {destination}: unknown mount options {option:?}")]
+    MountOption { destination: String, option: String },
 }
 
 fn sys(what: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> InitError {
@@ -512,6 +515,13 @@ fn mount_one(root: &Path, m: &Mount) -> Result<(), InitError> {
     let mut data = options.data.clone();
 
     if options.bind || fstype == "bind" {
+        // An option hako does not know may promise a protection it would not give.
+        if !data.is_empty() {
+            return Err(InitError::MountOption {
+                destination: dest_str,
+                option: data,
+            });
+        }
         let source_path = Path::new(&source);
         let is_dir = fs::metadata(source_path)
             .map_err(io(format!("bind source {source} for {dest_str}")))?
@@ -537,6 +547,15 @@ fn mount_one(root: &Path, m: &Mount) -> Result<(), InitError> {
             )
             .map_err(sys(format!("remounting {dest_str}")))?;
         }
+        if options.recursive_set != 0 || options.recursive_clear != 0 {
+            hako_protocol::mount_options::mount_setattr(
+                &dest,
+                true,
+                options.recursive_set,
+                options.recursive_clear,
+            )
+            .map_err(io(format!("setting recursive attributes on {dest_str}")))?;
+        }
     } else {
         if fstype == "cgroup" {
             // The guest runs cgroup v2 only.
@@ -554,6 +573,11 @@ fn mount_one(root: &Path, m: &Mount) -> Result<(), InitError> {
             data,
         )
         .map_err(sys(format!("mounting {fstype} on {dest_str}")))?;
+        // A fresh filesystem has nothing below it: its recursive attributes are its own.
+        if options.recursive_set != 0 {
+            hako_protocol::mount_options::mount_setattr(&dest, true, options.recursive_set, 0)
+                .map_err(io(format!("setting attributes on {dest_str}")))?;
+        }
     }
     if let Some(propagation) = options.propagation {
         mount(None::<&str>, &dest, None::<&str>, propagation, None::<&str>)

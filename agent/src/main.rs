@@ -8,6 +8,9 @@ mod boot;
 mod caps;
 mod cgroup;
 mod container;
+mod devices;
+#[cfg(feature = "hostile")]
+mod hostile;
 mod init;
 mod logger;
 mod mounts;
@@ -84,6 +87,10 @@ async fn serve(started: Instant, init_since_boot_ms: u64) -> Result<(), String> 
     let containers = Arc::new(container::Containers::new(reaper, oom));
     server::poll_oom(containers.clone());
     let agent = server::Agent {
+        #[cfg(feature = "hostile")]
+        hostile: hostile::Hostile::from_cmdline(
+            &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+        ),
         oom_events: tokio::sync::Mutex::new(oom_events),
         containers,
         kernel_release,

@@ -18,72 +18,57 @@ pub enum MountError {
     SymlinkLoop(String),
 }
 
-/// Flags and filesystem data parsed from OCI mount options.
+/// Flags and filesystem data parsed from OCI mount options (the vocabulary both sides share,
+/// `hako_protocol::mount_options`).
 #[derive(Debug, PartialEq, Eq)]
 pub struct MountOptions {
     pub flags: MsFlags,
-    /// Options the kernel reads as filesystem data (`mode=`, `size=`, ...), comma-joined.
+    /// Options the kernel reads as filesystem data (`mode=`, `size=`, ...), comma-joined. A bind
+    /// must have none: an option hako does not know is refused (see `init::mount_one`).
     pub data: String,
     /// `MS_PRIVATE`/`MS_SLAVE`/... to apply after the mount.
     pub propagation: Option<MsFlags>,
     pub bind: bool,
+    /// Mount attributes (`MOUNT_ATTR_*`) to set and clear on the whole tree (`rro`, ...).
+    pub recursive_set: u64,
+    pub recursive_clear: u64,
 }
 
 pub fn parse_options<S: AsRef<str>>(options: &[S]) -> MountOptions {
+    use hako_protocol::mount_options::{lookup, MountOption};
     let mut out = MountOptions {
         flags: MsFlags::empty(),
         data: String::new(),
         propagation: None,
         bind: false,
+        recursive_set: 0,
+        recursive_clear: 0,
     };
     let mut data = Vec::new();
     for option in options {
         let option = option.as_ref();
-        let (set, clear) = match option {
-            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
-            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
-            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
-            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
-            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
-            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
-            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
-            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
-            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
-            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
-            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
-            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
-            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
-            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
-            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
-            "bind" => {
-                out.bind = true;
-                (MsFlags::MS_BIND, MsFlags::empty())
+        match lookup(option) {
+            Some(MountOption::Flags { set, clear }) => {
+                out.flags.remove(MsFlags::from_bits_truncate(clear));
+                out.flags.insert(MsFlags::from_bits_truncate(set));
             }
-            "rbind" => {
-                out.bind = true;
-                (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty())
+            Some(MountOption::Recursive { set, clear }) => {
+                out.recursive_set = (out.recursive_set & !clear) | set;
+                out.recursive_clear = (out.recursive_clear & !set) | clear;
             }
-            "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" | "unbindable"
-            | "runbindable" => {
-                let mut p = match option.trim_start_matches('r') {
-                    "private" => MsFlags::MS_PRIVATE,
-                    "slave" => MsFlags::MS_SLAVE,
-                    "shared" => MsFlags::MS_SHARED,
-                    _ => MsFlags::MS_UNBINDABLE,
-                };
-                if option.starts_with('r') {
-                    p |= MsFlags::MS_REC;
+            Some(MountOption::Propagation(flags)) => {
+                out.propagation = Some(MsFlags::from_bits_truncate(flags));
+            }
+            Some(MountOption::Bind { recursive }) => {
+                out.bind = true;
+                out.flags.insert(MsFlags::MS_BIND);
+                if recursive {
+                    out.flags.insert(MsFlags::MS_REC);
                 }
-                out.propagation = Some(p);
-                (MsFlags::empty(), MsFlags::empty())
             }
-            other => {
-                data.push(other);
-                (MsFlags::empty(), MsFlags::empty())
-            }
-        };
-        out.flags.insert(set);
-        out.flags.remove(clear);
+            Some(MountOption::Nothing) => {}
+            None => data.push(option),
+        }
     }
     out.data = data.join(",");
     out
@@ -172,6 +157,18 @@ mod tests {
             .flags
             .contains(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY));
         assert_eq!(o.propagation, Some(MsFlags::MS_PRIVATE | MsFlags::MS_REC));
+    }
+
+    #[test]
+    fn recursive_options_are_mount_attributes() {
+        use hako_protocol::mount_options::{MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+        let o = parse_options(&["rbind", "rro", "rnosuid", "size=1m"]);
+        assert_eq!(o.recursive_set, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID);
+        assert!(!o.flags.contains(MsFlags::MS_RDONLY), "rro is not the flag");
+        assert_eq!(o.data, "size=1m", "left for the caller to refuse on a bind");
+        let o = parse_options(&["rro", "rrw"]);
+        assert_eq!(o.recursive_set & MOUNT_ATTR_RDONLY, 0);
+        assert_eq!(o.recursive_clear, MOUNT_ATTR_RDONLY);
     }
 
     #[test]

@@ -21,8 +21,10 @@ pub struct Agent {
     /// Set once the ttrpc server serves, just before the agent announces itself.
     pub ready_since_boot_ms: std::sync::atomic::AtomicU64,
     pub init_since_boot_ms: u64,
-    /// Ids of OOM-killed containers, from `watch_oom`.
+    /// Ids of OOM-killed containers, from `oom::OomMonitor`.
     pub oom_events: Mutex<mpsc::Receiver<String>>,
+    #[cfg(feature = "hostile")]
+    pub hostile: crate::hostile::Hostile,
 }
 
 /// How often the containers' memory.events are read for OOM kills of non-init processes (an
@@ -300,6 +302,13 @@ impl pb::AgentService for Agent {
         _ctx: &TtrpcContext,
         _req: pb::GetOomEventRequest,
     ) -> ttrpc::Result<pb::OomEvent> {
+        #[cfg(feature = "hostile")]
+        if let Some(container_id) = self.hostile.forged_oom() {
+            return Ok(pb::OomEvent {
+                container_id,
+                ..Default::default()
+            });
+        }
         let mut rx = self.oom_events.lock().await;
         match rx.recv().await {
             Some(container_id) => Ok(pb::OomEvent {

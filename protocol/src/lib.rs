@@ -12,6 +12,8 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod mount_options;
+
 pub use agent::*;
 pub use agent_ttrpc::{create_agent_service, AgentService, AgentServiceClient};
 pub use ttrpc;

@@ -323,12 +323,20 @@ impl TtrpcAgent {
     }
 }
 
+/// The most of a guest's error message that is kept.
+const MAX_GUEST_MESSAGE: usize = 4096;
+
 fn map_err(call: &'static str, e: ttrpc::Error) -> AgentError {
     match e {
+        // The message is the guest's: it reaches containerd's log and its clients' terminals,
+        // so it is escaped and bounded.
         ttrpc::Error::RpcStatus(status) => AgentError::Rpc {
             call,
             code: status.code(),
-            message: status.message().to_string(),
+            message: crate::logs::escape(status.message().as_bytes())
+                .chars()
+                .take(MAX_GUEST_MESSAGE)
+                .collect(),
         },
         other => AgentError::Transport {
             call,

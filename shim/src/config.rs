@@ -102,6 +102,12 @@ pub struct HypervisorConfig {
     pub accel: Accel,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The most a pod's `io.hako.vcpus` may ask for; unset: `vcpus`, the default pod size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    /// The most a pod's `io.hako.memory_mib` may ask for; unset: `memory_mib`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u32>,
     pub kernel: PathBuf,
     /// The same kernel as an ELF image, which Cloud Hypervisor boots.
     pub vmlinux: PathBuf,
@@ -116,6 +122,16 @@ pub struct HypervisorConfig {
     pub hotplug_slots: u32,
 }
 
+impl HypervisorConfig {
+    pub fn max_vcpus(&self) -> u32 {
+        self.max_vcpus.unwrap_or(self.vcpus)
+    }
+
+    pub fn max_memory_mib(&self) -> u32 {
+        self.max_memory_mib.unwrap_or(self.memory_mib)
+    }
+}
+
 impl Default for HypervisorConfig {
     fn default() -> Self {
         Self {
@@ -125,6 +141,8 @@ impl Default for HypervisorConfig {
             accel: Accel::Auto,
             vcpus: 1,
             memory_mib: 512,
+            max_vcpus: None,
+            max_memory_mib: None,
             kernel: PathBuf::from("/usr/share/hako/guest/vmlinux"),
             vmlinux: PathBuf::from("/usr/share/hako/guest/vmlinux"),
             initrd: PathBuf::from("/usr/share/hako/guest/initramfs.cpio"),
@@ -141,6 +159,8 @@ impl Default for HypervisorConfig {
 pub struct VirtiofsConfig {
     pub path: String,
     pub cache: CacheMode,
+    /// Let the guest make device nodes in read-write volumes (virtiofsd keeps CAP_MKNOD).
+    pub allow_mknod: bool,
 }
 
 impl Default for VirtiofsConfig {
@@ -148,6 +168,7 @@ impl Default for VirtiofsConfig {
         Self {
             path: "virtiofsd".to_string(),
             cache: CacheMode::Auto,
+            allow_mknod: false,
         }
     }
 }
@@ -204,6 +225,13 @@ pub struct RuntimeConfig {
     pub sandbox_root: PathBuf,
     /// The settings (of `OVERRIDABLE`) a pod may override with an `io.hako.<key>` annotation.
     pub pod_annotations: Vec<String>,
+    /// The cap of every log the host writes from what the guest controls (console, helpers),
+    /// per file; one rotated copy is kept.
+    pub log_max_bytes: u64,
+    /// The VMM and the vsock backend run as a uid of the pod's own, from
+    /// `vmm_uid_base..vmm_uid_base + vmm_uid_count`; a count of 0 runs them as root.
+    pub vmm_uid_base: u32,
+    pub vmm_uid_count: u32,
 }
 
 impl Default for RuntimeConfig {
@@ -211,6 +239,9 @@ impl Default for RuntimeConfig {
         Self {
             sandbox_root: PathBuf::from("/run/hako"),
             pod_annotations: OVERRIDABLE.iter().map(|k| k.to_string()).collect(),
+            log_max_bytes: 1024 * 1024,
+            vmm_uid_base: 1_900_000_000,
+            vmm_uid_count: 65_536,
         }
     }
 }
@@ -250,11 +281,21 @@ impl Config {
                 message: message.to_string(),
             })
         };
-        if !(1..=64).contains(&self.hypervisor.vcpus) {
-            return bad("hypervisor.vcpus must be between 1 and 64");
+        let h = &self.hypervisor;
+        if !(1..=64).contains(&h.vcpus) || !(1..=64).contains(&h.max_vcpus()) {
+            return bad("hypervisor.vcpus and max_vcpus must be between 1 and 64");
         }
-        if !(64..=65536).contains(&self.hypervisor.memory_mib) {
-            return bad("hypervisor.memory_mib must be between 64 and 65536");
+        if !(64..=65536).contains(&h.memory_mib) || !(64..=65536).contains(&h.max_memory_mib()) {
+            return bad("hypervisor.memory_mib and max_memory_mib must be between 64 and 65536");
+        }
+        if self.runtime.log_max_bytes < 4096 {
+            return bad("runtime.log_max_bytes must be at least 4096");
+        }
+        if u64::from(self.runtime.vmm_uid_base) + u64::from(self.runtime.vmm_uid_count)
+            > u64::from(u32::MAX)
+            || (self.runtime.vmm_uid_count > 0 && self.runtime.vmm_uid_base < 1000)
+        {
+            return bad("runtime.vmm_uid_base and vmm_uid_count must name unused uids (at least 1000, below 2^32)");
         }
         if self.hypervisor.hotplug_slots > MAX_HOTPLUG_SLOTS {
             return bad(&format!(
@@ -318,9 +359,24 @@ impl Config {
                     .parse::<u32>()
                     .map_err(|_| refuse(format!("{value:?} is not a whole number")))
             };
+            // Pods choose within the operator's bounds, which default to the default pod size.
+            let within = |value: u32, max: u32, key: &str| {
+                if value > max {
+                    Err(refuse(format!(
+                        "{value} is more than the {max} the hako configuration allows (hypervisor.max_{key})"
+                    )))
+                } else {
+                    Ok(value)
+                }
+            };
             match key {
-                "vcpus" => self.hypervisor.vcpus = number()?,
-                "memory_mib" => self.hypervisor.memory_mib = number()?,
+                "vcpus" => {
+                    self.hypervisor.vcpus = within(number()?, self.hypervisor.max_vcpus(), "vcpus")?
+                }
+                "memory_mib" => {
+                    self.hypervisor.memory_mib =
+                        within(number()?, self.hypervisor.max_memory_mib(), "memory_mib")?
+                }
                 _ => {
                     self.virtiofs.cache = match value.as_str() {
                         "never" => CacheMode::Never,
@@ -438,7 +494,9 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect()
         };
-        let config = Config::default()
+        let mut roomy = Config::default();
+        roomy.hypervisor.max_vcpus = Some(4);
+        let config = roomy
             .with_pod_annotations(&annotations(&[
                 ("io.hako.vcpus", "2"),
                 ("io.hako.memory_mib", "256"),
@@ -476,8 +534,19 @@ mod tests {
         // Values are parsed and range-checked.
         let e = refused(&[("io.hako.vcpus", "two")], Config::default());
         assert!(e.contains("not a whole number"), "{e}");
-        let e = refused(&[("io.hako.vcpus", "500")], Config::default());
-        assert!(e.contains("vcpus must be between"), "{e}");
+        // Beyond the operator's bounds, which default to the default pod size.
+        for (key, value) in [
+            ("io.hako.vcpus", "64"),
+            ("io.hako.memory_mib", "65536"),
+            ("io.hako.vcpus", "2"),
+        ] {
+            let e = refused(&[(key, value)], Config::default());
+            assert!(e.contains(key) && e.contains("more than"), "{e}");
+        }
+        let mut roomy = Config::default();
+        roomy.hypervisor.max_vcpus = Some(64);
+        let e = refused(&[("io.hako.vcpus", "500")], roomy);
+        assert!(e.contains("more than the 64"), "{e}");
         let e = refused(
             &[("io.hako.virtiofs_cache", "sometimes")],
             Config::default(),

@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::RawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,6 +14,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::watch;
+
+use crate::logs::CappedLog;
+
+/// How long an exited helper's last output may take to reach its log.
+const LOG_DRAIN: Duration = Duration::from_secs(1);
 
 /// Directories searched after $PATH for helper binaries.
 const EXTRA_BIN_DIRS: [&str; 5] = [
@@ -58,25 +64,62 @@ pub enum DaemonError {
     },
 }
 
-/// Runs `cmd` without any capability and with no_new_privs: helpers that only use the files
-/// and descriptors the shim gives them (QEMU, the vsock backend) need no privilege, and a guest
-/// that took one of them over gets none. Root's capabilities come back at exec unless the
-/// bounding set is empty, so that is what is cleared.
-pub fn confine(cmd: &mut Command) {
-    // SAFETY: runs in the forked child before exec and only makes prctl calls, which are
-    // async-signal-safe.
+/// How a helper is confined before it runs: set in the forked child, before exec.
+#[derive(Debug, Default)]
+pub struct Confinement {
+    /// `cgroup.procs` files (open for writing) of the cgroups it joins: the pod's, so the pod's
+    /// limits and accounting cover it.
+    pub cgroups: Vec<RawFd>,
+    /// A network namespace (an open nsfs file) it enters: the pod's, for the VMM.
+    pub netns: Option<RawFd>,
+    /// Drop every capability (empty bounding set) and set no_new_privs: for helpers that only
+    /// use the files and descriptors the shim gives them (QEMU, the vsock backend), so a guest
+    /// that took one of them over gets no privilege. Root's capabilities come back at exec
+    /// unless the bounding set is empty, so that is what is cleared.
+    pub drop_privileges: bool,
+    /// Run as this user and group, with these supplementary groups (none: as the shim).
+    pub user: Option<(u32, u32, Vec<u32>)>,
+}
+
+/// Applies `how` to `cmd`. The descriptors in it must stay open until `cmd` is spawned.
+pub fn confine(cmd: &mut Command, how: Confinement) {
+    // SAFETY: runs in the forked child before exec and only makes system calls that are
+    // async-signal-safe (write, setns, prctl, setgroups, setgid, setuid); it allocates nothing.
     unsafe {
-        cmd.pre_exec(|| {
-            for cap in 0..=LAST_CAPABILITY {
-                // EINVAL for capabilities this kernel does not have: nothing to drop.
-                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0
-                    && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
-                {
-                    return Err(std::io::Error::last_os_error());
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            // The cgroup first, while the child still has the right to write cgroup.procs
+            // ("0" moves the writer itself).
+            for fd in &how.cgroups {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return fail();
                 }
             }
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
+            if let Some(fd) = how.netns {
+                if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                    return fail();
+                }
+            }
+            if how.drop_privileges {
+                for cap in 0..=LAST_CAPABILITY {
+                    // EINVAL for capabilities this kernel does not have: nothing to drop.
+                    if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0
+                        && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+                    {
+                        return fail();
+                    }
+                }
+            }
+            if let Some((uid, gid, groups)) = &how.user {
+                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    || libc::setgid(*gid) < 0
+                    || libc::setuid(*uid) < 0
+                {
+                    return fail();
+                }
+            }
+            if how.drop_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+                return fail();
             }
             Ok(())
         });
@@ -126,30 +169,32 @@ pub struct Daemon {
     pid: u32,
     log: PathBuf,
     exit: watch::Receiver<Option<ExitCode>>,
+    /// Becomes true once everything the process wrote is in its log.
+    drained: watch::Receiver<bool>,
 }
 
 impl Daemon {
-    /// Starts `cmd` with stdin closed and stdout/stderr appended to `log`, and records its pid
-    /// in `pid_file`.
+    /// Starts `cmd` with stdin closed and stdout and stderr going, through a pipe the shim
+    /// reads, to `log` (capped at `log_max` bytes, `logs::CappedLog`), and records its pid in
+    /// `pid_file`.
     pub fn spawn(
         name: &str,
         mut cmd: Command,
         log: &Path,
+        log_max: u64,
         pid_file: &Path,
     ) -> Result<Daemon, DaemonError> {
         let log_err = |source| DaemonError::Log {
             path: log.to_path_buf(),
             source,
         };
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(log_err)?;
-        let err = out.try_clone().map_err(log_err)?;
+        let capped = CappedLog::open(log, log_max).map_err(log_err)?;
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| log_err(e.into()))?;
+        let write_too = write.try_clone().map_err(log_err)?;
         cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::from(write_too))
             // Own process group: a signal to the shim's group must not take the VM down.
             .process_group(0)
             .kill_on_drop(false);
@@ -159,8 +204,23 @@ impl Daemon {
             path: program,
             source,
         })?;
+        // The shim's copies of the pipe's write end go with `cmd`: the log ends with the child.
+        drop(cmd);
         let pid = child.id().unwrap_or(0);
         write_pid_file(pid_file, pid);
+        let (drained_tx, drained) = watch::channel(false);
+        match tokio::net::unix::pipe::Receiver::from_owned_fd(read) {
+            Ok(reader) => {
+                tokio::spawn(async move {
+                    crate::logs::pump(reader, capped).await;
+                    let _ = drained_tx.send(true);
+                });
+            }
+            Err(e) => {
+                log::warn!("{name}: its output is lost: {e}");
+                let _ = drained_tx.send(true);
+            }
+        }
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
             let code = match child.wait().await {
@@ -181,7 +241,14 @@ impl Daemon {
             pid,
             log: log.to_path_buf(),
             exit: rx,
+            drained,
         })
+    }
+
+    /// Waits (briefly) until what the exited process wrote has reached its log.
+    async fn drained(&self) {
+        let mut drained = self.drained.clone();
+        let _ = tokio::time::timeout(LOG_DRAIN, drained.wait_for(|d| *d)).await;
     }
 
     pub fn pid(&self) -> u32 {
@@ -217,7 +284,9 @@ impl Daemon {
             {
                 return Ok(());
             }
-            if let Some(code) = *exit.borrow() {
+            let exited = *exit.borrow();
+            if let Some(code) = exited {
+                self.drained().await;
                 return Err(DaemonError::ExitedEarly {
                     name: self.name.clone(),
                     status: format!("status {code}"),
@@ -281,7 +350,7 @@ impl Daemon {
     }
 }
 
-/// Reads the end of a log file, lossily, on one line.
+/// Reads the end of a log file, escaped, on one line.
 pub fn tail(path: &Path, max: u64) -> String {
     let Ok(mut file) = fs::File::open(path) else {
         return "(no log)".to_string();
@@ -290,7 +359,8 @@ pub fn tail(path: &Path, max: u64) -> String {
     let _ = file.seek(SeekFrom::Start(len.saturating_sub(max)));
     let mut bytes = Vec::new();
     let _ = file.read_to_end(&mut bytes);
-    let text = String::from_utf8_lossy(&bytes);
+    // It ends up in messages containerd's clients print: escaped like any guest output.
+    let text = crate::logs::escape(&bytes);
     let text = text.trim();
     if text.is_empty() {
         "(empty log)".to_string()
@@ -362,7 +432,14 @@ mod tests {
         );
         let mut cmd = Command::new("/bin/cat");
         cmd.arg("/proc/self/status").stdout(Stdio::piped());
-        confine(&mut cmd);
+        confine(
+            &mut cmd,
+            Confinement {
+                drop_privileges: true,
+                user: Some((65534, 65534, vec![65534])),
+                ..Confinement::default()
+            },
+        );
         let out = cmd.output().await.expect("cat runs");
         let status = String::from_utf8_lossy(&out.stdout);
         for line in [
@@ -370,6 +447,9 @@ mod tests {
             "CapPrm:\t0000000000000000",
             "CapBnd:\t0000000000000000",
             "NoNewPrivs:\t1",
+            "Uid:\t65534\t65534\t65534\t65534",
+            "Gid:\t65534\t65534\t65534\t65534",
+            "Groups:\t65534",
         ] {
             assert!(status.contains(line), "{line}: {status}");
         }
@@ -399,8 +479,14 @@ mod tests {
         fs::create_dir_all(&dir).expect("mkdir");
         let mut cmd = Command::new("sleep");
         cmd.arg("30");
-        let d = Daemon::spawn("sleep", cmd, &dir.join("sleep.log"), &dir.join("sleep.pid"))
-            .expect("spawn");
+        let d = Daemon::spawn(
+            "sleep",
+            cmd,
+            &dir.join("sleep.log"),
+            1 << 20,
+            &dir.join("sleep.pid"),
+        )
+        .expect("spawn");
         // A pid file with a wrong start time must not be honoured.
         fs::write(dir.join("stale.pid"), format!("{} 1\n", d.pid())).expect("write");
         assert!(!kill_from_pid_file(&dir.join("stale.pid")));
@@ -411,12 +497,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_chatty_helper_fills_no_more_than_its_cap() {
+        let dir = std::env::temp_dir().join(format!("hako-daemon-cap-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        // 4 MiB of output, on stdout and stderr, against a 64 KiB cap.
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "head -c 2097152 /dev/zero; head -c 2097152 /dev/zero >&2; echo last words >&2",
+        ]);
+        let log = dir.join("chatty.log");
+        let d =
+            Daemon::spawn("chatty", cmd, &log, 64 * 1024, &dir.join("chatty.pid")).expect("spawn");
+        assert_eq!(d.wait().await, 0);
+        d.drained().await;
+        let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        assert!(size(&log) <= 64 * 1024, "{}", size(&log));
+        assert!(size(&CappedLog::rotated(&log)) <= 64 * 1024);
+        assert!(d.log_tail().ends_with("last words"), "{}", d.log_tail());
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[tokio::test]
     async fn early_exit_is_reported_with_the_log() {
         let dir = std::env::temp_dir().join(format!("hako-daemon-early-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("mkdir");
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo boom >&2; exit 3"]);
-        let d = Daemon::spawn("sh", cmd, &dir.join("sh.log"), &dir.join("sh.pid")).expect("spawn");
+        let d = Daemon::spawn("sh", cmd, &dir.join("sh.log"), 1 << 20, &dir.join("sh.pid"))
+            .expect("spawn");
         let err = d
             .wait_for_socket(&dir.join("never.sock"), Duration::from_secs(10))
             .await

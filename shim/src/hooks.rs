@@ -144,16 +144,22 @@ async fn run_one(phase: &'static str, hook: &Hook, input: &[u8]) -> Result<(), H
         path: path.clone(),
         source,
     })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A hook that does not read its state is fine: ignore a broken pipe.
-        let _ = stdin.write_all(input).await;
-    }
     let timeout = hook
         .timeout()
         .filter(|t| *t > 0)
         .map(|t| Duration::from_secs(t as u64))
         .unwrap_or(DEFAULT_TIMEOUT);
-    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+    // The timeout covers the hook's whole life, feeding its stdin included: a hook that does
+    // not read a state larger than the pipe's buffer must not hold Create beyond it.
+    let stdin = child.stdin.take();
+    let life = async move {
+        if let Some(mut stdin) = stdin {
+            // A hook that does not read its state is fine: ignore a broken pipe.
+            let _ = stdin.write_all(input).await;
+        }
+        child.wait_with_output().await
+    };
+    let output = match tokio::time::timeout(timeout, life).await {
         Ok(Ok(output)) => output,
         Ok(Err(source)) => {
             return Err(HookError::Spawn {
@@ -278,6 +284,26 @@ mod tests {
             .expect_err("times out");
         assert!(matches!(err, HookError::Timeout { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn the_timeout_covers_a_hook_that_never_reads_its_state() {
+        // More state than a pipe buffers (64 KiB), for a hook that never reads stdin.
+        let big = format!(
+            r#"{{"ociVersion":"1.0.2","annotations":{{"big":"{}"}},"hooks":{{"prestart":[{{"path":"/bin/sh","args":["sh","-c","exec sleep 30"],"timeout":1}}]}}}}"#,
+            "x".repeat(256 * 1024)
+        );
+        let s: Spec = serde_json::from_str(&big).expect("spec");
+        let started = std::time::Instant::now();
+        let err = run("prestart", &create_hooks(&s), &state(&s))
+            .await
+            .expect_err("times out");
+        assert!(matches!(err, HookError::Timeout { .. }), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "held for {:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]

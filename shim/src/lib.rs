@@ -5,11 +5,14 @@
 //! (hybrid vsock + ttrpc to the guest agent).
 
 pub mod agent_client;
+pub mod cgroup;
 pub mod config;
 pub mod daemon;
+pub mod features;
 pub mod fs;
 pub mod hooks;
 pub mod ids;
+pub mod logs;
 pub mod net;
 pub mod sandbox;
 pub mod shim;

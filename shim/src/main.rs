@@ -6,6 +6,14 @@ use hako_shim::shim::{serve, shim_config, HakoShim, RUNTIME_ID};
 async fn main() -> anyhow::Result<()> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let flags = containerd_shim::parse(&args[1..])?;
+    if flags.info {
+        // What hako supports, for containerd (the shim crate's own answer is runc's).
+        let mut options = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut options)?;
+        let info = hako_shim::features::runtime_info(RUNTIME_ID, &options)?;
+        std::io::Write::write_all(&mut std::io::stdout(), &info)?;
+        return Ok(());
+    }
     if flags.action.is_empty() && !flags.version && !flags.info {
         // The long-lived server: ours, so it can serve task API v2 and v3.
         return serve(&flags).await.map_err(Into::into);

@@ -23,6 +23,9 @@ use crate::task::{TaskService, SANDBOX_ID_ANNOTATION};
 pub const RUNTIME_ID: &str = "io.containerd.hako.v2";
 /// Exit status reported by `delete` when the real one is unknown (the shim is gone).
 const UNKNOWN_EXIT: u32 = 137;
+/// containerd sends Create right after it started a shim; one that waited this long for it
+/// was abandoned.
+const UNUSED_SHIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct HakoShim {
     id: String,
@@ -109,8 +112,9 @@ pub async fn serve(flags: &Flags) -> Result<(), ShimError> {
         publisher,
         namespace: flags.namespace.clone(),
     });
-    let task: Arc<dyn containerd_shim::protos::shim_async::Task + Send + Sync> =
-        Arc::new(TaskService::new(&flags.namespace, events, exit.clone()));
+    let service = Arc::new(TaskService::new(&flags.namespace, events, exit.clone()));
+    service.exit_if_never_used(UNUSED_SHIM_PATIENCE);
+    let task: Arc<dyn containerd_shim::protos::shim_async::Task + Send + Sync> = service;
     let mut services = create_task(task.clone());
     if let Some(v2) = create_task(task).remove(TASK_V2) {
         services.insert(TASK_V3.to_string(), v2);

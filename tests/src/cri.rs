@@ -519,12 +519,25 @@ impl CriContainerd {
                         .is_some_and(|s| s.conditions.iter().any(|c| c.r#type == kind && c.status))
                 })
             };
-            if ready("RuntimeReady") && ready("NetworkReady") {
+            // containerd 2.x's CRI learns of imported images from events, a moment later.
+            let images_seen = || {
+                let tags: Vec<String> = self
+                    .client
+                    .list_images()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .flat_map(|i| i.repo_tags)
+                    .collect();
+                [crate::IMAGE, PAUSE_IMAGE]
+                    .iter()
+                    .all(|image| tags.iter().any(|t| t == image))
+            };
+            if ready("RuntimeReady") && ready("NetworkReady") && images_seen() {
                 return;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
-                "CRI of containerd {} not ready: {status:?}\n{}",
+                "CRI of containerd {} not ready (or without the imported images): {status:?}\n{}",
                 self.version,
                 self.log()
             );

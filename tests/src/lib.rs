@@ -280,6 +280,11 @@ impl Containerd {
         fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }
 
+    /// The daemon's own directory: its root (`root/`), state and log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn ctr_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(self.bin.join("ctr"));
         cmd.arg("--address").arg(self.socket()).args(args);
@@ -407,17 +412,36 @@ fn is_hako_shim(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Sandbox directories left under /run/hako/<namespace>/.
+/// Sandbox directories left under /run/hako/<namespace>/ (namespaces start with a letter or
+/// digit; hako's own records under the root start with a dot).
 pub fn sandbox_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     if let Ok(namespaces) = fs::read_dir(SANDBOX_ROOT) {
         for ns in namespaces.flatten() {
+            if ns.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
             if let Ok(sandboxes) = fs::read_dir(ns.path()) {
                 dirs.extend(sandboxes.flatten().map(|s| s.path()));
             }
         }
     }
     dirs
+}
+
+/// hako's records under the sandbox root that live as long as some sandbox does: the VMMs'
+/// uid claims and the cgroup parents hako made.
+pub fn sandbox_records() -> Vec<PathBuf> {
+    [".vmm-uids", ".cgroups"]
+        .iter()
+        .flat_map(|d| {
+            fs::read_dir(Path::new(SANDBOX_ROOT).join(d))
+                .into_iter()
+                .flatten()
+        })
+        .flatten()
+        .map(|e| e.path())
+        .collect()
 }
 
 /// What the host has that hako must leave as it found it: the host namespace's network
@@ -492,6 +516,7 @@ pub struct Leftovers {
     pub processes: BTreeSet<(u32, String)>,
     pub mounts: Vec<PathBuf>,
     pub sandbox_dirs: Vec<PathBuf>,
+    pub records: Vec<PathBuf>,
 }
 
 impl Leftovers {
@@ -500,11 +525,15 @@ impl Leftovers {
             processes: hako_processes(),
             mounts: mounts_under(Path::new(SANDBOX_ROOT)),
             sandbox_dirs: sandbox_dirs(),
+            records: sandbox_records(),
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.processes.is_empty() && self.mounts.is_empty() && self.sandbox_dirs.is_empty()
+        self.processes.is_empty()
+            && self.mounts.is_empty()
+            && self.sandbox_dirs.is_empty()
+            && self.records.is_empty()
     }
 }
 
@@ -785,6 +814,11 @@ pub struct EventWatcher {
 }
 
 impl EventWatcher {
+    /// Every event line printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
     /// Waits (bounded) until a printed event line contains every one of `parts`.
     pub fn wait_for(&self, parts: &[&str]) -> String {
         let started = Instant::now();
@@ -812,5 +846,40 @@ impl Drop for EventWatcher {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A hako configuration file for one test (the rest is the built-in defaults), passed to the
+/// shims as HAKO_CONFIG; removed on drop.
+pub struct HakoConfig {
+    dir: PathBuf,
+    pub path: String,
+}
+
+impl HakoConfig {
+    pub fn new(toml: &str) -> HakoConfig {
+        let dir = std::env::temp_dir().join(format!(
+            "hako-config-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("configuration.toml");
+        fs::write(&file, toml).unwrap();
+        HakoConfig {
+            path: file.display().to_string(),
+            dir,
+        }
+    }
+
+    /// The environment that makes containerd's shims read it.
+    pub fn env(&self) -> [(&str, &str); 1] {
+        [("HAKO_CONFIG", self.path.as_str())]
+    }
+}
+
+impl Drop for HakoConfig {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hako_shim::daemon::{resolve_binary, Daemon};
+use hako_shim::sandbox::SandboxPaths;
 use hako_shim::vmm::cloud_hypervisor::api::ApiClient;
 use hako_shim::vmm::cloud_hypervisor::types::{FsConfig, VmState};
 use hako_shim::vmm::cloud_hypervisor::{binary_from_env, CloudHypervisor};
@@ -34,9 +35,13 @@ fn binary() -> PathBuf {
 
 /// The spec the sandbox would give the backend, with the installed guest.
 fn spec(dir: &Path, tap_fd: i32) -> VmSpec {
+    let files = SandboxPaths::new(dir, "ns", "ch-e2e")
+        .unwrap()
+        .vm_files(1 << 20);
+    fs::create_dir_all(&files.vmm_dir).unwrap();
     VmSpec {
         sandbox_id: "ch-e2e".into(),
-        dir: dir.to_path_buf(),
+        files,
         vcpus: 1,
         memory_mib: 256,
         kernel: PathBuf::from(GUEST).join("vmlinuz"),
@@ -47,8 +52,6 @@ fn spec(dir: &Path, tap_fd: i32) -> VmSpec {
             socket: dir.join("fs.sock"),
         },
         fs_tag: "hakoShared".into(),
-        agent_socket: dir.join("agent.sock"),
-        console_log: dir.join("console.log"),
         net: vec![NetDevice {
             id: "nic0".into(),
             tap_fds: vec![tap_fd],
@@ -56,6 +59,8 @@ fn spec(dir: &Path, tap_fd: i32) -> VmSpec {
         }],
         netns: None,
         hotplug_slots: 0,
+        user: None,
+        cgroups: Vec::new(),
     }
 }
 
@@ -73,6 +78,7 @@ async fn a_real_cloud_hypervisor_takes_the_vm_hako_defines() {
         "cloud-hypervisor",
         cmd,
         &dir.join("vmm.log"),
+        1 << 20,
         &dir.join("vmm.pid"),
     )
     .unwrap();
@@ -124,7 +130,7 @@ async fn a_real_cloud_hypervisor_takes_the_vm_hako_defines() {
     assert_eq!(tags, ["hakoShared", "second"]);
     assert_eq!(
         config.vsock.as_ref().map(|v| v.socket.clone()),
-        Some(spec.agent_socket.clone())
+        Some(spec.files.agent_socket.clone())
     );
     let nets = config.net.as_deref().unwrap();
     assert_eq!(nets[0].mac.as_deref(), Some("02:42:0a:58:00:02"));

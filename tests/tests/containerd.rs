@@ -236,8 +236,33 @@ fn bad_ids_and_namespaces_are_refused_before_anything_is_created() {
 
 #[test]
 #[ignore = "boots VMs: run through scripts/test.sh"]
-fn pod_annotations_size_the_vm_and_others_are_refused() {
+fn pod_annotations_size_the_vm_within_the_operators_bounds() {
+    // Without bounds in the configuration, a pod may ask for no more than the default size.
     for_each_containerd(|c| {
+        for (annotation, said) in [
+            ("io.hako.vcpus=64", "more than the 1"),
+            ("io.hako.memory_mib=65536", "more than the 512"),
+            ("io.hako.vcpus=2", "hypervisor.max_vcpus"),
+        ] {
+            let r = c.run_rm_with("greedy", &["--annotation", annotation], &["true"]);
+            assert_ne!(r.code, 0, "{annotation}: {r:?}");
+            assert!(r.stderr.contains(said), "{annotation}: {r:?}");
+        }
+        // The kernel command line (like host helper paths) is not a pod's to change.
+        let r = c.run_rm_with(
+            "refused",
+            &["--annotation", "io.hako.kernel_params=init=/bin/sh"],
+            &["true"],
+        );
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(
+            r.stderr.contains("io.hako.kernel_params") && r.stderr.contains("unknown"),
+            "{r:?}"
+        );
+    });
+    // Within the bounds an operator sets, a pod chooses.
+    let config = HakoConfig::new("[hypervisor]\nmax_vcpus = 2\nmax_memory_mib = 1024\n");
+    for_each_containerd_with_env(&config.env(), |c| {
         let r = c.run_rm_with(
             "sized",
             &[
@@ -258,18 +283,8 @@ fn pod_annotations_size_the_vm_and_others_are_refused() {
         let mem_kib: u64 = lines.get(1).and_then(|l| l.parse().ok()).unwrap_or(0);
         // 256 MiB less what the guest kernel keeps for itself.
         assert!((180_000..=262_144).contains(&mem_kib), "{r:?}");
-
-        // The kernel command line (like host helper paths) is not a pod's to change.
-        let r = c.run_rm_with(
-            "refused",
-            &["--annotation", "io.hako.kernel_params=init=/bin/sh"],
-            &["true"],
-        );
-        assert_ne!(r.code, 0, "{r:?}");
-        assert!(
-            r.stderr.contains("io.hako.kernel_params") && r.stderr.contains("unknown"),
-            "{r:?}"
-        );
+        let r = c.run_rm_with("greedy", &["--annotation", "io.hako.vcpus=3"], &["true"]);
+        assert!(r.stderr.contains("more than the 2"), "{r:?}");
     });
 }
 

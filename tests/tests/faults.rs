@@ -96,12 +96,8 @@ fn virtiofsd_killed_fails_the_sandbox() {
 #[test]
 #[ignore = "boots VMs: run through scripts/test.sh"]
 fn an_agent_that_does_not_answer_fails_calls_in_time_and_sigkill_still_works() {
-    let dir = std::env::temp_dir().join(format!("hako-agent-timeout-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("configuration.toml");
-    std::fs::write(&config, "[agent]\ncall_timeout_ms = 2000\n").unwrap();
-    let config = config.display().to_string();
-    for_each_containerd_with_env(&[("HAKO_CONFIG", &config)], |c| {
+    let config = HakoConfig::new("[agent]\ncall_timeout_ms = 2000\n");
+    for_each_containerd_with_env(&config.env(), |c| {
         survive(c, "frozen", &[], |c| {
             // A stopped VM: the agent's socket accepts nothing and answers nothing.
             let pid = c.task_pid("frozen");
@@ -120,7 +116,6 @@ fn an_agent_that_does_not_answer_fails_calls_in_time_and_sigkill_still_works() {
             assert_eq!(r.code, 0, "{r:?}");
         });
     });
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -74,6 +74,25 @@ fn host_helpers_run_confined() {
                 "virtiofsd {pid} in the host's mount namespace"
             );
         }
+        // The VMM and the vsock backend run as a uid (and gid) of the pod's own, nobody on the
+        // host; virtiofsd keeps root, which serving files as their owners needs.
+        let uid = |pid: u32| status_field(pid, "Uid");
+        let vmm_uid = uid(qemu);
+        assert!(!vmm_uid.starts_with("0\t"), "qemu runs as root: {vmm_uid}");
+        assert_eq!(uid(vsock[0]), vmm_uid, "vsock backend");
+        assert_eq!(status_field(qemu, "Gid"), vmm_uid, "qemu's gid is its uid");
+        // Every helper is in the pod's cgroup (ctr's /default/<id>), charged to the pod.
+        for pid in [qemu, vsock[0]].iter().chain(&virtiofsd) {
+            let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+            for line in cgroups.lines().filter(|l| !l.ends_with("/init.scope")) {
+                assert!(line.ends_with(":/default/confined"), "{pid}: {cgroups}");
+            }
+        }
+        // A second pod's VMM has another uid: it cannot signal or trace the first.
+        let r = c.run_detached("neighbour", &[], &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_ne!(uid(c.task_pid("neighbour")), vmm_uid);
+        c.remove_task("neighbour");
         let serving: Vec<&u32> = virtiofsd
             .iter()
             .filter(|p| status_field(**p, "Seccomp") == "2")
@@ -91,6 +110,11 @@ fn host_helpers_run_confined() {
             assert!(status.contains("Seccomp:\t2"), "thread {:?}", task.path());
         }
         c.remove_task("confined");
+        // The pod's cgroup goes with it (the leak check compares the host's cgroups too).
+        assert!(fs::read_dir("/sys/fs/cgroup")
+            .unwrap()
+            .flatten()
+            .all(|h| !h.path().join("default/confined").exists()));
     });
 }
 
@@ -156,4 +180,276 @@ fn a_root_guest_cannot_reach_past_the_share() {
         assert_eq!(fs::read(&path).unwrap(), bytes, "{path} changed");
     }
     fs::remove_file(&marker).unwrap();
+}
+
+/// A privileged container (root in the guest) mknods the guest's serial console and floods it;
+/// a plain container cannot even open it. The console log on the host stays within its cap,
+/// and `hako logs` shows the guest's escape sequences escaped.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn the_guest_console_cannot_fill_the_hosts_disk() {
+    let config = HakoConfig::new("[runtime]\nlog_max_bytes = 65536\n");
+    for_each_containerd_with_env(&config.env(), |c| {
+        // Default capabilities include mknod, but the device rules (deny all but the usual
+        // devices, as runc) keep the console closed.
+        let r = c.run_rm(
+            "plain",
+            &[
+                "sh",
+                "-c",
+                "mknod /dev/console-s c 4 64 && echo spam > /dev/console-s",
+            ],
+        );
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(r.stderr.contains("Operation not permitted"), "{r:?}");
+
+        let r = c.run_detached("flood", &["--privileged"], &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let flood = "mknod /dev/console-s c 4 64; \
+                     printf '\\033]0;pwned\\007\\033[2Jmarker-from-the-guest\\n' > /dev/console-s; \
+                     head -c 8388608 /dev/zero | tr '\\0' x > /dev/console-s; echo flooded";
+        let r = c.exec("flood", "spam", &[], &["sh", "-c", flood]);
+        assert_eq!(r.stdout, "flooded\n", "{r:?}");
+        let dir = std::path::Path::new(SANDBOX_ROOT).join("default/flood");
+        // Everything the guest wrote went through the shim's copy: wait (bounded) until the
+        // rotation shows, then both files are within the cap.
+        let rotated = dir.join("console.log.1");
+        let started = std::time::Instant::now();
+        while !rotated.exists() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "no rotation"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        for log in [dir.join("console.log"), rotated] {
+            let size = fs::metadata(&log).unwrap().len();
+            assert!(size <= 65536, "{}: {size} bytes", log.display());
+        }
+        c.remove_task("flood");
+    });
+    // `hako logs` never hands the guest's control characters to the operator's terminal.
+    for_each_containerd(|c| {
+        let r = c.run_detached("loud", &["--privileged"], &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let script = "mknod /dev/console-s c 4 64; \
+                      printf '\\033]0;pwned\\007\\033[2J\\377marker-from-the-guest\\n' > /dev/console-s";
+        let r = c.exec("loud", "ansi", &[], &["sh", "-c", script]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let mut cmd = std::process::Command::new("/usr/local/bin/hako");
+        cmd.args(["logs", "loud"]);
+        let started = std::time::Instant::now();
+        let logs = loop {
+            let logs = run_with_timeout(cmd, None, std::time::Duration::from_secs(30));
+            if logs.stdout.contains("marker-from-the-guest") {
+                break logs;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "{logs:?}"
+            );
+            cmd = std::process::Command::new("/usr/local/bin/hako");
+            cmd.args(["logs", "loud"]);
+        };
+        assert!(
+            logs.stdout
+                .contains("\\x1b]0;pwned\\x07\\x1b[2J\\xffmarker-from-the-guest"),
+            "{logs:?}"
+        );
+        assert!(
+            !logs.stdout.contains('\u{1b}'),
+            "a raw escape reached the terminal"
+        );
+        c.remove_task("loud");
+    });
+}
+
+/// Nested volumes: the guest swaps the inner volume's directory (inside the outer, writable
+/// one) for a symlink to a host secret. The host does not follow it when the pod's next
+/// container binds the inner volume again.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_symlink_the_guest_planted_in_a_volume_is_not_followed() {
+    let base = std::env::temp_dir().join(format!("hako-nested-{}", std::process::id()));
+    let app = base.join("app");
+    let secret = base.join("secret");
+    fs::create_dir_all(app.join("config")).unwrap();
+    fs::create_dir_all(&secret).unwrap();
+    fs::write(secret.join("key"), "host secret\n").unwrap();
+    let volumes = [
+        format!(
+            "--mount=type=bind,src={},dst=/app,options=rbind:rw",
+            app.display()
+        ),
+        format!(
+            "--mount=type=bind,src={},dst=/app/config,options=rbind:ro",
+            app.join("config").display()
+        ),
+    ];
+    for_each_containerd(|c| {
+        let _ = fs::remove_file(app.join("config"));
+        let _ = fs::remove_dir_all(app.join("config"));
+        fs::create_dir_all(app.join("config")).unwrap();
+        let mut first: Vec<&str> = volumes.iter().map(String::as_str).collect();
+        first.extend([
+            "--privileged",
+            "--annotation=io.kubernetes.cri.container-type=sandbox",
+            POD,
+        ]);
+        let r = c.run_detached("hostile", &first, &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let plant = format!(
+            "umount /app/config && rmdir /app/config && ln -s {} /app/config && echo planted",
+            secret.display()
+        );
+        let r = c.exec("hostile", "plant", &[], &["sh", "-c", &plant]);
+        assert_eq!(r.stdout, "planted\n", "{r:?}");
+        assert!(fs::symlink_metadata(app.join("config"))
+            .unwrap()
+            .is_symlink());
+
+        let mut second: Vec<&str> = volumes.iter().map(String::as_str).collect();
+        second.push(POD);
+        let r = c.run_rm_with("second", &second, &["cat", "/app/config/key"]);
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(!r.stdout.contains("host secret"), "{r:?}");
+        assert!(
+            r.stderr
+                .contains("symlink in a directory the guest can write"),
+            "{r:?}"
+        );
+        c.remove_task("hostile");
+    });
+    fs::remove_dir_all(&base).unwrap();
+}
+
+/// Guest root makes a device node and a setuid-root program in a read-write volume. Device
+/// nodes cannot be made (virtiofsd has no CAP_MKNOD), and what lands on the host is bound
+/// nosuid and nodev: run through hako's binds by an unprivileged user, the program gains nothing.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn devices_and_setuid_programs_the_guest_plants_do_nothing_on_the_host() {
+    let vol = std::env::temp_dir().join(format!("hako-plant-{}", std::process::id()));
+    fs::create_dir_all(&vol).unwrap();
+    let mount = format!(
+        "--mount=type=bind,src={},dst=/vol,options=rbind:rw",
+        vol.display()
+    );
+    // A root-owned program that reports its effective uid and never drops it (busybox drops a
+    // setuid bit itself); the guest makes it setuid.
+    let program = vol.join("id");
+    for_each_containerd(|c| {
+        fs::copy("/usr/bin/id", &program).unwrap();
+        let r = c.run_detached("planter", &["--privileged", &mount], &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let script = "mknod /vol/null c 1 3 2>&1; chmod 4755 /vol/id && echo planted";
+        let r = c.exec("planter", "plant", &[], &["sh", "-c", script]);
+        assert!(r.stdout.contains("Operation not permitted"), "{r:?}");
+        assert!(r.stdout.contains("planted"), "{r:?}");
+        assert!(!vol.join("null").exists());
+        // The host's binds of the volume carry nosuid and nodev.
+        let share = std::path::Path::new(SANDBOX_ROOT).join("default/planter");
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let binds: Vec<&str> = info
+            .lines()
+            .filter(|l| l.contains(&format!("{}/", share.display())) && l.contains("/mounts/"))
+            .collect();
+        assert!(!binds.is_empty(), "{info}");
+        for line in &binds {
+            let options = line.split(' ').nth(5).unwrap();
+            assert!(
+                options.contains("nosuid") && options.contains("nodev"),
+                "{line}"
+            );
+        }
+        let as_nobody = |path: &std::path::Path| {
+            let out = std::process::Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(path)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        // The planted program is setuid-root (run from the directory the operator lent, it
+        // is root)...
+        assert!(
+            as_nobody(&program).contains("euid=0"),
+            "the plant did not work"
+        );
+        // ...but not through hako's binds.
+        let bound = fs::read_dir(share.join("rw/planter/mounts"))
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .path()
+            .join("id");
+        let out = as_nobody(&bound);
+        assert!(
+            out.starts_with("uid=65534") && !out.contains("euid=0"),
+            "{out}"
+        );
+        c.remove_task("planter");
+        fs::remove_file(&program).unwrap();
+    });
+    fs::remove_dir_all(&vol).unwrap();
+}
+
+/// A guest whose agent forges OOM kills (built with `--features hostile`; scripts/test.sh
+/// makes its image): other pods' containers are never reported OOM-killed, the forged ids are
+/// quoted in the shim's log, and the flood is rate-limited.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn forged_oom_events_reach_no_one() {
+    let image = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest-hostile");
+    assert!(
+        image.join("initramfs.cpio").is_file(),
+        "no hostile guest image in {}: scripts/test.sh builds it",
+        image.display()
+    );
+    let config = HakoConfig::new(&format!(
+        "[hypervisor]\nkernel = \"{0}/vmlinux\"\nvmlinux = \"{0}/vmlinux\"\ninitrd = \"{0}/initramfs.cpio\"\nkernel_params = \"hako.hostile=oom\"\n",
+        image.display()
+    ));
+    for_each_containerd(|c| {
+        let events = c.events();
+        let r = c.run_detached("victim", &[], &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        // Only the attacker's pod runs the hostile guest.
+        let hostile = format!("--runtime-config-path={}", config.path);
+        let r = c.run_detached("attacker", &[&hostile], &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        // The shim says it refused them (the first, then at powers of two).
+        let started = std::time::Instant::now();
+        while !c
+            .log()
+            .contains("is not a container of this sandbox: ignored (4 so far)")
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "{}",
+                c.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let log = c.log();
+        // The id with a newline in it stays inside the shim's one quoted line.
+        for line in log.lines().filter(|l| l.contains("forged by the guest")) {
+            assert!(
+                line.contains("OOM kill of"),
+                "a forged line got through: {line}"
+            );
+        }
+        assert!(!log.lines().any(|l| l.starts_with("level=error")), "{log}");
+        // Ten a second at most, logged at powers of two: a few lines, not thousands.
+        let lines = log.matches("is not a container of this sandbox").count();
+        assert!(lines < 10, "{lines} lines");
+        c.remove_task("attacker");
+        c.remove_task("victim");
+        let seen = events.lines();
+        assert!(
+            !seen.iter().any(|l| l.contains("/tasks/oom")),
+            "an OOM event was published: {seen:#?}"
+        );
+    });
 }

@@ -120,11 +120,13 @@ fn the_vm_takes_over_the_pods_network() {
     let with_ns = format!("--with-ns=network:{}", net.netns_path());
     for_each_containerd(|c| {
         // Out: the container fetches a page from the server namespace, over IPv4.
-        let fetch = "ip -o addr show eth0; ip route; ip neigh show; ip -6 neigh show; \
+        // The guest NIC has the pod interface's name, as a runc container would see it.
+        let fetch = format!("ip -o addr show dev {}; ", net.veth)
+            + "ip route; ip neigh show; ip -6 neigh show; \
                      printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.99.0.1 8080; \
                      (nc -l -p 7777 -e echo loopback-answers &); \
                      for i in $(seq 50); do nc 127.0.0.1 7777 </dev/null 2>/dev/null && break; sleep 0.1; done";
-        let r = c.run_rm_with("net1", &[&with_ns], &["sh", "-c", fetch]);
+        let r = c.run_rm_with("net1", &[&with_ns], &["sh", "-c", &fetch]);
         assert_eq!(r.code, 0, "{r:?}");
         assert!(r.stdout.contains("inet 10.99.0.2/24"), "{r:?}");
         assert!(r.stdout.contains("inet6 fd99::2/64"), "{r:?}");
@@ -175,15 +177,31 @@ fn the_vm_takes_over_the_pods_network() {
 
 #[test]
 #[ignore = "boots VMs: run through scripts/test.sh"]
-fn without_a_namespace_there_is_no_nic_and_host_networking_is_refused() {
+fn an_empty_namespace_gives_no_nic_and_the_hosts_namespace_is_refused() {
     for_each_containerd(|c| {
-        let r = c.run_rm("nonet", &["sh", "-c", "ls /sys/class/net"]);
+        // A new namespace of the shim's own, with nothing in it: loopback only, and the VMM
+        // (the task's pid) is in that namespace, not the host's.
+        let r = c.run_detached("nonet", &[], &["sleep", "600"]);
         assert_eq!(r.code, 0, "{r:?}");
+        let r = c.exec("nonet", "links", &[], &["ls", "/sys/class/net"]);
         assert_eq!(
             r.stdout.split_whitespace().collect::<Vec<_>>(),
             ["lo"],
             "{r:?}"
         );
+        let ns = |pid: u32| fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        let vmm = c.task_pid("nonet");
+        assert_ne!(
+            ns(vmm),
+            ns(std::process::id()),
+            "the VMM runs in the host's namespace"
+        );
+        assert_ne!(
+            ns(vmm),
+            ns(c.pid()),
+            "the VMM runs in containerd's namespace"
+        );
+        c.remove_task("nonet");
 
         let r = c.run_rm_with("hostnet", &["--net-host"], &["true"]);
         assert_ne!(r.code, 0, "{r:?}");
@@ -191,6 +209,16 @@ fn without_a_namespace_there_is_no_nic_and_host_networking_is_refused() {
             r.stderr.contains("host networking is not possible"),
             "{r:?}"
         );
+        // A namespace path that names the host's own namespace, by whatever name: refused
+        // before anything is made. (init's may be unreadable even to root, as on these build
+        // machines: refused either way.)
+        let containerd_ns = format!("--with-ns=network:/proc/{}/ns/net", c.pid());
+        let r = c.run_rm_with("hostns", &[&containerd_ns], &["true"]);
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(r.stderr.contains("is the host's own"), "{r:?}");
+        let r = c.run_rm_with("initns", &["--with-ns=network:/proc/1/ns/net"], &["true"]);
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(r.stderr.contains("/proc/1/ns/net"), "{r:?}");
     });
 }
 
@@ -199,15 +227,12 @@ fn without_a_namespace_there_is_no_nic_and_host_networking_is_refused() {
 fn a_vm_with_two_vcpus_gets_a_queue_pair_per_vcpu() {
     let net = TestNet::new();
     let with_ns = format!("--with-ns=network:{}", net.netns_path());
-    let dir = std::env::temp_dir().join(format!("hako-mq-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("configuration.toml");
-    fs::write(&config, "[hypervisor]\nvcpus = 2\n").unwrap();
-    let config = config.display().to_string();
-    for_each_containerd_with_env(&[("HAKO_CONFIG", &config)], |c| {
-        let script = "nproc; ls /sys/class/net/eth0/queues; \
+    let config = HakoConfig::new("[hypervisor]\nvcpus = 2\n");
+    for_each_containerd_with_env(&config.env(), |c| {
+        let script = format!("nproc; ls /sys/class/net/{}/queues; ", net.veth)
+            + "\
                       printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.99.0.1 8080";
-        let r = c.run_rm_with("mq", &[&with_ns], &["sh", "-c", script]);
+        let r = c.run_rm_with("mq", &[&with_ns], &["sh", "-c", &script]);
         assert_eq!(r.code, 0, "{r:?}");
         let words: Vec<&str> = r.stdout.split_whitespace().collect();
         assert_eq!(words[0], "2", "{r:?}");
@@ -218,5 +243,4 @@ fn a_vm_with_two_vcpus_gets_a_queue_pair_per_vcpu() {
         // The tap and both its queues are gone: the namespace is as the plugin left it.
         net.assert_pristine();
     });
-    fs::remove_dir_all(&dir).unwrap();
 }

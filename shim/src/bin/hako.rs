@@ -8,6 +8,7 @@ use anyhow::Context;
 use hako_shim::config::{Config, HypervisorKind};
 use hako_shim::daemon::resolve_binary;
 use hako_shim::ids::validate;
+use hako_shim::logs::{escape, CappedLog};
 use hako_shim::vmm::choose_accel;
 use hako_shim::vmm::cloud_hypervisor::CloudHypervisor;
 
@@ -81,13 +82,17 @@ fn logs(namespace: &str, sandbox: &str) -> anyhow::Result<bool> {
             dir.display()
         );
     }
+    // What the guest wrote reaches a terminal here: escaped. A rotated log comes first.
     for name in LOGS {
-        let path = dir.join(name);
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            println!("==> {} <==", path.display());
-            print!("{text}");
-            if !text.ends_with('\n') && !text.is_empty() {
-                println!();
+        let current = dir.join(name);
+        for path in [CappedLog::rotated(&current), current] {
+            if let Ok(bytes) = std::fs::read(&path) {
+                let text = escape(&bytes);
+                println!("==> {} <==", path.display());
+                print!("{text}");
+                if !text.ends_with('\n') && !text.is_empty() {
+                    println!();
+                }
             }
         }
     }

@@ -1,15 +1,11 @@
-//! The sandbox: one VM per pod, with its directory, share mounts and helper processes.
-//!
-//! Layout of `<sandbox_root>/<namespace>/<sandbox id>/`:
-//! `rw/` (the host writes here) and `ro/` (a read-only bind of `rw/`, a slave of it so later
-//! mounts under `rw/` appear; virtiofsd serves only `ro/`), the sockets `fs.sock`, `vhu.sock`,
-//! `agent.sock`, `qmp.sock`, logs (`console.log`, `vmm.log`, `virtiofsd.log`, `vsock.log`), the
-//! pod's own network namespace `netns` when the shim made one, and
-//! pid files. Each container gets `rw/<cid>/rootfs` (a bind of its rootfs) and
-//! `rw/<cid>/mounts/<n>-<name>` for its bind mounts.
+//! The sandbox: one VM per pod, with its directory (`paths`), share mounts, helper processes,
+//! network, cgroup and the VMM's user.
 
 pub mod mounts;
+pub mod paths;
+pub mod resolve;
 pub mod spec;
+pub mod user;
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -21,6 +17,7 @@ use nix::mount::MsFlags;
 use tokio::sync::watch;
 
 use crate::agent_client::{dial, AgentClient, AgentError, ReadyListener, TtrpcAgent};
+use crate::cgroup::{CgroupError, PodCgroup};
 use crate::config::{Config, SharedFsKind};
 use crate::daemon::{kill_from_pid_file, tail, wait_gone, DaemonError};
 use crate::fs::{FsPaths, SharedFs, Virtiofsd};
@@ -31,16 +28,10 @@ use crate::net::{NetError, NetnsHolder, NetworkMode, PodNetwork};
 use crate::timing::Timings;
 use crate::vmm::{kernel_cmdline, Hypervisor, Share, VmSpec, VmmError};
 use mounts::{MountError, RootfsMount};
+pub use paths::SandboxPaths;
+use paths::{MAX_SOCKET_PATH, PID_FILES};
 use spec::SharedBind;
-
-/// Longest unix socket path the kernel takes (sun_path is 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
-const PID_FILES: [&str; 3] = ["vmm.pid", "virtiofsd.pid", "vsock.pid"];
-/// The pod network's veths and taps, for cleanup when the shim is gone.
-const NET_RECORD: &str = "net.json";
-/// Mount point of the network namespace the shim makes when the caller's hooks set up the
-/// network (Docker, nerdctl) instead of handing over a namespace path.
-const OWN_NETNS: &str = "netns";
+use user::UserError;
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How long a guest may take to let go of a NIC the pod lost.
 const NIC_UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,6 +55,12 @@ pub enum SandboxError {
     Net(#[from] NetError),
     #[error(transparent)]
     Hook(#[from] HookError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error(transparent)]
+    Resolve(#[from] resolve::ResolveError),
     /// The VM did not come up; carries the end of the guest console.
     #[error("the sandbox VM did not come up: {reason}; guest console: {console}")]
     Boot { reason: String, console: String },
@@ -82,45 +79,6 @@ pub enum SandboxError {
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {
     let path = path.to_path_buf();
     move |source| SandboxError::Io { what, path, source }
-}
-
-/// Where everything of one sandbox lives.
-#[derive(Debug, Clone)]
-pub struct SandboxPaths {
-    pub dir: PathBuf,
-    pub rw: PathBuf,
-    pub ro: PathBuf,
-    pub fs_socket: PathBuf,
-    pub agent_socket: PathBuf,
-    pub console_log: PathBuf,
-}
-
-impl SandboxPaths {
-    /// Checks the ids, then builds the paths. Nothing is touched on disk.
-    pub fn new(root: &Path, namespace: &str, sandbox_id: &str) -> Result<Self, SandboxError> {
-        validate("namespace", namespace)?;
-        validate("sandbox id", sandbox_id)?;
-        let dir = root.join(namespace).join(sandbox_id);
-        let paths = Self {
-            rw: dir.join("rw"),
-            ro: dir.join("ro"),
-            fs_socket: dir.join("fs.sock"),
-            agent_socket: dir.join("agent.sock"),
-            console_log: dir.join("console.log"),
-            dir,
-        };
-        let ready = ReadyListener::path_for(&paths.agent_socket, hako_protocol::READY_VSOCK_PORT);
-        for socket in [&paths.fs_socket, &ready, &paths.dir.join("vhu.sock")] {
-            if socket.as_os_str().len() > MAX_SOCKET_PATH {
-                return Err(SandboxError::PathTooLong(socket.clone()));
-            }
-        }
-        Ok(paths)
-    }
-
-    pub fn container_dir(&self, container_id: &str) -> PathBuf {
-        self.rw.join(container_id)
-    }
 }
 
 pub struct Sandbox {
@@ -142,15 +100,34 @@ pub struct Sandbox {
     network_watch: Option<tokio::task::JoinHandle<()>>,
     /// Stops the VM when virtiofsd dies under it (see `watch_shared_fs`).
     fs_watch: Option<tokio::task::JoinHandle<()>>,
+    /// The pod's cgroup on the host, which the VMM and its helpers join.
+    cgroup: Option<PodCgroup>,
+    /// The unprivileged user the VMM runs as.
+    vmm_user: Option<user::Claim>,
+    /// Directories the guest can write into (read-write volumes, root filesystems), by
+    /// identity: bind sources are never resolved through a symlink in one of them.
+    guest_writable: Vec<resolve::Identity>,
     pub timings: Timings,
 }
 
+/// A container's root filesystem as containerd or Docker hands it over.
+pub struct ContainerRootfs<'a> {
+    /// Where it is (or is mounted) on the host: `<bundle>/rootfs` or the spec's `root.path`.
+    pub dir: &'a Path,
+    /// containerd's rootfs mounts; none when the caller mounted it itself.
+    pub mounts: &'a [RootfsMount],
+    /// The spec's `root.readonly`.
+    pub readonly: bool,
+}
+
 impl Sandbox {
-    /// Makes the sandbox dir and its share mounts. On error nothing is left behind.
+    /// Makes the sandbox dir, its share mounts, the pod's cgroup (`cgroups_path`, the first
+    /// container's) and claims the VMM's user. On error nothing is left behind.
     pub async fn prepare(
         config: &Config,
         namespace: &str,
         sandbox_id: &str,
+        cgroups_path: Option<&str>,
     ) -> Result<Self, SandboxError> {
         let paths = SandboxPaths::new(&config.runtime.sandbox_root, namespace, sandbox_id)?;
         if paths.dir.exists() {
@@ -174,13 +151,66 @@ impl Sandbox {
             network_dirty: None,
             network_watch: None,
             fs_watch: None,
+            cgroup: None,
+            vmm_user: None,
+            guest_writable: Vec::new(),
             timings: Timings::new(),
         };
-        if let Err(e) = sandbox.make_share() {
+        let mut sandbox = sandbox;
+        if let Err(e) = sandbox.make_dirs(cgroups_path) {
+            sandbox.release_host_resources().await;
             let _ = remove_sandbox_dir(&sandbox.paths.dir);
             return Err(e);
         }
         Ok(sandbox)
+    }
+
+    /// The sandbox dir (`rw/`, `ro/`, and `vmm/` owned by the VMM's user), the pod's cgroup
+    /// and the VMM's user, each recorded for `cleanup_on_disk`.
+    fn make_dirs(&mut self, cgroups_path: Option<&str>) -> Result<(), SandboxError> {
+        self.make_share()?;
+        let root = &self.config.runtime.sandbox_root;
+        if let Some(path) = cgroups_path.filter(|p| !p.is_empty()) {
+            let cgroup = PodCgroup::create(path, root)?;
+            let record = serde_json::to_vec(&cgroup).unwrap_or_default();
+            let at = &self.paths.cgroup_record;
+            self.cgroup = Some(cgroup);
+            fs::write(at, record).map_err(io_err("writing", at))?;
+        }
+        // QEMU serves 9p itself and must open the share's files as their owners: it stays root
+        // there (ADR 9: not for production).
+        let count = self.config.runtime.vmm_uid_count;
+        if count > 0 && self.config.hypervisor.shared_fs == SharedFsKind::VirtioFs {
+            let key = format!("{}/{}", self.namespace, self.id);
+            let claim = user::claim(root, &key, self.config.runtime.vmm_uid_base, count)?;
+            let at = &self.paths.vmm_user_record;
+            let file = claim.file().to_path_buf();
+            self.vmm_user = Some(claim);
+            fs::write(at, file.as_os_str().as_encoded_bytes()).map_err(io_err("writing", at))?;
+        }
+        let vmm_dir = &self.paths.vmm_dir;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(vmm_dir)
+            .map_err(io_err("creating", vmm_dir))?;
+        crate::vmm::hand_to(self.vmm_user(), vmm_dir)?;
+        Ok(())
+    }
+
+    fn vmm_user(&self) -> Option<&crate::vmm::VmmUser> {
+        self.vmm_user.as_ref().map(|c| &c.user)
+    }
+
+    /// Gives back the pod's cgroup and the VMM's uid, once their processes are gone.
+    async fn release_host_resources(&mut self) {
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup
+                .remove_when_empty(&self.config.runtime.sandbox_root, STOP_GRACE)
+                .await;
+        }
+        if let Some(claim) = self.vmm_user.take() {
+            claim.release();
+        }
     }
 
     fn make_share(&self) -> Result<(), SandboxError> {
@@ -192,12 +222,16 @@ impl Sandbox {
                 .create(parent)
                 .map_err(io_err("creating", parent))?;
         }
+        // Others may pass through (the VMM's user reaches vmm/ and fs.sock), not list.
         fs::DirBuilder::new()
-            .mode(0o700)
+            .mode(0o711)
             .create(&p.dir)
             .map_err(io_err("creating", &p.dir))?;
         for dir in [&p.rw, &p.ro] {
-            fs::create_dir(dir).map_err(io_err("creating", dir))?;
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err("creating", dir))?;
         }
         // rw/ gets a peer group of its own (private first, so nothing leaks to the host's
         // groups), ro/ is a read-only slave copy of it: mounts added under rw/ later show up in
@@ -212,94 +246,106 @@ impl Sandbox {
 
     /// Mounts a container's rootfs (containerd's `rootfs` mounts on `bundle_rootfs`, or nothing
     /// when the caller mounted it there itself, as Docker does) and binds it and the container's
-    /// volumes into the share. On error nothing is left.
+    /// volumes into the share, every bind nosuid and nodev on the host. A read-only root is
+    /// read-only on the host too; the mount points the container needs (`targets`: destination
+    /// and whether it is a directory) are made in it first. Bind sources are opened without
+    /// following what the guest may have planted in the pod's writable volumes and root
+    /// filesystems (`resolve`). On error nothing is left.
     pub fn attach_container(
-        &self,
+        &mut self,
         container_id: &str,
-        bundle_rootfs: &Path,
-        rootfs: &[RootfsMount],
+        rootfs: &ContainerRootfs<'_>,
         binds: &[SharedBind],
+        targets: &[PathBuf],
     ) -> Result<(), SandboxError> {
         validate("container id", container_id)?;
-        let result = self.try_attach(container_id, bundle_rootfs, rootfs, binds);
+        let result = self.try_attach(container_id, rootfs, binds, targets);
         if result.is_err() {
-            self.detach_container(container_id, bundle_rootfs, !rootfs.is_empty());
+            self.detach_container(container_id, rootfs.dir, !rootfs.mounts.is_empty());
         }
         result
     }
 
     fn try_attach(
-        &self,
+        &mut self,
         container_id: &str,
-        bundle_rootfs: &Path,
-        rootfs: &[RootfsMount],
+        rootfs: &ContainerRootfs<'_>,
         binds: &[SharedBind],
+        targets: &[PathBuf],
     ) -> Result<(), SandboxError> {
-        if !rootfs.is_empty() {
+        let bundle_rootfs = rootfs.dir;
+        if !rootfs.mounts.is_empty() {
             fs::create_dir_all(bundle_rootfs).map_err(io_err("creating", bundle_rootfs))?;
-            mounts::mount_rootfs(rootfs, bundle_rootfs)?;
+            mounts::mount_rootfs(rootfs.mounts, bundle_rootfs)?;
         }
         let dir = self.paths.container_dir(container_id);
+        fs::create_dir_all(&self.paths.staging).map_err(io_err("creating", &self.paths.staging))?;
+        // Open every source first: their types say what mount points a read-only root needs.
+        let mut sources = Vec::with_capacity(binds.len());
+        for b in binds {
+            let fd = resolve::open_source(&b.host_source, &self.guest_writable)?;
+            let is_dir = fs::metadata(proc_fd(&fd))
+                .map_err(io_err("bind source", &b.host_source))?
+                .is_dir();
+            sources.push((fd, is_dir));
+        }
+        if rootfs.readonly {
+            let mut needed: Vec<(PathBuf, bool)> =
+                targets.iter().map(|t| (t.clone(), true)).collect();
+            needed.extend(
+                binds
+                    .iter()
+                    .zip(&sources)
+                    .map(|(b, (_, is_dir))| (b.destination.clone(), *is_dir)),
+            );
+            resolve::make_targets(bundle_rootfs, &needed)?;
+        } else {
+            let root = fs::File::open(bundle_rootfs).map_err(io_err("opening", bundle_rootfs))?;
+            self.note_guest_writable(&root);
+        }
         let target = dir.join("rootfs");
         fs::create_dir_all(&target).map_err(io_err("creating", &target))?;
-        mounts::bind(bundle_rootfs, &target, false)?;
-        if !binds.is_empty() {
-            let mounts_dir = dir.join("mounts");
-            fs::create_dir_all(&mounts_dir).map_err(io_err("creating", &mounts_dir))?;
-            for b in binds {
-                let target = mounts_dir.join(&b.name);
-                let meta =
-                    fs::metadata(&b.host_source).map_err(io_err("bind source", &b.host_source))?;
-                if meta.is_dir() {
-                    fs::create_dir(&target).map_err(io_err("creating", &target))?;
-                } else {
-                    fs::File::create(&target).map_err(io_err("creating", &target))?;
-                }
-                if b.readonly {
-                    self.bind_readonly(
-                        &b.host_source,
-                        &target,
-                        &format!("{container_id}-{}", b.name),
-                    )?;
-                } else {
-                    mounts::bind(&b.host_source, &target, false)?;
-                }
+        let staging = self.paths.staging.join(format!("{container_id}-rootfs"));
+        let restrict = mounts::Restrict {
+            readonly: rootfs.readonly,
+            recursive_readonly: false,
+        };
+        mounts::bind_restricted(bundle_rootfs, &target, &staging, restrict)?;
+        if binds.is_empty() {
+            return Ok(());
+        }
+        let mounts_dir = dir.join("mounts");
+        fs::create_dir_all(&mounts_dir).map_err(io_err("creating", &mounts_dir))?;
+        for (b, (fd, is_dir)) in binds.iter().zip(&sources) {
+            let target = mounts_dir.join(&b.name);
+            if *is_dir {
+                fs::create_dir(&target).map_err(io_err("creating", &target))?;
+            } else {
+                fs::File::create(&target).map_err(io_err("creating", &target))?;
             }
+            if !b.readonly && !b.recursive_readonly && *is_dir {
+                self.note_guest_writable(fd);
+            }
+            let staging = self
+                .paths
+                .staging
+                .join(format!("{container_id}-{}", b.name));
+            let restrict = mounts::Restrict {
+                readonly: b.readonly,
+                recursive_readonly: b.recursive_readonly,
+            };
+            mounts::bind_restricted(&proc_fd(fd), &target, &staging, restrict)?;
         }
         Ok(())
     }
 
-    /// Binds `source` read-only at `target` so that every copy of the mount is read-only: the one
-    /// propagated into `ro/` and the one in virtiofsd's namespace. A read-only remount of a bind
-    /// does not propagate, so the mount is made read-only in a private staging place first and
-    /// only then bound under `rw/`; a bind of a read-only mount is read-only from the start.
-    fn bind_readonly(&self, source: &Path, target: &Path, name: &str) -> Result<(), SandboxError> {
-        let staging_dir = self.paths.dir.join("staging");
-        fs::create_dir_all(&staging_dir).map_err(io_err("creating", &staging_dir))?;
-        let staging = staging_dir.join(name);
-        let is_dir = fs::metadata(source)
-            .map_err(io_err("bind source", source))?
-            .is_dir();
-        if is_dir {
-            fs::create_dir_all(&staging).map_err(io_err("creating", &staging))?;
-        } else {
-            fs::File::create(&staging).map_err(io_err("creating", &staging))?;
+    /// Remembers a directory the guest can write into, for `resolve::open_source`.
+    fn note_guest_writable(&mut self, dir: impl std::os::fd::AsFd) {
+        if let Ok(id) = resolve::identity(dir) {
+            if !self.guest_writable.contains(&id) {
+                self.guest_writable.push(id);
+            }
         }
-        let result = (|| {
-            mounts::bind(source, &staging, false)?;
-            mounts::set_propagation(&staging, MsFlags::MS_PRIVATE)?;
-            mounts::remount_readonly(&staging)?;
-            mounts::bind(&staging, target, false)
-        })();
-        let cleanup = mounts::unmount(&staging);
-        if is_dir {
-            let _ = fs::remove_dir(&staging);
-        } else {
-            let _ = fs::remove_file(&staging);
-        }
-        result?;
-        cleanup?;
-        Ok(())
     }
 
     /// Undoes `attach_container`. Best effort: every step runs, failures are logged.
@@ -322,7 +368,7 @@ impl Sandbox {
         let h = &self.config.hypervisor;
         VmSpec {
             sandbox_id: self.id.clone(),
-            dir: self.paths.dir.clone(),
+            files: self.paths.vm_files(self.config.runtime.log_max_bytes),
             vcpus: h.vcpus,
             memory_mib: h.memory_mib,
             kernel: h.kernel.clone(),
@@ -338,8 +384,6 @@ impl Sandbox {
                 },
             },
             fs_tag: hako_protocol::SHARED_FS_TAG.to_string(),
-            agent_socket: self.paths.agent_socket.clone(),
-            console_log: self.paths.console_log.clone(),
             net: self
                 .network
                 .iter()
@@ -348,6 +392,8 @@ impl Sandbox {
                 .collect(),
             netns: self.netns.clone(),
             hotplug_slots: h.hotplug_slots,
+            user: self.vmm_user().cloned(),
+            cgroups: self.cgroup.iter().flat_map(PodCgroup::procs).collect(),
         }
     }
 
@@ -363,7 +409,7 @@ impl Sandbox {
                 Some(path.clone())
             }
             NetworkMode::Isolated => {
-                let path = self.paths.dir.join(OWN_NETNS);
+                let path = self.paths.netns.clone();
                 self.holder = Some(NetnsHolder::create(&path)?);
                 Some(path)
             }
@@ -417,7 +463,6 @@ impl Sandbox {
         }
         self.timings.mark("sandbox_prepare");
         let spec = self.vm_spec();
-        let dir = &self.paths.dir;
         // With virtio-9p the VMM serves the share itself: no daemon.
         if let Share::VirtioFs { socket } = &spec.share {
             let fs = Virtiofsd::spawn(
@@ -425,8 +470,10 @@ impl Sandbox {
                 &self.paths.ro,
                 FsPaths {
                     socket,
-                    log: &dir.join("virtiofsd.log"),
-                    pid_file: &dir.join("virtiofsd.pid"),
+                    log: &self.paths.virtiofsd_log,
+                    log_max: self.config.runtime.log_max_bytes,
+                    pid_file: &self.paths.virtiofsd_pid,
+                    cgroups: &spec.cgroups,
                 },
             )?;
             self.fs = Some(Box::new(fs));
@@ -435,10 +482,12 @@ impl Sandbox {
         // The vsock backend comes up while virtiofsd does.
         vmm.prepare(&spec).await?;
         let vmm = self.vmm.insert(vmm);
-        let ready = ReadyListener::bind(&self.paths.agent_socket, hako_protocol::READY_VSOCK_PORT)
-            .map_err(io_err("listening on", &self.paths.agent_socket))?;
+        let ready = ReadyListener::bind(&spec.files.agent_socket, hako_protocol::READY_VSOCK_PORT)
+            .map_err(io_err("listening on", &self.paths.ready_socket()))?;
+        crate::vmm::hand_to(spec.user.as_ref(), &self.paths.ready_socket())?;
         if let Some(fs) = &self.fs {
             fs.wait_ready(FS_READY_TIMEOUT).await?;
+            crate::vmm::hand_to(spec.user.as_ref(), fs.socket())?;
         }
         self.timings.mark("virtiofsd_ready");
         vmm.start(&spec).await?;
@@ -458,7 +507,7 @@ impl Sandbox {
             Ok(health) => {
                 self.timings.mark("agent_ready");
                 dial(
-                    &self.paths.agent_socket,
+                    &spec.files.agent_socket,
                     hako_protocol::AGENT_VSOCK_PORT,
                     DIAL_AFTER_READY,
                     vmm.exit_watch(),
@@ -508,8 +557,8 @@ impl Sandbox {
             return Ok(());
         };
         let record = serde_json::to_vec(&network.record()).unwrap_or_default();
-        let record_path = self.paths.dir.join(NET_RECORD);
-        fs::write(&record_path, record).map_err(io_err("writing", &record_path))
+        let at = &self.paths.net_record;
+        fs::write(at, record).map_err(io_err("writing", at))
     }
 
     /// Starts following the pod's network namespace; `resync` is called after each change
@@ -705,9 +754,16 @@ impl Sandbox {
         if let Some(network) = self.network.take() {
             network.teardown();
         }
+        self.release_host_resources().await;
         mounts::unmount_all_under(&self.paths.dir)?;
         remove_sandbox_dir(&self.paths.dir)
     }
+}
+
+/// The path that names an open descriptor: mounting it mounts exactly what was opened.
+fn proc_fd(fd: &std::os::fd::OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// The VMM's view of a NIC: its id, tap queues and MAC.
@@ -763,7 +819,7 @@ pub async fn cleanup_on_disk(
     if !paths.dir.exists() {
         return Ok(());
     }
-    if let Ok(bytes) = fs::read(paths.dir.join(NET_RECORD)) {
+    if let Ok(bytes) = fs::read(&paths.net_record) {
         if let Ok(record) = serde_json::from_slice::<crate::net::NetRecord>(&bytes) {
             crate::net::teardown_record(&record);
         }
@@ -775,28 +831,14 @@ pub async fn cleanup_on_disk(
         }
         wait_gone(&pid_file, STOP_GRACE).await;
     }
+    if let Ok(bytes) = fs::read(&paths.cgroup_record) {
+        if let Ok(cgroup) = serde_json::from_slice::<PodCgroup>(&bytes) {
+            cgroup.remove_when_empty(root, STOP_GRACE).await;
+        }
+    }
+    if let Ok(bytes) = fs::read(&paths.vmm_user_record) {
+        user::release_file(Path::new(&String::from_utf8_lossy(&bytes).into_owned()));
+    }
     mounts::unmount_all_under(&paths.dir)?;
     remove_sandbox_dir(&paths.dir)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_checked_before_paths_are_built() {
-        let root = Path::new("/run/hako");
-        assert!(SandboxPaths::new(root, "default", "../etc").is_err());
-        assert!(SandboxPaths::new(root, "a/b", "x").is_err());
-        let p = SandboxPaths::new(root, "default", "t1").expect("valid");
-        assert_eq!(p.dir, Path::new("/run/hako/default/t1"));
-        assert_eq!(p.container_dir("c"), Path::new("/run/hako/default/t1/rw/c"));
-    }
-
-    #[test]
-    fn overlong_socket_paths_are_refused() {
-        let err = SandboxPaths::new(Path::new("/run/hako"), &"n".repeat(60), &"s".repeat(60))
-            .expect_err("too long");
-        assert!(matches!(err, SandboxError::PathTooLong(_)), "{err}");
-    }
 }

@@ -137,6 +137,76 @@ pub fn remount_readonly(target: &Path) -> Result<(), MountError> {
     .map_err(mount_err("read-only remount", target))
 }
 
+/// How a bind into the share is restricted on the host, beyond nosuid and nodev.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restrict {
+    /// The mount itself read-only (`ro`).
+    pub readonly: bool,
+    /// Every level read-only (`rro`).
+    pub recursive_readonly: bool,
+}
+
+/// Binds `source` (and what is mounted below it) at `target` with nosuid and nodev on every
+/// level, so nothing the guest plants works on the host, and read-only as `how` says. A bind
+/// copies a mount's flags but a remount does not propagate, so the flags are set on a private
+/// bind in `staging` first; the bind under `rw/` then carries them into every copy (`ro/`,
+/// virtiofsd's namespace).
+pub fn bind_restricted(
+    source: &Path,
+    target: &Path,
+    staging: &Path,
+    how: Restrict,
+) -> Result<(), MountError> {
+    let is_dir = fs::metadata(source)
+        .map_err(|source_err| MountError::Dir {
+            what: "bind source",
+            path: source.to_path_buf(),
+            source: source_err,
+        })?
+        .is_dir();
+    let made = if is_dir {
+        fs::create_dir_all(staging)
+    } else {
+        fs::File::create(staging).map(drop)
+    };
+    made.map_err(|e| MountError::Dir {
+        what: "creating",
+        path: staging.to_path_buf(),
+        source: e,
+    })?;
+    let result = (|| {
+        bind(source, staging, false)?;
+        set_propagation(staging, MsFlags::MS_PRIVATE | MsFlags::MS_REC)?;
+        use hako_protocol::mount_options as mo;
+        let mut every_level = mo::MOUNT_ATTR_NOSUID | mo::MOUNT_ATTR_NODEV;
+        if how.recursive_readonly {
+            every_level |= mo::MOUNT_ATTR_RDONLY;
+        }
+        let attr_err = |what: &str| {
+            let what = what.to_string();
+            move |e: io::Error| MountError::Mount {
+                what,
+                target: staging.to_path_buf(),
+                source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            }
+        };
+        mo::mount_setattr(staging, true, every_level, 0).map_err(attr_err("nosuid, nodev"))?;
+        if how.readonly {
+            mo::mount_setattr(staging, false, mo::MOUNT_ATTR_RDONLY, 0)
+                .map_err(attr_err("read-only"))?;
+        }
+        bind(staging, target, false)
+    })();
+    let cleanup = unmount(staging);
+    if is_dir {
+        let _ = fs::remove_dir(staging);
+    } else {
+        let _ = fs::remove_file(staging);
+    }
+    result?;
+    cleanup
+}
+
 pub fn set_propagation(target: &Path, flags: MsFlags) -> Result<(), MountError> {
     mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
         .map_err(mount_err(format!("propagation {flags:?}"), target))
@@ -174,15 +244,21 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Mount points at or below `dir`, deepest (most recently mounted) first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+/// Every mount point of the shim's mount namespace, in the order they were mounted.
+pub fn mount_points() -> Vec<PathBuf> {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
-    let mut found: Vec<PathBuf> = info
-        .lines()
+    info.lines()
         .filter_map(|line| line.split(' ').nth(4).map(unescape))
         .map(PathBuf::from)
+        .collect()
+}
+
+/// Mount points at or below `dir`, deepest (most recently mounted) first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = mount_points()
+        .into_iter()
         .filter(|p| p.starts_with(dir))
         .collect();
     // mountinfo lists in mount order; undo in reverse, and deeper paths before their parents.

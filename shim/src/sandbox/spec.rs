@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use hako_protocol::mount_options;
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Root, Spec};
 
 /// A host file or directory the guest must see, and where it appears in the share.
@@ -11,7 +12,12 @@ pub struct SharedBind {
     pub host_source: PathBuf,
     /// Name under `<share>/<cid>/mounts/`.
     pub name: String,
+    /// Read-only itself (`ro`); what is mounted below it keeps its own flags, as with runc.
     pub readonly: bool,
+    /// Read-only on every level (`rro`).
+    pub recursive_readonly: bool,
+    /// Where the container sees it.
+    pub destination: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -31,6 +37,26 @@ pub enum SpecError {
     /// An env entry is malformed.
     #[error("invalid environment entry {0:?}: it must be KEY=VALUE with a non-empty key, no '=' in the key and no NUL")]
     Env(String),
+    /// A bind mount carries an option hako does not know: it might promise a protection hako
+    /// would not give.
+    #[error("bind mount {destination:?}: hako does not know the mount option {option:?}, so it cannot promise what it asks for; remove it")]
+    UnknownOption { destination: String, option: String },
+}
+
+/// What is mounted below a host path: the mount points under it, relative to it, outermost
+/// first. `to_guest` needs it for read-only volumes (see there).
+pub type Submounts<'a> = &'a dyn Fn(&Path) -> Vec<PathBuf>;
+
+/// The mount points strictly below `dir` in the shim's mount namespace, relative to it.
+pub fn host_submounts(dir: &Path) -> Vec<PathBuf> {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return Vec::new();
+    };
+    super::mounts::mount_points()
+        .into_iter()
+        .filter_map(|p| p.strip_prefix(&dir).ok().map(Path::to_path_buf))
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .collect()
 }
 
 fn is_bind(m: &Mount) -> bool {
@@ -53,17 +79,35 @@ pub fn check_env(env: &[String]) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// The directories the guest mounts on that are not host binds (proc, tmpfs, the mounts below
+/// read-only volumes): with the binds' destinations, what a read-only root must hold already.
+pub fn plain_mount_points(guest: &Spec, binds: &[SharedBind]) -> Vec<PathBuf> {
+    guest
+        .mounts()
+        .iter()
+        .flatten()
+        .map(|m| m.destination().clone())
+        .filter(|d| !binds.iter().any(|b| &b.destination == d))
+        .collect()
+}
+
 /// Rewrites `spec` for the guest. Returns the spec and the host binds the share must carry.
 ///
 /// `join` is the guest pid of the pod's sandbox container when this container belongs to a pod:
 /// namespaces the spec gives by path (CRI points them at the sandbox container) are joined in the
 /// guest through that process. Otherwise host paths mean nothing in the guest and new
 /// namespaces are made.
+///
+/// A read-only (`ro`, not `rro`) volume is read-only itself, and what the host has mounted
+/// below it keeps its own flags, as with runc. In the guest the whole volume is one directory
+/// of the share, so each host submount (`submounts`) gets a guest mount of its own after the
+/// volume's, which the volume's read-only flag does not cover.
 pub fn to_guest(
     spec: &Spec,
     container_id: &str,
     guest_share: &Path,
     join: Option<u32>,
+    submounts: Submounts,
 ) -> Result<(Spec, Vec<SharedBind>), SpecError> {
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
@@ -93,30 +137,53 @@ pub fn to_guest(
             return Err(SpecError::BadDestination(dest.display().to_string()));
         }
         let mut m = m.clone();
-        if is_bind(&m) {
-            let source = m.source().clone().unwrap_or_default();
-            if !source.is_absolute() || source.components().any(|c| c.as_os_str() == "..") {
-                return Err(SpecError::BadSource(source.display().to_string()));
-            }
-            let base = source
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "root".to_string());
-            let name = format!("{index}-{base}");
-            let readonly = m
-                .options()
-                .as_deref()
-                .unwrap_or_default()
-                .iter()
-                .any(|o| o == "ro");
-            binds.push(SharedBind {
-                host_source: source,
-                name: name.clone(),
-                readonly,
-            });
-            m.set_source(Some(container_dir.join("mounts").join(name)));
+        if !is_bind(&m) {
+            mounts.push(m);
+            continue;
         }
+        let options = m.options().clone().unwrap_or_default();
+        if let Some(option) = mount_options::unknown_bind_option(&options) {
+            return Err(SpecError::UnknownOption {
+                destination: dest.display().to_string(),
+                option: option.to_string(),
+            });
+        }
+        let source = m.source().clone().unwrap_or_default();
+        if !source.is_absolute() || source.components().any(|c| c.as_os_str() == "..") {
+            return Err(SpecError::BadSource(source.display().to_string()));
+        }
+        let base = source
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "root".to_string());
+        let name = format!("{index}-{base}");
+        // The last of ro/rw wins, as for mount(8).
+        let readonly = options
+            .iter()
+            .rev()
+            .find(|o| *o == "ro" || *o == "rw")
+            .is_some_and(|o| o == "ro");
+        let recursive_readonly = mount_options::recursively_readonly(&options);
+        let guest_source = container_dir.join("mounts").join(&name);
+        m.set_source(Some(guest_source.clone()));
         mounts.push(m);
+        if readonly && !recursive_readonly {
+            for rel in submounts(&source) {
+                let mut below = Mount::default();
+                below.set_destination(dest.join(&rel));
+                below.set_typ(Some("bind".to_string()));
+                below.set_source(Some(guest_source.join(&rel)));
+                below.set_options(Some(vec!["rbind".to_string()]));
+                mounts.push(below);
+            }
+        }
+        binds.push(SharedBind {
+            host_source: source,
+            name,
+            readonly,
+            recursive_readonly,
+            destination: dest.clone(),
+        });
     }
     out.set_mounts(Some(mounts));
 
@@ -159,6 +226,10 @@ mod tests {
         serde_json::from_str(json).expect("valid test spec")
     }
 
+    fn none(_: &Path) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
     const BASE: &str = r#"{
         "ociVersion": "1.0.2",
         "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin"]},
@@ -175,8 +246,14 @@ mod tests {
 
     #[test]
     fn root_and_binds_point_into_the_share() {
-        let (guest, binds) =
-            to_guest(&spec(BASE), "t1", Path::new("/run/hako/shared"), None).expect("ok");
+        let (guest, binds) = to_guest(
+            &spec(BASE),
+            "t1",
+            Path::new("/run/hako/shared"),
+            None,
+            &none,
+        )
+        .expect("ok");
         let root = guest.root().as_ref().expect("root");
         assert_eq!(root.path(), Path::new("/run/hako/shared/t1/rootfs"));
         assert_eq!(root.readonly(), Some(true));
@@ -191,14 +268,84 @@ mod tests {
             vec![SharedBind {
                 host_source: "/var/lib/x/hosts".into(),
                 name: "1-hosts".into(),
-                readonly: true
+                readonly: true,
+                recursive_readonly: false,
+                destination: "/etc/hosts".into(),
             }]
         );
     }
 
     #[test]
+    fn unknown_bind_options_are_refused_and_rro_is_kept() {
+        let json = BASE.replace(
+            r#""options": ["rbind", "ro"]"#,
+            r#""options": ["rbind", "idmap"]"#,
+        );
+        let err = to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).expect_err("idmap");
+        assert!(
+            matches!(&err, SpecError::UnknownOption { option, .. } if option == "idmap"),
+            "{err}"
+        );
+        let json = BASE.replace(
+            r#""options": ["rbind", "ro"]"#,
+            r#""options": ["rbind", "rro"]"#,
+        );
+        let (guest, binds) =
+            to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).expect("rro");
+        assert!(binds[0].recursive_readonly && !binds[0].readonly);
+        let options = guest.mounts().as_ref().expect("mounts")[1]
+            .options()
+            .clone();
+        assert_eq!(options, Some(vec!["rbind".to_string(), "rro".to_string()]));
+    }
+
+    #[test]
+    fn what_is_mounted_below_a_read_only_volume_gets_its_own_guest_mount() {
+        let json = BASE.replace(
+            r#"{"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "ro"]}"#,
+            r#"{"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "ro"]},
+               {"destination": "/all-ro", "type": "bind", "source": "/srv/data", "options": ["rbind", "rro"]}"#,
+        );
+        let below = |source: &Path| {
+            assert_eq!(source, Path::new("/srv/data"));
+            vec![PathBuf::from("tmpfs"), PathBuf::from("tmpfs/deeper")]
+        };
+        let (guest, _) = to_guest(&spec(&json), "t1", Path::new("/s"), None, &below).expect("ok");
+        let mounts: Vec<(String, String)> = guest
+            .mounts()
+            .iter()
+            .flatten()
+            .map(|m| {
+                (
+                    m.destination().display().to_string(),
+                    m.source()
+                        .as_ref()
+                        .map(|s| s.display().to_string())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            mounts[1..],
+            [
+                ("/data".to_string(), "/s/t1/mounts/1-data".to_string()),
+                (
+                    "/data/tmpfs".to_string(),
+                    "/s/t1/mounts/1-data/tmpfs".to_string()
+                ),
+                (
+                    "/data/tmpfs/deeper".to_string(),
+                    "/s/t1/mounts/1-data/tmpfs/deeper".to_string()
+                ),
+                // rro covers everything: no mounts of its own below it.
+                ("/all-ro".to_string(), "/s/t1/mounts/2-data".to_string()),
+            ]
+        );
+    }
+
+    #[test]
     fn host_only_parts_are_dropped() {
-        let (guest, _) = to_guest(&spec(BASE), "t1", Path::new("/s"), None).expect("ok");
+        let (guest, _) = to_guest(&spec(BASE), "t1", Path::new("/s"), None, &none).expect("ok");
         assert!(guest.hooks().is_none());
         let linux = guest.linux().as_ref().expect("linux");
         assert!(linux.cgroups_path().is_none());
@@ -217,7 +364,8 @@ mod tests {
             r#"[{"type": "pid"}, {"type": "ipc", "path": "/proc/99/ns/ipc"},
                {"type": "uts", "path": "/proc/99/ns/uts"}, {"type": "network", "path": "/var/run/netns/x"}]"#,
         );
-        let (guest, _) = to_guest(&spec(&json), "app", Path::new("/s"), Some(7)).expect("ok");
+        let (guest, _) =
+            to_guest(&spec(&json), "app", Path::new("/s"), Some(7), &none).expect("ok");
         let ns = guest
             .linux()
             .as_ref()
@@ -252,7 +400,7 @@ mod tests {
     fn bad_env_is_refused() {
         for bad in ["=x", "NOVALUE", "A\u{0}B=c"] {
             let json = BASE.replace("\"PATH=/bin\"", &serde_json::to_string(bad).expect("json"));
-            let err = to_guest(&spec(&json), "t1", Path::new("/s"), None).expect_err(bad);
+            let err = to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).expect_err(bad);
             assert!(matches!(err, SpecError::Env(_)), "{err}");
         }
     }
@@ -261,7 +409,7 @@ mod tests {
     fn relative_or_dotdot_destinations_are_refused() {
         for dest in ["relative", "/a/../../etc"] {
             let json = BASE.replace("\"/proc\"", &format!("\"{dest}\""));
-            let err = to_guest(&spec(&json), "t1", Path::new("/s"), None).expect_err(dest);
+            let err = to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).expect_err(dest);
             assert!(matches!(err, SpecError::BadDestination(_)), "{err}");
         }
     }
@@ -270,7 +418,7 @@ mod tests {
     fn a_process_is_required() {
         let json = r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}"#;
         assert_eq!(
-            to_guest(&spec(json), "t1", Path::new("/s"), None).err(),
+            to_guest(&spec(json), "t1", Path::new("/s"), None, &none).err(),
             Some(SpecError::NoProcess)
         );
     }
@@ -334,7 +482,7 @@ mod tests {
                 // to_guest does with it.
                 let spec: Spec = serde_json::from_value(json).expect("a spec");
                 let share = Path::new("/run/hako/shared");
-                if let Ok((guest, binds)) = to_guest(&spec, "c1", share, None) {
+                if let Ok((guest, binds)) = to_guest(&spec, "c1", share, None, &none) {
                     let dir = share.join("c1");
                     prop_assert_eq!(guest.root().as_ref().map(|r| r.path().clone()), Some(dir.join("rootfs")));
                     prop_assert!(guest.hooks().is_none());

@@ -53,6 +53,45 @@ const SIGKILL: u32 = 9;
 const MAX_GUEST_SPEC: usize = 4 * 1024 * 1024 - 64 * 1024;
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 const METRICS_V2_TYPE: &str = "io.containerd.cgroups.v2.Metrics";
+/// The most OOM events a guest may report per second.
+const OOM_EVENTS_PER_SECOND: u32 = 10;
+
+/// A token bucket: `take` returns at once while tokens last, then waits for the next one.
+struct RateLimit {
+    per_second: u32,
+    tokens: u32,
+    refilled: tokio::time::Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            tokens: per_second,
+            refilled: tokio::time::Instant::now(),
+        }
+    }
+
+    async fn take(&mut self) {
+        loop {
+            let earned =
+                self.refilled.elapsed().as_millis() as u64 * u64::from(self.per_second) / 1000;
+            if earned > 0 {
+                self.tokens =
+                    (u64::from(self.tokens) + earned).min(u64::from(self.per_second)) as u32;
+                self.refilled = tokio::time::Instant::now();
+            }
+            if self.tokens > 0 {
+                self.tokens -= 1;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(
+                1000 / u64::from(self.per_second.max(1)),
+            ))
+            .await;
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
@@ -164,7 +203,7 @@ pub struct TaskService {
     /// Held across boot, network changes and teardown only.
     sandbox: Arc<Mutex<Option<Sandbox>>>,
     running: StdMutex<Option<Running>>,
-    containers: StdMutex<HashMap<String, Arc<Container>>>,
+    containers: Arc<StdMutex<HashMap<String, Arc<Container>>>>,
     /// Guest pid of the sandbox's first container, whose namespaces pod members join.
     sandbox_init_pid: AtomicU32,
 }
@@ -181,9 +220,26 @@ impl TaskService {
             exit_signal,
             sandbox: Arc::new(Mutex::new(None)),
             running: StdMutex::new(None),
-            containers: StdMutex::new(HashMap::new()),
+            containers: Arc::new(StdMutex::new(HashMap::new())),
             sandbox_init_pid: AtomicU32::new(0),
         }
+    }
+
+    /// Ends the shim if containerd started it but never gave it a container within `patience`
+    /// (containerd gave up after starting it): a shim with nothing to serve must not linger.
+    pub fn exit_if_never_used(self: &Arc<Self>, patience: Duration) {
+        let service = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(patience).await;
+            let Some(service) = service.upgrade() else {
+                return;
+            };
+            let idle = service.sandbox.lock().await.is_none() && service.containers().is_empty();
+            if idle {
+                log::warn!("no container came within {patience:?} of the shim's start; exiting");
+                service.exit_signal.signal();
+            }
+        });
     }
 
     fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {
@@ -243,6 +299,7 @@ impl TaskService {
             &req.id,
             Path::new(hako_protocol::GUEST_SHARED_DIR),
             join,
+            &crate::sandbox::spec::host_submounts,
         )?;
         let guest_spec_json = serde_json::to_vec(&guest_spec).map_err(|e| TaskError::Bundle {
             path: bundle.join("config.json"),
@@ -285,7 +342,18 @@ impl TaskService {
             let config = loaded
                 .config
                 .with_pod_annotations(spec.annotations().iter().flatten())?;
-            let sandbox = Sandbox::prepare(&config, &self.namespace, &sandbox_id).await?;
+            let cgroups_path = spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.cgroups_path().as_ref())
+                .map(|p| p.to_string_lossy().into_owned());
+            let sandbox = Sandbox::prepare(
+                &config,
+                &self.namespace,
+                &sandbox_id,
+                cgroups_path.as_deref(),
+            )
+            .await?;
             *sandbox_slot = Some(sandbox);
         }
         let Some(sandbox) = sandbox_slot.as_mut() else {
@@ -299,7 +367,17 @@ impl TaskService {
         }
 
         let rootfs_dir = host_rootfs(&bundle, &spec, !rootfs.is_empty());
-        let attached = sandbox.attach_container(&req.id, &rootfs_dir, &rootfs, &binds);
+        let container_rootfs = crate::sandbox::ContainerRootfs {
+            dir: &rootfs_dir,
+            mounts: &rootfs,
+            readonly: spec
+                .root()
+                .as_ref()
+                .and_then(|r| r.readonly())
+                .unwrap_or(false),
+        };
+        let targets = crate::sandbox::spec::plain_mount_points(&guest_spec, &binds);
+        let attached = sandbox.attach_container(&req.id, &container_rootfs, &binds, &targets);
         let result = match attached {
             Ok(()) => {
                 let hostname = spec.hostname().clone().unwrap_or_default();
@@ -532,33 +610,53 @@ impl TaskService {
         });
     }
 
-    /// Publishes `/tasks/oom` for every OOM kill the agent reports, for the VM's lifetime.
+    /// Publishes `/tasks/oom` for every OOM kill the agent reports, for the VM's lifetime. The
+    /// agent is the guest's: an id that is not one of this sandbox's containers is refused (a
+    /// guest must not mark another pod's container OOM-killed), ids are quoted in logs, and the
+    /// loop takes at most `OOM_EVENTS_PER_SECOND`, however fast the guest answers.
     fn spawn_oom_watcher(&self, running: Running) {
         let events = self.events.clone();
+        let containers = self.containers.clone();
         tokio::spawn(async move {
+            let mut bucket = RateLimit::new(OOM_EVENTS_PER_SECOND);
+            let mut refused = 0u64;
             loop {
+                bucket.take().await;
                 let event = tokio::select! {
                     event = running.agent.oom_event() => event,
                     _ = running.vm_gone() => return,
                 };
-                match event {
-                    Ok(container_id) => {
-                        log::warn!("container {container_id} was OOM-killed");
-                        events
-                            .send(
-                                topics::TASK_OOM_EVENT_TOPIC,
-                                Box::new(TaskOOM {
-                                    container_id,
-                                    ..Default::default()
-                                }),
-                            )
-                            .await;
-                    }
+                let container_id = match event {
+                    Ok(id) => id,
                     Err(e) => {
                         log::debug!("OOM watcher stopped: {e}");
                         return;
                     }
+                };
+                let known = containers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&container_id);
+                if !known {
+                    refused += 1;
+                    // Said once, then at every power of two: a flood costs a few lines.
+                    if refused.is_power_of_two() {
+                        log::warn!(
+                            "the guest reported an OOM kill of {container_id:?}, which is not a container of this sandbox: ignored ({refused} so far)"
+                        );
+                    }
+                    continue;
                 }
+                log::warn!("container {container_id:?} was OOM-killed");
+                events
+                    .send(
+                        topics::TASK_OOM_EVENT_TOPIC,
+                        Box::new(TaskOOM {
+                            container_id,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
             }
         });
     }
@@ -1264,6 +1362,21 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(config_path_option(&req), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn guest_driven_loops_take_at_most_their_rate() {
+        let mut bucket = RateLimit::new(10);
+        let started = tokio::time::Instant::now();
+        for _ in 0..100 {
+            bucket.take().await;
+        }
+        // 10 at once, then 10 a second: 90 more take 9 seconds of (paused, virtual) time.
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(8) && took <= Duration::from_secs(10),
+            "{took:?}"
+        );
     }
 
     #[test]

@@ -54,9 +54,15 @@ pub enum VmmError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A file the VMM needs could not be prepared.
+    #[error("{path}: {source}")]
+    Files {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
-/// Opens the pod's network namespace for a VMM to enter in `enter_netns`.
+/// Opens the pod's network namespace, for a VMM to enter.
 pub fn open_netns(path: &Path) -> Result<std::fs::File, VmmError> {
     std::fs::File::open(path).map_err(|source| VmmError::Netns {
         path: path.to_path_buf(),
@@ -64,29 +70,12 @@ pub fn open_netns(path: &Path) -> Result<std::fs::File, VmmError> {
     })
 }
 
-/// Makes the VMM's process enter the network namespace `netns` (an open nsfs file) before it
-/// runs: the file stays the caller's, and only the child changes namespace.
-pub fn enter_netns(cmd: &mut tokio::process::Command, netns: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    let fd = netns.as_raw_fd();
-    // SAFETY: runs in the forked child before exec and only calls setns(2), which is
-    // async-signal-safe; `fd` stays open in the parent until the spawn returned.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// What a VM is made of. Paths are in the sandbox dir unless noted.
+/// What a VM is made of.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub sandbox_id: String,
-    /// The sandbox dir, for control sockets, logs and pid files.
-    pub dir: PathBuf,
+    /// Its sockets, logs and pid files, all in the sandbox dir.
+    pub files: VmFiles,
     pub vcpus: u32,
     pub memory_mib: u32,
     /// Guest kernel (a bzImage, and the same kernel as an ELF vmlinux) and initramfs:
@@ -98,10 +87,6 @@ pub struct VmSpec {
     /// The device carrying the sandbox share, and the tag the guest mounts.
     pub share: Share,
     pub fs_tag: String,
-    /// The hybrid-vsock unix socket the host dials the agent on.
-    pub agent_socket: PathBuf,
-    /// Where the guest's serial console goes.
-    pub console_log: PathBuf,
     /// NICs: their tap queues (owned by the caller until the VMM has started) and MACs.
     pub net: Vec<NetDevice>,
     /// The pod's network namespace: the VMM process runs in it, so the pid containerd and
@@ -109,6 +94,100 @@ pub struct VmSpec {
     pub netns: Option<PathBuf>,
     /// NICs that can be hot-plugged while the VM runs, beyond those it boots with.
     pub hotplug_slots: u32,
+    /// The unprivileged user the VMM and the vsock backend run as; `None`: root.
+    pub user: Option<VmmUser>,
+    /// The pod's cgroups (their `cgroup.procs` files): the VMM and its helpers join them.
+    pub cgroups: Vec<PathBuf>,
+}
+
+/// The files of one VM, in the sandbox dir (`sandbox::paths` names them).
+#[derive(Debug, Clone)]
+pub struct VmFiles {
+    /// Owned by the VMM's user: where the VMM and the vsock backend make their sockets.
+    pub vmm_dir: PathBuf,
+    /// QMP, or Cloud Hypervisor's API socket.
+    pub control_socket: PathBuf,
+    /// QEMU's vhost-user vsock socket, served by vhost-device-vsock.
+    pub vsock_socket: PathBuf,
+    /// The hybrid-vsock socket the host dials the agent on.
+    pub agent_socket: PathBuf,
+    /// Where the VMM sends the guest's serial console; the shim copies it into `console_log`.
+    pub console_socket: PathBuf,
+    pub console_log: PathBuf,
+    pub vmm_log: PathBuf,
+    pub vmm_pid: PathBuf,
+    pub vsock_log: PathBuf,
+    pub vsock_pid: PathBuf,
+    /// Each log's cap in bytes.
+    pub log_max: u64,
+}
+
+/// An unprivileged user for a VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups, such as the one `/dev/kvm` belongs to.
+    pub groups: Vec<u32>,
+}
+
+/// Gives `path` (a socket the shim made for the VMM, or virtiofsd's) to the VMM's user.
+pub fn hand_to(user: Option<&VmmUser>, path: &Path) -> Result<(), VmmError> {
+    let Some(user) = user else {
+        return Ok(());
+    };
+    std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid)).map_err(|source| {
+        VmmError::Files {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// How a VMM-side helper is confined: the pod's cgroups, no privileges, the VMM's user; and
+/// for the VMM itself the pod's network namespace. The files returned hold the descriptors the
+/// confinement uses: keep them until the process is spawned.
+pub fn confinement(
+    spec: &VmSpec,
+    in_netns: bool,
+) -> Result<(crate::daemon::Confinement, Vec<std::fs::File>), VmmError> {
+    use std::os::fd::AsRawFd;
+    let mut files = Vec::new();
+    let mut how = crate::daemon::Confinement {
+        drop_privileges: true,
+        user: spec.user.as_ref().map(|u| (u.uid, u.gid, u.groups.clone())),
+        ..Default::default()
+    };
+    for procs in &spec.cgroups {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(procs)
+            .map_err(|source| VmmError::Files {
+                path: procs.clone(),
+                source,
+            })?;
+        how.cgroups.push(file.as_raw_fd());
+        files.push(file);
+    }
+    if let (true, Some(path)) = (in_netns, &spec.netns) {
+        let file = open_netns(path)?;
+        how.netns = Some(file.as_raw_fd());
+        files.push(file);
+    }
+    Ok((how, files))
+}
+
+/// Copies the guest's serial console from `stream` into its capped log.
+pub fn pump_console(stream: tokio::net::UnixStream, files: &VmFiles) {
+    match crate::logs::CappedLog::open(&files.console_log, files.log_max) {
+        Ok(log) => {
+            tokio::spawn(crate::logs::pump(stream, log));
+        }
+        Err(e) => log::warn!(
+            "cannot write the guest console to {}: {e}",
+            files.console_log.display()
+        ),
+    }
 }
 
 /// How the sandbox share reaches the guest.
@@ -330,6 +409,46 @@ pub fn kernel_cmdline(agent_log_level: &str, extra: &str, share: SharedFsKind) -
         cmdline.push_str(extra.trim());
     }
     cmdline
+}
+
+/// A VM spec as a sandbox at `dir` would make it, for the backends' tests.
+#[cfg(test)]
+pub fn test_spec(dir: &Path) -> VmSpec {
+    VmSpec {
+        sandbox_id: "sb1".into(),
+        files: VmFiles {
+            vmm_dir: dir.join("vmm"),
+            control_socket: dir.join("vmm/control.sock"),
+            vsock_socket: dir.join("vmm/vhu.sock"),
+            agent_socket: dir.join("vmm/agent.sock"),
+            console_socket: dir.join("vmm/console.sock"),
+            console_log: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            vmm_pid: dir.join("vmm.pid"),
+            vsock_log: dir.join("vsock.log"),
+            vsock_pid: dir.join("vsock.pid"),
+            log_max: 1 << 20,
+        },
+        vcpus: 2,
+        memory_mib: 256,
+        kernel: dir.join("guest/vmlinuz"),
+        vmlinux: dir.join("guest/vmlinux"),
+        initrd: dir.join("guest/initramfs.cpio"),
+        cmdline: "console=ttyS0 quiet".into(),
+        share: Share::VirtioFs {
+            socket: dir.join("fs.sock"),
+        },
+        fs_tag: "hakoShared".into(),
+        net: vec![NetDevice {
+            id: "nic0".into(),
+            tap_fds: vec![9],
+            mac: "02:42:0a:58:00:02".into(),
+        }],
+        netns: None,
+        hotplug_slots: 2,
+        user: None,
+        cgroups: Vec::new(),
+    }
 }
 
 #[cfg(test)]

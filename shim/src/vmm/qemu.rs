@@ -34,6 +34,8 @@ pub struct Qemu {
     qmp_socket: Option<PathBuf>,
     /// The PCIe root ports NICs sit in (`port_id`), and the NIC each holds.
     ports: Vec<Option<String>>,
+    /// Whether NICs use vhost-net (the host has `/dev/vhost-net`).
+    vhost_net: bool,
 }
 
 /// The PCIe root port `index`: every NIC sits in one, so that any can be unplugged.
@@ -62,15 +64,19 @@ impl Qemu {
             vmm: None,
             qmp_socket: None,
             ports: Vec::new(),
+            vhost_net: vhost_net(),
         })
     }
 
-    fn vhost_user_vsock_socket(dir: &Path) -> PathBuf {
-        dir.join("vhu.sock")
-    }
-
-    /// The full QEMU command line (without the binary) for `spec`.
-    pub fn args(spec: &VmSpec, kvm: bool, clock: &str, seccomp: bool, qmp: &Path) -> Vec<String> {
+    /// The full QEMU command line (without the binary) for `spec`. With `vhost_net`, each NIC's
+    /// tap queues are followed by as many vhost-net descriptors (see `net_fds`).
+    pub fn args(
+        spec: &VmSpec,
+        kvm: bool,
+        clock: &str,
+        seccomp: bool,
+        vhost_net: bool,
+    ) -> Vec<String> {
         let mem = format!("{}M", spec.memory_mib);
         let mut args: Vec<String> = vec![
             "-name".into(),
@@ -93,8 +99,14 @@ impl Qemu {
             "-display".into(),
             "none".into(),
             "-no-reboot".into(),
+            // The console goes to a socket the shim listens on, which caps what it keeps.
+            "-chardev".into(),
+            format!(
+                "socket,id=console,path={}",
+                spec.files.console_socket.display()
+            ),
             "-serial".into(),
-            format!("file:{}", spec.console_log.display()),
+            "chardev:console".into(),
             "-kernel".into(),
             spec.kernel.display().to_string(),
             "-initrd".into(),
@@ -107,12 +119,15 @@ impl Qemu {
             "-chardev".into(),
             format!(
                 "socket,id=vsock0,path={}",
-                Self::vhost_user_vsock_socket(&spec.dir).display()
+                spec.files.vsock_socket.display()
             ),
             "-device".into(),
             "vhost-user-vsock-pci,chardev=vsock0".into(),
             "-qmp".into(),
-            format!("unix:{},server=on,wait=off", qmp.display()),
+            format!(
+                "unix:{},server=on,wait=off",
+                spec.files.control_socket.display()
+            ),
         ]);
         // A root port per NIC the VM boots with and per NIC it may gain: PCIe hot-plug needs a
         // port to plug into, and a NIC in a port can leave again.
@@ -128,16 +143,26 @@ impl Qemu {
             ]);
         }
         let mut next_fd = FIRST_NET_FD;
-        for (index, nic) in spec.net.iter().enumerate() {
-            let queues = nic.tap_fds.len().max(1);
-            let fds: Vec<String> = (0..queues)
+        let mut numbers = |count: usize| -> Vec<String> {
+            let numbers = (0..count)
                 .map(|q| (next_fd + q as i32).to_string())
                 .collect();
-            next_fd += queues as i32;
-            let netdev = if queues == 1 {
-                format!("tap,id={},fd={}{}", nic.id, fds[0], vhost_option())
+            next_fd += count as i32;
+            numbers
+        };
+        for (index, nic) in spec.net.iter().enumerate() {
+            let queues = nic.tap_fds.len().max(1);
+            let fds = numbers(queues);
+            // QEMU runs unprivileged and cannot open /dev/vhost-net: the shim hands it over.
+            let vhost = if vhost_net {
+                format!(",vhost=on,vhostfds={}", numbers(queues).join(":"))
             } else {
-                format!("tap,id={},fds={}{}", nic.id, fds.join(":"), vhost_option())
+                String::new()
+            };
+            let netdev = if queues == 1 && !vhost_net {
+                format!("tap,id={},fd={}", nic.id, fds[0])
+            } else {
+                format!("tap,id={},fds={}{vhost}", nic.id, fds.join(":"))
             };
             args.extend([
                 "-netdev".into(),
@@ -211,7 +236,7 @@ impl Qemu {
         } else {
             netdev["fds"] = json!(names.join(":"));
         }
-        if vhost_net() {
+        if self.vhost_net {
             netdev["vhost"] = json!(true);
         }
         if let Err(e) = qmp.execute("netdev_add", Some(netdev)).await {
@@ -286,11 +311,9 @@ impl Qemu {
             "--guest-cid".into(),
             GUEST_CID.to_string(),
             "--socket".into(),
-            Self::vhost_user_vsock_socket(&spec.dir)
-                .display()
-                .to_string(),
+            spec.files.vsock_socket.display().to_string(),
             "--uds-path".into(),
-            spec.agent_socket.display().to_string(),
+            spec.files.agent_socket.display().to_string(),
             // A group of its own: no sibling traffic with any other guest.
             "--groups".into(),
             format!("hako-{}", spec.sandbox_id),
@@ -317,12 +340,21 @@ fn vhost_net() -> bool {
     Path::new("/dev/vhost-net").exists()
 }
 
-fn vhost_option() -> &'static str {
-    if vhost_net() {
-        ",vhost=on"
-    } else {
-        ""
-    }
+/// One vhost-net descriptor per queue, opened by the shim for QEMU, which runs unprivileged.
+fn open_vhost(queues: usize) -> Result<Vec<std::os::fd::OwnedFd>, VmmError> {
+    (0..queues)
+        .map(|_| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/vhost-net")
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|source| VmmError::Files {
+                    path: PathBuf::from("/dev/vhost-net"),
+                    source,
+                })
+        })
+        .collect()
 }
 
 /// Several queues: a queue pair per vCPU, and MSI-X vectors for each queue plus the config
@@ -341,12 +373,14 @@ impl Hypervisor for Qemu {
         let binary = resolve_binary("vhost-device-vsock", &self.vsock_config.path)?;
         let mut cmd = Command::new(binary);
         cmd.args(Self::vsock_args(spec));
-        crate::daemon::confine(&mut cmd);
+        let (how, _held) = super::confinement(spec, false)?;
+        crate::daemon::confine(&mut cmd, how);
         let daemon = Daemon::spawn(
             "vhost-device-vsock",
             cmd,
-            &spec.dir.join("vsock.log"),
-            &spec.dir.join("vsock.pid"),
+            &spec.files.vsock_log,
+            spec.files.log_max,
+            &spec.files.vsock_pid,
         )?;
         self.vsock = Some(daemon);
         Ok(())
@@ -364,24 +398,46 @@ impl Hypervisor for Qemu {
         let binary = resolve_binary("qemu-system-x86_64", &self.config.path)?;
         if let Some(vsock) = &self.vsock {
             vsock
-                .wait_for_socket(&Self::vhost_user_vsock_socket(&spec.dir), READY_TIMEOUT)
+                .wait_for_socket(&spec.files.vsock_socket, READY_TIMEOUT)
                 .await?;
         }
-        let qmp = spec.dir.join("qmp.sock");
+        // QEMU connects to the console socket as it starts: listen first.
+        let console = &spec.files.console_socket;
+        let _ = std::fs::remove_file(console);
+        let listener =
+            tokio::net::UnixListener::bind(console).map_err(|source| VmmError::Files {
+                path: console.clone(),
+                source,
+            })?;
+        super::hand_to(spec.user.as_ref(), console)?;
+        let files = spec.files.clone();
+        tokio::spawn(async move {
+            if let Ok((stream, _)) = listener.accept().await {
+                super::pump_console(stream, &files);
+            }
+            let _ = std::fs::remove_file(&files.console_socket);
+        });
         let mut cmd = Command::new(binary);
         cmd.args(Self::args(
             spec,
             self.accel.kvm,
             &self.clock,
             self.config.seccomp,
-            &qmp,
+            self.vhost_net,
         ));
-        crate::daemon::confine(&mut cmd);
-        let netns = spec.netns.as_deref().map(super::open_netns).transpose()?;
-        if let Some(netns) = &netns {
-            super::enter_netns(&mut cmd, netns);
+        let (how, _held) = super::confinement(spec, true)?;
+        crate::daemon::confine(&mut cmd, how);
+        // In the order `args` numbers them: each NIC's taps, then its vhost descriptors.
+        let mut vhost = Vec::new();
+        let mut taps: Vec<i32> = Vec::new();
+        for nic in &spec.net {
+            taps.extend(&nic.tap_fds);
+            if self.vhost_net {
+                let opened = open_vhost(nic.tap_fds.len().max(1))?;
+                taps.extend(opened.iter().map(std::os::fd::AsRawFd::as_raw_fd));
+                vhost.extend(opened);
+            }
         }
-        let taps: Vec<i32> = spec.net.iter().flat_map(|n| n.tap_fds.clone()).collect();
         if !taps.is_empty() {
             // SAFETY: runs in the forked child before exec and only calls dup2 (async-signal-safe).
             unsafe {
@@ -399,8 +455,9 @@ impl Hypervisor for Qemu {
         let daemon = Daemon::spawn(
             "qemu",
             cmd,
-            &spec.dir.join("vmm.log"),
-            &spec.dir.join("vmm.pid"),
+            &spec.files.vmm_log,
+            spec.files.log_max,
+            &spec.files.vmm_pid,
         )?;
         log::info!(
             "sandbox {}: qemu pid {} ({}, {})",
@@ -410,7 +467,7 @@ impl Hypervisor for Qemu {
             self.accel.reason
         );
         self.vmm = Some(daemon);
-        self.qmp_socket = Some(qmp);
+        self.qmp_socket = Some(spec.files.control_socket.clone());
         self.ports = spec
             .net
             .iter()
@@ -465,29 +522,7 @@ mod tests {
     use super::*;
 
     fn spec() -> VmSpec {
-        VmSpec {
-            sandbox_id: "sb1".into(),
-            dir: PathBuf::from("/run/hako/default/sb1"),
-            vcpus: 2,
-            memory_mib: 256,
-            kernel: PathBuf::from("/k"),
-            vmlinux: PathBuf::from("/v"),
-            initrd: PathBuf::from("/i"),
-            cmdline: "console=ttyS0".into(),
-            share: Share::VirtioFs {
-                socket: PathBuf::from("/run/hako/default/sb1/fs.sock"),
-            },
-            fs_tag: "hakoShared".into(),
-            agent_socket: PathBuf::from("/run/hako/default/sb1/agent.sock"),
-            console_log: PathBuf::from("/run/hako/default/sb1/console.log"),
-            net: vec![super::super::NetDevice {
-                id: "nic0".into(),
-                tap_fds: vec![9],
-                mac: "02:42:0a:58:00:02".into(),
-            }],
-            netns: None,
-            hotplug_slots: 2,
-        }
+        crate::vmm::test_spec(Path::new("/run/hako/default/sb1"))
     }
 
     fn joined(args: &[String]) -> String {
@@ -497,13 +532,7 @@ mod tests {
     #[test]
     fn tcg_command_line() {
         let clock = crate::vmm::clock_params(false, Some(2_600_000));
-        let a = joined(&Qemu::args(
-            &spec(),
-            false,
-            &clock,
-            true,
-            Path::new("/q.sock"),
-        ));
+        let a = joined(&Qemu::args(&spec(), false, &clock, true, false));
         assert!(a.contains("-machine q35,accel=tcg,"), "{a}");
         assert!(a.contains("-cpu max"), "{a}");
         assert!(a.contains("tsc=reliable tsc_early_khz=2600000"), "{a}");
@@ -533,18 +562,31 @@ mod tests {
             );
         }
         assert!(!a.contains("nicport3"), "{a}");
+        // The console goes to the shim's socket, never straight to a file.
+        assert!(
+            a.contains("-chardev socket,id=console,path=/run/hako/default/sb1/vmm/console.sock -serial chardev:console"),
+            "{a}"
+        );
+        assert!(!a.contains("file:"), "{a}");
+        assert!(
+            a.contains("-qmp unix:/run/hako/default/sb1/vmm/control.sock,server=on,wait=off"),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn vhost_net_descriptors_follow_each_nics_taps() {
+        let a = joined(&Qemu::args(&spec(), true, "", false, true));
+        assert!(
+            a.contains("-netdev tap,id=nic0,fds=3,vhost=on,vhostfds=4"),
+            "{a}"
+        );
     }
 
     #[test]
     fn kvm_uses_the_host_cpu() {
         let clock = crate::vmm::clock_params(true, None);
-        let a = joined(&Qemu::args(
-            &spec(),
-            true,
-            &clock,
-            false,
-            Path::new("/q.sock"),
-        ));
+        let a = joined(&Qemu::args(&spec(), true, &clock, false, false));
         assert!(a.contains("accel=kvm"), "{a}");
         assert!(a.contains("-cpu host"), "{a}");
         assert!(!a.contains("-sandbox"), "{a}");
@@ -552,8 +594,7 @@ mod tests {
 
     #[test]
     fn the_share_is_virtio_fs_or_qemus_own_9p() {
-        let q = Path::new("/q.sock");
-        let a = joined(&Qemu::args(&spec(), false, "", true, q));
+        let a = joined(&Qemu::args(&spec(), false, "", true, false));
         assert!(
             a.contains("-chardev socket,id=fs0,path=/run/hako/default/sb1/fs.sock -device vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag=hakoShared"),
             "{a}"
@@ -563,7 +604,7 @@ mod tests {
         s.share = Share::Virtio9p {
             dir: PathBuf::from("/run/hako/default/sb1/ro"),
         };
-        let a = joined(&Qemu::args(&s, false, "", true, q));
+        let a = joined(&Qemu::args(&s, false, "", true, false));
         assert!(
             a.contains("-fsdev local,id=fs0,path=/run/hako/default/sb1/ro,security_model=none,multidevs=remap -device virtio-9p-pci,fsdev=fs0,mount_tag=hakoShared"),
             "{a}"
@@ -571,11 +612,89 @@ mod tests {
         assert!(!a.contains("vhost-user-fs"), "{a}");
     }
 
+    /// A Qemu whose QMP socket is a fake monitor's, with `ports` root ports.
+    fn driven(socket: &Path, ports: Vec<Option<String>>) -> Qemu {
+        Qemu {
+            config: HypervisorConfig::default(),
+            vsock_config: VsockConfig::default(),
+            accel: AccelChoice {
+                kvm: false,
+                reason: "test".into(),
+            },
+            clock: String::new(),
+            vsock: None,
+            vmm: None,
+            qmp_socket: Some(socket.to_path_buf()),
+            ports,
+            vhost_net: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nic_is_plugged_into_a_free_port_with_its_queues_and_unplugged_again() {
+        let dir = std::env::temp_dir().join(format!("hako-plug-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let socket = dir.join("qmp.sock");
+        let ok = "{\"return\": {}}\n";
+        let server = super::super::qmp::fake::qemu(&socket, vec![ok, ok, ok, ok, ok]).await;
+        let tap = std::fs::File::open("/dev/null").expect("a stand-in for a tap queue");
+        let mut qemu = driven(&socket, vec![Some("nic0".into()), None]);
+        let nic = NetDevice {
+            id: "nic1".into(),
+            tap_fds: vec![std::os::fd::AsRawFd::as_raw_fd(&tap)],
+            mac: "02:42:ac:11:00:03".into(),
+        };
+        qemu.add_nic(&nic).await.expect("plugged");
+        assert_eq!(
+            qemu.ports,
+            [Some("nic0".to_string()), Some("nic1".to_string())]
+        );
+        let seen = server.await.expect("server");
+        assert_eq!(
+            seen[1..],
+            [
+                r#"{"arguments":{"fdname":"nic1-q0"},"execute":"getfd"}"#,
+                r#"{"arguments":{"fd":"nic1-q0","id":"nic1","type":"tap"},"execute":"netdev_add"}"#,
+                r#"{"arguments":{"bus":"nicport1","driver":"virtio-net-pci","id":"nic1","mac":"02:42:ac:11:00:03","netdev":"nic1"},"execute":"device_add"}"#,
+            ]
+        );
+        // No port left: a clear error, nothing sent.
+        let err = qemu.add_nic(&nic).await.expect_err("full");
+        assert!(
+            err.to_string().contains("hypervisor.hotplug_slots"),
+            "{err}"
+        );
+
+        // Unplugging: the guest already released it (DeviceNotFound), the netdev goes.
+        let server = super::super::qmp::fake::qemu(
+            &socket,
+            vec![
+                ok,
+                "{\"error\": {\"class\": \"DeviceNotFound\", \"desc\": \"Device 'nic1' not found\"}}\n",
+                ok,
+            ],
+        )
+        .await;
+        qemu.remove_nic("nic1", Duration::from_secs(1))
+            .await
+            .expect("unplugged");
+        assert_eq!(qemu.ports, [Some("nic0".to_string()), None]);
+        let seen = server.await.expect("server");
+        assert_eq!(
+            seen[1..],
+            [
+                r#"{"arguments":{"id":"nic1"},"execute":"device_del"}"#,
+                r#"{"arguments":{"id":"nic1"},"execute":"netdev_del"}"#,
+            ]
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
     #[test]
     fn vsock_backend_is_private_to_the_sandbox() {
         let a = joined(&Qemu::vsock_args(&spec()));
         assert!(
-            a.contains("--uds-path /run/hako/default/sb1/agent.sock"),
+            a.contains("--socket /run/hako/default/sb1/vmm/vhu.sock --uds-path /run/hako/default/sb1/vmm/agent.sock"),
             "{a}"
         );
         assert!(a.contains("--groups hako-sb1"), "{a}");

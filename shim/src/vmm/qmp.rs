@@ -201,17 +201,20 @@ fn request_line(command: &str, arguments: Option<Value>) -> String {
     format!("{request}\n")
 }
 
+/// A stand-in for QEMU's monitor, for tests: greets, then answers each command line with the
+/// next reply, and stays connected (quiet) until the client goes; yields the lines it got.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncBufReadExt, BufReader};
+pub mod fake {
+    use std::path::Path;
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::UnixListener;
 
-    /// A stand-in for QEMU's monitor: greets, then answers each line with the next reply.
-    async fn fake_qemu(
+    pub async fn qemu(
         path: &Path,
         replies: Vec<&'static str>,
     ) -> tokio::task::JoinHandle<Vec<String>> {
+        let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).expect("bind");
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accept");
@@ -229,21 +232,24 @@ mod tests {
                 seen.push(line);
                 write.write_all(reply.as_bytes()).await.expect("reply");
             }
-            // Stay connected, quiet, until the client goes.
             while let Ok(Some(line)) = lines.next_line().await {
                 seen.push(line);
             }
             seen
         })
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[tokio::test]
     async fn commands_errors_and_events() {
         let dir = std::env::temp_dir().join(format!("hako-qmp-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let path = dir.join("qmp.sock");
-        let _ = std::fs::remove_file(&path);
-        let server = fake_qemu(
+        let server = fake::qemu(
             &path,
             vec![
                 "{\"return\": {}}\n",

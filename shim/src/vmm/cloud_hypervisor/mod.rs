@@ -33,11 +33,6 @@ pub const ENV_BINARY: &str = "HAKO_CLOUD_HYPERVISOR";
 /// v28 dropped the top-level `kernel`/`cmdline` members of `vm.create` for `payload`, which is
 /// all this backend sends.
 pub const MIN_MAJOR_VERSION: u32 = 28;
-/// In the sandbox dir.
-const API_SOCKET: &str = "ch-api.sock";
-/// The names QEMU uses too, so `sandbox::cleanup_on_disk` finds the pid file after a crash.
-const LOG_FILE: &str = "vmm.log";
-const PID_FILE: &str = "vmm.pid";
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The guest's vsock CID. Each VM has its own vsock device and socket, so all can use 3.
 const GUEST_CID: u64 = 3;
@@ -113,7 +108,7 @@ impl CloudHypervisor {
     }
 
     pub fn api_socket(spec: &VmSpec) -> PathBuf {
-        spec.dir.join(API_SOCKET)
+        spec.files.control_socket.clone()
     }
 
     /// The ELF kernel: Cloud Hypervisor loads a vmlinux through its PVH entry point, not a
@@ -166,16 +161,17 @@ impl CloudHypervisor {
             },
             vsock: Some(VsockConfig {
                 cid: GUEST_CID,
-                socket: spec.agent_socket.clone(),
+                socket: spec.files.agent_socket.clone(),
                 iommu: None,
                 id: None,
             }),
             // The legacy serial port is the guest's ttyS0, as with QEMU: the command line's
-            // console=ttyS0 stays, and the console log is the same file.
+            // console=ttyS0 stays. Cloud Hypervisor serves it on a socket, which the shim reads
+            // into the capped console log.
             serial: Some(SerialConfig {
-                mode: ConsoleMode::File,
-                file: Some(spec.console_log.clone()),
-                socket: None,
+                mode: ConsoleMode::Socket,
+                file: None,
+                socket: Some(spec.files.console_socket.clone()),
             }),
             // The default virtio console would take the shim's terminal (mode Tty).
             console: Some(ConsoleConfig {
@@ -228,6 +224,15 @@ impl CloudHypervisor {
     /// Defines the VM, plugs its NICs in and boots it.
     async fn configure(api: &ApiClient, spec: &VmSpec) -> Result<(), ApiError> {
         api.create(&Self::vm_config(spec)).await?;
+        // The serial socket exists once the VM is defined; reading it before boot misses
+        // nothing the guest writes.
+        match tokio::net::UnixStream::connect(&spec.files.console_socket).await {
+            Ok(stream) => super::pump_console(stream, &spec.files),
+            Err(e) => log::warn!(
+                "cannot read the guest console on {}: {e}",
+                spec.files.console_socket.display()
+            ),
+        }
         for nic in &spec.net {
             api.add_net(&Self::net_config(nic), &nic.tap_fds).await?;
         }
@@ -309,15 +314,14 @@ impl Hypervisor for CloudHypervisor {
         }
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--api-socket").arg(&socket);
-        let netns = spec.netns.as_deref().map(super::open_netns).transpose()?;
-        if let Some(netns) = &netns {
-            super::enter_netns(&mut cmd, netns);
-        }
+        let (how, _held) = super::confinement(spec, true)?;
+        crate::daemon::confine(&mut cmd, how);
         let daemon = Daemon::spawn(
             "cloud-hypervisor",
             cmd,
-            &spec.dir.join(LOG_FILE),
-            &spec.dir.join(PID_FILE),
+            &spec.files.vmm_log,
+            spec.files.log_max,
+            &spec.files.vmm_pid,
         )?;
         log::info!(
             "sandbox {}: cloud-hypervisor {} pid {} (KVM)",
@@ -417,29 +421,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn spec(dir: &Path) -> VmSpec {
-        VmSpec {
-            sandbox_id: "sb1".into(),
-            dir: dir.to_path_buf(),
-            vcpus: 2,
-            memory_mib: 256,
-            kernel: dir.join("guest/vmlinuz"),
-            vmlinux: dir.join("guest/vmlinux"),
-            initrd: dir.join("guest/initramfs.cpio"),
-            cmdline: "console=ttyS0 quiet".into(),
-            share: Share::VirtioFs {
-                socket: dir.join("fs.sock"),
-            },
-            fs_tag: "hakoShared".into(),
-            agent_socket: dir.join("agent.sock"),
-            console_log: dir.join("console.log"),
-            net: vec![NetDevice {
-                id: "nic0".into(),
-                tap_fds: vec![9],
-                mac: "02:42:0a:58:00:02".into(),
-            }],
-            netns: None,
-            hotplug_slots: 2,
-        }
+        crate::vmm::test_spec(dir)
     }
 
     /// A CloudHypervisor without the up-front checks, for driving `start` and `stop`.
@@ -481,8 +463,8 @@ mod tests {
                 "memory": {"size": 268435456u64, "shared": true},
                 "fs": [{"tag": "hakoShared", "socket": "/run/hako/default/sb1/fs.sock",
                         "num_queues": 1, "queue_size": 1024}],
-                "vsock": {"cid": 3, "socket": "/run/hako/default/sb1/agent.sock"},
-                "serial": {"mode": "File", "file": "/run/hako/default/sb1/console.log"},
+                "vsock": {"cid": 3, "socket": "/run/hako/default/sb1/vmm/agent.sock"},
+                "serial": {"mode": "Socket", "socket": "/run/hako/default/sb1/vmm/console.sock"},
                 "console": {"mode": "Off"}
             })
         );
@@ -589,7 +571,7 @@ mod tests {
         assert!(
             text.contains(&format!(
                 "bad api socket {}",
-                dir.0.join("ch-api.sock").display()
+                dir.0.join("vmm/control.sock").display()
             )),
             "{text}"
         );
@@ -627,6 +609,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn nics_are_hot_plugged_with_their_fds_and_removed_by_id() {
+        let dir = TempDir::new("hotplug");
+        let tap = std::fs::File::create(dir.0.join("stand-in-tap")).expect("file");
+        let nic = NetDevice {
+            id: "nic4".into(),
+            tap_fds: vec![tap.as_raw_fd()],
+            mac: "02:42:ac:11:00:04".into(),
+        };
+        let mut seen = fake_server(
+            &dir,
+            vec![
+                Reply::With(200, r#"{"id": "nic4", "bdf": "0000:00:06.0"}"#),
+                Reply::With(204, ""),
+            ],
+        );
+        let mut ch = unchecked(Path::new("/bin/false"));
+        ch.api = Some(ApiClient::new(dir.socket()).expect("client"));
+        ch.add_nic(&nic).await.expect("plugged");
+        ch.remove_nic("nic4", Duration::from_secs(1))
+            .await
+            .expect("removed");
+        let add = seen.recv().await.expect("add-net");
+        assert_eq!(add.request_line(), "PUT /api/v1/vm.add-net HTTP/1.1");
+        assert_eq!(add.json()["id"], "nic4");
+        assert_eq!(add.fds.len(), 1, "the tap queue went along");
+        let remove = seen.recv().await.expect("remove-device");
+        assert_eq!(
+            remove.request_line(),
+            "PUT /api/v1/vm.remove-device HTTP/1.1"
+        );
+        assert_eq!(remove.json(), serde_json::json!({"id": "nic4"}));
+    }
+
+    #[tokio::test]
     async fn configure_stops_at_the_first_refusal() {
         let dir = TempDir::new("refusal");
         let mut s = spec(&dir.0);
@@ -658,6 +674,7 @@ mod tests {
             "cloud-hypervisor",
             cmd,
             &dir.0.join("vmm.log"),
+            1 << 20,
             &dir.0.join("vmm.pid"),
         )
         .expect("spawn");

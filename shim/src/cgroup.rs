@@ -1,0 +1,318 @@
+//! The pod's cgroup on the host. The VMM, the vsock backend and virtiofsd are the pod, as far
+//! as the host can see: they run in the cgroup the spec names for the pod's first container
+//! (`linux.cgroupsPath`; with Kubernetes a child of the pod's cgroup, whose limits include the
+//! RuntimeClass overhead), as Kata's `sandbox_cgroup_only` does. hako sets no limits of its
+//! own there: the containers' limits apply inside the guest; the host's cgroup gives the
+//! parent's limits and the accounting.
+//!
+//! Both cgroup v2 and v1 (every mounted hierarchy, as runc does) are handled. A parent hako had
+//! to make (`/default` for ctr, `/docker` for Docker) is listed under the sandbox root, so that
+//! whichever sandbox is last to leave it removes it; parents made by others (kubelet's pod
+//! cgroups) are never removed.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Made and removed by hako, listed here: `<sandbox_root>/.cgroups/<hash>`.
+const REGISTRY: &str = ".cgroups";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// The spec's cgroups path is not one hako takes.
+    #[error("cgroups path {0:?} must be absolute (or systemd's slice:prefix:name) without '..'")]
+    BadPath(String),
+    /// A cgroup could not be made.
+    #[error("cgroup {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The pod's cgroup: one directory per hierarchy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodCgroup {
+    pub dirs: Vec<PathBuf>,
+}
+
+/// The relative cgroup path for a spec's `cgroupsPath`: cgroupfs paths as they are, systemd's
+/// `slice:prefix:name` as systemd lays it out (`a-b.slice` is `a.slice/a-b.slice`).
+pub fn relative_path(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
+    let bad = || CgroupError::BadPath(cgroups_path.to_string());
+    let path = match cgroups_path.split(':').collect::<Vec<_>>().as_slice() {
+        [slice, prefix, name] if !cgroups_path.starts_with('/') => {
+            let mut path = PathBuf::new();
+            if *slice != "-.slice" && !slice.is_empty() {
+                let stem = slice.strip_suffix(".slice").ok_or_else(bad)?;
+                let mut sofar = String::new();
+                for part in stem.split('-') {
+                    if part.is_empty() {
+                        return Err(bad());
+                    }
+                    if !sofar.is_empty() {
+                        sofar.push('-');
+                    }
+                    sofar.push_str(part);
+                    path.push(format!("{sofar}.slice"));
+                }
+            }
+            let leaf = if prefix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{prefix}-{name}.scope")
+            };
+            path.push(leaf);
+            path
+        }
+        _ if cgroups_path.starts_with('/') => PathBuf::from(&cgroups_path[1..]),
+        _ => return Err(bad()),
+    };
+    let plain = path
+        .components()
+        .all(|c| matches!(c, Component::Normal(n) if !n.is_empty()));
+    if path.as_os_str().is_empty() || !plain {
+        return Err(bad());
+    }
+    Ok(path)
+}
+
+/// The mounted cgroup hierarchies: every v1 hierarchy and the v2 one.
+fn hierarchies() -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let fstype = after.split_whitespace().next()?;
+            (fstype == "cgroup" || fstype == "cgroup2")
+                .then(|| before.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+impl PodCgroup {
+    /// Makes the cgroup `cgroups_path` in every hierarchy. `registry_root` is the sandbox root,
+    /// where the parents hako makes are listed. On error nothing is left.
+    pub fn create(cgroups_path: &str, registry_root: &Path) -> Result<PodCgroup, CgroupError> {
+        let relative = relative_path(cgroups_path)?;
+        let mut cgroup = PodCgroup::default();
+        for hierarchy in hierarchies() {
+            let dir = hierarchy.join(&relative);
+            if let Err(e) = make(&hierarchy, &relative, registry_root) {
+                cgroup.remove(registry_root);
+                return Err(e);
+            }
+            cgroup.dirs.push(dir);
+        }
+        Ok(cgroup)
+    }
+
+    /// The `cgroup.procs` files a process writes to join the cgroup.
+    pub fn procs(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Removes the cgroup once its processes are gone, and the parents hako made that are empty
+    /// then. The helpers have been stopped already, but an exiting process stays in its cgroup
+    /// until its parent has reaped it (virtiofsd's sandboxed child is reaped by init), and a
+    /// v1 cgroup gives no event for that: look again every few milliseconds, up to `patience`,
+    /// then kill what is left (it is the pod's) and remove what can be removed.
+    pub async fn remove_when_empty(&self, registry_root: &Path, patience: Duration) {
+        let started = std::time::Instant::now();
+        let mut killed = false;
+        loop {
+            let left: Vec<i32> = self.procs().iter().flat_map(|p| pids(p)).collect();
+            if left.is_empty() {
+                break;
+            }
+            if started.elapsed() >= patience {
+                if killed {
+                    break;
+                }
+                log::warn!("pod cgroup still holds {left:?} {patience:?} after its helpers stopped; killing them");
+                for pid in left {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                killed = true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.remove(registry_root);
+    }
+
+    /// Removes the cgroup, and the parents hako made that are empty now. Its processes must
+    /// have exited. Best effort.
+    pub fn remove(&self, registry_root: &Path) {
+        for dir in &self.dirs {
+            if let Err(e) = fs::remove_dir(dir) {
+                if e.kind() != ErrorKind::NotFound {
+                    log::warn!("removing cgroup {}: {e}", dir.display());
+                }
+                continue;
+            }
+            for parent in dir.ancestors().skip(1) {
+                let entry = registry_entry(registry_root, parent);
+                if !entry.exists() || fs::remove_dir(parent).is_err() {
+                    break;
+                }
+                let _ = fs::remove_file(entry);
+            }
+        }
+    }
+}
+
+fn pids(procs: &Path) -> Vec<i32> {
+    fs::read_to_string(procs)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Makes `relative` under `hierarchy`, listing the parents it makes. A parent another sandbox
+/// removes meanwhile is made again.
+fn make(hierarchy: &Path, relative: &Path, registry_root: &Path) -> Result<(), CgroupError> {
+    let mut last = None;
+    for _ in 0..3 {
+        let mut dir = hierarchy.to_path_buf();
+        let mut result = Ok(());
+        for part in relative.components() {
+            dir.push(part);
+            match fs::create_dir(&dir) {
+                Ok(()) => {
+                    if dir.as_path() != hierarchy.join(relative) {
+                        list(registry_root, &dir);
+                    }
+                    inherit_cpuset(&dir);
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    result = Err(CgroupError::Io {
+                        path: dir.clone(),
+                        source,
+                    });
+                    break;
+                }
+            }
+        }
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(CgroupError::BadPath(relative.display().to_string())))
+}
+
+/// A new v1 cpuset cgroup starts with no CPUs or memory nodes, and no process may join it
+/// until it has some: it gets its parent's.
+fn inherit_cpuset(dir: &Path) {
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let own = dir.join(file);
+        let empty = fs::read_to_string(&own).is_ok_and(|v| v.trim().is_empty());
+        if let (true, Some(parent)) = (empty, dir.parent()) {
+            if let Ok(value) = fs::read_to_string(parent.join(file)) {
+                let _ = fs::write(&own, value.trim());
+            }
+        }
+    }
+}
+
+fn registry_entry(registry_root: &Path, dir: &Path) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut hasher);
+    registry_root
+        .join(REGISTRY)
+        .join(format!("{:016x}", hasher.finish()))
+}
+
+fn list(registry_root: &Path, dir: &Path) {
+    let entry = registry_entry(registry_root, dir);
+    if let Some(parent) = entry.parent() {
+        let _ = fs::create_dir_all(parent);
+    }
+    let _ = fs::write(entry, dir.as_os_str().as_encoded_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_cgroupfs_or_systemd_and_stay_inside() {
+        assert_eq!(
+            relative_path("/default/t1").ok(),
+            Some(PathBuf::from("default/t1"))
+        );
+        assert_eq!(
+            relative_path("/kubepods/burstable/pod12/abc").ok(),
+            Some(PathBuf::from("kubepods/burstable/pod12/abc"))
+        );
+        assert_eq!(
+            relative_path("system.slice:docker:abc").ok(),
+            Some(PathBuf::from("system.slice/docker-abc.scope"))
+        );
+        assert_eq!(
+            relative_path("kubepods-besteffort-pod1.slice:cri-containerd:x").ok(),
+            Some(PathBuf::from(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-x.scope"
+            ))
+        );
+        for bad in [
+            "",
+            "/",
+            "relative/x",
+            "/a/../../etc",
+            "/a//b/..",
+            "a-.slice:p:n",
+            "x:y",
+        ] {
+            assert!(relative_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_pod_cgroup_is_made_in_every_hierarchy_and_removed_with_its_parents() {
+        // Never a silent pass: hako's tests run as root (scripts/test.sh).
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root: run the unit tests as root, as scripts/test.sh does"
+        );
+        let registry = std::env::temp_dir().join(format!("hako-cg-{}", std::process::id()));
+        let path = format!("/hako-test-{}/pod", std::process::id());
+        let cgroup = PodCgroup::create(&path, &registry).expect("create");
+        assert!(!cgroup.dirs.is_empty());
+        for dir in &cgroup.dirs {
+            assert!(dir.is_dir(), "{}", dir.display());
+        }
+        // A second pod under the same parent keeps it while it lives.
+        let other = PodCgroup::create(
+            &format!("/hako-test-{}/other", std::process::id()),
+            &registry,
+        )
+        .expect("create");
+        cgroup.remove(&registry);
+        for dir in &cgroup.dirs {
+            assert!(!dir.exists() && dir.parent().is_some_and(Path::is_dir));
+        }
+        other.remove(&registry);
+        for dir in &other.dirs {
+            assert!(!dir.exists());
+            assert!(
+                !dir.parent().is_some_and(Path::exists),
+                "the parent hako made goes too"
+            );
+        }
+        let _ = fs::remove_dir_all(&registry);
+    }
+}
