@@ -5,7 +5,6 @@
 //! the short-lived helper that builds one container (see `init.rs`).
 
 mod boot;
-mod caps;
 mod cgroup;
 mod container;
 mod devices;
@@ -18,7 +17,6 @@ mod net;
 mod oom;
 mod reaper;
 mod rtnl;
-mod seccomp;
 mod server;
 
 use std::sync::Arc;

@@ -50,6 +50,19 @@ pub fn parse_ready_message(message: &[u8]) -> Option<HealthResponse> {
     HealthResponse::parse_from_bytes(body).ok()
 }
 
+/// The one id rule both sides apply to container, exec, sandbox and namespace ids before they
+/// reach a path: `^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`, which refuses `/`, `..`, `.`, NUL, empty
+/// and over-long ids.
+pub fn valid_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 128
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
 /// virtio-fs tag of the sandbox share.
 pub const SHARED_FS_TAG: &str = "hakoShared";
 
@@ -95,6 +108,26 @@ mod tests {
         let mut huge = READY_MESSAGE.to_vec();
         huge.resize(MAX_READY_MESSAGE + 1, 0);
         assert_eq!(parse_ready_message(&huge), None);
+    }
+
+    #[test]
+    fn ids_follow_one_rule() {
+        for ok in ["a", "t1", "k8s.io", "abc_DEF-012.x", &"f".repeat(128)] {
+            assert!(valid_id(ok), "{ok:?}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "a\0b",
+            "-a",
+            "_a",
+            &"a".repeat(129),
+        ] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
     }
 
     #[test]

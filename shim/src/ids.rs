@@ -10,17 +10,10 @@ pub struct IdError {
     pub shown: String,
 }
 
-/// Checks `id` against `^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`. This refuses `/`, `..`, `.`, NUL,
-/// empty and over-long ids.
+/// Checks `id` against the rule both sides share (`hako_protocol::valid_id`), before any
+/// filesystem access, and says which id failed.
 pub fn validate(kind: &'static str, id: &str) -> Result<(), IdError> {
-    let bytes = id.as_bytes();
-    let ok = !bytes.is_empty()
-        && bytes.len() <= 128
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+    if hako_protocol::valid_id(id) {
         Ok(())
     } else {
         let mut shown: String = id.chars().take(140).collect();

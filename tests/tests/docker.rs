@@ -118,7 +118,8 @@ fn a_published_port_serves_a_page_from_the_vm() {
 fn resolv_conf_hosts_and_hostname_are_what_docker_wrote() {
     for_each_docker(|d| {
         let r = d.docker(&[
-            "create",
+            "run",
+            "-d",
             "--name",
             "names",
             "--runtime",
@@ -132,13 +133,19 @@ fn resolv_conf_hosts_and_hostname_are_what_docker_wrote() {
             "--dns-search",
             "example.test",
             IMAGE,
+            "sleep",
+            "600",
+        ]);
+        assert_eq!(r.code, 0, "{r:?}\n{}", d.log());
+        // While it runs (Docker rewrites hosts when the container stops).
+        let run = d.docker(&[
+            "exec",
+            "names",
             "sh",
             "-c",
             "cat /etc/hostname; echo @@; cat /etc/hosts; echo @@; cat /etc/resolv.conf; echo @@; hostname",
         ]);
-        assert_eq!(r.code, 0, "{r:?}");
-        let run = d.docker(&["start", "-a", "names"]);
-        assert_eq!(run.code, 0, "{run:?}\n{}", d.log());
+        assert_eq!(run.code, 0, "{run:?}");
         let parts: Vec<&str> = run.stdout.split("@@\n").collect();
         assert_eq!(parts.len(), 4, "{run:?}");
 
@@ -157,7 +164,7 @@ fn resolv_conf_hosts_and_hostname_are_what_docker_wrote() {
         assert!(parts[2].contains("nameserver 192.0.2.53"), "{}", parts[2]);
         assert!(parts[2].contains("search example.test"), "{}", parts[2]);
 
-        let r = d.docker(&["rm", "names"]);
+        let r = d.docker(&["rm", "-f", "names"]);
         assert_eq!(r.code, 0, "{r:?}");
     });
 }

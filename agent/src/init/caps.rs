@@ -6,7 +6,7 @@ use std::str::FromStr;
 use caps::{CapSet, Capability, CapsHashSet};
 use oci_spec::runtime::{Capabilities, LinuxCapabilities};
 
-use crate::init::InitError;
+use super::InitError;
 
 fn to_set(names: Option<&Capabilities>) -> CapsHashSet {
     names

@@ -1,31 +1,36 @@
-//! Containers in the guest: creating one through the init helper, execs, starting, signalling,
-//! waiting, resources, and the stdio (pipes or a terminal) between each process and the host.
+//! Containers in the guest: creating one (its cgroup, device filter and init process, started
+//! through the init helper: `spawn`), execs, starting, signalling, waiting, resources, and the
+//! stdio between each process and the host (`stdio`).
+
+mod spawn;
+mod stdio;
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::io::{BufReader, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use nix::errno::Errno;
-use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::{pipe2, Pid};
+use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::sync::{watch, Mutex};
+
+use spawn::SpawnRequest;
+use stdio::Output;
+pub use stdio::StdioPlan;
 
 use crate::cgroup::{Cgroup, CgroupError, Stats};
-use crate::init::{InitConfig, Mode, HELPER_ARG, START_FD, SYNC_FD};
+use crate::init::sync::read_exec_result;
+use crate::init::{InitConfig, Mode};
 use crate::oom::OomMonitor;
 use crate::reaper::Reaper;
+use hako_protocol::valid_id;
 
 const STATE_DIR: &str = "/run/hako/containers";
-const READ_CHUNK: usize = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -59,37 +64,11 @@ pub enum ContainerError {
     Cgroup(#[from] CgroupError),
 }
 
-/// Valid ids: `^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$` (checked again here: the guest trusts no one).
-pub fn valid_id(id: &str) -> bool {
-    let bytes = id.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 128
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Status {
     Created,
     Running,
     Stopped,
-}
-
-/// One output stream of a process, drained by a reader task into a bounded channel so a slow
-/// host applies back-pressure to the container instead of growing memory.
-struct Output {
-    rx: Mutex<mpsc::Receiver<Vec<u8>>>,
-}
-
-/// Which streams the host attaches, and whether they are one terminal.
-#[derive(Debug, Clone, Copy)]
-pub struct StdioPlan {
-    pub stdin: bool,
-    pub stdout: bool,
-    pub stderr: bool,
-    pub terminal: bool,
 }
 
 /// One process: a container's init or an exec.
@@ -150,19 +129,6 @@ fn refresh_attributes(path: &Path) {
             &mut buffer,
         );
     }
-}
-
-/// What `Containers::spawn` needs to start one process through the init helper.
-struct SpawnRequest<'a> {
-    id: &'a str,
-    exec_id: &'a str,
-    config_path: &'a Path,
-    config: &'a InitConfig,
-    stdio: StdioPlan,
-    /// The process gets a pid namespace of its own (else it joins one, or is an exec).
-    new_pid_ns: bool,
-    /// The container's cgroup, checked for an OOM kill when this (init) process exits.
-    oom_watch: Option<Cgroup>,
 }
 
 pub struct Containers {
@@ -378,75 +344,6 @@ impl Containers {
         Ok(pid)
     }
 
-    /// Writes the helper's config, spawns it and waits for "created".
-    async fn spawn(&self, req: SpawnRequest<'_>) -> Result<Proc, ContainerError> {
-        let SpawnRequest {
-            id,
-            exec_id,
-            config_path,
-            config,
-            stdio,
-            new_pid_ns,
-            oom_watch,
-        } = req;
-        let config_bytes = serde_json::to_vec(config).map_err(|e| ContainerError::Spec {
-            id: id.to_string(),
-            reason: e.to_string(),
-        })?;
-        fs::write(config_path, config_bytes).map_err(io_err(id, "writing the init config"))?;
-        let spawned = spawn_helper(config_path, stdio, new_pid_ns)
-            .map_err(io_err(id, "spawning the init helper"))?;
-
-        // The helper always answers or exits (EOF); the shim's call timeout bounds the rest.
-        let mut sync_read = BufReader::new(fs::File::from(spawned.sync));
-        let outcome = tokio::task::spawn_blocking(move || {
-            let result = read_until_created(&mut sync_read);
-            (result, sync_read)
-        })
-        .await;
-        let shown = if exec_id.is_empty() {
-            id.to_string()
-        } else {
-            format!("{id}/{exec_id}")
-        };
-        let (pid, sync_read) = match outcome {
-            Ok((Ok(pid), reader)) => (pid, reader),
-            Ok((Err(reason), _)) => return Err(ContainerError::Init { id: shown, reason }),
-            Err(join) => {
-                return Err(ContainerError::Init {
-                    id: shown,
-                    reason: join.to_string(),
-                })
-            }
-        };
-
-        let (exit_tx, exit_rx) = watch::channel(None);
-        let exit_watch = self.reaper.watch(pid);
-        let oom = self.oom.clone();
-        let container_id = id.to_string();
-        tokio::spawn(async move {
-            if let Ok(status) = exit_watch.await {
-                // An init killed for memory: report the OOM before the exit, as the host's
-                // event order then reads naturally.
-                if let Some(cgroup) = oom_watch {
-                    oom.check(&container_id, &cgroup).await;
-                }
-                let _ = exit_tx.send(Some(status));
-            }
-        });
-        Ok(Proc {
-            status: Status::Created,
-            pid,
-            exit: exit_rx,
-            start_pipe: Some(spawned.start),
-            sync_pipe: Some(sync_read),
-            stdin: spawned.stdin.map(|s| Arc::new(Mutex::new(Some(s)))),
-            stdout: spawned.stdout.map(spawn_output_reader),
-            stderr: spawned.stderr.map(spawn_output_reader),
-            pty: spawned.pty.map(Arc::new),
-        })
-    }
-
     pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32, ContainerError> {
         let (start, sync, pid) = {
             let mut table = self.table.lock().await;
@@ -616,104 +513,6 @@ impl Containers {
         }
     }
 
-    async fn stdin_of(
-        &self,
-        id: &str,
-        exec_id: &str,
-    ) -> Result<Option<Arc<Mutex<Option<pipe::Sender>>>>, ContainerError> {
-        let table = self.table.lock().await;
-        let c = table.get(id).ok_or_else(|| not_found(id, exec_id))?;
-        Ok(c.proc(id, exec_id)?.stdin.clone())
-    }
-
-    pub async fn write_stdin(
-        &self,
-        id: &str,
-        exec_id: &str,
-        data: &[u8],
-    ) -> Result<usize, ContainerError> {
-        let state = |reason: &str| ContainerError::State {
-            id: id.to_string(),
-            reason: reason.to_string(),
-        };
-        let stdin = self
-            .stdin_of(id, exec_id)
-            .await?
-            .ok_or_else(|| state("has no stdin"))?;
-        let mut guard = stdin.lock().await;
-        let pipe = guard.as_mut().ok_or_else(|| state("stdin is closed"))?;
-        pipe.write_all(data)
-            .await
-            .map_err(io_err(id, "writing stdin"))?;
-        Ok(data.len())
-    }
-
-    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
-        if let Some(stdin) = self.stdin_of(id, exec_id).await? {
-            stdin.lock().await.take();
-        }
-        Ok(())
-    }
-
-    /// Next chunk of stdout (or stderr); `None` at end of stream.
-    pub async fn read_output(
-        &self,
-        id: &str,
-        exec_id: &str,
-        stderr: bool,
-        max: usize,
-    ) -> Result<Option<Vec<u8>>, ContainerError> {
-        let output = {
-            let table = self.table.lock().await;
-            let c = table.get(id).ok_or_else(|| not_found(id, exec_id))?;
-            let p = c.proc(id, exec_id)?;
-            if stderr {
-                p.stderr.clone()
-            } else {
-                p.stdout.clone()
-            }
-        };
-        let Some(output) = output else {
-            return Ok(None);
-        };
-        let mut rx = output.rx.lock().await;
-        Ok(rx.recv().await.map(|mut chunk| {
-            chunk.truncate(max.max(1));
-            chunk
-        }))
-    }
-
-    pub async fn resize(
-        &self,
-        id: &str,
-        exec_id: &str,
-        width: u16,
-        height: u16,
-    ) -> Result<(), ContainerError> {
-        let pty = {
-            let table = self.table.lock().await;
-            let c = table.get(id).ok_or_else(|| not_found(id, exec_id))?;
-            c.proc(id, exec_id)?.pty.clone()
-        };
-        let pty = pty.ok_or_else(|| ContainerError::State {
-            id: id.to_string(),
-            reason: "the process has no terminal".to_string(),
-        })?;
-        let size = libc::winsize {
-            ws_row: height,
-            ws_col: width,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads one winsize from the pointer; the fd is a pty master we own.
-        if unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &size) } < 0 {
-            return Err(io_err(id, "resizing the terminal")(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
-    }
-
     async fn cgroup_of(&self, id: &str) -> Result<Cgroup, ContainerError> {
         let table = self.table.lock().await;
         Ok(table
@@ -798,203 +597,4 @@ fn check_root(spec: &Spec) -> Result<(), &'static str> {
         return Err("no process");
     }
     Ok(())
-}
-
-struct Spawned {
-    sync: OwnedFd,
-    start: OwnedFd,
-    stdin: Option<pipe::Sender>,
-    stdout: Option<OwnedFd>,
-    stderr: Option<OwnedFd>,
-    pty: Option<OwnedFd>,
-}
-
-fn spawn_helper(
-    config_path: &Path,
-    stdio: StdioPlan,
-    new_pid_ns: bool,
-) -> std::io::Result<Spawned> {
-    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
-    let (sync_r, sync_w) = pipe2(cloexec)?;
-    let (start_r, start_w) = pipe2(cloexec)?;
-
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg(HELPER_ARG).arg(config_path);
-    let mut spawned = Spawned {
-        sync: sync_r,
-        start: start_w,
-        stdin: None,
-        stdout: None,
-        stderr: None,
-        pty: None,
-    };
-    if stdio.terminal {
-        // One terminal for all three streams: the host writes to and reads from the master.
-        let pty = nix::pty::openpty(None, None).map_err(std::io::Error::from)?;
-        nix::fcntl::fcntl(
-            pty.master.as_fd(),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(std::io::Error::from)?;
-        cmd.stdin(Stdio::from(pty.slave.try_clone()?))
-            .stdout(Stdio::from(pty.slave.try_clone()?))
-            .stderr(Stdio::from(pty.slave));
-        spawned.stdin = Some(pipe::Sender::from_owned_fd_unchecked(
-            pty.master.try_clone()?,
-        )?);
-        spawned.stdout = Some(pty.master.try_clone()?);
-        spawned.pty = Some(pty.master);
-    } else {
-        if stdio.stdin {
-            let (r, w) = pipe2(cloexec)?;
-            cmd.stdin(Stdio::from(r));
-            spawned.stdin = Some(pipe::Sender::from_owned_fd(w)?);
-        } else {
-            cmd.stdin(Stdio::null());
-        }
-        if stdio.stdout {
-            let (r, w) = pipe2(cloexec)?;
-            cmd.stdout(Stdio::from(w));
-            spawned.stdout = Some(r);
-        } else {
-            cmd.stdout(Stdio::null());
-        }
-        if stdio.stderr {
-            let (r, w) = pipe2(cloexec)?;
-            cmd.stderr(Stdio::from(w));
-            spawned.stderr = Some(r);
-        } else {
-            cmd.stderr(Stdio::null());
-        }
-    }
-
-    let sync_raw = sync_w.as_raw_fd();
-    let start_raw = start_r.as_raw_fd();
-    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (unshare, fcntl, dup2).
-    unsafe {
-        cmd.pre_exec(move || {
-            if new_pid_ns {
-                unshare(CloneFlags::CLONE_NEWPID)?;
-            }
-            // Copy to close-on-exec fds out of the way first so the two dup2s cannot clobber
-            // each other and nothing but fds 3 and 4 reaches the container.
-            let sync_tmp = libc::fcntl(sync_raw, libc::F_DUPFD_CLOEXEC, 10);
-            let start_tmp = libc::fcntl(start_raw, libc::F_DUPFD_CLOEXEC, 10);
-            if sync_tmp < 0 || start_tmp < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::dup2(sync_tmp, SYNC_FD) < 0 || libc::dup2(start_tmp, START_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    // The helper is never waited on through Child: the reaper collects it.
-    let _child = cmd.spawn()?;
-    drop(sync_w);
-    drop(start_r);
-    Ok(spawned)
-}
-
-/// Reads the helper's report: "pid N" and then "created", or "error ...".
-fn read_until_created(sync: &mut BufReader<fs::File>) -> Result<i32, String> {
-    let mut pid = None;
-    let mut created = false;
-    let mut line = String::new();
-    while pid.is_none() || !created {
-        line.clear();
-        match sync.read_line(&mut line) {
-            Ok(0) => return Err("the init helper exited without reporting".to_string()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("reading the init helper's report: {e}")),
-        }
-        let line = line.trim_end();
-        if let Some(p) = line.strip_prefix("pid ") {
-            pid = p.parse::<i32>().ok();
-        } else if line == "created" {
-            created = true;
-        } else if let Some(e) = line.strip_prefix("error ") {
-            return Err(e.to_string());
-        }
-    }
-    pid.ok_or_else(|| "the init helper reported no pid".to_string())
-}
-
-/// After the start byte: EOF means the exec succeeded (fd 3 is close-on-exec).
-fn read_exec_result(sync: &mut BufReader<fs::File>) -> Result<(), String> {
-    let mut line = String::new();
-    match sync.read_line(&mut line) {
-        Ok(0) => Ok(()),
-        Ok(_) => Err(line
-            .trim_end()
-            .strip_prefix("error ")
-            .unwrap_or(line.trim_end())
-            .to_string()),
-        Err(e) => Err(format!("reading the exec result: {e}")),
-    }
-}
-
-fn spawn_output_reader(fd: OwnedFd) -> Arc<Output> {
-    let (tx, rx) = mpsc::channel(64);
-    let output = Arc::new(Output { rx: Mutex::new(rx) });
-    tokio::spawn(async move {
-        // A pty master is not a FIFO; both poll the same way.
-        let Ok(mut reader) = pipe::Receiver::from_owned_fd_unchecked(fd) else {
-            return;
-        };
-        let mut buf = vec![0u8; READ_CHUNK];
-        loop {
-            // A pty master reads EIO once the last slave is closed: that is its end of stream.
-            match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if tx.send(buf[..n].to_vec()).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    output
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_checked() {
-        assert!(valid_id("abc"));
-        assert!(valid_id("a.b-c_d"));
-        assert!(valid_id(&"a".repeat(128)));
-        for bad in ["", ".", "..", "../x", "a/b", "a\0b", "-a", &"a".repeat(129)] {
-            assert!(!valid_id(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn helper_report_is_parsed() {
-        let (r, w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
-        let mut w = fs::File::from(w);
-        w.write_all(b"created\npid 42\n").expect("write");
-        drop(w);
-        let mut reader = BufReader::new(fs::File::from(r));
-        assert_eq!(read_until_created(&mut reader), Ok(42));
-        assert_eq!(read_exec_result(&mut reader), Ok(()));
-    }
-
-    #[test]
-    fn helper_errors_are_passed_on() {
-        let (r, w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
-        let mut w = fs::File::from(w);
-        w.write_all(b"pid 42\nerror mounting proc on /proc: EPERM\n")
-            .expect("write");
-        drop(w);
-        let mut reader = BufReader::new(fs::File::from(r));
-        assert_eq!(
-            read_until_created(&mut reader),
-            Err("mounting proc on /proc: EPERM".to_string())
-        );
-    }
 }

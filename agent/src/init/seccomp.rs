@@ -15,7 +15,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use crate::init::InitError;
+use super::InitError;
 
 const EPERM: u32 = libc::EPERM as u32;
 

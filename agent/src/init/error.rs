@@ -1,0 +1,62 @@
+//! What can go wrong while a container's init builds it and runs its process.
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// The config file could not be read.
+    #[error("reading the init config {path}: {reason}")]
+    Config { path: String, reason: String },
+    /// The spec has no process.
+    #[error("the OCI spec has no process")]
+    NoProcess,
+    /// The spec's process has no arguments.
+    #[error("the OCI spec's process has no args")]
+    NoArgs,
+    /// The spec has no root.
+    #[error("the OCI spec has no root")]
+    NoRoot,
+    /// A mount destination was refused.
+    #[error(transparent)]
+    Mount(#[from] crate::mounts::MountError),
+    /// An env entry is not KEY=VALUE with a valid key.
+    #[error(
+        "invalid environment entry {0:?}: it must be KEY=VALUE with a non-empty key and no NUL"
+    )]
+    Env(String),
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        source: nix::errno::Errno,
+    },
+    /// A file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// The seccomp profile could not be compiled or installed.
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+    /// Capabilities could not be set.
+    #[error("capabilities: {0}")]
+    Caps(String),
+    /// The command's path is not an executable file.
+    #[error("{0}: no such executable file in the container")]
+    NotExecutable(String),
+    /// The command was not found in the container.
+    #[error("executable {0:?} not found in $PATH")]
+    NotFound(String),
+    /// A bind mount carries options hako does not know.
+    #[error("bind mount {destination}: unknown mount options {option:?}")]
+    MountOption { destination: String, option: String },
+}
+
+pub fn sys(what: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> InitError {
+    let what = what.into();
+    move |source| InitError::Sys { what, source }
+}
+
+pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> InitError {
+    let what = what.into();
+    move |source| InitError::Io { what, source }
+}
