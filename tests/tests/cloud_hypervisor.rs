@@ -20,7 +20,7 @@ use hako_shim::daemon::{resolve_binary, Daemon};
 use hako_shim::sandbox::SandboxPaths;
 use hako_shim::vmm::cloud_hypervisor::api::ApiClient;
 use hako_shim::vmm::cloud_hypervisor::types::{FsConfig, VmState};
-use hako_shim::vmm::cloud_hypervisor::{binary_from_env, CloudHypervisor};
+use hako_shim::vmm::cloud_hypervisor::{binary_from_env, net_config, vm_config};
 use hako_shim::vmm::{NetDevice, Share, VmSpec};
 use hako_tests::*;
 
@@ -93,9 +93,7 @@ async fn a_real_cloud_hypervisor_takes_the_vm_hako_defines() {
     // The exact definition the backend sends, then what it adds before boot.
     let stand_in_tap = fs::File::create(dir.join("stand-in-tap")).unwrap();
     let spec = spec(&dir, stand_in_tap.as_raw_fd());
-    api.create(&CloudHypervisor::vm_config(&spec))
-        .await
-        .unwrap();
+    api.create(&vm_config(&spec)).await.unwrap();
     api.add_fs(&FsConfig {
         tag: "second".into(),
         socket: dir.join("second-fs.sock"),
@@ -105,12 +103,9 @@ async fn a_real_cloud_hypervisor_takes_the_vm_hako_defines() {
     })
     .await
     .unwrap();
-    api.add_net(
-        &CloudHypervisor::net_config(&spec.net[0]),
-        &[stand_in_tap.as_raw_fd()],
-    )
-    .await
-    .unwrap();
+    api.add_net(&net_config(&spec.net[0]), &[stand_in_tap.as_raw_fd()])
+        .await
+        .unwrap();
 
     let info = api.info().await.unwrap();
     assert_eq!(info.state, VmState::Created);
@@ -156,10 +151,7 @@ async fn a_real_cloud_hypervisor_takes_the_vm_hako_defines() {
     );
 
     // Errors carry the API's status and message.
-    let again = api
-        .create(&CloudHypervisor::vm_config(&spec))
-        .await
-        .unwrap_err();
+    let again = api.create(&vm_config(&spec)).await.unwrap_err();
     assert!(again.to_string().contains("500"), "{again}");
     api.delete().await.unwrap();
     let gone = api.info().await.unwrap_err();

@@ -1,5 +1,5 @@
 //! Cloud Hypervisor backend: one `cloud-hypervisor` process per VM, driven over its HTTP API
-//! (`api.rs`) on `<sandbox dir>/ch-api.sock`.
+//! (`api/`) on `<sandbox dir>/vmm/control.sock`.
 //!
 //! Compared with QEMU: no TCG (hardware KVM or nothing), the guest kernel must be an ELF
 //! vmlinux, and the agent channel needs no helper process, because Cloud Hypervisor's own
@@ -11,6 +11,7 @@
 //! shared, for virtiofsd), one `vm.add-net` per NIC with its tap fd, `vm.boot`.
 
 pub mod api;
+mod config;
 pub mod types;
 
 use std::path::{Path, PathBuf};
@@ -21,12 +22,9 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use self::api::{ApiClient, ApiError};
-use self::types::{
-    ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, NetConfig, PayloadConfig,
-    SerialConfig, VmConfig, VsockConfig,
-};
 use super::{kvm_usable, Hypervisor, NetDevice, Share, VmSpec, VmmError};
 use crate::daemon::{resolve_binary, Daemon};
+pub use config::{net_config, vm_config};
 
 /// Overrides `hypervisor.cloud_hypervisor_path` (for tests and by-hand checks).
 pub const ENV_BINARY: &str = "HAKO_CLOUD_HYPERVISOR";
@@ -34,16 +32,6 @@ pub const ENV_BINARY: &str = "HAKO_CLOUD_HYPERVISOR";
 /// all this backend sends.
 pub const MIN_MAJOR_VERSION: u32 = 28;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// The guest's vsock CID. Each VM has its own vsock device and socket, so all can use 3.
-const GUEST_CID: u64 = 3;
-/// virtiofsd serves one request queue; 1024 is the size QEMU's vhost-user-fs-pci gets too.
-const FS_QUEUES: u32 = 1;
-const FS_QUEUE_SIZE: u32 = 1024;
-/// One tap fd is one queue pair: a receive and a transmit queue.
-const NET_QUEUES_PER_FD: u32 = 2;
-const NET_QUEUE_SIZE: u32 = 256;
-/// Room in `sockaddr_un.sun_path`, less its terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CloudHypervisorError {
@@ -63,8 +51,6 @@ pub enum CloudHypervisorError {
     /// Cloud Hypervisor has no software emulation to fall back on.
     #[error("Cloud Hypervisor needs hardware virtualisation through KVM, which is not usable here: {0}; Cloud Hypervisor has no software emulation, use QEMU on this host")]
     NoKvm(String),
-    #[error("unix socket path {} is longer than the {MAX_SOCKET_PATH} bytes a socket address holds", path.display())]
-    SocketPathTooLong { path: PathBuf },
     #[error("cannot remove the stale API socket {}: {source}", path.display())]
     StaleSocket {
         path: PathBuf,
@@ -117,84 +103,6 @@ impl CloudHypervisor {
         spec.vmlinux.clone()
     }
 
-    /// The `vm.create` body for `spec`. NICs are not in it: tap fds are only taken by
-    /// `vm.add-net` (see `net_config`).
-    pub fn vm_config(spec: &VmSpec) -> VmConfig {
-        VmConfig {
-            payload: PayloadConfig {
-                kernel: Some(Self::vmlinux(spec)),
-                initramfs: Some(spec.initrd.clone()),
-                // Cloud Hypervisor runs only on KVM.
-                cmdline: Some(format!(
-                    "{} {}",
-                    spec.cmdline,
-                    super::clock_params(true, None)
-                )),
-                firmware: None,
-            },
-            cpus: Some(CpusConfig {
-                boot_vcpus: spec.vcpus,
-                max_vcpus: spec.vcpus,
-                kvm_hyperv: None,
-                max_phys_bits: None,
-                nested: None,
-            }),
-            memory: Some(MemoryConfig {
-                size: u64::from(spec.memory_mib) << 20,
-                // virtiofsd maps guest memory: it must be MAP_SHARED.
-                shared: Some(true),
-                hugepages: None,
-                mergeable: None,
-                prefault: None,
-                hotplug_size: None,
-            }),
-            fs: match &spec.share {
-                Share::VirtioFs { socket } => Some(vec![FsConfig {
-                    tag: spec.fs_tag.clone(),
-                    socket: socket.clone(),
-                    num_queues: FS_QUEUES,
-                    queue_size: FS_QUEUE_SIZE,
-                    id: None,
-                }]),
-                // Refused in `check`; the configuration check refuses it first.
-                Share::Virtio9p { .. } => None,
-            },
-            vsock: Some(VsockConfig {
-                cid: GUEST_CID,
-                socket: spec.files.agent_socket.clone(),
-                iommu: None,
-                id: None,
-            }),
-            // The legacy serial port is the guest's ttyS0, as with QEMU: the command line's
-            // console=ttyS0 stays. Cloud Hypervisor serves it on a socket, which the shim reads
-            // into the capped console log.
-            serial: Some(SerialConfig {
-                mode: ConsoleMode::Socket,
-                file: None,
-                socket: Some(spec.files.console_socket.clone()),
-            }),
-            // The default virtio console would take the shim's terminal (mode Tty).
-            console: Some(ConsoleConfig {
-                mode: ConsoleMode::Off,
-                file: None,
-                socket: None,
-                iommu: None,
-            }),
-            ..VmConfig::default()
-        }
-    }
-
-    /// The `vm.add-net` body for one NIC; its tap fd goes alongside as SCM_RIGHTS.
-    pub fn net_config(nic: &NetDevice) -> NetConfig {
-        NetConfig {
-            id: Some(nic.id.clone()),
-            mac: Some(nic.mac.clone()),
-            num_queues: Some(NET_QUEUES_PER_FD * nic.tap_fds.len().max(1) as u32),
-            queue_size: Some(NET_QUEUE_SIZE),
-            ..NetConfig::default()
-        }
-    }
-
     /// Everything `start` checks before it spawns anything.
     fn check(spec: &VmSpec) -> Result<(), VmmError> {
         if let Share::Virtio9p { .. } = spec.share {
@@ -214,16 +122,13 @@ impl CloudHypervisor {
                 return Err(VmmError::MissingImage { what, path });
             }
         }
-        let socket = Self::api_socket(spec);
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(CloudHypervisorError::SocketPathTooLong { path: socket }.into());
-        }
+        // The API socket's length was checked with the sandbox's other sockets (sandbox/paths.rs).
         Ok(())
     }
 
     /// Defines the VM, plugs its NICs in and boots it.
     async fn configure(api: &ApiClient, spec: &VmSpec) -> Result<(), ApiError> {
-        api.create(&Self::vm_config(spec)).await?;
+        api.create(&vm_config(spec)).await?;
         // The serial socket exists once the VM is defined; reading it before boot misses
         // nothing the guest writes.
         match tokio::net::UnixStream::connect(&spec.files.console_socket).await {
@@ -234,7 +139,7 @@ impl CloudHypervisor {
             ),
         }
         for nic in &spec.net {
-            api.add_net(&Self::net_config(nic), &nic.tap_fds).await?;
+            api.add_net(&net_config(nic), &nic.tap_fds).await?;
         }
         api.boot().await
     }
@@ -397,7 +302,7 @@ impl Hypervisor for CloudHypervisor {
     /// hot-plug controller.
     async fn add_nic(&mut self, nic: &NetDevice) -> Result<(), VmmError> {
         let api = self.api.as_ref().ok_or(VmmError::NotRunning)?;
-        api.add_net(&Self::net_config(nic), &nic.tap_fds)
+        api.add_net(&net_config(nic), &nic.tap_fds)
             .await
             .map(drop)
             .map_err(|e| CloudHypervisorError::from(e).into())
@@ -415,7 +320,7 @@ impl Hypervisor for CloudHypervisor {
 
 #[cfg(test)]
 mod tests {
-    use super::api::test_support::{fake_server, Reply, TempDir};
+    use super::api::fake::{fake_server, Reply, TempDir};
     use super::*;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::PermissionsExt;
@@ -445,39 +350,6 @@ mod tests {
         std::fs::create_dir_all(spec.kernel.parent().expect("dir")).expect("mkdir");
         std::fs::write(CloudHypervisor::vmlinux(spec), b"elf").expect("vmlinux");
         std::fs::write(&spec.initrd, b"cpio").expect("initrd");
-    }
-
-    #[test]
-    fn vm_config_follows_the_spec() {
-        let s = spec(Path::new("/run/hako/default/sb1"));
-        let v = serde_json::to_value(CloudHypervisor::vm_config(&s)).expect("json");
-        assert_eq!(
-            v,
-            serde_json::json!({
-                "payload": {
-                    "kernel": "/run/hako/default/sb1/guest/vmlinux",
-                    "initramfs": "/run/hako/default/sb1/guest/initramfs.cpio",
-                    "cmdline": "console=ttyS0 quiet tsc=reliable"
-                },
-                "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
-                "memory": {"size": 268435456u64, "shared": true},
-                "fs": [{"tag": "hakoShared", "socket": "/run/hako/default/sb1/fs.sock",
-                        "num_queues": 1, "queue_size": 1024}],
-                "vsock": {"cid": 3, "socket": "/run/hako/default/sb1/vmm/agent.sock"},
-                "serial": {"mode": "Socket", "socket": "/run/hako/default/sb1/vmm/console.sock"},
-                "console": {"mode": "Off"}
-            })
-        );
-    }
-
-    #[test]
-    fn a_nic_is_its_mac_and_one_queue_pair() {
-        let s = spec(Path::new("/x"));
-        let v = serde_json::to_value(CloudHypervisor::net_config(&s.net[0])).expect("json");
-        assert_eq!(
-            v,
-            serde_json::json!({"id": "nic0", "mac": "02:42:0a:58:00:02", "num_queues": 2, "queue_size": 256})
-        );
     }
 
     #[test]

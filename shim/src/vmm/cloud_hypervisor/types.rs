@@ -221,19 +221,6 @@ pub struct VmRemoveDevice {
     pub id: String,
 }
 
-/// `PUT vm.resize`: any of the three.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmResize {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub desired_vcpus: Option<u32>,
-    /// In bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub desired_ram: Option<u64>,
-    /// In bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub desired_balloon: Option<u64>,
-}
-
 /// The answer to a device hot-plug into a running VM (HTTP 200). Adding a device to a VM that
 /// is created but not booted answers 204 with no body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,15 +342,6 @@ mod tests {
             ..NetConfig::default()
         };
         assert_eq!(to_value(&with_fds), json!({"fds": [7]}));
-    }
-
-    #[test]
-    fn resize_sends_only_what_changes() {
-        let r = VmResize {
-            desired_ram: Some(1 << 30),
-            ..VmResize::default()
-        };
-        assert_eq!(to_value(&r), json!({"desired_ram": 1073741824u64}));
     }
 
     #[test]

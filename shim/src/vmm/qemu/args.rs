@@ -1,0 +1,286 @@
+//! QEMU's command line and the vsock backend's: every device, with the NICs the VM boots with
+//! in root ports of their own and spare ports for the NICs it may gain.
+
+use crate::vmm::{Share, VmSpec, GUEST_CID};
+
+/// The tap fds reach QEMU as these descriptor numbers.
+pub const FIRST_NET_FD: i32 = 3;
+
+/// The PCIe root port `index`: every NIC sits in one, so that any can be unplugged.
+pub fn port_id(index: usize) -> String {
+    format!("nicport{index}")
+}
+
+/// The full QEMU command line (without the binary) for `spec`. With `vhost_net`, each NIC's
+/// tap queues are followed by as many vhost-net descriptors (see `net_fds`).
+pub fn command_line(
+    spec: &VmSpec,
+    kvm: bool,
+    clock: &str,
+    seccomp: bool,
+    vhost_net: bool,
+) -> Vec<String> {
+    let mem = format!("{}M", spec.memory_mib);
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!("hako-{},debug-threads=on", spec.sandbox_id),
+        "-machine".into(),
+        format!(
+            "q35,accel={},smbus=off,sata=off,usb=off,memory-backend=mem",
+            if kvm { "kvm" } else { "tcg" }
+        ),
+        "-cpu".into(),
+        if kvm { "host" } else { "max" }.into(),
+        "-smp".into(),
+        spec.vcpus.to_string(),
+        "-m".into(),
+        mem.clone(),
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        // The console goes to a socket the shim listens on, which caps what it keeps.
+        "-chardev".into(),
+        format!(
+            "socket,id=console,path={}",
+            spec.files.console_socket.display()
+        ),
+        "-serial".into(),
+        "chardev:console".into(),
+        "-kernel".into(),
+        spec.kernel.display().to_string(),
+        "-initrd".into(),
+        spec.initrd.display().to_string(),
+        "-append".into(),
+        format!("{} {clock}", spec.cmdline),
+    ];
+    args.extend(share_args(spec));
+    args.extend([
+        "-chardev".into(),
+        format!(
+            "socket,id=vsock0,path={}",
+            spec.files.vsock_socket.display()
+        ),
+        "-device".into(),
+        "vhost-user-vsock-pci,chardev=vsock0".into(),
+        "-qmp".into(),
+        format!(
+            "unix:{},server=on,wait=off",
+            spec.files.control_socket.display()
+        ),
+    ]);
+    // A root port per NIC the VM boots with and per NIC it may gain: PCIe hot-plug needs a
+    // port to plug into, and a NIC in a port can leave again.
+    let ports = spec.net.len() + spec.hotplug_slots as usize;
+    for index in 0..ports {
+        args.extend([
+            "-device".into(),
+            format!(
+                "pcie-root-port,id={},bus=pcie.0,chassis=1,slot={}",
+                port_id(index),
+                index + 1
+            ),
+        ]);
+    }
+    let mut next_fd = FIRST_NET_FD;
+    let mut numbers = |count: usize| -> Vec<String> {
+        let numbers = (0..count)
+            .map(|q| (next_fd + q as i32).to_string())
+            .collect();
+        next_fd += count as i32;
+        numbers
+    };
+    for (index, nic) in spec.net.iter().enumerate() {
+        let queues = nic.tap_fds.len().max(1);
+        let fds = numbers(queues);
+        // QEMU runs unprivileged and cannot open /dev/vhost-net: the shim hands it over.
+        let vhost = if vhost_net {
+            format!(",vhost=on,vhostfds={}", numbers(queues).join(":"))
+        } else {
+            String::new()
+        };
+        let netdev = if queues == 1 && !vhost_net {
+            format!("tap,id={},fd={}", nic.id, fds[0])
+        } else {
+            format!("tap,id={},fds={}{vhost}", nic.id, fds.join(":"))
+        };
+        args.extend([
+            "-netdev".into(),
+            netdev,
+            "-device".into(),
+            format!(
+                "virtio-net-pci,id={id},netdev={id},mac={mac},bus={port}{mq}",
+                id = nic.id,
+                mac = nic.mac,
+                port = port_id(index),
+                mq = multiqueue_option(queues)
+            ),
+        ]);
+    }
+    if seccomp {
+        args.push("-sandbox".into());
+        args.push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
+    }
+    args
+}
+
+/// The share's device. For 9p, QEMU itself serves the directory: `security_model=none`
+/// because QEMU has no capabilities to change owners, `multidevs=remap` because the share
+/// crosses into the containers' root filesystem mounts, whose inode numbers could collide.
+fn share_args(spec: &VmSpec) -> Vec<String> {
+    match &spec.share {
+        Share::VirtioFs { socket } => vec![
+            "-chardev".into(),
+            format!("socket,id=fs0,path={}", socket.display()),
+            "-device".into(),
+            format!(
+                "vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag={}",
+                spec.fs_tag
+            ),
+        ],
+        Share::Virtio9p { dir } => vec![
+            "-fsdev".into(),
+            format!(
+                "local,id=fs0,path={},security_model=none,multidevs=remap",
+                dir.display()
+            ),
+            "-device".into(),
+            format!("virtio-9p-pci,fsdev=fs0,mount_tag={}", spec.fs_tag),
+        ],
+    }
+}
+
+/// The arguments of `vhost-device-vsock`, the agent channel's backend.
+pub fn vsock_args(spec: &VmSpec) -> Vec<String> {
+    vec![
+        "--guest-cid".into(),
+        GUEST_CID.to_string(),
+        "--socket".into(),
+        spec.files.vsock_socket.display().to_string(),
+        "--uds-path".into(),
+        spec.files.agent_socket.display().to_string(),
+        // A group of its own: no sibling traffic with any other guest.
+        "--groups".into(),
+        format!("hako-{}", spec.sandbox_id),
+    ]
+}
+
+/// Several queues: a queue pair per vCPU, and MSI-X vectors for each queue plus the config
+/// interrupt and a spare.
+pub fn multiqueue_option(queues: usize) -> String {
+    if queues > 1 {
+        format!(",mq=on,vectors={}", 2 * queues + 2)
+    } else {
+        String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn spec() -> VmSpec {
+        crate::vmm::test_spec(Path::new("/run/hako/default/sb1"))
+    }
+
+    fn joined(args: &[String]) -> String {
+        args.join(" ")
+    }
+
+    #[test]
+    fn tcg_command_line() {
+        let clock = crate::vmm::clock_params(false, Some(2_600_000));
+        let a = joined(&command_line(&spec(), false, &clock, true, false));
+        assert!(a.contains("-machine q35,accel=tcg,"), "{a}");
+        assert!(a.contains("-cpu max"), "{a}");
+        assert!(a.contains("tsc=reliable tsc_early_khz=2600000"), "{a}");
+        assert!(
+            a.contains("memory-backend-memfd,id=mem,size=256M,share=on"),
+            "{a}"
+        );
+        assert!(
+            a.contains("vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag=hakoShared"),
+            "{a}"
+        );
+        assert!(a.contains("-smp 2"), "{a}");
+        assert!(a.contains("-sandbox on,"), "{a}");
+        assert!(a.contains("-nodefaults"), "{a}");
+        assert!(a.contains("-netdev tap,id=nic0,fd=3"), "{a}");
+        assert!(
+            a.contains("virtio-net-pci,id=nic0,netdev=nic0,mac=02:42:0a:58:00:02,bus=nicport0"),
+            "{a}"
+        );
+        // One port for the NIC it boots with, two for NICs plugged in later.
+        for (port, slot) in [("nicport0", 1), ("nicport1", 2), ("nicport2", 3)] {
+            assert!(
+                a.contains(&format!(
+                    "pcie-root-port,id={port},bus=pcie.0,chassis=1,slot={slot}"
+                )),
+                "{a}"
+            );
+        }
+        assert!(!a.contains("nicport3"), "{a}");
+        // The console goes to the shim's socket, never straight to a file.
+        assert!(
+            a.contains("-chardev socket,id=console,path=/run/hako/default/sb1/vmm/console.sock -serial chardev:console"),
+            "{a}"
+        );
+        assert!(!a.contains("file:"), "{a}");
+        assert!(
+            a.contains("-qmp unix:/run/hako/default/sb1/vmm/control.sock,server=on,wait=off"),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn vhost_net_descriptors_follow_each_nics_taps() {
+        let a = joined(&command_line(&spec(), true, "", false, true));
+        assert!(
+            a.contains("-netdev tap,id=nic0,fds=3,vhost=on,vhostfds=4"),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu() {
+        let clock = crate::vmm::clock_params(true, None);
+        let a = joined(&command_line(&spec(), true, &clock, false, false));
+        assert!(a.contains("accel=kvm"), "{a}");
+        assert!(a.contains("-cpu host"), "{a}");
+        assert!(!a.contains("-sandbox"), "{a}");
+    }
+
+    #[test]
+    fn the_share_is_virtio_fs_or_qemus_own_9p() {
+        let a = joined(&command_line(&spec(), false, "", true, false));
+        assert!(
+            a.contains("-chardev socket,id=fs0,path=/run/hako/default/sb1/fs.sock -device vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag=hakoShared"),
+            "{a}"
+        );
+        assert!(!a.contains("-fsdev"), "{a}");
+        let mut s = spec();
+        s.share = Share::Virtio9p {
+            dir: PathBuf::from("/run/hako/default/sb1/ro"),
+        };
+        let a = joined(&command_line(&s, false, "", true, false));
+        assert!(
+            a.contains("-fsdev local,id=fs0,path=/run/hako/default/sb1/ro,security_model=none,multidevs=remap -device virtio-9p-pci,fsdev=fs0,mount_tag=hakoShared"),
+            "{a}"
+        );
+        assert!(!a.contains("vhost-user-fs"), "{a}");
+    }
+
+    #[test]
+    fn vsock_backend_is_private_to_the_sandbox() {
+        let a = joined(&vsock_args(&spec()));
+        assert!(
+            a.contains("--socket /run/hako/default/sb1/vmm/vhu.sock --uds-path /run/hako/default/sb1/vmm/agent.sock"),
+            "{a}"
+        );
+        assert!(a.contains("--groups hako-sb1"), "{a}");
+    }
+}

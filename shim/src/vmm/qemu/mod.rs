@@ -1,0 +1,261 @@
+//! QEMU backend: q35 with no default devices, direct kernel boot, guest memory in a shared
+//! memfd (vhost-user daemons map it), vhost-user-fs for the share, vhost-user-vsock served by
+//! `vhost-device-vsock` for the agent channel, and QMP on a unix socket for control.
+
+mod args;
+mod hotplug;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use super::qmp::Qmp;
+use super::{choose_accel, AccelChoice, Hypervisor, NetDevice, VmSpec, VmmError};
+use crate::config::{HypervisorConfig, VsockConfig};
+use crate::daemon::{resolve_binary, Daemon};
+use args::{command_line, vsock_args, FIRST_NET_FD};
+
+/// How long a helper may take to create its socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const QMP_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct Qemu {
+    config: HypervisorConfig,
+    vsock_config: VsockConfig,
+    accel: AccelChoice,
+    /// The guest's clock parameters (`super::clock_params`).
+    clock: String,
+    vsock: Option<Daemon>,
+    vmm: Option<Daemon>,
+    qmp_socket: Option<PathBuf>,
+    /// The PCIe root ports NICs sit in (`port_id`), and the NIC each holds.
+    ports: Vec<Option<String>>,
+    /// Whether NICs use vhost-net (the host has `/dev/vhost-net`).
+    vhost_net: bool,
+}
+
+impl Qemu {
+    pub fn new(
+        config: &HypervisorConfig,
+        vsock_config: &VsockConfig,
+        tsc_cache: &Path,
+    ) -> Result<Self, VmmError> {
+        let accel = choose_accel(config.accel)?;
+        let tsc_khz = if accel.kvm {
+            None
+        } else {
+            super::host_tsc_khz_cached(tsc_cache)
+        };
+        Ok(Self {
+            config: config.clone(),
+            vsock_config: vsock_config.clone(),
+            clock: super::clock_params(accel.kvm, tsc_khz),
+            accel,
+            vsock: None,
+            vmm: None,
+            qmp_socket: None,
+            ports: Vec::new(),
+            vhost_net: vhost_net(),
+        })
+    }
+
+    async fn qmp(&self) -> Result<Qmp, VmmError> {
+        let socket = self.qmp_socket.as_ref().ok_or(VmmError::NotRunning)?;
+        tokio::time::timeout(QMP_TIMEOUT, Qmp::connect(socket))
+            .await
+            .map_err(|_| VmmError::Control {
+                vmm: "qemu",
+                message: format!("no QMP greeting within {QMP_TIMEOUT:?}"),
+            })?
+            .map_err(Into::into)
+    }
+
+    async fn qmp_quit(&self) -> Result<(), VmmError> {
+        let quit = async {
+            let mut qmp = self.qmp().await?;
+            // QEMU may close the socket before or after answering; either means it is going.
+            let _ = qmp.execute("quit", None).await;
+            Ok::<(), VmmError>(())
+        };
+        tokio::time::timeout(QMP_TIMEOUT, quit)
+            .await
+            .map_err(|_| VmmError::Control {
+                vmm: "qemu",
+                message: format!("no answer within {QMP_TIMEOUT:?}"),
+            })?
+    }
+}
+
+fn vhost_net() -> bool {
+    Path::new("/dev/vhost-net").exists()
+}
+
+/// One vhost-net descriptor per queue, opened by the shim for QEMU, which runs unprivileged.
+fn open_vhost(queues: usize) -> Result<Vec<std::os::fd::OwnedFd>, VmmError> {
+    (0..queues)
+        .map(|_| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/vhost-net")
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|source| VmmError::Files {
+                    path: PathBuf::from("/dev/vhost-net"),
+                    source,
+                })
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    async fn prepare(&mut self, spec: &VmSpec) -> Result<(), VmmError> {
+        let binary = resolve_binary("vhost-device-vsock", &self.vsock_config.path)?;
+        let mut cmd = Command::new(binary);
+        cmd.args(vsock_args(spec));
+        let (how, _held) = super::confinement(spec, false)?;
+        crate::daemon::confine(&mut cmd, how);
+        let daemon = Daemon::spawn(
+            "vhost-device-vsock",
+            cmd,
+            &spec.files.vsock_log,
+            spec.files.log_max,
+            &spec.files.vsock_pid,
+        )?;
+        self.vsock = Some(daemon);
+        Ok(())
+    }
+
+    async fn start(&mut self, spec: &VmSpec) -> Result<(), VmmError> {
+        for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initrd)] {
+            if !path.is_file() {
+                return Err(VmmError::MissingImage {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        let binary = resolve_binary("qemu-system-x86_64", &self.config.path)?;
+        if let Some(vsock) = &self.vsock {
+            vsock
+                .wait_for_socket(&spec.files.vsock_socket, READY_TIMEOUT)
+                .await?;
+        }
+        // QEMU connects to the console socket as it starts: listen first.
+        let console = &spec.files.console_socket;
+        let _ = std::fs::remove_file(console);
+        let listener =
+            tokio::net::UnixListener::bind(console).map_err(|source| VmmError::Files {
+                path: console.clone(),
+                source,
+            })?;
+        super::hand_to(spec.user.as_ref(), console)?;
+        let files = spec.files.clone();
+        tokio::spawn(async move {
+            if let Ok((stream, _)) = listener.accept().await {
+                super::pump_console(stream, &files);
+            }
+            let _ = std::fs::remove_file(&files.console_socket);
+        });
+        let mut cmd = Command::new(binary);
+        cmd.args(command_line(
+            spec,
+            self.accel.kvm,
+            &self.clock,
+            self.config.seccomp,
+            self.vhost_net,
+        ));
+        let (how, _held) = super::confinement(spec, true)?;
+        crate::daemon::confine(&mut cmd, how);
+        // In the order `args` numbers them: each NIC's taps, then its vhost descriptors.
+        let mut vhost = Vec::new();
+        let mut taps: Vec<i32> = Vec::new();
+        for nic in &spec.net {
+            taps.extend(&nic.tap_fds);
+            if self.vhost_net {
+                let opened = open_vhost(nic.tap_fds.len().max(1))?;
+                taps.extend(opened.iter().map(std::os::fd::AsRawFd::as_raw_fd));
+                vhost.extend(opened);
+            }
+        }
+        if !taps.is_empty() {
+            // SAFETY: runs in the forked child before exec and only calls dup2 (async-signal-safe).
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (i, fd) in taps.iter().enumerate() {
+                        // dup2 leaves the new descriptor open across exec.
+                        if libc::dup2(*fd, FIRST_NET_FD + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let daemon = Daemon::spawn(
+            "qemu",
+            cmd,
+            &spec.files.vmm_log,
+            spec.files.log_max,
+            &spec.files.vmm_pid,
+        )?;
+        log::info!(
+            "sandbox {}: qemu pid {} ({}, {})",
+            spec.sandbox_id,
+            daemon.pid(),
+            if self.accel.kvm { "KVM" } else { "TCG" },
+            self.accel.reason
+        );
+        self.vmm = Some(daemon);
+        self.qmp_socket = Some(spec.files.control_socket.clone());
+        self.ports = spec
+            .net
+            .iter()
+            .map(|nic| Some(nic.id.clone()))
+            .chain((0..spec.hotplug_slots).map(|_| None))
+            .collect();
+        Ok(())
+    }
+
+    async fn stop(&mut self, grace: Duration) {
+        if let Some(vmm) = &self.vmm {
+            if vmm.exit_code().is_none() {
+                if let Err(e) = self.qmp_quit().await {
+                    log::warn!("qemu did not take quit over QMP ({e}); signalling it");
+                }
+                if tokio::time::timeout(grace, vmm.wait()).await.is_err() {
+                    vmm.stop(grace).await;
+                }
+            }
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.stop(grace).await;
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.vmm.as_ref().map(Daemon::pid)
+    }
+
+    fn exit_watch(&self) -> Option<watch::Receiver<Option<i32>>> {
+        self.vmm.as_ref().map(Daemon::exit_watch)
+    }
+
+    fn log_tail(&self) -> String {
+        self.vmm
+            .as_ref()
+            .map(Daemon::log_tail)
+            .unwrap_or_else(|| "(qemu not started)".to_string())
+    }
+
+    async fn add_nic(&mut self, nic: &NetDevice) -> Result<(), VmmError> {
+        self.plug(nic).await
+    }
+
+    async fn remove_nic(&mut self, id: &str, timeout: Duration) -> Result<(), VmmError> {
+        self.unplug(id, timeout).await
+    }
+}
