@@ -48,6 +48,16 @@ pub enum HypervisorKind {
     CloudHypervisor,
 }
 
+impl HypervisorKind {
+    /// The VMM's program name, as its log lines are labelled.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HypervisorKind::Qemu => "qemu",
+            HypervisorKind::CloudHypervisor => "cloud-hypervisor",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {

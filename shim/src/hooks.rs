@@ -94,18 +94,55 @@ pub fn create_hooks(spec: &Spec) -> Vec<Hook> {
         .collect()
 }
 
-pub fn poststart_hooks(spec: &Spec) -> Vec<Hook> {
-    spec.hooks()
-        .as_ref()
-        .and_then(|h| h.poststart().clone())
-        .unwrap_or_default()
+/// A container's hooks for after Create: poststart and poststop, with the state they read. A
+/// failure of either is worth a warning, not the container (OCI runtime spec).
+#[derive(Debug, Clone)]
+pub struct LaterHooks {
+    poststart: Vec<Hook>,
+    poststop: Vec<Hook>,
+    state: State,
 }
 
-pub fn poststop_hooks(spec: &Spec) -> Vec<Hook> {
-    spec.hooks()
-        .as_ref()
-        .and_then(|h| h.poststop().clone())
-        .unwrap_or_default()
+impl LaterHooks {
+    pub fn new(spec: &Spec, id: &str, bundle: &Path) -> Self {
+        let hooks = spec.hooks().as_ref();
+        Self {
+            poststart: hooks
+                .and_then(|h| h.poststart().clone())
+                .unwrap_or_default(),
+            poststop: hooks.and_then(|h| h.poststop().clone()).unwrap_or_default(),
+            state: State::new(spec, id, "created", 0, bundle),
+        }
+    }
+
+    /// Runs the poststart hooks for a container now running as `pid`.
+    pub async fn poststart(&self, pid: u32) {
+        self.run_logged("poststart", &self.poststart, "running", pid)
+            .await;
+    }
+
+    /// Runs the poststop hooks for a container gone (its VMM was `pid`).
+    pub async fn poststop(&self, pid: u32) {
+        self.run_logged("poststop", &self.poststop, "stopped", pid)
+            .await;
+    }
+
+    async fn run_logged(
+        &self,
+        phase: &'static str,
+        hooks: &[Hook],
+        status: &'static str,
+        pid: u32,
+    ) {
+        let state = State {
+            status,
+            pid,
+            ..self.state.clone()
+        };
+        if let Err(e) = run(phase, hooks, &state).await {
+            log::warn!("container {}: {e}", self.state.id);
+        }
+    }
 }
 
 /// Runs `hooks` one after another with `state` on stdin; the first failure stops the run.
@@ -220,8 +257,9 @@ mod tests {
         );
         let paths: Vec<_> = create_hooks(&s).iter().map(|h| h.path().clone()).collect();
         assert_eq!(paths, [PathBuf::from("/p"), PathBuf::from("/r")]);
-        assert_eq!(poststart_hooks(&s).len(), 1);
-        assert!(poststop_hooks(&s).is_empty());
+        let later = LaterHooks::new(&s, "c1", Path::new("/bundle"));
+        assert_eq!(later.poststart.len(), 1);
+        assert!(later.poststop.is_empty());
     }
 
     #[test]

@@ -9,7 +9,6 @@ pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod features;
-pub mod fs;
 pub mod hooks;
 pub mod ids;
 pub mod logs;

@@ -8,31 +8,35 @@ use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::util::write_str_to_file;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
-use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::shim_async::create_task;
 use containerd_shim::{api, Config as ShimConfig, Error as ShimError, Flags, StartOpts};
 
 use crate::config::Config;
 use crate::ids::validate;
+use crate::sandbox::pod::sandbox_id_for;
 use crate::sandbox::{cleanup_on_disk, holding_netns, mounts, SandboxPaths};
 use crate::task::events::ContainerdEvents;
-use crate::task::{TaskService, SANDBOX_ID_ANNOTATION};
+use crate::task::{timestamp, TaskService, UNKNOWN_EXIT_STATUS};
 
 /// containerd's runtime name for hako.
 pub const RUNTIME_ID: &str = "io.containerd.hako.v2";
-/// Exit status reported by `delete` when the real one is unknown (the shim is gone).
-const UNKNOWN_EXIT: u32 = 137;
 /// containerd sends Create right after it started a shim; one that waited this long for it
 /// was abandoned.
 const UNUSED_SHIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The shim's short-lived commands, `start` and `delete`. The long-lived server is `serve`.
 pub struct HakoShim {
     id: String,
     namespace: String,
     bundle: PathBuf,
-    exit: Arc<ExitSignal>,
 }
+
+/// The `Shim` trait's task service, which `serve` never asks for: the server builds its own
+/// `TaskService`. Every method keeps ttrpc's default answer ("not supported").
+pub struct NoTasks;
+
+impl containerd_shim::protos::shim_async::Task for NoTasks {}
 
 /// The crate's own options: hako reaps its helpers through tokio, not a global reaper, and
 /// leaves orphans to init rather than collecting them itself.
@@ -179,27 +183,17 @@ fn signal_server_started() {
     }
 }
 
-/// The sandbox a bundle's container belongs to: the CRI annotation; else the sandbox whose VM
-/// holds the network namespace the spec names (Docker's `--network container:<x>`); else the
-/// container itself.
+/// The sandbox a bundle's container belongs to (`sandbox_id_for`), looking for a sandbox that
+/// holds its network namespace on disk.
 fn sandbox_of(bundle: &Path, namespace: &str, id: &str) -> Result<String, ShimError> {
     let spec_path = bundle.join("config.json");
     let sandbox = match std::fs::read(&spec_path) {
         Ok(bytes) => {
             let spec: oci_spec::runtime::Spec = serde_json::from_slice(&bytes)
                 .map_err(|e| invalid(format!("{}: {e}", spec_path.display())))?;
-            let annotated = spec
-                .annotations()
-                .as_ref()
-                .and_then(|a| a.get(SANDBOX_ID_ANNOTATION))
-                .cloned();
-            let sharing = || match crate::net::mode(&spec) {
-                crate::net::NetworkMode::Namespace(path) => {
-                    holding_netns(&sandbox_root(), namespace, &path)
-                }
-                _ => None,
-            };
-            annotated.or_else(sharing).unwrap_or_else(|| id.to_string())
+            sandbox_id_for(&spec, id, |netns| {
+                holding_netns(&sandbox_root(), namespace, netns)
+            })
         }
         Err(_) => id.to_string(),
     };
@@ -217,7 +211,7 @@ fn sandbox_root() -> PathBuf {
 
 #[async_trait]
 impl Shim for HakoShim {
-    type T = TaskService;
+    type T = NoTasks;
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
         let bundle = if args.bundle.is_empty() {
@@ -229,7 +223,6 @@ impl Shim for HakoShim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
             bundle,
-            exit: Arc::new(ExitSignal::default()),
         }
     }
 
@@ -261,31 +254,19 @@ impl Shim for HakoShim {
         }
         mounts::unmount_all_under(&self.bundle.join("rootfs"))
             .map_err(|e| ShimError::Other(e.to_string()))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
         Ok(api::DeleteResponse {
             pid: 0,
-            exit_status: UNKNOWN_EXIT,
-            exited_at: MessageField::some(Timestamp {
-                seconds: now.as_secs() as i64,
-                nanos: now.subsec_nanos() as i32,
-                ..Default::default()
-            }),
+            exit_status: UNKNOWN_EXIT_STATUS,
+            exited_at: MessageField::some(timestamp(std::time::SystemTime::now())),
             ..Default::default()
         })
     }
 
-    async fn wait(&mut self) {
-        self.exit.wait().await;
-    }
+    /// Never reached: `main` runs `serve` for the server, which waits on its own exit signal.
+    async fn wait(&mut self) {}
 
-    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        let events = Arc::new(ContainerdEvents {
-            publisher,
-            namespace: self.namespace.clone(),
-        });
-        TaskService::new(&self.namespace, events, self.exit.clone())
+    async fn create_task_service(&self, _publisher: RemotePublisher) -> Self::T {
+        NoTasks
     }
 }
 

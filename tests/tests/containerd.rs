@@ -28,6 +28,13 @@ fn command_runs_in_the_guest_kernel_on_virtiofs() {
         let r = c.run_rm("uname1", &["uname", "-r"]);
         assert_eq!(r.code, 0, "{r:?}");
         assert_eq!(r.stdout.trim(), guest_release, "{r:?}");
+        // Delete answers once the sandbox's helpers are gone and reaped: none is left, not even
+        // as a zombie, when `ctr run --rm` returns (the shim itself exits after Shutdown).
+        let helpers: Vec<_> = hako_processes()
+            .into_iter()
+            .filter(|(_, comm)| comm != "containerd-shim")
+            .collect();
+        assert!(helpers.is_empty(), "helpers left after --rm: {helpers:?}");
         // containerd 2.x talks task API v3 to the shim; 1.x talks v2.
         if c.version.starts_with('2') {
             let log = c.log();

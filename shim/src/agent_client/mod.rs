@@ -56,6 +56,52 @@ impl AgentError {
     }
 }
 
+/// Which standard streams a guest process gets (`stderr` is false behind a terminal, which
+/// carries both).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestStdio {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub terminal: bool,
+}
+
+impl GuestStdio {
+    pub fn create_request(
+        self,
+        container_id: &str,
+        oci_spec: Vec<u8>,
+    ) -> pb::CreateContainerRequest {
+        pb::CreateContainerRequest {
+            container_id: container_id.to_string(),
+            oci_spec,
+            stdin: self.stdin,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            terminal: self.terminal,
+            ..Default::default()
+        }
+    }
+
+    pub fn exec_request(
+        self,
+        container_id: &str,
+        exec_id: &str,
+        process: Vec<u8>,
+    ) -> pb::ExecProcessRequest {
+        pb::ExecProcessRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            process,
+            stdin: self.stdin,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            terminal: self.terminal,
+            ..Default::default()
+        }
+    }
+}
+
 /// The agent API as the shim uses it.
 #[async_trait]
 pub trait AgentClient: Send + Sync {

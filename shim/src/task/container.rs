@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use super::state::Process;
 use super::stdio::StdioPaths;
 use super::TaskError;
+use crate::hooks::LaterHooks;
 
 /// One process as the shim tracks it.
 pub struct ProcEntry {
@@ -40,10 +41,8 @@ impl ProcEntry {
 pub struct ContainerInfo {
     /// The container's root filesystem on the host.
     pub rootfs: PathBuf,
-    /// Host-side hooks for after start and after delete, and the state they read.
-    pub poststart: Vec<oci_spec::runtime::Hook>,
-    pub poststop: Vec<oci_spec::runtime::Hook>,
-    pub hook_state: crate::hooks::State,
+    /// Host-side hooks for after start and after delete.
+    pub hooks: LaterHooks,
 }
 
 pub struct Container {
@@ -73,15 +72,6 @@ impl Container {
             init: Arc::new(ProcEntry::new("", stdio)),
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
-        }
-    }
-
-    /// The state a poststart or poststop hook reads.
-    pub fn hook_state(&self, status: &'static str, pid: u32) -> crate::hooks::State {
-        crate::hooks::State {
-            status,
-            pid,
-            ..self.info.hook_state.clone()
         }
     }
 

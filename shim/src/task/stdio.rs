@@ -7,7 +7,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use crate::agent_client::AgentClient;
+use crate::agent_client::{AgentClient, GuestStdio};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StdioPaths {
@@ -15,6 +15,19 @@ pub struct StdioPaths {
     pub stdout: String,
     pub stderr: String,
     pub terminal: bool,
+}
+
+impl StdioPaths {
+    /// The streams the guest opens for these FIFOs: none where containerd gave none, and no
+    /// separate stderr behind a terminal.
+    pub fn guest(&self) -> GuestStdio {
+        GuestStdio {
+            stdin: !self.stdin.is_empty(),
+            stdout: !self.stdout.is_empty(),
+            stderr: !self.stderr.is_empty() && !self.terminal,
+            terminal: self.terminal,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -380,7 +380,7 @@ pub fn host_tsc_khz() -> Option<u64> {
 }
 
 /// Kernel command line: console on the first serial port, no reboot loops, and the options
-/// that measurably shorten boot (see docs/performance notes in docs/architecture.md).
+/// that measurably shorten boot (docs/performance.md has their effect).
 pub fn kernel_cmdline(agent_log_level: &str, extra: &str, share: SharedFsKind) -> String {
     let mut cmdline = [
         "console=ttyS0",

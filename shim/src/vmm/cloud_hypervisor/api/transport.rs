@@ -98,6 +98,15 @@ impl Transport {
                 body: body.to_vec(),
             })
         };
+        self.bounded(endpoint, exchange).await
+    }
+
+    /// `exchange` within the timeout, as a success answer or an `ApiError`.
+    async fn bounded(
+        &self,
+        endpoint: &'static str,
+        exchange: impl std::future::Future<Output = Result<Answer, ApiError>>,
+    ) -> Result<Answer, ApiError> {
         let answer = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| ApiError::Timeout {
@@ -176,13 +185,7 @@ impl Transport {
             }
             read_answer(endpoint, &mut stream).await
         };
-        let answer = tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| ApiError::Timeout {
-                endpoint,
-                timeout: self.timeout,
-            })??;
-        check_status(endpoint, answer)
+        self.bounded(endpoint, exchange).await
     }
 }
 

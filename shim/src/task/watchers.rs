@@ -1,0 +1,191 @@
+//! The host's watch on the guest's processes: each process's exit (or the VM's death under it)
+//! and the OOM kills the agent reports, published to containerd as they happen.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim::protos::events::task::{TaskExit, TaskOOM};
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::topics;
+
+use super::container::ProcEntry;
+use super::convert::timestamp;
+use super::{TaskService, UNKNOWN_EXIT_STATUS};
+use crate::sandbox::pod::Running;
+
+/// How long an exit waits for the last output to reach containerd's FIFOs.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
+/// The most OOM events a guest may report per second.
+const OOM_EVENTS_PER_SECOND: u32 = 10;
+
+impl TaskService {
+    /// Waits for the process's exit (or the VM's death), lets the output drain, records the
+    /// exit and publishes it.
+    pub(super) fn spawn_exit_watcher(
+        &self,
+        container_id: String,
+        entry: Arc<ProcEntry>,
+        running: Running,
+        mut outputs: tokio::task::JoinSet<()>,
+    ) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let shown = if entry.exec_id.is_empty() {
+                container_id.clone()
+            } else {
+                format!("{container_id}/{}", entry.exec_id)
+            };
+            let status = tokio::select! {
+                result = running.agent.wait_process(&container_id, &entry.exec_id) => match result {
+                    Ok(status) => status,
+                    Err(e) => {
+                        log::error!("{shown}: waiting for the exit failed: {e}");
+                        UNKNOWN_EXIT_STATUS
+                    }
+                },
+                code = running.vm_gone() => {
+                    log::error!("{shown}: the VM exited (status {code}) under it");
+                    UNKNOWN_EXIT_STATUS
+                }
+            };
+            let drained = tokio::time::timeout(OUTPUT_DRAIN, async {
+                while outputs.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                log::warn!("{shown}: output still open {OUTPUT_DRAIN:?} after exit");
+                outputs.abort_all();
+            }
+            let exit = entry.state().set_exited(status);
+            if let Some(exit) = exit {
+                log::info!("{shown} exited with status {status}");
+                let id = if entry.exec_id.is_empty() {
+                    container_id.clone()
+                } else {
+                    entry.exec_id.clone()
+                };
+                events
+                    .send(
+                        topics::TASK_EXIT_EVENT_TOPIC,
+                        Box::new(TaskExit {
+                            container_id,
+                            id,
+                            pid: running.vmm_pid,
+                            exit_status: exit.status,
+                            exited_at: MessageField::some(timestamp(exit.at)),
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+            }
+        });
+    }
+
+    /// Publishes `/tasks/oom` for every OOM kill the agent reports, for the VM's lifetime. The
+    /// agent is the guest's: an id that is not one of this sandbox's containers is refused (a
+    /// guest must not mark another pod's container OOM-killed), ids are quoted in logs, and the
+    /// loop takes at most `OOM_EVENTS_PER_SECOND`, however fast the guest answers.
+    pub(super) fn spawn_oom_watcher(&self, running: Running) {
+        let events = self.events.clone();
+        let containers = self.containers.clone();
+        tokio::spawn(async move {
+            let mut bucket = RateLimit::new(OOM_EVENTS_PER_SECOND);
+            let mut refused = 0u64;
+            loop {
+                bucket.take().await;
+                let event = tokio::select! {
+                    event = running.agent.oom_event() => event,
+                    _ = running.vm_gone() => return,
+                };
+                let container_id = match event {
+                    Ok(id) => id,
+                    Err(e) => {
+                        log::debug!("OOM watcher stopped: {e}");
+                        return;
+                    }
+                };
+                let known = containers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&container_id);
+                if !known {
+                    refused += 1;
+                    // Said once, then at every power of two: a flood costs a few lines.
+                    if refused.is_power_of_two() {
+                        log::warn!(
+                            "the guest reported an OOM kill of {container_id:?}, which is not a container of this sandbox: ignored ({refused} so far)"
+                        );
+                    }
+                    continue;
+                }
+                log::warn!("container {container_id:?} was OOM-killed");
+                events
+                    .send(
+                        topics::TASK_OOM_EVENT_TOPIC,
+                        Box::new(TaskOOM {
+                            container_id,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+            }
+        });
+    }
+}
+
+/// A token bucket: `take` returns at once while tokens last, then waits for the next one.
+struct RateLimit {
+    per_second: u32,
+    tokens: u32,
+    refilled: tokio::time::Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            tokens: per_second,
+            refilled: tokio::time::Instant::now(),
+        }
+    }
+
+    async fn take(&mut self) {
+        loop {
+            let earned =
+                self.refilled.elapsed().as_millis() as u64 * u64::from(self.per_second) / 1000;
+            if earned > 0 {
+                self.tokens =
+                    (u64::from(self.tokens) + earned).min(u64::from(self.per_second)) as u32;
+                self.refilled = tokio::time::Instant::now();
+            }
+            if self.tokens > 0 {
+                self.tokens -= 1;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(
+                1000 / u64::from(self.per_second.max(1)),
+            ))
+            .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn guest_driven_loops_take_at_most_their_rate() {
+        let mut bucket = RateLimit::new(10);
+        let started = tokio::time::Instant::now();
+        for _ in 0..100 {
+            bucket.take().await;
+        }
+        // 10 at once, then 10 a second: 90 more take 9 seconds of (paused, virtual) time.
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(8) && took <= Duration::from_secs(10),
+            "{took:?}"
+        );
+    }
+}
