@@ -1,14 +1,17 @@
 #!/bin/bash
-# Builds the hako guest: a kernel from Debian's cloud kernel package and an initramfs holding the
-# static hako-agent (as /init) and the kernel modules it loads.
+# Builds the hako guest: a kernel and an initramfs holding the static hako-agent (as /init).
 #
 #   guest-image/build.sh [OUT_DIR]        (default: build/guest)
 #
-# Reproducible: the same kernel package and agent binary give byte-identical output (sorted cpio
+# The kernel is hako's own by default: guest-image/build-kernel.sh builds it from Debian's kernel
+# source package and the fragment guest-image/kernel/hako.config, with everything built in (no
+# modules to load), and caches it under /var/cache/hako/kernel. A Debian kernel package is used
+# instead, with the modules the agent loads in the initramfs, when HAKO_KERNEL_META names its
+# meta package (linux-image-cloud-amd64, the cloud kernel; linux-image-amd64, the generic kernel,
+# which has the 9p modules a virtio-9p share needs) or HAKO_KERNEL_PACKAGE the package itself.
+#
+# Reproducible: the same kernel and agent binary give byte-identical output (sorted cpio
 # entries, fixed timestamps and owners). The work is skipped when none of the inputs changed.
-# Environment: HAKO_KERNEL_META picks the kernel through another Debian meta package (default
-# linux-image-cloud-amd64; linux-image-amd64 gives the generic kernel, which has the 9p modules
-# a virtio-9p share needs), HAKO_KERNEL_PACKAGE names the kernel package itself, and
 # HAKO_AGENT_BIN uses a prebuilt agent.
 set -euo pipefail
 
@@ -18,8 +21,15 @@ out="${1:-$repo/build/guest}"
 cache="$repo/build/cache"
 mkdir -p "$out" "$cache"
 
+# "hako": the purpose-built kernel; "debian": a Debian kernel package and its modules.
+kernel_kind=hako
+if [[ -n "${HAKO_KERNEL_META:-}" || -n "${HAKO_KERNEL_PACKAGE:-}" ]]; then
+    kernel_kind=debian
+fi
+
 step=0
 steps=6
+[[ $kernel_kind == hako ]] && steps=4
 progress() {
     step=$((step + 1))
     echo "guest-image [$step/$steps] $*"
@@ -29,7 +39,8 @@ fail() {
     exit 1
 }
 
-# Modules the agent loads, in this order (dependencies first). Missing ones are built in.
+# Modules the agent loads from a Debian kernel, in this order (dependencies first). Missing ones
+# are built in.
 MODULES=(
     virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
     fuse virtiofs
@@ -39,25 +50,38 @@ MODULES=(
 # Loaded by the agent only for a virtio-9p share (hypervisor.shared_fs = "virtio-9p").
 MODULES_9P=(9pnet 9pnet_virtio 9p)
 
-progress "resolving the kernel package"
-pkg="${HAKO_KERNEL_PACKAGE:-}"
-if [[ -z "$pkg" ]]; then
-    meta="${HAKO_KERNEL_META:-linux-image-cloud-amd64}"
-    pkg="$(apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+if [[ $kernel_kind == hako ]]; then
+    progress "building hako's guest kernel"
+    # Its progress goes to stderr; its output, the build's directory, to stdout.
+    kbuild="$("$here/build-kernel.sh")" || fail "building the guest kernel failed (see above)"
+    kbuild="$(tail -n1 <<<"$kbuild")"
+    [[ -s "$kbuild/vmlinux" && -s "$kbuild/vmlinuz" && -s "$kbuild/kernel-release" ]] ||
+        fail "guest-image/build-kernel.sh left no kernel in '$kbuild'"
+    kver="$(cat "$kbuild/kernel-release")"
+    vmlinuz="$kbuild/vmlinuz"
+    kernel_inputs=("$kbuild/vmlinux" "$kbuild/vmlinuz" "$kbuild/kernel-release")
+else
+    progress "resolving the kernel package"
+    pkg="${HAKO_KERNEL_PACKAGE:-}"
+    if [[ -z "$pkg" ]]; then
+        meta="${HAKO_KERNEL_META:-linux-image-cloud-amd64}"
+        pkg="$(apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+    fi
+    [[ -n "$pkg" ]] || fail "cannot find the kernel package; run 'apt-get update' first"
+    version="$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')"
+    [[ -n "$version" && "$version" != "(none)" ]] || fail "no candidate version for $pkg; run 'apt-get update'"
+    deb="$cache/${pkg}_${version}_amd64.deb"
+    if [[ ! -s "$deb" ]]; then
+        echo "  downloading $pkg $version"
+        # -o APT::Sandbox::User=root: _apt cannot write into the build tree.
+        (cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version") >/dev/null ||
+            fail "apt-get download $pkg=$version failed: check the Debian mirror in /etc/apt/sources.list*"
+        mv -f "$cache/${pkg}_"*"_amd64.deb" "$deb" 2>/dev/null || true
+    fi
+    [[ -s "$deb" ]] || fail "the kernel package $deb is missing after download"
+    echo "  $pkg $version"
+    kernel_inputs=("$deb")
 fi
-[[ -n "$pkg" ]] || fail "cannot find the kernel package; run 'apt-get update' first"
-version="$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')"
-[[ -n "$version" && "$version" != "(none)" ]] || fail "no candidate version for $pkg; run 'apt-get update'"
-deb="$cache/${pkg}_${version}_amd64.deb"
-if [[ ! -s "$deb" ]]; then
-    echo "  downloading $pkg $version"
-    # -o APT::Sandbox::User=root: _apt cannot write into the build tree.
-    (cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version") >/dev/null ||
-        fail "apt-get download $pkg=$version failed: check the Debian mirror in /etc/apt/sources.list*"
-    mv -f "$cache/${pkg}_"*"_amd64.deb" "$deb" 2>/dev/null || true
-fi
-[[ -s "$deb" ]] || fail "the kernel package $deb is missing after download"
-echo "  $pkg $version"
 
 progress "building the static agent"
 agent="${HAKO_AGENT_BIN:-}"
@@ -72,63 +96,65 @@ if file "$agent" 2>/dev/null | grep -q 'dynamically linked'; then
     fail "$agent is dynamically linked; the guest has no libc"
 fi
 
-[[ -x /bin/busybox ]] || fail "/bin/busybox missing: apt-get install busybox-static"
 command -v strip >/dev/null || fail "strip missing: apt-get install binutils"
-stamp_inputs="$(sha256sum "$deb" "$agent" /bin/busybox "${BASH_SOURCE[0]}" | awk '{print $1}' | tr '\n' ' ')"
+stamp_inputs="$(sha256sum "${kernel_inputs[@]}" "$agent" "${BASH_SOURCE[0]}" | awk '{print $1}' | tr '\n' ' ')"
 if [[ -f "$out/.inputs" && "$(cat "$out/.inputs")" == "$stamp_inputs" &&
       -s "$out/vmlinuz" && -s "$out/vmlinux" && -s "$out/initramfs.cpio" ]]; then
     echo "guest-image: up to date in $out (inputs unchanged)"
     exit 0
 fi
 
-progress "unpacking the kernel"
-kdir="$cache/$pkg-$version"
-if [[ ! -d "$kdir/boot" ]]; then
-    rm -rf "$kdir.tmp"
-    dpkg-deb -x "$deb" "$kdir.tmp"
-    mv "$kdir.tmp" "$kdir"
-fi
-vmlinuz="$(ls "$kdir"/boot/vmlinuz-* | head -n1)"
-kver="${vmlinuz##*/vmlinuz-}"
-moddir="$kdir/lib/modules/$kver"
-if [[ ! -f "$moddir/modules.dep" ]]; then
-    # The package leaves modules.dep to the installer's depmod.
-    command -v depmod >/dev/null || PATH="$PATH:/usr/sbin:/sbin"
-    depmod -b "$kdir" "$kver" || fail "depmod failed for $kver (is the kmod package installed?)"
-fi
+if [[ $kernel_kind == debian ]]; then
+    progress "unpacking the kernel"
+    kdir="$cache/$pkg-$version"
+    if [[ ! -d "$kdir/boot" ]]; then
+        rm -rf "$kdir.tmp"
+        dpkg-deb -x "$deb" "$kdir.tmp"
+        mv "$kdir.tmp" "$kdir"
+    fi
+    vmlinuz="$(ls "$kdir"/boot/vmlinuz-* | head -n1)"
+    kver="${vmlinuz##*/vmlinuz-}"
+    moddir="$kdir/lib/modules/$kver"
+    if [[ ! -f "$moddir/modules.dep" ]]; then
+        # The package leaves modules.dep to the installer's depmod.
+        command -v depmod >/dev/null || PATH="$PATH:/usr/sbin:/sbin"
+        depmod -b "$kdir" "$kver" || fail "depmod failed for $kver (is the kmod package installed?)"
+    fi
 
-# Cloud Hypervisor boots an ELF vmlinux (through its PVH entry point), not a bzImage: take the
-# compressed kernel out of the bzImage. The setup header says where it is (setup_sects at
-# 0x1f1, payload_offset and payload_length at 0x248 and 0x24c) and its magic says how it is
-# compressed.
-progress "extracting vmlinux for Cloud Hypervisor"
-header_u() { od -An -tu"$1" -j "$2" -N"$1" "$vmlinuz" | tr -d ' '; }
-payload_start=$(( ($(header_u 1 $((0x1f1))) + 1) * 512 + $(header_u 4 $((0x248))) ))
-payload_length=$(header_u 4 $((0x24c)))
-case "$(od -An -tx1 -j "$payload_start" -N4 "$vmlinuz" | tr -d ' ')" in
-    02214c18) decompress=(lz4 -dc) ;;
-    28b52ffd) decompress=(zstd -dc) ;;
-    fd377a58) decompress=(xz -dc) ;;
-    1f8b*) decompress=(gzip -dc) ;;
-    *) fail "unknown compression of the kernel in $vmlinuz" ;;
-esac
-command -v "${decompress[0]}" >/dev/null || fail "${decompress[0]} is missing: run scripts/setup.sh"
-# The decompressors may complain about the size trailer after the stream; the ELF check below
-# is what counts.
-tail -c +$((payload_start + 1)) "$vmlinuz" | head -c "$payload_length" |
-    "${decompress[@]}" >"$out/vmlinux.tmp" 2>/dev/null || true
-[[ "$(od -An -c -N4 "$out/vmlinux.tmp" | tr -d ' ')" == '177ELF' ]] ||
-    fail "could not extract an ELF vmlinux from $vmlinuz"
-mv "$out/vmlinux.tmp" "$out/vmlinux"
+    # Cloud Hypervisor boots an ELF vmlinux (through its PVH entry point), not a bzImage: take
+    # the compressed kernel out of the bzImage. The setup header says where it is (setup_sects
+    # at 0x1f1, payload_offset and payload_length at 0x248 and 0x24c) and its magic says how it
+    # is compressed.
+    progress "extracting vmlinux for Cloud Hypervisor"
+    header_u() { od -An -tu"$1" -j "$2" -N"$1" "$vmlinuz" | tr -d ' '; }
+    payload_start=$(( ($(header_u 1 $((0x1f1))) + 1) * 512 + $(header_u 4 $((0x248))) ))
+    payload_length=$(header_u 4 $((0x24c)))
+    case "$(od -An -tx1 -j "$payload_start" -N4 "$vmlinuz" | tr -d ' ')" in
+        02214c18) decompress=(lz4 -dc) ;;
+        28b52ffd) decompress=(zstd -dc) ;;
+        fd377a58) decompress=(xz -dc) ;;
+        1f8b*) decompress=(gzip -dc) ;;
+        *) fail "unknown compression of the kernel in $vmlinuz" ;;
+    esac
+    command -v "${decompress[0]}" >/dev/null || fail "${decompress[0]} is missing: run scripts/setup.sh"
+    # The decompressors may complain about the size trailer after the stream; the ELF check
+    # below is what counts.
+    tail -c +$((payload_start + 1)) "$vmlinuz" | head -c "$payload_length" |
+        "${decompress[@]}" >"$out/vmlinux.tmp" 2>/dev/null || true
+    [[ "$(od -An -c -N4 "$out/vmlinux.tmp" | tr -d ' ')" == '177ELF' ]] ||
+        fail "could not extract an ELF vmlinux from $vmlinuz"
+    mv "$out/vmlinux.tmp" "$out/vmlinux"
+else
+    # hako's kernel comes as an ELF already (build-kernel.sh checked its PVH note).
+    install -m 0644 "$kbuild/vmlinux" "$out/vmlinux.tmp"
+    mv "$out/vmlinux.tmp" "$out/vmlinux"
+fi
 
 progress "assembling the initramfs"
 root="$(mktemp -d "$cache/initramfs.XXXXXX")"
 trap 'rm -rf "$root"' EXIT
-mkdir -p "$root"/{proc,sys,dev,run,tmp,etc/hako,lib/modules}
+mkdir -p "$root"/{proc,sys,dev,run,tmp,etc/hako}
 install -m 0755 "$agent" "$root/init"
-# busybox for `ip`: the agent configures the pod's network with it.
-mkdir -p "$root/bin"
-install -m 0755 /bin/busybox "$root/bin/busybox"
 # module_file NAME: its path in modules.dep, empty when it is built in; fails when it is
 # neither (modules.dep names files with '-' or '_' interchangeably with the module name).
 module_file() {
@@ -166,25 +192,32 @@ add_module() {
         included[$dep]=1
     done
 }
-: >"$root/etc/hako/modules"
-for name in "${MODULES[@]}"; do
-    add_module "$name" "$root/etc/hako/modules"
-done
-# The 9p modules go in only when the kernel has them all (Debian's cloud kernel has none).
-have_9p=1
-for name in "${MODULES_9P[@]}"; do
-    module_file "$name" >/dev/null || have_9p=0
-done
-if ((have_9p)); then
-    : >"$root/etc/hako/modules-9p"
-    for name in "${MODULES_9P[@]}"; do
-        add_module "$name" "$root/etc/hako/modules-9p"
-    done
-    echo "  $(wc -l <"$root/etc/hako/modules-9p") modules for virtio-9p shares"
+if [[ $kernel_kind == hako ]]; then
+    # Everything is built in: no module list, which the agent takes as nothing to load (and a
+    # virtio-9p share is refused: this kernel has no 9p).
+    echo "  $kver has everything built in: no modules; virtio-fs shares only"
 else
-    echo "  $kver has no 9p: this guest serves virtio-fs shares only"
+    mkdir -p "$root/lib/modules"
+    : >"$root/etc/hako/modules"
+    for name in "${MODULES[@]}"; do
+        add_module "$name" "$root/etc/hako/modules"
+    done
+    # The 9p modules go in only when the kernel has them all (Debian's cloud kernel has none).
+    have_9p=1
+    for name in "${MODULES_9P[@]}"; do
+        module_file "$name" >/dev/null || have_9p=0
+    done
+    if ((have_9p)); then
+        : >"$root/etc/hako/modules-9p"
+        for name in "${MODULES_9P[@]}"; do
+            add_module "$name" "$root/etc/hako/modules-9p"
+        done
+        echo "  $(wc -l <"$root/etc/hako/modules-9p") modules for virtio-9p shares"
+    else
+        echo "  $kver has no 9p: this guest serves virtio-fs shares only"
+    fi
+    echo "  $(wc -l <"$root/etc/hako/modules") modules for $kver"
 fi
-echo "  $(wc -l <"$root/etc/hako/modules") modules for $kver"
 
 progress "writing $out"
 find "$root" -exec touch -h -d @0 {} +

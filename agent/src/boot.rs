@@ -1,22 +1,17 @@
-//! Turning a bare kernel + initramfs into a place where containers can run: leave the initramfs,
-//! mount the kernel filesystems, load the modules and mount the sandbox share.
+//! Turning a bare kernel + initramfs into a place where containers can run: read the command
+//! line, load the modules (Debian kernels only), leave the initramfs, mount the kernel
+//! filesystems and the sandbox share.
 
-use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::kmod::{finit_module, ModuleInitFlags};
-use nix::mount::{mount, MsFlags};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd::{chdir, chroot};
 
-/// Set on the re-executed init so it knows it already left the initramfs; its value is the
-/// time the kernel ran /init, in milliseconds since boot.
-const RELOCATED_ENV: &str = "HAKO_RELOCATED";
 /// Written by the guest-image build: one module path per line, in load order.
 const MODULE_LIST: &str = "/etc/hako/modules";
 /// Likewise, the modules a 9p share needs; loaded only for one (and absent from kernels
@@ -50,16 +45,34 @@ pub enum BootError {
     },
 }
 
+/// The kernel command line, read while still on the initramfs (through a /proc mounted for
+/// the moment: the kernel filesystems are mounted for good once the root has moved).
+pub fn read_cmdline() -> Result<String, BootError> {
+    let proc = Path::new("/proc");
+    let _ = fs::create_dir_all(proc);
+    mount(
+        Some("proc"),
+        proc,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|source| BootError::Mount {
+        what: "proc".to_string(),
+        target: "/proc".to_string(),
+        source,
+    })?;
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let _ = umount2(proc, MntFlags::MNT_DETACH);
+    Ok(cmdline)
+}
+
 /// pivot_root(2) refuses to leave the initramfs (the "rootfs" mount), and every container needs
-/// pivot_root. So PID 1 copies the initramfs into a tmpfs, frees the original files, moves the
-/// tmpfs onto `/` and re-executes itself there, as switch_root does.
-///
-/// Returns when the kernel ran /init, in milliseconds since boot.
-pub fn relocate_off_initramfs() -> Result<u64, BootError> {
-    if let Some(value) = std::env::var_os(RELOCATED_ENV) {
-        return Ok(value.to_str().and_then(|v| v.parse().ok()).unwrap_or(0));
-    }
-    let init_since_boot_ms = ms_since_boot();
+/// pivot_root. So PID 1 moves an empty tmpfs onto `/` and chroots into it, as switch_root does,
+/// but copies nothing: the agent keeps running from its file in the initramfs (a container's
+/// init re-executes it through /proc/self/exe, which reaches that file from any root), and
+/// nothing else in the initramfs is needed once the modules are loaded.
+pub fn leave_initramfs() -> Result<(), BootError> {
     let err = |what: &str, e: &dyn std::fmt::Display| BootError::Relocate(format!("{what}: {e}"));
     let new_root = Path::new("/newroot");
     fs::create_dir_all(new_root).map_err(|e| err("mkdir /newroot", &e))?;
@@ -71,72 +84,12 @@ pub fn relocate_off_initramfs() -> Result<u64, BootError> {
         Some("mode=0755"),
     )
     .map_err(|e| err("mount tmpfs", &e))?;
-    let root_dev = fs::metadata("/").map_err(|e| err("stat /", &e))?.dev();
-    for entry in fs::read_dir("/").map_err(|e| err("read /", &e))? {
-        let entry = entry.map_err(|e| err("read /", &e))?;
-        let name = entry.file_name();
-        if name == OsStr::new("newroot") {
-            continue;
-        }
-        let from = entry.path();
-        // Skip mount points (proc, dev) that the kernel may have set up already.
-        let meta = fs::symlink_metadata(&from).map_err(|e| err("stat", &e))?;
-        if meta.dev() != root_dev {
-            continue;
-        }
-        copy_tree(&from, &new_root.join(&name)).map_err(|e| err("copy", &e))?;
-        remove_tree(&from).map_err(|e| err("free initramfs", &e))?;
-    }
     chdir(new_root).map_err(|e| err("chdir", &e))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| err("move mount", &e))?;
     chroot(".").map_err(|e| err("chroot", &e))?;
     chdir("/").map_err(|e| err("chdir /", &e))?;
-
-    let init = CString::new("/init").map_err(|e| err("path", &e))?;
-    let mut env: Vec<CString> = std::env::vars_os()
-        .filter_map(|(k, v)| {
-            let mut kv = k.as_bytes().to_vec();
-            kv.push(b'=');
-            kv.extend_from_slice(v.as_bytes());
-            CString::new(kv).ok()
-        })
-        .collect();
-    env.push(
-        CString::new(format!("{RELOCATED_ENV}={init_since_boot_ms}"))
-            .map_err(|e| err("env", &e))?,
-    );
-    let e = nix::unistd::execve(&init, std::slice::from_ref(&init), &env).unwrap_err();
-    Err(err("re-exec /init", &e))
-}
-
-fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    let meta = fs::symlink_metadata(from)?;
-    let kind = meta.file_type();
-    if kind.is_symlink() {
-        symlink(fs::read_link(from)?, to)
-    } else if kind.is_dir() {
-        fs::create_dir(to)?;
-        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        for entry in fs::read_dir(from)? {
-            let entry = entry?;
-            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
-        }
-        Ok(())
-    } else if kind.is_file() {
-        fs::copy(from, to).map(|_| ())
-    } else {
-        // Device nodes and fifos are recreated by devtmpfs; nothing else lives in the image.
-        Ok(())
-    }
-}
-
-fn remove_tree(path: &Path) -> io::Result<()> {
-    if fs::symlink_metadata(path)?.is_dir() {
-        fs::remove_dir_all(path)
-    } else {
-        fs::remove_file(path)
-    }
+    Ok(())
 }
 
 /// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run and the cgroup2 hierarchy.
@@ -228,6 +181,8 @@ pub fn load_modules(share: ShareKind) -> Result<usize, BootError> {
     if share == ShareKind::Virtio9p {
         loaded += load_module_list(MODULE_LIST_9P, true)?;
     }
+    // The files are the initramfs's memory, and nothing loads them again.
+    let _ = fs::remove_dir_all(MODULE_DIR);
     Ok(loaded)
 }
 

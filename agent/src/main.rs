@@ -52,18 +52,21 @@ fn main() {
 
 fn run_init() -> Result<(), String> {
     let started = Instant::now();
-    let init_since_boot_ms = boot::relocate_off_initramfs().map_err(|e| e.to_string())?;
-    let relocated = boot::ms_since_boot();
-    boot::mount_kernel_filesystems().map_err(|e| e.to_string())?;
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let init_since_boot_ms = boot::ms_since_boot();
+    let cmdline = boot::read_cmdline().map_err(|e| e.to_string())?;
     logger::init(logger::level_from_cmdline(&cmdline));
     let share = boot::ShareKind::from_cmdline(&cmdline);
-    let mounted = boot::ms_since_boot();
+    // Modules (a Debian kernel's; hako's own kernel has everything built in) load from the
+    // initramfs, before the root leaves it.
     let modules = boot::load_modules(share).map_err(|e| e.to_string())?;
     let loaded = boot::ms_since_boot();
+    boot::leave_initramfs().map_err(|e| e.to_string())?;
+    let left = boot::ms_since_boot();
+    boot::mount_kernel_filesystems().map_err(|e| e.to_string())?;
+    let mounted = boot::ms_since_boot();
     boot::mount_share(share, SHARED_FS_TAG, GUEST_SHARED_DIR).map_err(|e| e.to_string())?;
     log::debug!(
-        "boot, ms since the kernel started: /init {init_since_boot_ms}, off the initramfs {relocated}, kernel filesystems {mounted}, {modules} modules {loaded}, share {}",
+        "boot, ms since the kernel started: /init {init_since_boot_ms}, {modules} modules {loaded}, off the initramfs {left}, kernel filesystems {mounted}, share {}",
         boot::ms_since_boot()
     );
 

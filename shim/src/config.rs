@@ -130,6 +130,9 @@ pub struct HypervisorConfig {
     /// NICs a running VM can gain (Docker 28 and later network a container after Create;
     /// `docker network connect`): QEMU gets a PCIe root port for each.
     pub hotplug_slots: u32,
+    /// Under TCG, the size of QEMU's translation cache in MiB (0: QEMU's default, up to 1 GiB
+    /// that counts against the pod as it fills).
+    pub tcg_tb_size_mib: u32,
 }
 
 impl HypervisorConfig {
@@ -160,6 +163,7 @@ impl Default for HypervisorConfig {
             seccomp: true,
             shared_fs: SharedFsKind::VirtioFs,
             hotplug_slots: 4,
+            tcg_tb_size_mib: 64,
         }
     }
 }
@@ -311,6 +315,10 @@ impl Config {
             return bad(&format!(
                 "hypervisor.hotplug_slots must be at most {MAX_HOTPLUG_SLOTS}"
             ));
+        }
+        let tb = self.hypervisor.tcg_tb_size_mib;
+        if tb != 0 && !(16..=2048).contains(&tb) {
+            return bad("hypervisor.tcg_tb_size_mib must be 0 (QEMU's default) or 16 to 2048");
         }
         if self.agent.log_level.parse::<log::LevelFilter>().is_err() {
             return bad("agent.log_level must be one of off, error, warn, info, debug, trace");

@@ -390,7 +390,7 @@ fn a_virtio_9p_share_carries_the_root_filesystem_without_virtiofsd() {
         ),
     )
     .unwrap();
-    // The installed guest (the cloud kernel) has no 9p modules.
+    // The installed guest (hako's own kernel) has no 9p.
     let without_modules = dir.join("no-modules.toml");
     fs::write(
         &without_modules,

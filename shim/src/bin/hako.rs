@@ -256,10 +256,10 @@ fn check() -> anyhow::Result<bool> {
         ("guest initramfs", &loaded.hypervisor.initrd),
     ] {
         let found = path.is_file();
-        let detail = if found {
-            path.display().to_string()
-        } else {
-            format!("{} missing; fix: scripts/install.sh", path.display())
+        let detail = match (found, what) {
+            (false, _) => format!("{} missing; fix: scripts/install.sh", path.display()),
+            (true, "guest kernel") => format!("{}: {}", path.display(), guest_kernel(path)),
+            (true, _) => path.display().to_string(),
         };
         report(found, true, what, detail);
     }
@@ -309,5 +309,41 @@ fn check() -> anyhow::Result<bool> {
     report(true, false, "host cgroups", cgroup.to_string());
     let (found, detail) = containerd_status();
     report(found, false, "containerd", detail);
+    // What a VM cannot share with the host, whatever this host has (README, Kubernetes).
+    for (what, detail) in LIMITS {
+        report(false, false, what, detail.to_string());
+    }
     Ok(ok)
+}
+
+/// What a VM sandbox refuses or cannot provide, by its nature.
+const LIMITS: [(&str, &str); 3] = [
+    (
+        "host network",
+        "refused: a pod's network is the VM's (hostNetwork, --network host)",
+    ),
+    (
+        "host IPC",
+        "refused: the VM's IPC namespace is its own (hostIPC, --ipc host)",
+    ),
+    (
+        "rshared mounts",
+        "not provided: a mount made in a container never reaches the host",
+    ),
+];
+
+/// Which kernel the guest boots: the release the guest image records beside it, and whether it
+/// is hako's own build (everything built in) or a Debian package's (modules in the initramfs).
+fn guest_kernel(kernel: &Path) -> String {
+    let release_file = kernel.with_file_name("kernel-release");
+    match std::fs::read_to_string(&release_file) {
+        Ok(release) if release.trim().ends_with("-hako") => {
+            format!("{}, hako's own (no modules)", release.trim())
+        }
+        Ok(release) => format!(
+            "{}, a Debian kernel (modules from the initramfs)",
+            release.trim()
+        ),
+        Err(_) => format!("release unknown ({} missing)", release_file.display()),
+    }
 }

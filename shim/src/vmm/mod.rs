@@ -326,12 +326,12 @@ pub fn clock_params(kvm: bool, tsc_khz: Option<u64>) -> String {
     }
 }
 
-/// Where the host's measured TSC rate is kept, under the sandbox root (a tmpfs, so it goes
-/// with the boot it was measured in); the leading dot keeps it apart from every namespace dir,
-/// since containerd namespaces start with a letter or digit.
 /// The guest's vsock CID. Each VM has its own vsock device and backend, so every guest can use
 /// the same one.
 pub const GUEST_CID: u32 = 3;
+/// Where the host's measured TSC rate is kept, under the sandbox root (a tmpfs, so it goes
+/// with the boot it was measured in); the leading dot keeps it apart from every namespace dir,
+/// since containerd namespaces start with a letter or digit.
 const TSC_CACHE: &str = ".tsc_khz";
 
 /// `host_tsc_khz`, measured once per host boot: the first start writes it to `cache`, later

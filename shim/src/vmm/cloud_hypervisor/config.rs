@@ -1,8 +1,8 @@
 //! The bodies of `vm.create` and `vm.add-net`, built from a `VmSpec`.
 
 use super::types::{
-    ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, NetConfig, PayloadConfig,
-    SerialConfig, VmConfig, VsockConfig,
+    BalloonConfig, ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, NetConfig,
+    PayloadConfig, SerialConfig, VmConfig, VsockConfig,
 };
 use crate::vmm::{NetDevice, Share, VmSpec, GUEST_CID};
 
@@ -61,6 +61,12 @@ pub fn vm_config(spec: &VmSpec) -> VmConfig {
             iommu: None,
             id: None,
         }),
+        // Free page reporting: pages the guest frees go back to the host.
+        balloon: Some(BalloonConfig {
+            size: 0,
+            free_page_reporting: Some(true),
+            deflate_on_oom: None,
+        }),
         // The legacy serial port is the guest's ttyS0, as with QEMU: the command line's
         // console=ttyS0 stays. Cloud Hypervisor serves it on a socket, which the shim reads
         // into the capped console log.
@@ -114,6 +120,7 @@ mod tests {
                 "fs": [{"tag": "hakoShared", "socket": "/run/hako/default/sb1/fs.sock",
                         "num_queues": 1, "queue_size": 1024}],
                 "vsock": {"cid": 3, "socket": "/run/hako/default/sb1/vmm/agent.sock"},
+                "balloon": {"size": 0, "free_page_reporting": true},
                 "serial": {"mode": "Socket", "socket": "/run/hako/default/sb1/vmm/console.sock"},
                 "console": {"mode": "Off"}
             })

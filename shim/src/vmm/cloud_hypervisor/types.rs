@@ -65,6 +65,8 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iommu: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watchdog: Option<bool>,
@@ -213,6 +215,17 @@ pub struct VsockConfig {
     pub iommu: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+/// A virtio-balloon device. hako uses it only for free page reporting: `size` (bytes taken
+/// from the guest) stays 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonConfig {
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_page_reporting: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deflate_on_oom: Option<bool>,
 }
 
 /// `PUT vm.remove-device`.

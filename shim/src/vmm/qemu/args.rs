@@ -11,24 +11,43 @@ pub fn port_id(index: usize) -> String {
     format!("nicport{index}")
 }
 
-/// The full QEMU command line (without the binary) for `spec`. With `vhost_net`, each NIC's
-/// tap queues are followed by as many vhost-net descriptors (see `net_fds`).
-pub fn command_line(
-    spec: &VmSpec,
-    kvm: bool,
-    clock: &str,
-    seccomp: bool,
-    vhost_net: bool,
-) -> Vec<String> {
+/// How this host runs QEMU, beside what the VM is (`VmSpec`).
+#[derive(Debug, Clone, Default)]
+pub struct HostOptions {
+    pub kvm: bool,
+    /// The guest's clock parameters (`vmm::clock_params`).
+    pub clock: String,
+    /// QEMU's `-sandbox on` seccomp filter.
+    pub seccomp: bool,
+    /// NICs use vhost-net: each NIC's tap queues are followed by as many vhost-net descriptors.
+    pub vhost_net: bool,
+    /// TCG's translation cache in MiB; 0 leaves QEMU's default (1 GiB of address space, which
+    /// fills, and counts against the pod, as the guest runs new code).
+    pub tb_size_mib: u32,
+}
+
+/// The full QEMU command line (without the binary) for `spec`.
+pub fn command_line(spec: &VmSpec, host: &HostOptions) -> Vec<String> {
+    let HostOptions {
+        kvm,
+        ref clock,
+        seccomp,
+        vhost_net,
+        tb_size_mib,
+    } = *host;
+    let accel = match (kvm, tb_size_mib) {
+        (true, _) => "kvm".to_string(),
+        (false, 0) => "tcg".to_string(),
+        (false, mib) => format!("tcg,tb-size={mib}"),
+    };
     let mem = format!("{}M", spec.memory_mib);
     let mut args: Vec<String> = vec![
         "-name".into(),
         format!("hako-{},debug-threads=on", spec.sandbox_id),
         "-machine".into(),
-        format!(
-            "q35,accel={},smbus=off,sata=off,usb=off,memory-backend=mem",
-            if kvm { "kvm" } else { "tcg" }
-        ),
+        "q35,smbus=off,sata=off,usb=off,memory-backend=mem".into(),
+        "-accel".into(),
+        accel,
         "-cpu".into(),
         if kvm { "host" } else { "max" }.into(),
         "-smp".into(),
@@ -71,6 +90,10 @@ pub fn command_line(
             "unix:{},server=on,wait=off",
             spec.files.control_socket.display()
         ),
+        // Free page reporting: the guest hands back the pages it frees (the initramfs it
+        // unpacked, memory a container used), and QEMU drops them from the pod's memory.
+        "-device".into(),
+        "virtio-balloon-pci,id=balloon0,free-page-reporting=on".into(),
     ]);
     // A root port per NIC the VM boots with and per NIC it may gain: PCIe hot-plug needs a
     // port to plug into, and a NIC in a port can leave again.
@@ -191,11 +214,25 @@ mod tests {
         args.join(" ")
     }
 
+    fn tcg(clock: &str) -> HostOptions {
+        HostOptions {
+            clock: clock.to_string(),
+            seccomp: true,
+            tb_size_mib: 64,
+            ..HostOptions::default()
+        }
+    }
+
     #[test]
     fn tcg_command_line() {
         let clock = crate::vmm::clock_params(false, Some(2_600_000));
-        let a = joined(&command_line(&spec(), false, &clock, true, false));
-        assert!(a.contains("-machine q35,accel=tcg,"), "{a}");
+        let a = joined(&command_line(&spec(), &tcg(&clock)));
+        assert!(a.contains("-machine q35,smbus=off,"), "{a}");
+        assert!(a.contains("-accel tcg,tb-size=64 "), "{a}");
+        assert!(
+            a.contains("-device virtio-balloon-pci,id=balloon0,free-page-reporting=on"),
+            "{a}"
+        );
         assert!(a.contains("-cpu max"), "{a}");
         assert!(a.contains("tsc=reliable tsc_early_khz=2600000"), "{a}");
         assert!(
@@ -238,7 +275,14 @@ mod tests {
 
     #[test]
     fn vhost_net_descriptors_follow_each_nics_taps() {
-        let a = joined(&command_line(&spec(), true, "", false, true));
+        let a = joined(&command_line(
+            &spec(),
+            &HostOptions {
+                kvm: true,
+                vhost_net: true,
+                ..HostOptions::default()
+            },
+        ));
         assert!(
             a.contains("-netdev tap,id=nic0,fds=3,vhost=on,vhostfds=4"),
             "{a}"
@@ -248,15 +292,22 @@ mod tests {
     #[test]
     fn kvm_uses_the_host_cpu() {
         let clock = crate::vmm::clock_params(true, None);
-        let a = joined(&command_line(&spec(), true, &clock, false, false));
-        assert!(a.contains("accel=kvm"), "{a}");
+        let a = joined(&command_line(
+            &spec(),
+            &HostOptions {
+                kvm: true,
+                clock,
+                ..HostOptions::default()
+            },
+        ));
+        assert!(a.contains("-accel kvm "), "{a}");
         assert!(a.contains("-cpu host"), "{a}");
         assert!(!a.contains("-sandbox"), "{a}");
     }
 
     #[test]
     fn the_share_is_virtio_fs_or_qemus_own_9p() {
-        let a = joined(&command_line(&spec(), false, "", true, false));
+        let a = joined(&command_line(&spec(), &tcg("")));
         assert!(
             a.contains("-chardev socket,id=fs0,path=/run/hako/default/sb1/fs.sock -device vhost-user-fs-pci,queue-size=1024,chardev=fs0,tag=hakoShared"),
             "{a}"
@@ -266,7 +317,7 @@ mod tests {
         s.share = Share::Virtio9p {
             dir: PathBuf::from("/run/hako/default/sb1/ro"),
         };
-        let a = joined(&command_line(&s, false, "", true, false));
+        let a = joined(&command_line(&s, &tcg("")));
         assert!(
             a.contains("-fsdev local,id=fs0,path=/run/hako/default/sb1/ro,security_model=none,multidevs=remap -device virtio-9p-pci,fsdev=fs0,mount_tag=hakoShared"),
             "{a}"

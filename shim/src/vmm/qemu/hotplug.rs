@@ -35,7 +35,7 @@ impl Qemu {
         } else {
             netdev["fds"] = json!(names.join(":"));
         }
-        if self.vhost_net {
+        if self.host.vhost_net {
             netdev["vhost"] = json!(true);
         }
         if let Err(e) = qmp.execute("netdev_add", Some(netdev)).await {
@@ -101,6 +101,7 @@ mod tests {
 
     use super::*;
     use crate::config::{HypervisorConfig, VsockConfig};
+    use crate::vmm::qemu::args::HostOptions;
     use crate::vmm::{AccelChoice, Hypervisor};
 
     /// A Qemu whose QMP socket is a fake monitor's, with `ports` root ports.
@@ -112,12 +113,11 @@ mod tests {
                 kvm: false,
                 reason: "test".into(),
             },
-            clock: String::new(),
+            host: HostOptions::default(),
             vsock: None,
             vmm: None,
             qmp_socket: Some(socket.to_path_buf()),
             ports,
-            vhost_net: false,
         }
     }
 

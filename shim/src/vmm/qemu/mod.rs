@@ -16,7 +16,7 @@ use super::qmp::Qmp;
 use super::{choose_accel, AccelChoice, Hypervisor, NetDevice, VmSpec, VmmError};
 use crate::config::{HypervisorConfig, VsockConfig};
 use crate::daemon::{resolve_binary, Daemon};
-use args::{command_line, vsock_args, FIRST_NET_FD};
+use args::{command_line, vsock_args, HostOptions, FIRST_NET_FD};
 
 /// How long a helper may take to create its socket.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,15 +26,12 @@ pub struct Qemu {
     config: HypervisorConfig,
     vsock_config: VsockConfig,
     accel: AccelChoice,
-    /// The guest's clock parameters (`super::clock_params`).
-    clock: String,
+    host: HostOptions,
     vsock: Option<Daemon>,
     vmm: Option<Daemon>,
     qmp_socket: Option<PathBuf>,
     /// The PCIe root ports NICs sit in (`port_id`), and the NIC each holds.
     ports: Vec<Option<String>>,
-    /// Whether NICs use vhost-net (the host has `/dev/vhost-net`).
-    vhost_net: bool,
 }
 
 impl Qemu {
@@ -49,16 +46,22 @@ impl Qemu {
         } else {
             super::host_tsc_khz_cached(tsc_cache)
         };
+        let host = HostOptions {
+            kvm: accel.kvm,
+            clock: super::clock_params(accel.kvm, tsc_khz),
+            seccomp: config.seccomp,
+            vhost_net: vhost_net(),
+            tb_size_mib: config.tcg_tb_size_mib,
+        };
         Ok(Self {
             config: config.clone(),
             vsock_config: vsock_config.clone(),
-            clock: super::clock_params(accel.kvm, tsc_khz),
             accel,
+            host,
             vsock: None,
             vmm: None,
             qmp_socket: None,
             ports: Vec::new(),
-            vhost_net: vhost_net(),
         })
     }
 
@@ -161,13 +164,7 @@ impl Hypervisor for Qemu {
             let _ = std::fs::remove_file(&files.console_socket);
         });
         let mut cmd = Command::new(binary);
-        cmd.args(command_line(
-            spec,
-            self.accel.kvm,
-            &self.clock,
-            self.config.seccomp,
-            self.vhost_net,
-        ));
+        cmd.args(command_line(spec, &self.host));
         let (how, _held) = super::confinement(spec, true)?;
         crate::daemon::confine(&mut cmd, how);
         // In the order `args` numbers them: each NIC's taps, then its vhost descriptors.
@@ -175,7 +172,7 @@ impl Hypervisor for Qemu {
         let mut taps: Vec<i32> = Vec::new();
         for nic in &spec.net {
             taps.extend(&nic.tap_fds);
-            if self.vhost_net {
+            if self.host.vhost_net {
                 let opened = open_vhost(nic.tap_fds.len().max(1))?;
                 taps.extend(opened.iter().map(std::os::fd::AsRawFd::as_raw_fd));
                 vhost.extend(opened);
