@@ -13,6 +13,7 @@ pub mod agent_ttrpc {
 }
 
 pub mod mount_options;
+pub mod sysctl;
 
 pub use agent::*;
 pub use agent_ttrpc::{create_agent_service, AgentService, AgentServiceClient};

@@ -46,6 +46,9 @@ pub enum InitError {
     /// The command was not found in the container.
     #[error("executable {0:?} not found in $PATH")]
     NotFound(String),
+    /// A sysctl could not be set, or may not be.
+    #[error("sysctl: {0}")]
+    Sysctl(String),
     /// A bind mount carries options hako does not know.
     #[error("bind mount {destination}: unknown mount options {option:?}")]
     MountOption { destination: String, option: String },

@@ -14,6 +14,7 @@ use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
 use super::error::{io, sys, InitError};
 use crate::mounts::{parse_options, resolve_in_root};
+use hako_protocol::sysctl;
 
 const DEFAULT_DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -77,6 +78,16 @@ pub fn enter(spec: &Spec) -> Result<(), InitError> {
         populate_dev(&root_path)?;
     }
     if let Some(linux) = spec.linux() {
+        // Before the read-only paths: /proc/sys is one of them.
+        let namespaces = sysctl::Namespaces {
+            ipc: namespaces
+                .iter()
+                .any(|n| n.typ() == LinuxNamespaceType::Ipc),
+            uts: flags.contains(CloneFlags::CLONE_NEWUTS),
+            // The VM's: the pod's own network namespace.
+            net: true,
+        };
+        write_sysctls(&root_path, linux.sysctl().iter().flatten(), namespaces)?;
         for path in linux.masked_paths().as_deref().unwrap_or_default() {
             mask_path(&root_path, path)?;
         }
@@ -96,6 +107,36 @@ pub fn enter(spec: &Spec) -> Result<(), InitError> {
     chdir("/").map_err(sys("chdir /"))?;
     if root.readonly().unwrap_or(false) {
         remount_readonly(Path::new("/"))?;
+    }
+    Ok(())
+}
+
+/// Sets the spec's sysctls, as runc does, through the container's own /proc: the writes act on
+/// the namespaces this process is in now, which are the container's. The /proc mount is found
+/// the way it was mounted (`resolve_in_root`) and must be procfs, so an image cannot point the
+/// writes anywhere else.
+fn write_sysctls<'a>(
+    root: &Path,
+    sysctls: impl Iterator<Item = (&'a String, &'a String)>,
+    namespaces: sysctl::Namespaces,
+) -> Result<(), InitError> {
+    let mut sysctls = sysctls.peekable();
+    if sysctls.peek().is_none() {
+        return Ok(());
+    }
+    let proc = resolve_in_root(root, "/proc")?;
+    let is_proc = nix::sys::statfs::statfs(&proc)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::PROC_SUPER_MAGIC);
+    if !is_proc {
+        return Err(InitError::Sysctl(
+            "the container has no /proc mount to set its sysctls through".to_string(),
+        ));
+    }
+    for (name, value) in sysctls {
+        sysctl::check(name, value, namespaces).map_err(|e| InitError::Sysctl(e.to_string()))?;
+        let file = sysctl::proc_path(name);
+        let path = proc.join(file.strip_prefix("/proc").unwrap_or(&file));
+        fs::write(&path, value).map_err(io(format!("setting sysctl {name:?}")))?;
     }
     Ok(())
 }

@@ -328,7 +328,7 @@ const LIMITS: [(&str, &str); 3] = [
     ),
     (
         "rshared mounts",
-        "not provided: a mount made in a container never reaches the host",
+        "refused: a mount made in a VM cannot reach the host (Bidirectional propagation)",
     ),
 ];
 

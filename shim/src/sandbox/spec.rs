@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hako_protocol::mount_options;
+use hako_protocol::{mount_options, sysctl};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Root, Spec};
 
 /// A host file or directory the guest must see, and where it appears in the share.
@@ -37,6 +37,15 @@ pub enum SpecError {
     /// An env entry is malformed.
     #[error("invalid environment entry {0:?}: it must be KEY=VALUE with a non-empty key, no '=' in the key and no NUL")]
     Env(String),
+    /// A bind asks that mounts made below it in the container reach the host.
+    #[error("bind mount {destination:?}: propagation {option:?} would carry mounts made in the container back to the host, which a VM cannot (Kubernetes' Bidirectional mount propagation); use rslave (HostToContainer) or private")]
+    SharedPropagation { destination: String, option: String },
+    /// The spec shares the host's IPC namespace, which a VM cannot.
+    #[error("the container asks for the host's IPC namespace (hostIPC, --ipc host), which a pod in a VM cannot share: its IPC namespace is the VM's")]
+    HostIpc,
+    /// A sysctl the container may not set (runc's rules).
+    #[error(transparent)]
+    Sysctl(#[from] hako_protocol::sysctl::SysctlError),
     /// A bind mount carries an option hako does not know: it might promise a protection hako
     /// would not give.
     #[error("bind mount {destination:?}: hako does not know the mount option {option:?}, so it cannot promise what it asks for; remove it")]
@@ -115,6 +124,15 @@ pub fn to_guest(
     }
     check_env(process.env().as_deref().unwrap_or_default())?;
 
+    let has_ipc = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|n| n.iter().any(|n| n.typ() == LinuxNamespaceType::Ipc));
+    if !has_ipc {
+        return Err(SpecError::HostIpc);
+    }
+
     let container_dir = guest_share.join(container_id);
     let mut out = spec.clone();
     let mut root = Root::default();
@@ -146,6 +164,12 @@ pub fn to_guest(
             return Err(SpecError::UnknownOption {
                 destination: dest.display().to_string(),
                 option: option.to_string(),
+            });
+        }
+        if let Some(option) = options.iter().find(|o| *o == "shared" || *o == "rshared") {
+            return Err(SpecError::SharedPropagation {
+                destination: dest.display().to_string(),
+                option: option.clone(),
             });
         }
         let source = m.source().clone().unwrap_or_default();
@@ -188,6 +212,7 @@ pub fn to_guest(
     out.set_mounts(Some(mounts));
 
     if let Some(linux) = spec.linux() {
+        check_sysctls(linux)?;
         let mut linux = linux.clone();
         if let Some(namespaces) = linux.namespaces() {
             let cleaned = namespaces
@@ -218,6 +243,21 @@ pub fn to_guest(
     Ok((out, binds))
 }
 
+/// The spec's sysctls, against the namespaces the container will have (the network namespace
+/// in the guest is the VM's, which is the pod's).
+fn check_sysctls(linux: &oci_spec::runtime::Linux) -> Result<(), SpecError> {
+    let has = |kind| linux.namespaces().iter().flatten().any(|n| n.typ() == kind);
+    let namespaces = sysctl::Namespaces {
+        ipc: has(LinuxNamespaceType::Ipc),
+        uts: has(LinuxNamespaceType::Uts),
+        net: has(LinuxNamespaceType::Network),
+    };
+    for (name, value) in linux.sysctl().iter().flatten() {
+        sysctl::check(name, value, namespaces)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,7 +280,7 @@ mod tests {
             {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "ro"]}
         ],
         "hooks": {"prestart": [{"path": "/usr/bin/true"}]},
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}],
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "network", "path": "/var/run/netns/x"}],
                   "cgroupsPath": "/default/t1"}
     }"#;
 
@@ -360,7 +400,7 @@ mod tests {
     #[test]
     fn pod_members_join_the_sandbox_containers_namespaces() {
         let json = BASE.replace(
-            r#"[{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}]"#,
+            r#"[{"type": "pid"}, {"type": "ipc"}, {"type": "network", "path": "/var/run/netns/x"}]"#,
             r#"[{"type": "pid"}, {"type": "ipc", "path": "/proc/99/ns/ipc"},
                {"type": "uts", "path": "/proc/99/ns/uts"}, {"type": "network", "path": "/var/run/netns/x"}]"#,
         );
@@ -402,6 +442,63 @@ mod tests {
             let json = BASE.replace("\"PATH=/bin\"", &serde_json::to_string(bad).expect("json"));
             let err = to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).expect_err(bad);
             assert!(matches!(err, SpecError::Env(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn shared_propagation_back_to_the_host_is_refused() {
+        for option in ["rshared", "shared"] {
+            let json = BASE.replace(r#"["rbind", "ro"]"#, &format!(r#"["rbind", "{option}"]"#));
+            let err = to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).expect_err(option);
+            assert!(
+                matches!(err, SpecError::SharedPropagation { .. }),
+                "{option}: {err}"
+            );
+        }
+        let json = BASE.replace(r#"["rbind", "ro"]"#, r#"["rbind", "rslave"]"#);
+        assert!(to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).is_ok());
+    }
+
+    #[test]
+    fn the_hosts_ipc_namespace_is_refused() {
+        let json = BASE.replace(r#"{"type": "ipc"}, "#, "");
+        let err = to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).expect_err("host IPC");
+        assert_eq!(err, SpecError::HostIpc);
+        assert!(err.to_string().contains("hostIPC"), "{err}");
+    }
+
+    #[test]
+    fn sysctls_follow_runcs_rules_before_anything_is_made() {
+        let with = |sysctls: &str| {
+            BASE.replace(
+                r#""cgroupsPath": "/default/t1""#,
+                &format!(r#""cgroupsPath": "/default/t1", "sysctl": {sysctls}"#),
+            )
+        };
+        // BASE has network and IPC namespaces but no UTS one.
+        let ok = with(r#"{"net.ipv4.ip_forward": "1"}"#);
+        let (guest, _) = to_guest(&spec(&ok), "t1", Path::new("/s"), None, &none).expect("net.*");
+        let sysctls = guest.linux().as_ref().and_then(|l| l.sysctl().clone());
+        assert_eq!(
+            sysctls.and_then(|s| s.get("net.ipv4.ip_forward").cloned()),
+            Some("1".to_string()),
+            "the guest gets them to apply"
+        );
+        for (sysctls, want) in [
+            (
+                r#"{"kernel.domainname": "x"}"#,
+                "not allowed in the host's UTS namespace",
+            ),
+            (
+                r#"{"vm.swappiness": "1"}"#,
+                "not in a separate kernel namespace",
+            ),
+            (r#"{"kernel.hostname": "x"}"#, "conflicts with the OCI"),
+            (r#"{"../../etc/x": "1"}"#, "not a sysctl name"),
+        ] {
+            let err = to_guest(&spec(&with(sysctls)), "t1", Path::new("/s"), None, &none)
+                .expect_err(sysctls);
+            assert!(err.to_string().contains(want), "{sysctls}: {err}");
         }
     }
 
@@ -476,7 +573,7 @@ mod tests {
                     "root": {"path": "rootfs"},
                     "mounts": mounts,
                     "hooks": {"prestart": [{"path": "/bin/true"}]},
-                    "linux": {"cgroupsPath": "/x", "namespaces": [{"type": "network", "path": "/run/netns/p"}]}
+                    "linux": {"cgroupsPath": "/x", "namespaces": [{"type": "ipc"}, {"type": "network", "path": "/run/netns/p"}]}
                 });
                 // Every generated spec is valid JSON for the schema: what is tested is what
                 // to_guest does with it.

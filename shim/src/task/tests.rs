@@ -303,7 +303,7 @@ impl Bench {
         let spec = format!(
             r#"{{"ociVersion":"1.0.2","process":{{"args":["sh"],"cwd":"/","user":{{"uid":0,"gid":0}}}},
                 "root":{{"path":"rootfs"}},
-                "linux":{{"namespaces":[{{"type":"mount"}},{{"type":"pid"}},{{"type":"network"}}]}}{annotations}}}"#
+                "linux":{{"namespaces":[{{"type":"mount"}},{{"type":"pid"}},{{"type":"ipc"}},{{"type":"network"}}]}}{annotations}}}"#
         );
         std::fs::write(bundle.join("config.json"), spec).expect("spec");
         // runtimeoptions.v1.Options { config_path }: field 2, as containerd sends ConfigPath.
