@@ -5,7 +5,8 @@
 #   scripts/setup.sh
 #
 # - Debian packages: QEMU, build dependencies of virtiofsd, busybox, kmod, cpio, iproute2,
-#   protoc (the CRI client in the tests), the CNI plugins (CRI pod networking), and the guest
+#   protoc (the CRI client in the tests), the CNI plugins (CRI pod networking), nftables (port
+#   forwarding into pods) and iptables (the CNI portmap plugin), and the guest
 #   kernel's source (linux-source-6.12, from bookworm-security) with what building it needs.
 # - virtiofsd and vhost-device-vsock, built with `cargo install` into /usr/local/bin.
 # - containerd 1.7 (Debian 13) and 2.x (Debian unstable) unpacked side by side under
@@ -21,7 +22,7 @@ CONTAINERD_ROOT=/opt/hako/containerd
 DOCKER_ROOT=/opt/hako/docker
 APT_PACKAGES=(qemu-system-x86 libcap-ng-dev libseccomp-dev pkg-config busybox-static cpio
     iproute2 kmod ca-certificates file procps curl lz4 zstd xz-utils protobuf-compiler
-    containernetworking-plugins binutils runc
+    containernetworking-plugins binutils runc nftables iptables
     linux-source-6.12 make gcc flex bison bc libelf-dev libssl-dev)
 
 step() { echo "setup: $*"; }

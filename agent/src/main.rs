@@ -8,6 +8,7 @@ mod boot;
 mod cgroup;
 mod container;
 mod devices;
+mod forward;
 #[cfg(feature = "hostile")]
 mod hostile;
 mod init;
@@ -84,6 +85,9 @@ async fn serve(started: Instant, init_since_boot_ms: u64) -> Result<(), String> 
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     cgroup::enable_controllers();
+    if let Err(e) = forward::serve() {
+        log::warn!("port forwarding into the pod is unavailable: {e}");
+    }
     let (oom, oom_events) = oom::OomMonitor::new();
     let containers = Arc::new(container::Containers::new(reaper, oom));
     server::poll_oom(containers.clone());

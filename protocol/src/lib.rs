@@ -12,6 +12,7 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod forward;
 pub mod mount_options;
 pub mod sysctl;
 
@@ -25,6 +26,9 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Host-side vsock port the agent connects to, once, when it serves: the host dials the agent
 /// only after this, so no connection reaches the guest before its vsock driver is up.
 pub const READY_VSOCK_PORT: u32 = 1025;
+
+/// vsock port of the agent's port forwarder (`forward`): `kubectl port-forward` into the pod.
+pub const FORWARD_VSOCK_PORT: u32 = 1026;
 
 /// What the agent writes first on the readiness connection; its `HealthResponse` follows,
 /// protobuf-encoded, so the host needs no Health call before its first real one.

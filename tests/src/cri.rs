@@ -291,6 +291,17 @@ impl CriClient {
             })
     }
 
+    /// PortForward for `ports` of pod `pod`: the streaming URL to connect to.
+    pub fn port_forward(&self, pod: &str, ports: &[i32]) -> Result<String, Status> {
+        let mut c = self.runtime.clone();
+        let req = cri::PortForwardRequest {
+            pod_sandbox_id: pod.to_string(),
+            port: ports.to_vec(),
+        };
+        self.call("PortForward", async move { c.port_forward(req).await })
+            .map(|r| r.url)
+    }
+
     pub fn container_stats(&self, id: &str) -> Result<cri::ContainerStats, Status> {
         let mut c = self.runtime.clone();
         let req = cri::ContainerStatsRequest {
@@ -743,7 +754,8 @@ state = "{d}/state"
 
 /// The pods' network: a bridge on the node with the gateway address, host-local addresses
 /// from POD_SUBNET recorded under `ipam_dir` (not /var/lib/cni), no masquerading (nothing is
-/// routed off the node). containerd adds the `loopback` plugin for `lo` itself.
+/// routed off the node), and `portmap` for the pods' hostPort mappings (iptables DNAT on the
+/// node). containerd adds the `loopback` plugin for `lo` itself.
 fn cni_conflist(network: &str, bridge: &str, ipam_dir: &Path) -> String {
     format!(
         r#"{{
@@ -761,6 +773,10 @@ fn cni_conflist(network: &str, bridge: &str, ipam_dir: &Path) -> String {
         "routes": [{{"dst": "0.0.0.0/0"}}],
         "dataDir": "{ipam}"
       }}
+    }},
+    {{
+      "type": "portmap",
+      "capabilities": {{"portMappings": true}}
     }}
   ]
 }}

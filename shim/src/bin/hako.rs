@@ -288,6 +288,21 @@ fn check() -> anyhow::Result<bool> {
             "absent: networking uses the userspace virtio-net path".into()
         },
     );
+    match resolve_binary("nft", "nft") {
+        Ok(path) => report(
+            true,
+            false,
+            "nftables",
+            format!("{} (port forwarding into pods)", path.display()),
+        ),
+        Err(_) => report(
+            false,
+            false,
+            "nftables",
+            "nft not found: kubectl port-forward cannot reach pods (apt-get install nftables)"
+                .into(),
+        ),
+    }
     let tun = Path::new("/dev/net/tun").exists();
     report(
         tun,

@@ -5,6 +5,7 @@
 //! it can change while the pod runs (Docker 28 configures it after Create; `docker network
 //! connect`), which `watch` notices, and `PodNetwork::plan` says what the VM must gain or lose.
 
+pub mod forward;
 pub mod ip;
 pub mod namespace;
 pub mod tap;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::forward::Preparing;
 use super::network::nic_of;
 use super::share::virtiofsd::{FsPaths, Virtiofsd};
 use super::{io_err, Sandbox, SandboxError};
@@ -77,6 +78,8 @@ impl Sandbox {
     /// the namespace `choose_network` picked. On error the caller runs `shutdown`, which stops
     /// whatever did start.
     pub async fn boot(&mut self, hostname: &str) -> Result<(), SandboxError> {
+        // The port forwarder's listener and redirect are made while the VM boots.
+        let forward = self.netns.as_deref().map(Preparing::start);
         if let Some(netns) = self.netns.clone() {
             let mut network = PodNetwork::new(&netns, self.config.hypervisor.vcpus);
             // What the namespace holds now is plugged in at boot; what comes later, hot.
@@ -189,6 +192,13 @@ impl Sandbox {
         self.timings
             .detail("guest.create_sandbox", called.elapsed());
         self.agent = Some(agent);
+        if let Some(forward) = forward {
+            match forward.serve(&spec.files.agent_socket).await {
+                Ok(port_forward) => self.port_forward = Some(port_forward),
+                // The pod runs without it; `hako check` says what the host lacks.
+                Err(e) => log::warn!("sandbox {}: no port forwarding: {e}", self.id),
+            }
+        }
         Ok(())
     }
 

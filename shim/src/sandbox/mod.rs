@@ -2,6 +2,7 @@
 //! network, cgroup and the VMM's user.
 
 mod boot;
+mod forward;
 pub mod mounts;
 mod network;
 pub mod paths;
@@ -113,6 +114,8 @@ pub struct Sandbox {
     network_dirty: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The task that follows the namespace while the pod runs; ends with the sandbox.
     network_watch: Option<tokio::task::JoinHandle<()>>,
+    /// Carries `kubectl port-forward` into the pod (`forward`).
+    port_forward: Option<forward::PortForward>,
     /// Stops the VM when virtiofsd dies under it (see `watch_shared_fs`).
     fs_watch: Option<tokio::task::JoinHandle<()>>,
     /// The pod's cgroup on the host, which the VMM and its helpers join.
@@ -157,6 +160,7 @@ impl Sandbox {
             network: None,
             network_dirty: None,
             network_watch: None,
+            port_forward: None,
             fs_watch: None,
             cgroup: None,
             vmm_user: None,
@@ -271,6 +275,12 @@ impl Sandbox {
     }
 
     async fn stop_everything(&mut self) -> Result<(), SandboxError> {
+        if let Some(port_forward) = self.port_forward.take() {
+            // The shim's own namespace goes with the sandbox dir; a pod's (CRI, Docker) may
+            // outlive the VM.
+            let own = self.netns.as_deref() == Some(self.paths.netns.as_path());
+            port_forward.stop(!own);
+        }
         self.holder.take();
         if let Some(task) = self.network_watch.take() {
             task.abort();
