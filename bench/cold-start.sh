@@ -1,7 +1,8 @@
 #!/bin/bash
 # Cold start: `ctr run --rm <image> <id> /bin/true` N times per runtime, and as many runs of
-# `echo` for the time to the first byte of output, with runc and hako interleaved on a private
-# containerd. Prints p50/p90/max and the ratio to runc, and hako's start phases from its own
+# `echo` for the time to the first byte of output, with runc, gVisor (runsc through the runc
+# shim, see need_gvisor in common.sh) and hako interleaved on a private containerd. Prints
+# p50/p90/max and the ratio to runc, and hako's start phases from its own
 # log: sandbox prepare, virtiofsd ready, VMM start, then the guest's boot split by its clock
 # into firmware (with the kernel's decompression), kernel and agent start, the agent
 # connection, container create, process start, and the sandbox's teardown.
@@ -10,7 +11,8 @@
 #   bench/cold-start.sh [N [LABEL=CONFIG ...]]      (default 30; hako with its installed config)
 #
 # Each LABEL=CONFIG is a hako variant run with that configuration file (ctr
-# --runtime-config-path), to compare configurations in one interleaved run, e.g.
+# --runtime-config-path), to compare configurations in one interleaved run (beside runc only;
+# gVisor then runs only if asked for, as LABEL=gvisor), e.g.
 #   bench/cold-start.sh 20 bzimage=/tmp/bzimage.toml pvh=/tmp/pvh.toml
 # LABEL=io.containerd.<name>.v2[:CONFIG] runs another runtime by name instead, such as an
 # older hako build installed as containerd-shim-<name>-v2, to compare builds.
@@ -25,12 +27,18 @@ import_image "$image"
 
 variants=("runc=runc")
 if (($# == 0)); then
-    variants+=("hako=hako")
+    need_gvisor
+    variants+=("gvisor=gvisor" "hako=hako")
 else
     for v in "$@"; do
         [[ "${v%%=*}" =~ ^[A-Za-z0-9]+([._-][A-Za-z0-9]+)*$ ]] ||
             { echo "bench: label ${v%%=*} must be letters, digits and single . _ - inside (it names containers)" >&2; exit 2; }
         value="${v#*=}"
+        if [[ $value == gvisor ]]; then
+            need_gvisor
+            variants+=("${v%%=*}=gvisor")
+            continue
+        fi
         if [[ $value == io.containerd.* ]]; then
             variants+=("${v%%=*}=$value")
             continue
@@ -99,7 +107,7 @@ done | tee_md "$md"
 
 order="sandbox_prepare virtiofsd_ready vmm_started agent_ready agent_ready.firmware agent_ready.kernel agent_ready.agent agent_connected container_created guest.create_sandbox guest.create_container total process_started teardown"
 hakos=()
-for v in "${variants[@]}"; do [[ $v == runc=* ]] || hakos+=("${v%%=*}"); done
+for v in "${variants[@]}"; do [[ ${v#*=} == runc || ${v#*=} == gvisor ]] || hakos+=("${v%%=*}"); done
 {
     echo
     echo "hako's start phases, median ms of the $((2 * n)) starts of each (\`agent_ready\` is split by the guest's clock; \`guest.*\` are the agent calls inside \`container_created\`; \`total\` is Create's, without process start and teardown; host orchestration is \`total\` less the guest's boot and its calls):"
@@ -126,7 +134,8 @@ for v in "${variants[@]}"; do [[ $v == runc=* ]] || hakos+=("${v%%=*}"); done
     echo
 } | tee_md "$md"
 
-# Plot: the distribution of wall times per runtime, and the median phases of each hako variant.
+# Plot: the distribution of wall times per runtime (gVisor's included), and the median phases of
+# each hako variant.
 {
     echo "set multiplot layout 1,2 title 'Cold start, $(conditions | cut -d';' -f1-2 | tr -d "'")'"
     echo "set style fill solid 0.8 border -1; set grid ytics; set key top left"

@@ -2,7 +2,7 @@
 # Density: starts N pods at once (`ctr run -d ... sleep`, all in parallel) and measures the
 # time until every one runs (each `ctr run -d` returns once its task started; `ctr task ls`
 # then confirms they all are RUNNING), then the time to tear them all down in parallel.
-# ROUNDS rounds per runtime, runc and hako alternating.
+# ROUNDS rounds per runtime, runc, gVisor (runsc through the runc shim) and hako in turn.
 # A benchmark, not a test: it asserts nothing. Run as root after scripts/install.sh.
 #
 #   bench/density.sh [N [ROUNDS]]      (defaults: 10 pods, 3 rounds)
@@ -12,6 +12,7 @@ rounds="${2:-3}"
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_package runc runc
 start_containerd
+need_gvisor
 image=hako.local/busybox:latest
 import_image "$image"
 tsv="$out/density.tsv"
@@ -42,9 +43,9 @@ round() { # runtime round
 }
 
 echo "bench: density, $pods pods started at once, $rounds rounds per runtime"
+runtimes=(runc gvisor hako)
 for r in $(seq 1 "$rounds"); do
-    round runc "$r"
-    round hako "$r"
+    for runtime in "${runtimes[@]}"; do round "$runtime" "$r"; done
 done
 
 md="$out/density.md"
@@ -52,11 +53,11 @@ md="$out/density.md"
 {
     echo "### Density: $pods pods started at once"
     echo
-    echo "Conditions: $(conditions). $rounds rounds per runtime, alternating."
+    echo "Conditions: $(conditions). $rounds rounds per runtime, in turn."
     echo
     echo "| runtime | all running, median ms | slowest round ms | running / started | all removed, median ms | vs runc |"
     echo "|---|---:|---:|---:|---:|---:|"
-    for runtime in runc hako; do
+    for runtime in "${runtimes[@]}"; do
         column "$tsv" 1 "$runtime" 3 >"$work/up"
         column "$tsv" 1 "$runtime" 5 >"$work/down"
         column "$tsv" 1 runc 3 >"$work/runc"

@@ -1,6 +1,10 @@
 #!/bin/bash
 # File I/O on the container's root filesystem, hako beside runc (the host's own filesystem
-# through overlayfs: "native"). In each configuration one container runs, inside itself:
+# through overlayfs: "native") and gVisor (runsc through the runc shim, with its defaults: in
+# recent runsc, `--overlay2=root:self`, the root filesystem is an overlay whose upper layer,
+# where everything written goes, is a memory filesystem in the Sentry backed by a hidden file
+# in the rootfs directory; the table says which mode the run had). In each configuration one
+# container runs, inside itself:
 #   - fio, buffered (psync, queue depth 1, one job), on a SIZE file: sequential and random
 #     read and write at 4 KiB, 64 KiB and 1 MiB blocks, SECONDS each; writes end with fsync;
 #   - metadata: create, stat and unlink 10,000 empty files (busybox touch, stat, rm via xargs);
@@ -13,8 +17,8 @@
 #
 #   bench/file-io.sh [SECONDS [SIZE [CONFIG...]]]      (defaults: 5 s per fio job, 64m, all)
 #
-# CONFIGs pick some of: "virtio-fs never", "virtio-fs auto", "virtio-fs always", virtio-9p
-# (native always runs: the percentages are of it).
+# CONFIGs pick some of: gvisor, "virtio-fs never", "virtio-fs auto", "virtio-fs always",
+# virtio-9p (native always runs: the percentages are of it).
 set -euo pipefail
 secs="${1:-5}"
 size="${2:-64m}"
@@ -24,6 +28,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_package runc runc
 need_package fio fio
 start_containerd
+need_gvisor
 image=hako.local/fio:latest
 echo "bench: building the fio image"
 import_image "$image" fio
@@ -87,6 +92,7 @@ SH
 
 configs=(
     "native=runc"
+    "gvisor=gvisor"
     "virtio-fs never=hako:$(hako_config never '[virtiofs]' 'cache = "never"')"
     "virtio-fs auto=hako:$(hako_config auto '[virtiofs]' 'cache = "auto"')"
     "virtio-fs always=hako:$(hako_config always '[virtiofs]' 'cache = "always"')"
@@ -120,17 +126,28 @@ for entry in "${configs[@]}"; do
     awk -v c="$label" '$1 == "META" {printf "%s\t%s\t%.2f\t\n", c, $2, $4 - $3}' "$work/$id.out" >>"$tsv"
 done
 
+# gVisor's file system defaults, as this runsc states them.
+gvisor_fs="gvisor runs with runsc's defaults: \`--overlay2=$(gvisor_default overlay2)\`, \`--directfs=$(gvisor_default directfs)\`"
+if [[ "$(gvisor_default overlay2)" == root:self ]]; then
+    gvisor_fs+=" (the root filesystem is an overlay: its lower layer is the image's files on the host, which the Sentry opens itself; its upper layer, which holds everything the container writes, fio's file and the metadata and untar trees included, is a memory filesystem in the Sentry backed by one hidden file, .gvisor.filestore.<id>, in the container's rootfs directory on the host)"
+fi
+
 md="$out/file-io.md"
 : >"$md"
 value() { awk -F'\t' -v c="$1" -v t="$2" -v col="$3" '$1 == c && $2 == t {print $col}' "$tsv"; }
 labels=()
 for entry in "${configs[@]}"; do labels+=("${entry%%=*}"); done
+# The columns' headings: gVisor's says its root filesystem's mode.
+headings=()
+for label in "${labels[@]}"; do
+    if [[ $label == gvisor ]]; then headings+=("gvisor, overlay2 $(gvisor_default overlay2)"); else headings+=("$label"); fi
+done
 {
     echo "### File I/O on the container's root filesystem"
     echo
-    echo "Conditions: $(conditions "1 vCPU, 512 MiB guest"). fio $(fio --version | tr -d 'fio-'), buffered psync, one job, queue depth 1, a $size file, $secs s per test, writes end with fsync. \"native\" is runc on the host's overlayfs ($(df -T "$work" | awk 'NR == 2 {print $2}') underneath). virtio-9p runs Debian's generic kernel ($generic); the rest the installed guest ($(cat /usr/share/hako/guest/kernel-release))."
+    echo "Conditions: $(conditions "1 vCPU, 512 MiB guest"). fio $(fio --version | tr -d 'fio-'), buffered psync, one job, queue depth 1, a $size file, $secs s per test, writes end with fsync. \"native\" is runc on the host's overlayfs ($(df -T "$work" | awk 'NR == 2 {print $2}') underneath). virtio-9p runs Debian's generic kernel ($generic); the rest the installed guest ($(cat /usr/share/hako/guest/kernel-release)). $gvisor_fs."
     echo
-    printf '| test, MiB/s (%% of native) |'; printf ' %s |' "${labels[@]}"; echo
+    printf '| test, MiB/s (%% of native) |'; printf ' %s |' "${headings[@]}"; echo
     printf '|---|'; printf -- '---:|%.0s' "${labels[@]}"; echo
     for bs in 4k 64k 1m; do
         for rw in read write randread randwrite; do
@@ -148,7 +165,7 @@ for entry in "${configs[@]}"; do labels+=("${entry%%=*}"); done
         done
     done
     echo
-    printf '| metadata, seconds (x native) |'; printf ' %s |' "${labels[@]}"; echo
+    printf '| metadata, seconds (x native) |'; printf ' %s |' "${headings[@]}"; echo
     printf '|---|'; printf -- '---:|%.0s' "${labels[@]}"; echo
     for test in create stat unlink untar; do
         case $test in
@@ -169,7 +186,7 @@ for entry in "${configs[@]}"; do labels+=("${entry%%=*}"); done
 
 # Plot: throughput as a percentage of native, per test and configuration.
 {
-    printf 'test'; printf ' "%s"' "${labels[@]:1}"; echo
+    printf 'test'; printf ' "%s"' "${headings[@]:1}"; echo
     for bs in 4k 64k 1m; do
         for rw in read write randread randwrite; do
             printf '%s' "$rw-$bs"

@@ -1,14 +1,15 @@
 #!/bin/bash
-# The whole benchmark suite, hako beside runc on this machine: cold start (through ctr and
-# through each Docker version), footprint and idle CPU with teardown, density, file I/O and
-# network. Each part prints its tables; all of them
-# (with the run's conditions) end up in one markdown file, next to the raw figures (.tsv) and
-# the plots (.png):
+# The whole benchmark suite on this machine: cold start through ctr, footprint and idle CPU
+# with teardown, density, file I/O and network, each with runc, gVisor (Debian's runsc, fetched
+# into /opt/hako/gvisor on first use and run through containerd's runc shim, see need_gvisor in
+# common.sh) and hako in one run; and cold start through each Docker version (runc and hako).
+# Each part prints its tables; all of them (with the run's conditions) end up in one markdown
+# file, next to the raw figures (.tsv) and the plots (.png):
 #
 #   bench/run.sh [--quick] [OUT_DIR]      (default OUT_DIR: build/bench/<date>-<time>)
 #
 # --quick runs each part briefly, to check the suite works; its figures are not worth quoting.
-# The full run takes about 20 minutes under TCG. Run as root after scripts/install.sh; the
+# The full run took about 20 minutes under TCG before gVisor joined; its parts add roughly 4. Run as root after scripts/install.sh; the
 # machine should be otherwise idle. On a host with hardware virtualisation hako uses KVM by
 # itself, and every table says which accelerator it ran under.
 set -euo pipefail
