@@ -27,7 +27,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Status;
 
 use crate::{
-    assert_host_unchanged, assert_no_leaks, busybox_archive, containerd_versions,
+    assert_host_unchanged, assert_no_leaks, busybox_archive, containerd_versions, reap_leftovers,
     remove_daemon_leftovers, repo_root, run_with_timeout, stop_child, HostState, Run,
 };
 
@@ -656,6 +656,7 @@ pub fn for_each_cri_containerd(test: impl Fn(&CriContainerd)) {
         let netns = containerd.netns.clone();
         drop(containerd);
         if let Err(panic) = outcome {
+            reap_leftovers();
             std::panic::resume_unwind(panic);
         }
         assert_no_leaks(&format!("containerd {} (CRI)", install.display()));

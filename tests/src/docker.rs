@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{
-    assert_host_unchanged, assert_no_leaks, busybox_archive, containerd_versions,
+    assert_host_unchanged, assert_no_leaks, busybox_archive, containerd_versions, reap_leftovers,
     remove_daemon_leftovers, run_with_timeout, stop_child, Containerd, HostState, Run,
 };
 
@@ -59,6 +59,8 @@ pub fn for_each_docker(test: impl Fn(&Docker)) {
                 drop(d);
                 c.remove_all_tasks();
                 drop(c);
+                drop(host);
+                reap_leftovers();
                 std::panic::resume_unwind(panic);
             }
             host.assert_unchanged(&before, &format!("docker {}", d.version));

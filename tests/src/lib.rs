@@ -547,11 +547,48 @@ pub fn assert_no_leaks(context: &str) {
         if left.is_empty() {
             return;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{context}: left behind after the test: {left:#?}"
-        );
+        if started.elapsed() >= Duration::from_secs(20) {
+            // Reported once, here; cleared so that the tests after this one start clean.
+            reap_leftovers();
+            panic!("{context}: left behind after the test: {left:#?}");
+        }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Clears what a failed test left, as containerd clears a dead shim's sandbox: every hako
+/// process killed, then the shim's own `delete` run for each sandbox dir, then any mount still
+/// under the sandbox root detached. Only for after a failure has been reported: a test that
+/// passes must leave nothing for this to do.
+pub fn reap_leftovers() {
+    for (pid, _) in hako_processes() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let started = Instant::now();
+    while hako_processes().iter().any(|(pid, _)| !is_zombie(*pid))
+        && started.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for dir in sandbox_dirs() {
+        let (Some(id), Some(ns)) = (
+            dir.file_name().map(|n| n.to_string_lossy().into_owned()),
+            dir.parent()
+                .and_then(Path::file_name)
+                .map(|n| n.to_string_lossy().into_owned()),
+        ) else {
+            continue;
+        };
+        let mut delete = Command::new("containerd-shim-hako-v2");
+        delete.args(["-namespace", &ns, "-id", &id, "-bundle", "/nonexistent", "delete"]);
+        let run = run_with_timeout(delete, None, Duration::from_secs(30));
+        eprintln!("reaped sandbox {}: exit {:?}", dir.display(), run.code);
+    }
+    for m in mounts_under(Path::new(SANDBOX_ROOT)).into_iter().rev() {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -585,6 +622,7 @@ pub fn for_each_containerd_with_env(env: &[(&str, &str)], test: impl Fn(&Contain
             // Leave no VM behind for the next test: stop every task this containerd still has.
             containerd.remove_all_tasks();
             drop(containerd);
+            reap_leftovers();
             std::panic::resume_unwind(panic);
         }
         drop(containerd);

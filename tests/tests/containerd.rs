@@ -375,7 +375,7 @@ fn bad_specs_are_refused_clearly_and_leave_nothing() {
 fn task_api_inputs_containerd_never_sends_are_refused_and_leave_nothing() {
     let dir = std::env::temp_dir().join(format!("hako-bad-bundles-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let pod = r#""annotations": {"io.kubernetes.cri.sandbox-id": "anchor"}"#;
+    let pod = r#""annotations": {"io.kubernetes.cri.sandbox-id": "anchor"}, "linux": {"namespaces": [{"type": "ipc"}]}"#;
     let process = r#""process": {"args": ["/bin/sh", "-c", "true"], "cwd": "/", "user": {"uid": 0, "gid": 0}"#;
     let big_env = format!("\"BIG={}\"", "x".repeat(5 << 20));
     let cases: Vec<(&str, String, &str)> = vec![
