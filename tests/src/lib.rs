@@ -583,7 +583,15 @@ pub fn reap_leftovers() {
             continue;
         };
         let mut delete = Command::new("containerd-shim-hako-v2");
-        delete.args(["-namespace", &ns, "-id", &id, "-bundle", "/nonexistent", "delete"]);
+        delete.args([
+            "-namespace",
+            &ns,
+            "-id",
+            &id,
+            "-bundle",
+            "/nonexistent",
+            "delete",
+        ]);
         let run = run_with_timeout(delete, None, Duration::from_secs(30));
         eprintln!("reaped sandbox {}: exit {:?}", dir.display(), run.code);
     }

@@ -286,7 +286,12 @@ fn read_only_volumes_behave_as_with_runc_and_bidirectional_propagation_is_refuse
         // has it: containerd before 2.4 asks only runc-type runtimes for their features, so
         // there kubelet refuses such pods for the hako handler instead.
         if c.version.starts_with('2') {
-            let r = c.ctr(&["plugins", "inspect-runtime", "--runtime", "io.containerd.hako.v2"]);
+            let r = c.ctr(&[
+                "plugins",
+                "inspect-runtime",
+                "--runtime",
+                "io.containerd.hako.v2",
+            ]);
             assert_eq!(r.code, 0, "{r:?}");
             let info: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
             let options = &info["Features"]["mountOptions"];
