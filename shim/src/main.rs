@@ -18,6 +18,13 @@ async fn main() -> anyhow::Result<()> {
         // The long-lived server: ours, so it can serve task API v2 and v3.
         return serve(&flags).await.map_err(Into::into);
     }
+    if flags.action == "start" {
+        // containerd 2.3 and later write their bootstrap parameters to `start`'s stdin, older
+        // ones the runtime's options. hako needs neither there (its options arrive with
+        // CreateTask), and the shim crate would parse either as runc's options, failing on the
+        // first: drained here, the crate finds stdin empty and only sets the OOM score.
+        std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+    }
     // The shim crate insists on TTRPC_ADDRESS even for `delete`, which an operator may run by
     // hand after a crash; `delete` never publishes, so an empty address is enough there.
     if std::env::var_os("TTRPC_ADDRESS").is_none() && flags.action == "delete" {

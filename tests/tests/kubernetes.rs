@@ -283,8 +283,8 @@ fn read_only_volumes_behave_as_with_runc_and_bidirectional_propagation_is_refuse
 
         // `rro`: read-only on every level. hako tells containerd it can (the runtime features
         // containerd asks for), and kubelet sends `rro` only where CRI's Status says the handler
-        // has it: containerd before 2.4 asks only runc-type runtimes for their features, so
-        // there kubelet refuses such pods for the hako handler instead.
+        // has it: containerd before 2.2.7 and 2.3.4 asks only runc-type runtimes for their
+        // features, so there kubelet refuses such pods for the hako handler instead.
         if c.version.starts_with('2') {
             let r = c.ctr(&[
                 "plugins",
@@ -310,9 +310,9 @@ fn read_only_volumes_behave_as_with_runc_and_bidirectional_propagation_is_refuse
         } else {
             println!(
                 "SKIPPED rro through CRI on containerd {}: its Status does not offer recursive \
-                 read-only mounts for the {HANDLER} handler (containerd before 2.4 asks only \
-                 runc-type runtimes; kubelet refuses such pods); pods_and_volumes tests rro \
-                 through ctr",
+                 read-only mounts for the {HANDLER} handler (containerd before 2.2.7/2.3.4 asks \
+                 only runc-type runtimes; kubelet refuses such pods); pods_and_volumes tests \
+                 rro through ctr",
                 c.version
             );
         }
