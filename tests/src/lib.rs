@@ -197,6 +197,11 @@ impl Containerd {
         self.dir.join("containerd.sock")
     }
 
+    /// A program of this containerd's build (`containerd`, `ctr`).
+    pub fn binary(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
     fn child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
         self.child.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -209,6 +209,71 @@ fn shim(args: &[&str]) -> Run {
     run_with_timeout(cmd, None, Duration::from_secs(30))
 }
 
+/// A protobuf length-delimited field: `number`, then `bytes`.
+fn pb_field(number: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![(number << 3) | 2];
+    let mut len = bytes.len();
+    while len >= 0x80 {
+        out.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    out.push(len as u8);
+    out.extend_from_slice(bytes);
+    out
+}
+
+#[test]
+#[ignore = "needs the installed shim: run through scripts/test.sh"]
+fn start_takes_what_any_containerd_writes_on_its_stdin() {
+    // containerd up to 2.2 writes the runtime's options (a protobuf Any) to `start`'s stdin, or
+    // nothing; 2.3 and later write their bootstrap parameters, the options among their
+    // extensions. Each way the shim starts, and, never used, exits on its own.
+    let options = [
+        pb_field(1, b"type.googleapis.com/runtimeoptions.v1.Options"),
+        pb_field(
+            2,
+            &pb_field(2, b"/usr/share/defaults/hako/configuration.toml"),
+        ),
+    ]
+    .concat();
+    for_each_containerd(|c| {
+        let ttrpc = c.socket().with_extension("sock.ttrpc");
+        let containerd = c.binary("containerd");
+        for (n, what) in ["nothing", "options", "bootstrap"].iter().enumerate() {
+            let id = format!("stdin{n}");
+            let stdin = match *what {
+                "nothing" => Vec::new(),
+                "options" => options.clone(),
+                _ => [
+                    pb_field(1, id.as_bytes()),
+                    pb_field(2, b"default"),
+                    pb_field(4, b"2.3.4"),
+                    pb_field(5, ttrpc.as_os_str().as_encoded_bytes()),
+                    pb_field(6, c.socket().as_os_str().as_encoded_bytes()),
+                    pb_field(7, containerd.as_os_str().as_encoded_bytes()),
+                    pb_field(8, &pb_field(1, &options)),
+                ]
+                .concat(),
+            };
+            let bundle = std::env::temp_dir().join(format!("hako-e2e-bundle-{id}"));
+            std::fs::create_dir_all(&bundle).unwrap();
+            let mut cmd = Command::new("/usr/local/bin/containerd-shim-hako-v2");
+            cmd.args(["-namespace", "default", "-id", &id])
+                .arg("-address")
+                .arg(c.socket())
+                .arg("-publish-binary")
+                .arg(&containerd)
+                .arg("start")
+                .env("TTRPC_ADDRESS", &ttrpc)
+                .current_dir(&bundle);
+            let r = run_with_timeout(cmd, Some(&stdin), Duration::from_secs(30));
+            std::fs::remove_dir_all(&bundle).unwrap();
+            assert_eq!(r.code, 0, "{what} on stdin: {r:?}");
+            assert!(r.stdout.contains("unix://"), "{what} on stdin: {r:?}");
+        }
+    });
+}
+
 #[test]
 #[ignore = "needs the installed shim: run through scripts/test.sh"]
 fn bad_ids_and_namespaces_are_refused_before_anything_is_created() {

@@ -97,6 +97,14 @@ pub struct Scan {
 /// Reads the namespace: links, their neighbours, the routes on them.
 pub fn scan(netns: &Path) -> Result<Scan, NetError> {
     let mut links = parse_links(&run_in(netns, "ip", &["-j", "addr", "show"])?)?;
+    if links.is_empty() {
+        // Nothing for the VM to take over (a fresh namespace, `--network none`): neighbours
+        // and routes only ever belong to a link.
+        return Ok(Scan {
+            links,
+            routes: Vec::new(),
+        });
+    }
     let neighbours = run_in(netns, "ip", &["-j", "neigh", "show"])?;
     for link in &mut links {
         link.neighbours = parse_neighbours(&neighbours, &link.name);

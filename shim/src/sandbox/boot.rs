@@ -79,7 +79,9 @@ impl Sandbox {
     /// whatever did start.
     pub async fn boot(&mut self, hostname: &str) -> Result<(), SandboxError> {
         // The port forwarder's listener and redirect are made while the VM boots.
-        let forward = self.netns.as_deref().map(Preparing::start);
+        let forward = (self.netns.as_deref())
+            .filter(|_| self.forward_ports)
+            .map(Preparing::start);
         if let Some(netns) = self.netns.clone() {
             let mut network = PodNetwork::new(&netns, self.config.hypervisor.vcpus);
             // What the namespace holds now is plugged in at boot; what comes later, hot.

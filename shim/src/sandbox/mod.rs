@@ -114,6 +114,8 @@ pub struct Sandbox {
     network_dirty: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The task that follows the namespace while the pod runs; ends with the sandbox.
     network_watch: Option<tokio::task::JoinHandle<()>>,
+    /// Whether the pod gets a port forwarder: Kubernetes pods only (`choose_network`).
+    forward_ports: bool,
     /// Carries `kubectl port-forward` into the pod (`forward`).
     port_forward: Option<forward::PortForward>,
     /// Stops the VM when virtiofsd dies under it (see `watch_shared_fs`).
@@ -160,6 +162,7 @@ impl Sandbox {
             network: None,
             network_dirty: None,
             network_watch: None,
+            forward_ports: false,
             port_forward: None,
             fs_watch: None,
             cgroup: None,

@@ -15,8 +15,14 @@ impl Sandbox {
     /// Decides where the pod's network lives, before `boot`: the namespace the spec names
     /// (never the host's own), or, when the spec asks for a new one, one the shim makes.
     /// Either way the VMM runs in it, and what appears there (from a hook, a plugin, or
-    /// Docker after Create) reaches the VM.
-    pub fn choose_network(&mut self, mode: &NetworkMode) -> Result<(), SandboxError> {
+    /// Docker after Create) reaches the VM. `forward_ports`: whether the pod's loopback on the
+    /// host is carried into the VM (ADR 11), which only Kubernetes asks for.
+    pub fn choose_network(
+        &mut self,
+        mode: &NetworkMode,
+        forward_ports: bool,
+    ) -> Result<(), SandboxError> {
+        self.forward_ports = forward_ports;
         self.netns = match mode {
             NetworkMode::Host => return Err(NetError::HostNetwork.into()),
             NetworkMode::Namespace(path) => {

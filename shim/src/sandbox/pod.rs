@@ -27,11 +27,22 @@ use crate::timing::Timings;
 
 /// The CRI's annotation naming a container's pod sandbox.
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+/// The CRI's annotation telling a pod's sandbox (`sandbox`) from its containers.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 /// The largest spec the agent channel carries: ttrpc's 4 MiB message limit, less room for the
 /// rest of the request.
 pub const MAX_GUEST_SPEC: usize = 4 * 1024 * 1024 - 64 * 1024;
 /// SIGKILL, as containerd and the agent number it.
 pub const SIGKILL: u32 = 9;
+
+/// Whether `spec` is a Kubernetes pod's sandbox, the only kind of pod that port forwarding
+/// (CRI's PortForward) can reach.
+pub fn is_kubernetes_pod(spec: &Spec) -> bool {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(CONTAINER_TYPE_ANNOTATION))
+        .is_some_and(|t| t == "sandbox")
+}
 
 /// The sandbox a container belongs to: the CRI annotation; else the sandbox whose VM holds the
 /// network namespace the spec names (Docker's `--network container:<x>`), as `holding` finds
@@ -302,7 +313,7 @@ impl Pod {
     ) -> Result<Running, SandboxError> {
         let mut timings = Timings::new();
         if booting {
-            sandbox.choose_network(&crate::net::mode(new.spec))?;
+            sandbox.choose_network(&crate::net::mode(new.spec), is_kubernetes_pod(new.spec))?;
         }
         let state = hooks::State::new(new.spec, new.id, "creating", 0, new.bundle);
         sandbox
@@ -447,5 +458,34 @@ fn host_rootfs(bundle: &Path, spec: &Spec, has_mounts: bool) -> PathBuf {
     match spec.root().as_ref().map(|r| r.path()) {
         Some(path) if !has_mounts && !path.as_os_str().is_empty() => bundle.join(path),
         _ => bundle.join("rootfs"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with(annotations: &[(&str, &str)]) -> Spec {
+        let mut spec = Spec::default();
+        spec.set_annotations(Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+        spec
+    }
+
+    #[test]
+    fn only_a_kubernetes_pod_sandbox_gets_port_forwarding() {
+        let pod = spec_with(&[(CONTAINER_TYPE_ANNOTATION, "sandbox")]);
+        assert!(is_kubernetes_pod(&pod));
+        let container = spec_with(&[
+            (CONTAINER_TYPE_ANNOTATION, "container"),
+            (SANDBOX_ID_ANNOTATION, "p1"),
+        ]);
+        assert!(!is_kubernetes_pod(&container));
+        assert!(!is_kubernetes_pod(&spec_with(&[])));
+        assert!(!is_kubernetes_pod(&Spec::default()));
     }
 }
