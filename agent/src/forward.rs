@@ -23,6 +23,8 @@ use nix::sys::socket::{
 /// Connections forwarded at once; more are refused until one ends.
 const MAX_FORWARDS: usize = 64;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const VMADDR_CID_ANY: u32 = u32::MAX;
 
 /// Listens on the forward port and serves each connection on threads of its own.
@@ -46,7 +48,9 @@ pub fn serve() -> io::Result<()> {
                 // SAFETY: accept(2) returned a new descriptor that nothing else owns.
                 Ok(fd) => unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
                 Err(e) => {
+                    // Out of descriptors or memory: retrying at once would spin.
                     log::warn!("port forward: accept: {e}");
+                    std::thread::sleep(ACCEPT_BACKOFF);
                     continue;
                 }
             };
@@ -57,16 +61,18 @@ pub fn serve() -> io::Result<()> {
                 );
                 continue;
             }
-            let active = active.clone();
+            let done = active.clone();
             let spawned = std::thread::Builder::new()
                 .name("forward-conn".into())
                 .spawn(move || {
                     if let Err(e) = forward(fd) {
                         log::debug!("port forward: {e}");
                     }
-                    active.fetch_sub(1, Ordering::SeqCst);
+                    done.fetch_sub(1, Ordering::SeqCst);
                 });
             if let Err(e) = spawned {
+                // The slot was taken for a thread that never ran: give it back.
+                active.fetch_sub(1, Ordering::SeqCst);
                 log::warn!("port forward: cannot start a thread: {e}");
             }
         })?;

@@ -17,6 +17,8 @@ use crate::net::NetError;
 
 /// Connections carried at once; more wait for one to end.
 const MAX_FORWARDS: usize = 64;
+/// The pause after a failed accept (descriptors or memory exhausted).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long the agent may take to connect to the port in the pod.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -84,8 +86,15 @@ impl PortForward {
         let slots = Arc::new(Semaphore::new(MAX_FORWARDS));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    continue;
+                let client = match listener.accept().await {
+                    Ok((client, _)) => client,
+                    Err(e) => {
+                        // Out of descriptors or memory: a retry at once would fail the same
+                        // way and spin; the pending connection waits in the backlog meanwhile.
+                        log::warn!("port forward: accept: {e}");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
                 };
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
