@@ -68,6 +68,42 @@ fn task_api_version(containerd: &str) -> u32 {
     }
 }
 
+/// `task_api_version`, remembered under the sandbox root per containerd binary (by device,
+/// inode, size and modification time, so an upgraded binary is asked again): asking starts a
+/// containerd process, about 40 ms of every container's start.
+fn task_api_version_cached(root: &Path, containerd: &str) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(containerd) else {
+        return task_api_version(containerd);
+    };
+    let key = format!(
+        "{:x}-{:x}-{:x}-{}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    );
+    let cache = root.join(CONTAINERD_API_CACHE).join(key);
+    if let Some(version) = std::fs::read_to_string(&cache)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .filter(|v| matches!(v, 2 | 3))
+    {
+        return version;
+    }
+    let version = task_api_version(containerd);
+    // Best effort: without the record the next start asks again.
+    if let Some(dir) = cache.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::write(&cache, version.to_string());
+    version
+}
+
+/// hako's record of which task API each containerd binary speaks, under the sandbox root.
+const CONTAINERD_API_CACHE: &str = ".containerd-api";
+
 /// The major version from `containerd --version`: "containerd <module> <version> <revision>".
 fn containerd_major(line: &str) -> Option<u32> {
     let version = line.split_whitespace().nth(2)?;
@@ -185,15 +221,13 @@ fn signal_server_started() {
 
 /// The sandbox a bundle's container belongs to (`sandbox_id_for`), looking for a sandbox that
 /// holds its network namespace on disk.
-fn sandbox_of(bundle: &Path, namespace: &str, id: &str) -> Result<String, ShimError> {
+fn sandbox_of(root: &Path, bundle: &Path, namespace: &str, id: &str) -> Result<String, ShimError> {
     let spec_path = bundle.join("config.json");
     let sandbox = match std::fs::read(&spec_path) {
         Ok(bytes) => {
             let spec: oci_spec::runtime::Spec = serde_json::from_slice(&bytes)
                 .map_err(|e| invalid(format!("{}: {e}", spec_path.display())))?;
-            sandbox_id_for(&spec, id, |netns| {
-                holding_netns(&sandbox_root(), namespace, netns)
-            })
+            sandbox_id_for(&spec, id, |netns| holding_netns(root, namespace, netns))
         }
         Err(_) => id.to_string(),
     };
@@ -230,8 +264,9 @@ impl Shim for HakoShim {
         validate("namespace", &opts.namespace).map_err(invalid)?;
         validate("container id", &opts.id).map_err(invalid)?;
         // One shim per sandbox: containers of a pod reuse the address of its first one.
-        let grouping = sandbox_of(&self.bundle, &opts.namespace, &opts.id)?;
-        let version = task_api_version(&opts.publish_binary);
+        let root = sandbox_root();
+        let grouping = sandbox_of(&root, &self.bundle, &opts.namespace, &opts.id)?;
+        let version = task_api_version_cached(&root, &opts.publish_binary);
         let address = spawn(opts, &grouping, Vec::new()).await?;
         write_str_to_file("address", &address).await?;
         Ok(bootstrap_output(&address, version))
@@ -240,8 +275,8 @@ impl Shim for HakoShim {
     async fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
         validate("namespace", &self.namespace).map_err(invalid)?;
         validate("container id", &self.id).map_err(invalid)?;
-        let sandbox = sandbox_of(&self.bundle, &self.namespace, &self.id)?;
         let root = sandbox_root();
+        let sandbox = sandbox_of(&root, &self.bundle, &self.namespace, &self.id)?;
         if sandbox == self.id {
             cleanup_on_disk(&root, &self.namespace, &sandbox)
                 .await
@@ -282,6 +317,25 @@ mod tests {
         assert_eq!(containerd_major(v1), Some(1));
         assert_eq!(containerd_major("garbage"), None);
         assert_eq!(task_api_version("/nonexistent/containerd"), 2);
+    }
+
+    #[test]
+    fn the_task_api_is_asked_once_per_containerd_binary() {
+        let root = std::env::temp_dir().join(format!("hako-api-cache-{}", std::process::id()));
+        // echo stands in for a containerd without a recognisable version: task API v2.
+        assert_eq!(task_api_version_cached(&root, "/bin/echo"), 2);
+        let records: Vec<_> = std::fs::read_dir(root.join(CONTAINERD_API_CACHE))
+            .expect("the answer is recorded")
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(records.len(), 1, "{records:?}");
+        // The record, not the binary, answers the next start.
+        std::fs::write(&records[0], "3").expect("record");
+        assert_eq!(task_api_version_cached(&root, "/bin/echo"), 3);
+        std::fs::write(&records[0], "garbage").expect("record");
+        assert_eq!(task_api_version_cached(&root, "/bin/echo"), 2);
+        std::fs::remove_dir_all(&root).expect("cleanup");
     }
 
     #[test]
