@@ -8,6 +8,7 @@ mod boot;
 mod cgroup;
 mod container;
 mod devices;
+mod dns;
 mod forward;
 #[cfg(feature = "hostile")]
 mod hostile;
@@ -87,6 +88,9 @@ async fn serve(started: Instant, init_since_boot_ms: u64) -> Result<(), String> 
     cgroup::enable_controllers();
     if let Err(e) = forward::serve() {
         log::warn!("port forwarding into the pod is unavailable: {e}");
+    }
+    if let Err(e) = dns::serve() {
+        log::warn!("Docker's DNS server is unavailable in the pod: {e}");
     }
     let (oom, oom_events) = oom::OomMonitor::new();
     let containers = Arc::new(container::Containers::new(reaper, oom));

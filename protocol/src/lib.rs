@@ -12,6 +12,7 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod dns;
 pub mod forward;
 pub mod mount_options;
 pub mod sysctl;
@@ -29,6 +30,9 @@ pub const READY_VSOCK_PORT: u32 = 1025;
 
 /// vsock port of the agent's port forwarder (`forward`): `kubectl port-forward` into the pod.
 pub const FORWARD_VSOCK_PORT: u32 = 1026;
+
+/// vsock port of the agent's DNS relay (`dns`): Docker's embedded DNS server for the pod.
+pub const DNS_VSOCK_PORT: u32 = 1027;
 
 /// What the agent writes first on the readiness connection; its `HealthResponse` follows,
 /// protobuf-encoded, so the host needs no Health call before its first real one.

@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod ids;
 pub mod logs;
 pub mod net;
+pub mod rate_limit;
 pub mod sandbox;
 pub mod shim;
 pub mod task;

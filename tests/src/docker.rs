@@ -56,6 +56,10 @@ pub fn for_each_docker(test: impl Fn(&Docker)) {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&d)));
             if let Err(panic) = outcome {
                 eprintln!("dockerd log (last 30 lines):\n{}", tail_lines(&d.log(), 30));
+                eprintln!(
+                    "containerd log, with hako's (last 60 lines):\n{}",
+                    tail_lines(&c.log(), 60)
+                );
                 drop(d);
                 c.remove_all_tasks();
                 drop(c);

@@ -469,6 +469,49 @@ fn docker_networks_reach_the_vm_and_follow_live_changes() {
         let r = d.docker(&["exec", "n2", "ping", "-c", "1", "-W", "5", "10.123.0.1"]);
         assert_eq!(r.code, 0, "the network's gateway on the host: {r:?}");
 
+        // Docker's DNS server (127.0.0.11 in the pod's namespace on the host) answers in the
+        // guest: from the first instruction of a new container, over UDP and over TCP.
+        let n2_ip = d
+            .docker(&[
+                "inspect",
+                "-f",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                "n2",
+            ])
+            .stdout
+            .trim()
+            .to_string();
+        assert!(n2_ip.starts_with("10.123.0."), "{n2_ip:?}");
+        let r = d.docker(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--network",
+            "hnet",
+            IMAGE,
+            "nslookup",
+            "n2",
+        ]);
+        assert!(
+            r.code == 0 && r.stdout.contains(&format!("Address: {n2_ip}")),
+            "n2 by name over UDP: {r:?}"
+        );
+        // A query for n2's A record by hand, over TCP (2-byte length first), and the last four
+        // bytes of the answer: its address.
+        let r = d.docker(&[
+            "exec",
+            "n2",
+            "sh",
+            "-c",
+            "printf '\\000\\024\\022\\064\\001\\000\\000\\001\\000\\000\\000\\000\\000\\000\\002n2\\000\\000\\001\\000\\001' | nc -w 5 127.0.0.11 53 | od -An -tu1",
+        ]);
+        let bytes: Vec<&str> = r.stdout.split_whitespace().collect();
+        assert!(
+            bytes.len() > 4 && bytes[bytes.len() - 4..].join(".") == n2_ip,
+            "n2 by name over TCP: {r:?}"
+        );
+
         // Live changes: connect gives the running VM a NIC, disconnect takes it away.
         let r = d.docker(&["network", "connect", "hnet", "n1"]);
         assert_eq!(r.code, 0, "{r:?}");

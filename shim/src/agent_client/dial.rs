@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hako_protocol as pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
@@ -25,31 +25,35 @@ pub async fn connect(socket: &Path, port: u32) -> Result<UnixStream, String> {
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await
         .map_err(|e| format!("write CONNECT: {e}"))?;
-    // Read the answer byte by byte: whatever follows the newline is the agent's ttrpc stream.
-    let read_line = async {
-        let mut line = Vec::with_capacity(16);
-        loop {
-            let byte = stream
-                .read_u8()
-                .await
-                .map_err(|e| format!("read handshake: {e}"))?;
-            if byte == b'\n' {
-                return Ok::<_, String>(line);
-            }
-            line.push(byte);
-            if line.len() > MAX_HANDSHAKE {
-                return Err("handshake answer too long".to_string());
-            }
-        }
-    };
-    let line = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line)
+    // Whatever follows the newline is the agent's stream.
+    let line = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line(&mut stream, MAX_HANDSHAKE))
         .await
-        .map_err(|_| "no handshake answer".to_string())??;
+        .map_err(|_| "no handshake answer".to_string())?
+        .map_err(|e| format!("read handshake: {e}"))?;
     let line = String::from_utf8_lossy(&line);
     if line.starts_with("OK ") {
         Ok(stream)
     } else {
         Err(format!("unexpected handshake answer {line:?}"))
+    }
+}
+
+/// Reads one line of at most `max` bytes (returned without its newline), byte by byte, so that
+/// whatever follows it stays in the stream.
+pub async fn read_line(
+    stream: &mut (impl AsyncRead + Unpin),
+    max: usize,
+) -> Result<Vec<u8>, String> {
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let byte = stream.read_u8().await.map_err(|e| e.to_string())?;
+        if byte == b'\n' {
+            return Ok(line);
+        }
+        line.push(byte);
+        if line.len() > max {
+            return Err(format!("a line longer than {max} bytes"));
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use hako_protocol as pb;
 use tokio::net::UnixStream;
 
-pub use dial::{connect, dial, ReadyListener};
+pub use dial::{connect, dial, read_line, ReadyListener};
 
 /// Largest stdout/stderr chunk asked for in one read.
 const READ_LEN: u32 = 64 * 1024;

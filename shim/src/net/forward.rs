@@ -4,19 +4,17 @@
 //! every TCP connection to 127.0.0.1 onto a listener the shim holds there
 //! (`LISTEN_PORT`), which reads the port asked for from the connection's original destination.
 
-use std::fs;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{
-    bind, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
-    SockType, SockaddrIn,
+    bind, getsockopt, listen, setsockopt, sockopt, Backlog, SockType, SockaddrIn,
 };
 
+use super::namespace::socket_in;
 use super::NetError;
 
 /// The shim's listener in the pod's namespace. Nothing of the pod listens on the host side, so
@@ -29,32 +27,18 @@ const TABLE: &str = "hako_portforward";
 /// entered the namespace makes it; a socket stays in the namespace it was made in). It binds
 /// even while the namespace's loopback is down (IP_FREEBIND).
 pub fn listen_in(netns: &Path) -> Result<std::net::TcpListener, NetError> {
-    let path = netns.to_path_buf();
-    let fail = |reason: String| NetError::Namespace {
-        path: netns.to_path_buf(),
-        reason: format!("port-forward listener: {reason}"),
-    };
-    let made = std::thread::spawn(move || -> nix::Result<OwnedFd> {
-        let ns = fs::File::open(&path)
-            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-        setns(&ns, CloneFlags::CLONE_NEWNET)?;
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        )?;
+    let fd = socket_in(netns, SockType::Stream)?;
+    let listen = || -> nix::Result<()> {
         setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         setsockopt(&fd, sockopt::IpFreebind, &true)?;
         let address = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, LISTEN_PORT));
         bind(fd.as_raw_fd(), &address)?;
-        listen(&fd, Backlog::new(64)?)?;
-        Ok(fd)
-    });
-    let fd = made
-        .join()
-        .map_err(|_| fail("the thread panicked".to_string()))?
-        .map_err(|e| fail(e.to_string()))?;
+        listen(&fd, Backlog::new(64)?)
+    };
+    listen().map_err(|e| NetError::Namespace {
+        path: netns.to_path_buf(),
+        reason: format!("port-forward listener: {e}"),
+    })?;
     Ok(std::net::TcpListener::from(fd))
 }
 

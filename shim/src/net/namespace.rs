@@ -2,10 +2,12 @@
 //! thread of the shim parked in it for hooks that need a pid there.
 
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, CloneFlags};
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
 use super::NetError;
 
@@ -31,6 +33,31 @@ pub fn refuse_host(path: &Path) -> Result<(), NetError> {
         }
     }
     Ok(())
+}
+
+/// A non-blocking IPv4 socket that belongs to the namespace at `netns`: a thread of its own
+/// enters the namespace and makes it (a socket stays in the namespace it was made in, and the
+/// thread ends there, so no other work ever runs in the pod's namespace by accident).
+pub fn socket_in(netns: &Path, kind: SockType) -> Result<OwnedFd, NetError> {
+    let path = netns.to_path_buf();
+    let fail = |reason: String| NetError::Namespace {
+        path: netns.to_path_buf(),
+        reason: format!("making a socket there: {reason}"),
+    };
+    let made = std::thread::spawn(move || -> nix::Result<OwnedFd> {
+        let ns = fs::File::open(&path)
+            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        setns(&ns, CloneFlags::CLONE_NEWNET)?;
+        socket(
+            AddressFamily::Inet,
+            kind,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+    });
+    made.join()
+        .map_err(|_| fail("the thread panicked".to_string()))?
+        .map_err(|e| fail(e.to_string()))
 }
 
 /// A thread of the shim parked in a network namespace. Hooks get its id as the container's

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hako_protocol::forward::{parse_answer, request, MAX_ANSWER};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::agent_client::connect;
+use crate::agent_client::{connect, read_line};
 use crate::net::forward::{listen_in, original_port, redirect_loopback, remove_redirect};
 use crate::net::NetError;
 
@@ -133,22 +133,10 @@ async fn carry(mut client: TcpStream, agent_socket: &Path) -> Result<(), String>
         .write_all(request(port).as_bytes())
         .await
         .map_err(|e| format!("port {port}: {e}"))?;
-    let answer = async {
-        let mut line = Vec::with_capacity(4);
-        loop {
-            let byte = guest.read_u8().await.map_err(|e| e.to_string())?;
-            if byte == b'\n' {
-                return Ok::<_, String>(line);
-            }
-            line.push(byte);
-            if line.len() > MAX_ANSWER {
-                return Err("the agent's answer is too long".to_string());
-            }
-        }
-    };
-    let line = tokio::time::timeout(ANSWER_TIMEOUT, answer)
+    let line = tokio::time::timeout(ANSWER_TIMEOUT, read_line(&mut guest, MAX_ANSWER))
         .await
-        .map_err(|_| format!("port {port}: no answer from the agent in {ANSWER_TIMEOUT:?}"))??;
+        .map_err(|_| format!("port {port}: no answer from the agent in {ANSWER_TIMEOUT:?}"))?
+        .map_err(|e| format!("port {port}: the agent's answer: {e}"))?;
     // The reason comes from the guest: quoted, never interpreted.
     parse_answer(&line).map_err(|reason| format!("port {port}: {reason:?}"))?;
     tokio::io::copy_bidirectional(&mut client, &mut guest)

@@ -2,6 +2,7 @@
 //! network, cgroup and the VMM's user.
 
 mod boot;
+mod dns;
 mod forward;
 pub mod mounts;
 mod network;
@@ -118,6 +119,8 @@ pub struct Sandbox {
     forward_ports: bool,
     /// Carries `kubectl port-forward` into the pod (`forward`).
     port_forward: Option<forward::PortForward>,
+    /// Answers Docker's DNS server in the guest (`dns`), from the first container that asks.
+    dns_relay: Option<dns::DnsRelay>,
     /// Stops the VM when virtiofsd dies under it (see `watch_shared_fs`).
     fs_watch: Option<tokio::task::JoinHandle<()>>,
     /// The pod's cgroup on the host, which the VMM and its helpers join.
@@ -164,6 +167,7 @@ impl Sandbox {
             network_watch: None,
             forward_ports: false,
             port_forward: None,
+            dns_relay: None,
             fs_watch: None,
             cgroup: None,
             vmm_user: None,
@@ -278,6 +282,9 @@ impl Sandbox {
     }
 
     async fn stop_everything(&mut self) -> Result<(), SandboxError> {
+        if let Some(relay) = self.dns_relay.take() {
+            relay.stop();
+        }
         if let Some(port_forward) = self.port_forward.take() {
             // The shim's own namespace goes with the sandbox dir; a pod's (CRI, Docker) may
             // outlive the VM.

@@ -63,6 +63,18 @@ impl Sandbox {
         self.network_watch = Some(task);
     }
 
+    /// Starts the relay to Docker's DNS server in the pod's namespace (ADR 12), once. Without
+    /// it the pod runs on, unable to resolve through that server, and the log says why.
+    pub async fn relay_docker_dns(&mut self) {
+        let (Some(netns), None) = (&self.netns, &self.dns_relay) else {
+            return;
+        };
+        match super::dns::DnsRelay::start(netns, &self.paths.agent_socket).await {
+            Ok(relay) => self.dns_relay = Some(relay),
+            Err(e) => log::warn!("sandbox {}: no relay to Docker's DNS server: {e}", self.id),
+        }
+    }
+
     /// Whether the namespace changed since the VM last matched it.
     pub fn network_changed(&self) -> bool {
         self.network_dirty
@@ -133,10 +145,18 @@ impl Sandbox {
             log::info!("sandbox {}: hot-plugged {}", self.id, plugged.join(", "));
         }
         self.write_net_record()?;
-        updated?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(()),
+        // A NIC that could not be plugged is the cause; the guest then also fails the routes
+        // through it, which is only the consequence.
+        match (failed, updated) {
+            (Some(e), Err(guest)) => {
+                log::warn!(
+                    "sandbox {}: the guest's network, after: {e}: {guest}",
+                    self.id
+                );
+                Err(e)
+            }
+            (Some(e), Ok(())) => Err(e),
+            (None, updated) => Ok(updated?),
         }
     }
 }

@@ -136,6 +136,8 @@ pub struct AddedContainer {
     /// Its root filesystem on the host.
     pub rootfs: PathBuf,
     pub hooks: LaterHooks,
+    /// The host file bound at its /etc/resolv.conf, read at Start (`dns`).
+    pub resolv_conf: Option<PathBuf>,
     /// Whether this container booted the sandbox.
     pub booted: bool,
 }
@@ -297,6 +299,7 @@ impl Pod {
             running,
             rootfs: rootfs_dir,
             hooks: LaterHooks::new(new.spec, new.id, new.bundle),
+            resolv_conf: super::dns::resolv_conf_source(new.spec),
             booted: booting,
         })
     }
@@ -368,12 +371,28 @@ impl Pod {
         Ok(())
     }
 
-    /// Before the first container's process runs: Docker 28 and later network the pod after
-    /// Create, and what appeared in its namespace since then reaches the VM now.
-    pub async fn catch_up_network(&self) -> Result<(), SandboxError> {
+    /// Before a container's process runs: Docker 28 and later network the pod after Create,
+    /// and what appeared in its namespace since then reaches the VM now; and if the container's
+    /// resolv.conf (`resolv_conf`, as Docker left it by now) names Docker's DNS server, the
+    /// guest answers there (ADR 12).
+    pub async fn catch_up_network(&self, resolv_conf: Option<&Path>) -> Result<(), SandboxError> {
         let mut slot = self.sandbox.lock().await;
-        if let Some(sandbox) = slot.as_mut().filter(|s| s.network_changed()) {
-            sandbox.sync_network().await?;
+        let Some(sandbox) = slot.as_mut() else {
+            return Ok(());
+        };
+        if sandbox.network_changed() {
+            // The process must not start on a half-made network; one failure is retried with
+            // a fresh look at the namespace (a NIC not plugged is planned again).
+            if let Err(first) = sandbox.sync_network().await {
+                log::warn!(
+                    "sandbox {}: the pod's network did not reach the VM ({first}); trying once more",
+                    sandbox.id
+                );
+                sandbox.sync_network().await?;
+            }
+        }
+        if resolv_conf.is_some_and(super::dns::names_docker_server) {
+            sandbox.relay_docker_dns().await;
         }
         Ok(())
     }

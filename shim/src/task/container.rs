@@ -43,6 +43,8 @@ pub struct ContainerInfo {
     pub rootfs: PathBuf,
     /// Host-side hooks for after start and after delete.
     pub hooks: LaterHooks,
+    /// The host file bound at its /etc/resolv.conf.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 pub struct Container {

@@ -54,6 +54,7 @@ impl TaskService {
             ContainerInfo {
                 rootfs: added.rootfs,
                 hooks: added.hooks,
+                resolv_conf: added.resolv_conf,
             },
             !rootfs.is_empty(),
             stdio,

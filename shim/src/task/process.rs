@@ -98,7 +98,9 @@ impl TaskService {
             .into());
         }
         if req.exec_id.is_empty() {
-            self.pod.catch_up_network().await?;
+            self.pod
+                .catch_up_network(container.info.resolv_conf.as_deref())
+                .await?;
         }
         running.agent.start_process(&req.id, &req.exec_id).await?;
         entry.state().start()?;

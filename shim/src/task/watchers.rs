@@ -11,6 +11,7 @@ use containerd_shim::protos::topics;
 use super::container::ProcEntry;
 use super::convert::timestamp;
 use super::{TaskService, UNKNOWN_EXIT_STATUS};
+use crate::rate_limit::RateLimit;
 use crate::sandbox::pod::Running;
 
 /// How long an exit waits for the last output to reach containerd's FIFOs.
@@ -130,62 +131,5 @@ impl TaskService {
                     .await;
             }
         });
-    }
-}
-
-/// A token bucket: `take` returns at once while tokens last, then waits for the next one.
-struct RateLimit {
-    per_second: u32,
-    tokens: u32,
-    refilled: tokio::time::Instant,
-}
-
-impl RateLimit {
-    fn new(per_second: u32) -> Self {
-        Self {
-            per_second,
-            tokens: per_second,
-            refilled: tokio::time::Instant::now(),
-        }
-    }
-
-    async fn take(&mut self) {
-        loop {
-            let earned =
-                self.refilled.elapsed().as_millis() as u64 * u64::from(self.per_second) / 1000;
-            if earned > 0 {
-                self.tokens =
-                    (u64::from(self.tokens) + earned).min(u64::from(self.per_second)) as u32;
-                self.refilled = tokio::time::Instant::now();
-            }
-            if self.tokens > 0 {
-                self.tokens -= 1;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(
-                1000 / u64::from(self.per_second.max(1)),
-            ))
-            .await;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn guest_driven_loops_take_at_most_their_rate() {
-        let mut bucket = RateLimit::new(10);
-        let started = tokio::time::Instant::now();
-        for _ in 0..100 {
-            bucket.take().await;
-        }
-        // 10 at once, then 10 a second: 90 more take 9 seconds of (paused, virtual) time.
-        let took = started.elapsed();
-        assert!(
-            took >= Duration::from_secs(8) && took <= Duration::from_secs(10),
-            "{took:?}"
-        );
     }
 }
