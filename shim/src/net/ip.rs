@@ -74,6 +74,15 @@ struct IpRoute {
     dev: String,
 }
 
+/// The name link `index` has now in `netns`: a link keeps its index when it is renamed, as
+/// Docker renames a veth once it has moved it into the namespace.
+pub fn name_of(netns: &Path, index: u32) -> Option<String> {
+    let json = run_in(netns, "ip", &["-j", "link", "show"]).ok()?;
+    let links: Vec<IpLink> = serde_json::from_str(&json).ok()?;
+    let link = links.into_iter().find(|l| l.ifindex == index)?;
+    link.ifname.split('@').next().map(str::to_string)
+}
+
 /// An ethernet link of the pod, as the namespace shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FoundLink {

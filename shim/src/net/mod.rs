@@ -195,7 +195,14 @@ impl PodNetwork {
         let n = self.next;
         self.next += 1;
         let tap = format!("tap{n}{TAP_SUFFIX}");
-        let fds = tap::attach(&self.netns, &veth.name, &tap, veth.mtu, self.queues)?;
+        let fds = tap::attach(
+            &self.netns,
+            &veth.name,
+            veth.index,
+            &tap,
+            veth.mtu,
+            self.queues,
+        )?;
         self.links.push(TapLink {
             veth,
             tap,

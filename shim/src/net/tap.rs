@@ -69,18 +69,22 @@ fn open_queue(name: &str, flags: libc::c_short) -> std::io::Result<OwnedFd> {
     Ok(OwnedFd::from(tun))
 }
 
-/// Makes the tap `tap` for `veth` and the redirects between them. On error, what was made is
-/// removed again.
+/// Makes the tap `tap` for `veth` (whose index is `veth_index`) and the redirects between
+/// them. On error, what was made is removed again, from the veth under the name it has by then:
+/// one renamed meanwhile (Docker names its veth once it is in the namespace) fails the attach,
+/// and must not keep a redirect to a tap that is gone when the next attach comes.
 pub fn attach(
     netns: &Path,
     veth: &str,
+    veth_index: u32,
     tap: &str,
     mtu: u32,
     queues: u32,
 ) -> Result<Vec<OwnedFd>, NetError> {
     let result = try_attach(netns, veth, tap, mtu, queues);
     if result.is_err() {
-        detach(netns, veth, tap);
+        let now = super::ip::name_of(netns, veth_index).unwrap_or_else(|| veth.to_string());
+        detach(netns, &now, tap);
     }
     result
 }
@@ -116,4 +120,50 @@ fn try_attach(
 pub fn detach(netns: &Path, veth: &str, tap: &str) {
     let _ = run_in(netns, "tc", &["qdisc", "del", "dev", veth, "ingress"]);
     let _ = run_in(netns, "ip", &["link", "del", "dev", tap]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::NetnsHolder;
+
+    /// Docker renames its veth once it is in the namespace; an attach that raced the rename
+    /// fails, and must leave the veth (by its new name) without a redirect, or the next attach
+    /// finds the ingress taken.
+    #[test]
+    fn a_failed_attach_cleans_a_veth_renamed_meanwhile() {
+        // Never a silent pass: hako's tests run as root (scripts/test.sh).
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root: run the unit tests as root, as scripts/test.sh does"
+        );
+        let bind_at = std::env::temp_dir().join(format!("hako-tap-{}", std::process::id()));
+        let holder = NetnsHolder::create(&bind_at).expect("namespace");
+        let ip = |args: &[&str]| run_in(&bind_at, "ip", args).expect("ip");
+        ip(&[
+            "link", "add", "vtmp", "type", "veth", "peer", "name", "vpeer",
+        ]);
+        let index = ip(&["-o", "link", "show", "vtmp"])
+            .split(':')
+            .next()
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .expect("index");
+        // What an attach that raced the rename had made on the veth, then the rename.
+        run_in(&bind_at, "tc", &["qdisc", "add", "dev", "vtmp", "ingress"]).expect("qdisc");
+        ip(&["link", "set", "vtmp", "name", "eth0"]);
+
+        let stale = attach(&bind_at, "vtmp", index, "tap0_hk", 1500, 1);
+        assert!(stale.is_err(), "the old name is gone");
+        let qdiscs = run_in(&bind_at, "tc", &["qdisc", "show", "dev", "eth0"]).expect("tc");
+        assert!(!qdiscs.contains("ingress"), "left on the veth: {qdiscs}");
+        assert!(!ip(&["-o", "link", "show"]).contains("tap0_hk"), "tap left");
+
+        let fds = attach(&bind_at, "eth0", index, "tap1_hk", 1500, 1).expect("attach again");
+        assert_eq!(fds.len(), 1);
+        drop(fds);
+        detach(&bind_at, "eth0", "tap1_hk");
+        drop(holder);
+        nix::mount::umount(&bind_at).expect("unmount");
+        fs::remove_file(&bind_at).expect("remove");
+    }
 }
