@@ -22,8 +22,7 @@ use hako_protocol::dns::{
     header, message_id, parse_header, set_message_id, Transport, HEADER, MIN_MESSAGE, RESOLVER,
     RESOLVER_PORT,
 };
-use nix::sys::socket::VsockAddr;
-use nix::sys::socket::{accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
+use nix::sys::socket::accept;
 
 /// Queries waiting for an answer; more are dropped, as a busy server would.
 const MAX_PENDING: usize = 256;
@@ -33,7 +32,6 @@ const PENDING_FOR: Duration = Duration::from_secs(10);
 const MAX_TCP_CLIENTS: usize = 16;
 /// The pause after a failed accept.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-const VMADDR_CID_ANY: u32 = u32::MAX;
 
 /// Who asked, to send the answer back to.
 enum Client {
@@ -93,17 +91,7 @@ static RELAY: Mutex<Option<Arc<Relay>>> = Mutex::new(None);
 
 /// Listens on the relay's vsock port; each connection from the host is served on a thread.
 pub fn serve() -> io::Result<()> {
-    let listener = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    bind(
-        listener.as_raw_fd(),
-        &VsockAddr::new(VMADDR_CID_ANY, hako_protocol::DNS_VSOCK_PORT),
-    )?;
-    listen(&listener, Backlog::new(4).map_err(io::Error::from)?)?;
+    let listener = crate::vsock::listen_on(hako_protocol::DNS_VSOCK_PORT, 4)?;
     std::thread::Builder::new()
         .name("dns".into())
         .spawn(move || loop {
@@ -145,6 +133,15 @@ fn serve_host(mut host: File) -> io::Result<()> {
         }
     };
     host.write_all(b"OK\n")?;
+    #[cfg(feature = "hostile")]
+    if crate::hostile::floods_dns() {
+        log::warn!("HOSTILE: flooding the host's DNS relay");
+        for frame in crate::hostile::dns_flood() {
+            host.write_all(&frame)?;
+        }
+        // Then stay connected, as a relay that merely went quiet would.
+        return host.read_to_end(&mut Vec::new()).map(drop);
+    }
     *lock(&relay.host) = Some(host.try_clone()?);
     let mut message = vec![0u8; usize::from(u16::MAX)];
     loop {

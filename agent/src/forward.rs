@@ -15,31 +15,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hako_protocol::forward::{parse_request, MAX_REQUEST};
-use nix::sys::socket::{
-    accept, bind, listen, shutdown, socket, AddressFamily, Backlog, Shutdown as SockShutdown,
-    SockFlag, SockType, VsockAddr,
-};
+use nix::sys::socket::{accept, shutdown, Shutdown as SockShutdown};
 
 /// Connections forwarded at once; more are refused until one ends.
 const MAX_FORWARDS: usize = 64;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The pause after a failed accept.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-const VMADDR_CID_ANY: u32 = u32::MAX;
 
 /// Listens on the forward port and serves each connection on threads of its own.
 pub fn serve() -> io::Result<()> {
-    let listener = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&listener),
-        &VsockAddr::new(VMADDR_CID_ANY, hako_protocol::FORWARD_VSOCK_PORT),
-    )?;
-    listen(&listener, Backlog::new(16).map_err(io::Error::from)?)?;
+    let listener = crate::vsock::listen_on(hako_protocol::FORWARD_VSOCK_PORT, 16)?;
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("forward".into())

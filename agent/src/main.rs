@@ -20,6 +20,7 @@ mod oom;
 mod reaper;
 mod rtnl;
 mod server;
+mod vsock;
 
 use std::sync::Arc;
 use std::time::Instant;

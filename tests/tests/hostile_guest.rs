@@ -395,22 +395,28 @@ fn devices_and_setuid_programs_the_guest_plants_do_nothing_on_the_host() {
     fs::remove_dir_all(&vol).unwrap();
 }
 
-/// A guest whose agent forges OOM kills (built with `--features hostile`; scripts/test.sh
-/// makes its image): other pods' containers are never reported OOM-killed, the forged ids are
-/// quoted in the shim's log, and the flood is rate-limited.
-#[test]
-#[ignore = "boots VMs: run through scripts/test.sh"]
-fn forged_oom_events_reach_no_one() {
+/// A configuration that boots the hostile guest (`build/guest-hostile`, an agent built with
+/// `--features hostile`, which scripts/test.sh makes) in attack `mode` (`hako.hostile=`).
+fn hostile_guest_config(mode: &str) -> HakoConfig {
     let image = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest-hostile");
     assert!(
         image.join("initramfs.cpio").is_file(),
         "no hostile guest image in {}: scripts/test.sh builds it",
         image.display()
     );
-    let config = HakoConfig::new(&format!(
-        "[hypervisor]\nkernel = \"{0}/vmlinux\"\nvmlinux = \"{0}/vmlinux\"\ninitrd = \"{0}/initramfs.cpio\"\nkernel_params = \"hako.hostile=oom\"\n",
+    HakoConfig::new(&format!(
+        "[hypervisor]\nkernel = \"{0}/vmlinux\"\nvmlinux = \"{0}/vmlinux\"\ninitrd = \"{0}/initramfs.cpio\"\nkernel_params = \"hako.hostile={mode}\"\n",
         image.display()
-    ));
+    ))
+}
+
+/// A guest whose agent forges OOM kills (built with `--features hostile`; scripts/test.sh
+/// makes its image): other pods' containers are never reported OOM-killed, the forged ids are
+/// quoted in the shim's log, and the flood is rate-limited.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn forged_oom_events_reach_no_one() {
+    let config = hostile_guest_config("oom");
     for_each_containerd(|c| {
         let events = c.events();
         let r = c.run_detached("victim", &[], &["sleep", "600"]);
@@ -452,4 +458,123 @@ fn forged_oom_events_reach_no_one() {
             "an OOM event was published: {seen:#?}"
         );
     });
+}
+
+/// A network namespace with its loopback up, removed when dropped (on a failed assertion too,
+/// so the leak check of the next test does not find it).
+struct TestNetns(String);
+
+impl TestNetns {
+    fn new(name: &str) -> Self {
+        let made = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ip netns add {name} && ip -n {name} link set lo up"
+            ))
+            .status()
+            .unwrap();
+        assert!(made.success(), "making the namespace {name}");
+        Self(name.to_string())
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from("/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// Stand-in for Docker's DNS server: a UDP socket on 127.0.0.11:53 in `netns` that records
+/// when each query arrives, until `stop`.
+fn record_queries(
+    netns: &std::path::Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<std::time::Instant>> {
+    use std::os::fd::AsRawFd;
+    let fd =
+        hako_shim::net::namespace::socket_in(netns, nix::sys::socket::SockType::Datagram).unwrap();
+    nix::sys::socket::bind(
+        fd.as_raw_fd(),
+        &nix::sys::socket::SockaddrIn::new(127, 0, 0, 11, 53),
+    )
+    .unwrap();
+    let socket = std::net::UdpSocket::from(fd);
+    socket.set_nonblocking(false).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut arrivals = Vec::new();
+        let mut buf = [0u8; 512];
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if socket.recv_from(&mut buf).is_ok() {
+                arrivals.push(std::time::Instant::now());
+            }
+        }
+        arrivals
+    })
+}
+
+/// A guest whose DNS relay floods the host (`hako.hostile=dns`: 2,000 queries at once, then a
+/// frame that is not one) once a container that uses Docker's DNS server starts. The shim asks
+/// the server in the pod's namespace at most 200 times a second (so the 2,000 take nine
+/// seconds at least, where an unbounded relay takes well under one), the bad frame ends the
+/// relay with a warning, and the pod runs on.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_guest_flooding_the_dns_relay_is_held_to_its_rate() {
+    let config = hostile_guest_config("dns");
+    let hostile = format!("--runtime-config-path={}", config.path);
+    let resolv = std::env::temp_dir().join(format!("hako-resolv-{}", std::process::id()));
+    fs::write(&resolv, "nameserver 127.0.0.11\noptions ndots:0\n").unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/etc/resolv.conf,options=rbind:ro",
+        resolv.display()
+    );
+    for_each_containerd(|c| {
+        let pod_netns = TestNetns::new(&format!("hkt-dns-{}", std::process::id() % 100_000));
+        let netns = pod_netns.path();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = record_queries(&netns, stop.clone());
+
+        let with_ns = format!("network:{}", netns.display());
+        let r = c.run_detached(
+            "flooder",
+            &[&hostile, "--with-ns", &with_ns, "--mount", &mount],
+            &["sleep", "600"],
+        );
+        assert_eq!(r.code, 0, "{r:?}\n{}", c.log());
+        let started = std::time::Instant::now();
+        while !c.log().contains("the guest sent a bad frame") {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the relay never ended:\n{}",
+                c.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let arrivals = server.join().unwrap();
+        // Every well-formed query was asked (none lost to the limit), no faster than 200 a
+        // second after the first 200.
+        assert_eq!(arrivals.len(), 2000, "queries that reached the server");
+        let span = *arrivals.last().unwrap() - arrivals[0];
+        assert!(
+            span >= std::time::Duration::from_secs(8),
+            "2,000 queries reached the server in {span:?}"
+        );
+        assert_eq!(
+            c.task_status("flooder").as_deref(),
+            Some("RUNNING"),
+            "the pod runs on"
+        );
+        c.remove_task("flooder");
+    });
+    fs::remove_file(&resolv).unwrap();
 }

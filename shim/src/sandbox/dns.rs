@@ -47,14 +47,7 @@ impl DnsRelay {
     /// Asks the agent to listen on 127.0.0.11:53 and relays what it sends to Docker's server in
     /// `netns`. Returns once the agent listens, so a process started after it can resolve.
     pub async fn start(netns: &Path, agent_socket: &Path) -> Result<Self, String> {
-        let made = {
-            let netns = netns.to_path_buf();
-            tokio::task::spawn_blocking(move || socket_in(&netns, SockType::Datagram))
-        };
-        let udp = made
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let udp = socket_in_pod(netns, SockType::Datagram).await?;
         bind(udp.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0))
             .map_err(|e| format!("binding a socket on the pod's loopback: {e}"))?;
         let udp = UdpSocket::from_std(std::net::UdpSocket::from(udp)).map_err(|e| e.to_string())?;
@@ -68,7 +61,7 @@ impl DnsRelay {
         let server = SocketAddr::from((RESOLVER, RESOLVER_PORT));
         let task = tokio::spawn(async move {
             if let Err(e) = relay(guest, udp, &netns, server).await {
-                log::info!("dns relay: {e}");
+                log::warn!("dns relay: {e}");
             }
         });
         Ok(Self { task })
@@ -213,16 +206,18 @@ fn frame(transport: Transport, message: &[u8]) -> Option<Vec<u8>> {
     Some(frame)
 }
 
-/// One query over TCP from the pod's namespace: length-prefixed each way.
-async fn ask_over_tcp(netns: &Path, server: SocketAddr, query: &[u8]) -> Result<Vec<u8>, String> {
-    let made = {
-        let netns = netns.to_path_buf();
-        tokio::task::spawn_blocking(move || socket_in(&netns, SockType::Stream))
-    };
-    let fd = made
+/// A socket of the pod's namespace, made off the async runtime (a thread enters the namespace).
+async fn socket_in_pod(netns: &Path, kind: SockType) -> Result<std::os::fd::OwnedFd, String> {
+    let netns = netns.to_path_buf();
+    tokio::task::spawn_blocking(move || socket_in(&netns, kind))
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// One query over TCP from the pod's namespace: length-prefixed each way.
+async fn ask_over_tcp(netns: &Path, server: SocketAddr, query: &[u8]) -> Result<Vec<u8>, String> {
+    let fd = socket_in_pod(netns, SockType::Stream).await?;
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
     let mut stream = socket.connect(server).await.map_err(|e| e.to_string())?;
     let len = u16::try_from(query.len()).map_err(|_| "query too long".to_string())?;
