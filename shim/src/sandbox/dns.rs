@@ -21,7 +21,7 @@ use oci_spec::runtime::Spec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::agent_client::{connect, read_line};
 use crate::net::namespace::socket_in;
@@ -124,7 +124,9 @@ async fn relay(
 ) -> Result<(), String> {
     let (mut from_guest, mut to_guest) = tokio::io::split(guest);
     let (answers, mut answered) = mpsc::channel::<Vec<u8>>(64);
-    let writer = tokio::spawn(async move {
+    // The relay's own tasks: dropped with it (the sandbox stops it by aborting), they end too.
+    let mut tasks = JoinSet::new();
+    tasks.spawn(async move {
         while let Some(frame) = answered.recv().await {
             if to_guest.write_all(&frame).await.is_err() {
                 return;
@@ -132,9 +134,9 @@ async fn relay(
         }
     });
     let udp = Arc::new(udp);
-    let udp_answers = {
+    {
         let (udp, answers) = (udp.clone(), answers.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut buf = vec![0u8; usize::from(u16::MAX)];
             while let Ok((n, from)) = udp.recv_from(&mut buf).await {
                 if from != server {
@@ -145,8 +147,8 @@ async fn relay(
                     let _ = answers.try_send(frame);
                 }
             }
-        })
-    };
+        });
+    }
     let tcp_slots = Arc::new(Semaphore::new(MAX_TCP_QUERIES));
     let mut bucket = RateLimit::new(QUERIES_PER_SECOND);
     let mut message = vec![0u8; usize::from(u16::MAX)];
@@ -163,6 +165,8 @@ async fn relay(
             break Err(format!("the guest's connection: {e}"));
         }
         bucket.take().await;
+        // Forget the TCP queries that have ended.
+        while tasks.try_join_next().is_some() {}
         let query = &message[..len];
         match transport {
             Transport::Udp => {
@@ -176,7 +180,7 @@ async fn relay(
                 };
                 let (query, answers, netns) =
                     (query.to_vec(), answers.clone(), netns.to_path_buf());
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     match tokio::time::timeout(TCP_TIMEOUT, ask_over_tcp(&netns, server, &query))
                         .await
                     {
@@ -193,8 +197,7 @@ async fn relay(
             }
         }
     };
-    udp_answers.abort();
-    writer.abort();
+    tasks.abort_all();
     result
 }
 
