@@ -282,9 +282,7 @@ impl Sandbox {
     }
 
     async fn stop_everything(&mut self) -> Result<(), SandboxError> {
-        if let Some(relay) = self.dns_relay.take() {
-            relay.stop();
-        }
+        self.dns_relay.take();
         if let Some(port_forward) = self.port_forward.take() {
             // The shim's own namespace goes with the sandbox dir; a pod's (CRI, Docker) may
             // outlive the VM.

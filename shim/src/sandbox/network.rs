@@ -2,6 +2,7 @@
 //! NICs in step with that namespace while the pod runs.
 
 use std::fs;
+use std::path::Path;
 use std::time::Duration;
 
 use super::{io_err, Sandbox, SandboxError};
@@ -63,12 +64,19 @@ impl Sandbox {
         self.network_watch = Some(task);
     }
 
-    /// Starts the relay to Docker's DNS server in the pod's namespace (ADR 12), once. Without
-    /// it the pod runs on, unable to resolve through that server, and the log says why.
-    pub async fn relay_docker_dns(&mut self) {
+    /// Starts the relay to Docker's DNS server in the pod's namespace (ADR 12), once, if the
+    /// container's `resolv_conf` names that server. Without it the pod runs on, unable to
+    /// resolve through that server, and the log says why.
+    pub async fn relay_docker_dns(&mut self, resolv_conf: &Path) {
+        // Checked before the file is read: later containers of the pod pay nothing.
         let (Some(netns), None) = (&self.netns, &self.dns_relay) else {
             return;
         };
+        let asks = super::resolve::open_source(resolv_conf, &self.guest_writable)
+            .is_ok_and(|source| super::dns::names_docker_server(&source));
+        if !asks {
+            return;
+        }
         match super::dns::DnsRelay::start(netns, &self.paths.agent_socket).await {
             Ok(relay) => self.dns_relay = Some(relay),
             Err(e) => log::warn!("sandbox {}: no relay to Docker's DNS server: {e}", self.id),

@@ -391,8 +391,8 @@ impl Pod {
                 sandbox.sync_network().await?;
             }
         }
-        if resolv_conf.is_some_and(super::dns::names_docker_server) {
-            sandbox.relay_docker_dns().await;
+        if let Some(resolv_conf) = resolv_conf {
+            sandbox.relay_docker_dns(resolv_conf).await;
         }
         Ok(())
     }
