@@ -323,7 +323,6 @@ mod tests {
     use super::api::fake::{fake_server, Reply, TempDir};
     use super::*;
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::PermissionsExt;
 
     fn spec(dir: &Path) -> VmSpec {
         crate::vmm::test_spec(dir)
@@ -339,10 +338,19 @@ mod tests {
         }
     }
 
+    /// The executable is written by `install`, never by this process: a parallel test forking
+    /// while this process held it open for writing would make running it fail with ETXTBSY.
     fn script(dir: &TempDir, name: &str, body: &str) -> PathBuf {
         let path = dir.0.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let text = dir.0.join(format!("{name}.txt"));
+        std::fs::write(&text, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        let installed = std::process::Command::new("install")
+            .args(["-m", "0755"])
+            .arg(&text)
+            .arg(&path)
+            .status()
+            .expect("install");
+        assert!(installed.success(), "install {}", path.display());
         path
     }
 
