@@ -404,7 +404,8 @@ mod tests {
             nix::unistd::geteuid().is_root(),
             "this test needs root: run the unit tests as root, as scripts/test.sh does"
         );
-        let bind_at = std::env::temp_dir().join(format!("hako-netns-{}", std::process::id()));
+        let bind_point = namespace::TestBindPoint::new("netns");
+        let bind_at = bind_point.0.clone();
         let holder = NetnsHolder::create(&bind_at).expect("holder");
         let ns_of = |p: &str| fs::read_link(p).expect(p).display().to_string();
         let held = ns_of(&format!("/proc/{}/ns/net", holder.pid()));
@@ -431,10 +432,7 @@ mod tests {
         // on these build machines) as unusable.
         assert!(namespace::refuse_host(Path::new("/proc/1/ns/net")).is_err());
         drop((again, bound));
-        // Detached, as the shim's own cleanup does: another test forking meanwhile holds a copy
-        // of `bound` until its exec, which makes a plain unmount fail with EBUSY.
-        crate::sandbox::mounts::unmount(&bind_at).expect("unmount");
-        fs::remove_file(&bind_at).expect("remove");
+        bind_point.release().expect("unmount and remove");
         assert!(NetnsHolder::enter(&bind_at).is_err());
         assert!(matches!(
             namespace::refuse_host(&bind_at),

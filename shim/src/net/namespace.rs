@@ -169,3 +169,31 @@ impl Drop for NetnsHolder {
         }
     }
 }
+
+/// Where a test binds a new namespace: unmounted and removed when dropped, so a failing test
+/// leaves no mount in the temporary directory.
+#[cfg(test)]
+pub(crate) struct TestBindPoint(pub PathBuf);
+
+#[cfg(test)]
+impl TestBindPoint {
+    pub fn new(name: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("hako-{name}-{}", std::process::id())))
+    }
+
+    /// Detached, as the shim's own cleanup unmounts: a parallel test forking meanwhile holds
+    /// copies of this process's fds until its exec, and a plain unmount would fail with EBUSY.
+    pub fn release(&self) -> Result<(), String> {
+        crate::sandbox::mounts::unmount(&self.0).map_err(|e| e.to_string())?;
+        fs::remove_file(&self.0).map_err(|e| format!("removing {}: {e}", self.0.display()))
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestBindPoint {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = self.release();
+        }
+    }
+}

@@ -137,7 +137,8 @@ mod tests {
             nix::unistd::geteuid().is_root(),
             "this test needs root: run the unit tests as root, as scripts/test.sh does"
         );
-        let bind_at = std::env::temp_dir().join(format!("hako-tap-{}", std::process::id()));
+        let bind_point = crate::net::namespace::TestBindPoint::new("tap");
+        let bind_at = bind_point.0.clone();
         let holder = NetnsHolder::create(&bind_at).expect("namespace");
         let ip = |args: &[&str]| run_in(&bind_at, "ip", args).expect("ip");
         ip(&[
@@ -163,8 +164,6 @@ mod tests {
         drop(fds);
         detach(&bind_at, "eth0", "tap1_hk");
         drop(holder);
-        // Detached, as the shim's own cleanup does (a test forking meanwhile may hold an fd).
-        crate::sandbox::mounts::unmount(&bind_at).expect("unmount");
-        fs::remove_file(&bind_at).expect("remove");
+        bind_point.release().expect("unmount and remove");
     }
 }
