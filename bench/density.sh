@@ -19,12 +19,15 @@ tsv="$out/density.tsv"
 printf 'runtime\tround\tall_running_ms\trunning\tall_removed_ms\n' >"$tsv"
 
 round() { # runtime round
-    local runtime="$1" r="$2" start up down running i pids=()
+    local runtime="$1" r="$2" start up down running i id ids=() pids=()
     read -r -a args <<<"$(runtime_args "$runtime")"
-    for i in $(seq 1 "$pods"); do cleanups+=("stop_task dn-$runtime-$r-$i"); done
+    # Zero-padded: runsc finds a container by any unique prefix of its id, so with
+    # dn-gvisor-2-1 and dn-gvisor-2-10 both present, starting dn-gvisor-2-1 was "ambiguous".
+    for i in $(seq 1 "$pods"); do ids+=("$(printf 'dn-%s-%s-%03d' "$runtime" "$r" "$i")"); done
+    for id in "${ids[@]}"; do cleanups+=("stop_task $id"); done
     start=$EPOCHREALTIME
-    for i in $(seq 1 "$pods"); do
-        ctr run -d "${args[@]}" "$image" "dn-$runtime-$r-$i" sleep 100000 >/dev/null &
+    for id in "${ids[@]}"; do
+        ctr run -d "${args[@]}" "$image" "$id" sleep 100000 >/dev/null &
         pids+=($!)
     done
     wait "${pids[@]}" || echo "bench: a $runtime pod failed to start (see $work/containerd.log)" >&2
@@ -32,8 +35,8 @@ round() { # runtime round
     running=$(ctr task ls | awk -v p="dn-$runtime-$r-" 'index($1, p) == 1 && $3 == "RUNNING"' | wc -l)
     start=$EPOCHREALTIME
     pids=()
-    for i in $(seq 1 "$pods"); do
-        stop_task "dn-$runtime-$r-$i" &
+    for id in "${ids[@]}"; do
+        stop_task "$id" &
         pids+=($!)
     done
     wait "${pids[@]}"
