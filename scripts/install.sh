@@ -3,6 +3,7 @@
 #
 #   /usr/local/bin/containerd-shim-hako-v2     the runtime shim (containerd finds it in $PATH)
 #   /usr/local/bin/hako                        the CLI (hako check, hako env)
+#   /usr/local/bin/hako-vsock                  the vsock device of QEMU guests (the agent channel)
 #   /usr/share/hako/guest/                     guest kernel (bzImage and vmlinux) and initramfs
 #   /usr/share/defaults/hako/configuration.toml  the default configuration
 #
@@ -103,7 +104,7 @@ for arg in "$@"; do
             ;;
         --uninstall)
             [[ $(id -u) -eq 0 ]] || { echo "install: run as root" >&2; exit 1; }
-            rm -f "$BIN/containerd-shim-hako-v2" "$BIN/hako"
+            rm -f "$BIN/containerd-shim-hako-v2" "$BIN/hako" "$BIN/hako-vsock"
             rm -rf "$root/usr/share/hako" "$DEFAULTS"
             unconfigure
             echo "install: hako removed (configuration in $ETC_HAKO, if any, is left alone)"
@@ -118,20 +119,21 @@ done
 [[ $(id -u) -eq 0 ]] || { echo "install: run as root" >&2; exit 1; }
 
 if ((build)); then
-    echo "install: building the shim and CLI (release)"
-    (cd "$repo" && cargo build --release --locked -q -p hako-shim)
+    echo "install: building the shim, the CLI and hako-vsock (release)"
+    (cd "$repo" && cargo build --release --locked -q -p hako-shim -p hako-vsock)
     echo "install: building the guest image"
     "$repo/guest-image/build.sh" "$repo/build/guest"
 fi
 
 install -D -m 0755 "$repo/target/release/containerd-shim-hako-v2" "$BIN/containerd-shim-hako-v2"
 install -D -m 0755 "$repo/target/release/hako" "$BIN/hako"
+install -D -m 0755 "$repo/target/release/hako-vsock" "$BIN/hako-vsock"
 install -D -m 0644 "$repo/build/guest/vmlinuz" "$GUEST/vmlinuz"
 install -D -m 0644 "$repo/build/guest/vmlinux" "$GUEST/vmlinux"
 install -D -m 0644 "$repo/build/guest/initramfs.cpio" "$GUEST/initramfs.cpio"
 install -D -m 0644 "$repo/build/guest/kernel-release" "$GUEST/kernel-release"
 install -D -m 0644 "$repo/configs/configuration.toml" "$DEFAULTS/configuration.toml"
-echo "install: installed containerd-shim-hako-v2 and hako in $BIN, the guest in $GUEST"
+echo "install: installed containerd-shim-hako-v2, hako and hako-vsock in $BIN, the guest in $GUEST"
 if ((configure)); then
     configure
 else

@@ -8,7 +8,8 @@
 #   protoc (the CRI client in the tests), the CNI plugins (CRI pod networking), nftables (port
 #   forwarding into pods) and iptables (the CNI portmap plugin), and the guest
 #   kernel's source (linux-source-6.12, from bookworm-security) with what building it needs.
-# - virtiofsd and vhost-device-vsock, built with `cargo install` into /usr/local/bin.
+# - virtiofsd, built with `cargo install` into /usr/local/bin (the vsock device, hako-vsock, is
+#   hako's own and built with it).
 # - containerd 1.7 (Debian 13) and 2.x (Debian unstable) unpacked side by side under
 #   /opt/hako/containerd/<version>/ without touching the system's packages; the end-to-end
 #   tests run against each.
@@ -17,7 +18,6 @@
 set -euo pipefail
 
 VIRTIOFSD_VERSION=1.14.0
-VSOCK_VERSION=0.3.0
 CONTAINERD_ROOT=/opt/hako/containerd
 DOCKER_ROOT=/opt/hako/docker
 APT_PACKAGES=(qemu-system-x86 libcap-ng-dev libseccomp-dev pkg-config busybox-static cpio
@@ -66,7 +66,6 @@ cargo_install() {
         fail "cargo install $crate $version failed"
 }
 cargo_install virtiofsd "$VIRTIOFSD_VERSION" virtiofsd
-cargo_install vhost-device-vsock "$VSOCK_VERSION" vhost-device-vsock
 
 # containerd from Debian 13 (1.7) and unstable (2.x): fetched as .deb files and unpacked, so the
 # system's own packages stay as they are. The extra suites are pinned to priority 1.

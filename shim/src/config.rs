@@ -190,14 +190,14 @@ impl Default for VirtiofsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VsockConfig {
-    /// `vhost-device-vsock`, the hybrid-vsock backend for QEMU guests.
+    /// `hako-vsock`, the vsock device of QEMU guests (a vhost-user backend).
     pub path: String,
 }
 
 impl Default for VsockConfig {
     fn default() -> Self {
         Self {
-            path: "vhost-device-vsock".to_string(),
+            path: "hako-vsock".to_string(),
         }
     }
 }

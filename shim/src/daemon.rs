@@ -72,6 +72,9 @@ pub struct Confinement {
     pub cgroups: Vec<RawFd>,
     /// A network namespace (an open nsfs file) it enters: the pod's, for the VMM.
     pub netns: Option<RawFd>,
+    /// A new, empty network namespace of its own: for helpers that need no network (the vsock
+    /// device), so that one taken over reaches nothing, not even the host's loopback.
+    pub empty_netns: bool,
     /// Drop every capability (empty bounding set) and set no_new_privs: for helpers that only
     /// use the files and descriptors the shim gives them (QEMU, the vsock backend), so a guest
     /// that took one of them over gets no privilege. Root's capabilities come back at exec
@@ -84,7 +87,8 @@ pub struct Confinement {
 /// Applies `how` to `cmd`. The descriptors in it must stay open until `cmd` is spawned.
 pub fn confine(cmd: &mut Command, how: Confinement) {
     // SAFETY: runs in the forked child before exec and only makes system calls that are
-    // async-signal-safe (write, setns, prctl, setgroups, setgid, setuid); it allocates nothing.
+    // async-signal-safe (write, setns, unshare, prctl, setgroups, setgid, setuid); it allocates
+    // nothing.
     unsafe {
         cmd.pre_exec(move || {
             let fail = || Err(std::io::Error::last_os_error());
@@ -99,6 +103,9 @@ pub fn confine(cmd: &mut Command, how: Confinement) {
                 if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
                     return fail();
                 }
+            }
+            if how.empty_netns && libc::unshare(libc::CLONE_NEWNET) < 0 {
+                return fail();
             }
             if how.drop_privileges {
                 for cap in 0..=LAST_CAPABILITY {

@@ -3,7 +3,7 @@
 //!
 //! The tests drive the installed runtime (`scripts/install.sh` puts it in /usr/local/bin), the
 //! containerd builds that `scripts/setup.sh` unpacks under /opt/hako/containerd, QEMU, virtiofsd
-//! and vhost-device-vsock: nothing is faked.
+//! and hako-vsock: nothing is faked.
 
 #![allow(clippy::unwrap_used)] // Test harness: a failed step should fail the test loudly.
 
@@ -31,7 +31,7 @@ pub const HAKO_PROCESSES: [&str; 5] = [
     "qemu-system-x86",
     "cloud-hyperviso",
     "virtiofsd",
-    "vhost-device-vs",
+    "hako-vsock",
     "containerd-shim",
 ];
 

@@ -184,7 +184,7 @@ fn sandbox_counts() -> [usize; 5] {
     let count = |prefix: &str| procs.iter().filter(|(_, c)| c.starts_with(prefix)).count();
     [
         count("qemu-system"),
-        count("vhost-device-vs"),
+        count("hako-vsock"),
         count("containerd-shim"),
         sandbox_dirs().len(),
         count("virtiofsd") / 2,

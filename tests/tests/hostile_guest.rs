@@ -56,11 +56,48 @@ fn host_helpers_run_confined() {
         assert_eq!(status_field(qemu, "CapEff"), none, "qemu");
         assert_eq!(status_field(qemu, "CapBnd"), none, "qemu");
 
-        // The vsock backend: no new privileges, no capabilities.
-        let vsock = pids_named("vhost-device-vs");
+        // The vsock device (it parses what the guest writes): no new privileges, no
+        // capabilities, its seccomp filter on every thread, and a network namespace of its own
+        // with nothing in it, so it reaches neither the host's nor the pod's network.
+        let vsock = pids_named("hako-vsock");
         assert_eq!(vsock.len(), 1, "{vsock:?}");
         assert_eq!(status_field(vsock[0], "NoNewPrivs"), "1", "vsock");
         assert_eq!(status_field(vsock[0], "CapEff"), none, "vsock");
+        assert_eq!(status_field(vsock[0], "CapBnd"), none, "vsock");
+        for task in fs::read_dir(format!("/proc/{}/task", vsock[0]))
+            .unwrap()
+            .flatten()
+        {
+            let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            assert!(
+                status.contains("Seccomp:\t2"),
+                "vsock thread {:?}",
+                task.path()
+            );
+        }
+        let vsock_net = fs::read_link(format!("/proc/{}/ns/net", vsock[0])).unwrap();
+        assert_ne!(
+            vsock_net,
+            fs::read_link("/proc/self/ns/net").unwrap(),
+            "host netns"
+        );
+        assert_ne!(
+            vsock_net,
+            fs::read_link(format!("/proc/{qemu}/ns/net")).unwrap(),
+            "pod netns"
+        );
+        let links = fs::read_to_string(format!("/proc/{}/net/dev", vsock[0])).unwrap();
+        let links: Vec<&str> = links
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .map(str::trim)
+            .collect();
+        assert_eq!(
+            links,
+            ["lo"],
+            "the vsock device's namespace has only a loopback (down)"
+        );
 
         // virtiofsd runs in a mount namespace of its own (it sees only the share); the process
         // that serves the guest's requests does so under its seccomp filter, on every thread.

@@ -192,7 +192,7 @@ mod tests {
         p
     }
 
-    /// A stand-in for the vsock backend: answers the handshake like vhost-device-vsock.
+    /// A stand-in for the vsock backend: answers the handshake like hako-vsock.
     async fn fake_backend(listener: UnixListener, answer: &'static [u8]) {
         let (mut s, _) = listener.accept().await.expect("accept");
         let mut buf = [0u8; 32];

@@ -235,9 +235,9 @@ fn check() -> anyhow::Result<bool> {
             "cargo install virtiofsd (scripts/setup.sh)",
         ),
         (
-            "vhost-device-vsock",
+            "hako-vsock",
             &loaded.vsock.path,
-            "cargo install vhost-device-vsock (scripts/setup.sh)",
+            "install hako with scripts/install.sh",
         ),
     ];
     for (name, wanted, fix) in helpers {

@@ -107,7 +107,7 @@ pub struct VmFiles {
     pub vmm_dir: PathBuf,
     /// QMP, or Cloud Hypervisor's API socket.
     pub control_socket: PathBuf,
-    /// QEMU's vhost-user vsock socket, served by vhost-device-vsock.
+    /// QEMU's vhost-user vsock socket, served by hako-vsock.
     pub vsock_socket: PathBuf,
     /// The hybrid-vsock socket the host dials the agent on.
     pub agent_socket: PathBuf,

@@ -5,7 +5,7 @@
 //! vmlinux, and the agent channel needs no helper process, because Cloud Hypervisor's own
 //! virtio-vsock device is a hybrid vsock on a unix socket (the host dials the socket and
 //! writes `CONNECT <port>\n`; guest connections to host port P arrive on `<socket>_P`), the
-//! protocol `agent_client` already speaks to vhost-device-vsock.
+//! protocol `agent_client` already speaks to hako-vsock.
 //!
 //! Start: spawn `cloud-hypervisor --api-socket ...`, wait for the socket, `vm.create` (memory
 //! shared, for virtiofsd), one `vm.add-net` per NIC with its tap fd, `vm.boot`.

@@ -176,7 +176,7 @@ fn share_args(spec: &VmSpec) -> Vec<String> {
     }
 }
 
-/// The arguments of `vhost-device-vsock`, the agent channel's backend.
+/// The arguments of `hako-vsock`, the agent channel's device.
 pub fn vsock_args(spec: &VmSpec) -> Vec<String> {
     vec![
         "--guest-cid".into(),
@@ -185,9 +185,6 @@ pub fn vsock_args(spec: &VmSpec) -> Vec<String> {
         spec.files.vsock_socket.display().to_string(),
         "--uds-path".into(),
         spec.files.agent_socket.display().to_string(),
-        // A group of its own: no sibling traffic with any other guest.
-        "--groups".into(),
-        format!("hako-{}", spec.sandbox_id),
     ]
 }
 
@@ -332,6 +329,5 @@ mod tests {
             a.contains("--socket /run/hako/default/sb1/vmm/vhu.sock --uds-path /run/hako/default/sb1/vmm/agent.sock"),
             "{a}"
         );
-        assert!(a.contains("--groups hako-sb1"), "{a}");
     }
 }

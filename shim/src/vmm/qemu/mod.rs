@@ -1,6 +1,6 @@
 //! QEMU backend: q35 with no default devices, direct kernel boot, guest memory in a shared
 //! memfd (vhost-user daemons map it), vhost-user-fs for the share, vhost-user-vsock served by
-//! `vhost-device-vsock` for the agent channel, and QMP on a unix socket for control.
+//! `hako-vsock` (the vsock device) for the agent channel, and QMP on a unix socket for control.
 
 mod args;
 mod hotplug;
@@ -116,13 +116,15 @@ fn open_vhost(queues: usize) -> Result<Vec<std::os::fd::OwnedFd>, VmmError> {
 #[async_trait]
 impl Hypervisor for Qemu {
     async fn prepare(&mut self, spec: &VmSpec) -> Result<(), VmmError> {
-        let binary = resolve_binary("vhost-device-vsock", &self.vsock_config.path)?;
+        let binary = resolve_binary("hako-vsock", &self.vsock_config.path)?;
         let mut cmd = Command::new(binary);
         cmd.args(vsock_args(spec));
-        let (how, _held) = super::confinement(spec, false)?;
+        let (mut how, _held) = super::confinement(spec, false)?;
+        // It parses what the guest writes and needs no network: none at all (ADR 13).
+        how.empty_netns = true;
         crate::daemon::confine(&mut cmd, how);
         let daemon = Daemon::spawn(
-            "vhost-device-vsock",
+            "hako-vsock",
             cmd,
             &spec.files.vsock_log,
             spec.files.log_max,
