@@ -16,7 +16,37 @@ const READ_CHUNK: usize = 32 * 1024;
 /// One output stream of a process, drained by a reader task into a bounded channel so a slow
 /// host applies back-pressure to the container instead of growing memory.
 pub(super) struct Output {
-    rx: Mutex<mpsc::Receiver<Vec<u8>>>,
+    /// The channel, and what the last read could not take of a chunk.
+    rx: Mutex<(mpsc::Receiver<Vec<u8>>, Vec<u8>)>,
+}
+
+impl Output {
+    /// What the stream has ready, at most `max` bytes and at least one (waiting for it); `None`
+    /// at end of stream.
+    async fn read(&self, max: usize) -> Option<Vec<u8>> {
+        let max = max.max(1);
+        let mut guard = self.rx.lock().await;
+        let (rx, rest) = &mut *guard;
+
+        let mut data = if rest.is_empty() {
+            match rx.recv().await {
+                Some(chunk) => chunk,
+                None => return None,
+            }
+        } else {
+            std::mem::take(rest)
+        };
+        while data.len() < max {
+            match rx.try_recv() {
+                Ok(chunk) => data.extend_from_slice(&chunk),
+                Err(_) => break,
+            }
+        }
+        if data.len() > max {
+            *rest = data.split_off(max);
+        }
+        Some(data)
+    }
 }
 
 /// Which streams the host attaches, and whether they are one terminal.
@@ -68,7 +98,9 @@ impl Containers {
         Ok(())
     }
 
-    /// Next chunk of stdout (or stderr); `None` at end of stream.
+    /// What stdout (or stderr) has ready, at most `max` bytes and at least one (waiting for it);
+    /// `None` at end of stream. Chunks already queued go out together, so a fast writer costs
+    /// the host fewer round trips.
     pub async fn read_output(
         &self,
         id: &str,
@@ -89,11 +121,7 @@ impl Containers {
         let Some(output) = output else {
             return Ok(None);
         };
-        let mut rx = output.rx.lock().await;
-        Ok(rx.recv().await.map(|mut chunk| {
-            chunk.truncate(max.max(1));
-            chunk
-        }))
+        Ok(output.read(max).await)
     }
 
     pub async fn resize(
@@ -130,7 +158,9 @@ impl Containers {
 
 pub(super) fn spawn_output_reader(fd: OwnedFd) -> Arc<Output> {
     let (tx, rx) = mpsc::channel(64);
-    let output = Arc::new(Output { rx: Mutex::new(rx) });
+    let output = Arc::new(Output {
+        rx: Mutex::new((rx, Vec::new())),
+    });
     tokio::spawn(async move {
         // A pty master is not a FIFO; both poll the same way.
         let Ok(mut reader) = pipe::Receiver::from_owned_fd_unchecked(fd) else {
@@ -150,4 +180,54 @@ pub(super) fn spawn_output_reader(fd: OwnedFd) -> Arc<Output> {
         }
     });
     output
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn pipe_pair() -> (OwnedFd, std::fs::File) {
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        nix::fcntl::fcntl(
+            &r,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .expect("non-blocking");
+        (r, std::fs::File::from(w))
+    }
+
+    #[tokio::test]
+    async fn output_arrives_whole_and_in_order_whatever_the_readers_size() {
+        let (r, mut w) = pipe_pair();
+        let output = spawn_output_reader(r);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let expected = data.clone();
+        let writer = std::thread::spawn(move || w.write_all(&data));
+        let mut got = Vec::new();
+        // Reads smaller than a chunk keep the rest for the next read.
+        while let Some(part) = output.read(1000).await {
+            assert!(!part.is_empty() && part.len() <= 1000);
+            got.extend(part);
+        }
+        writer.join().expect("writer").expect("written");
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected);
+    }
+
+    #[tokio::test]
+    async fn queued_chunks_go_out_together() {
+        let (tx, rx) = mpsc::channel(64);
+        for i in 0..3u8 {
+            tx.send(vec![i; READ_CHUNK]).await.expect("queued");
+        }
+        drop(tx);
+        let output = Output {
+            rx: Mutex::new((rx, Vec::new())),
+        };
+        let all = output.read(8 * READ_CHUNK).await.expect("data");
+        assert_eq!(all.len(), 3 * READ_CHUNK);
+        assert_eq!((all[0], all[READ_CHUNK], all[2 * READ_CHUNK]), (0, 1, 2));
+        assert_eq!(output.read(8 * READ_CHUNK).await, None);
+    }
 }

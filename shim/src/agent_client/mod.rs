@@ -12,8 +12,9 @@ use tokio::net::UnixStream;
 
 pub use dial::{connect, dial, read_line, ReadyListener};
 
-/// Largest stdout/stderr chunk asked for in one read.
-const READ_LEN: u32 = 64 * 1024;
+/// Largest stdout/stderr chunk asked for in one read: what the agent has queued, up to this,
+/// comes in one answer.
+const READ_LEN: u32 = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use super::state::Process;
-use super::stdio::StdioPaths;
+use super::stdio::{Copies, StdioPaths};
 use super::TaskError;
 use crate::hooks::LaterHooks;
 
@@ -20,6 +20,9 @@ pub struct ProcEntry {
     /// Tells the stdin copy that containerd called CloseIO.
     pub stdin_done: Arc<Notify>,
     state: Mutex<Process>,
+    /// Output copies still running after the exit was published (a background process still
+    /// holds the stream): ended at Delete.
+    leftover: Mutex<Option<Copies>>,
 }
 
 impl ProcEntry {
@@ -29,11 +32,31 @@ impl ProcEntry {
             stdio,
             stdin_done: Arc::new(Notify::new()),
             state: Mutex::new(Process::new()),
+            leftover: Mutex::new(None),
         }
     }
 
     pub fn state(&self) -> MutexGuard<'_, Process> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps copies that outlive the exit, for `end_copies`.
+    pub fn keep_copies(&self, copies: Copies) {
+        *self.leftover.lock().unwrap_or_else(|p| p.into_inner()) = Some(copies);
+    }
+
+    /// Ends whatever copies are still running, closing their FIFOs: at Delete, as runc's shim
+    /// closes a deleted process's streams.
+    pub fn end_copies(&self) {
+        if let Some(mut copies) = self
+            .leftover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            copies.outputs.abort_all();
+            copies.end_stdin();
+        }
     }
 }
 

@@ -20,6 +20,7 @@ impl TaskService {
         let container = self.container(&req.id)?;
         let entry = container.process(&req.exec_id)?;
         entry.state().check_delete()?;
+        entry.end_copies();
         let running = self.pod.running();
         let pid = running.as_ref().map(|r| r.vmm_pid).unwrap_or(0);
         let exit = entry.state().exit().unwrap_or(Exit {

@@ -40,6 +40,9 @@ pub enum TaskError {
     /// The process already exited.
     #[error("process already finished")]
     Finished,
+    /// The sandbox's VM exited: nothing in it can be reached any more.
+    #[error("the pod's VM has exited; its processes are gone")]
+    VmGone,
     /// Not implemented.
     #[error("{0} is not implemented by hako")]
     Unimplemented(&'static str),
@@ -54,7 +57,7 @@ impl TaskError {
             | TaskError::Invalid(_) => Code::INVALID_ARGUMENT,
             TaskError::NotFound(_) | TaskError::Finished => Code::NOT_FOUND,
             TaskError::Exists(_) => Code::ALREADY_EXISTS,
-            TaskError::State(_) => Code::FAILED_PRECONDITION,
+            TaskError::State(_) | TaskError::VmGone => Code::FAILED_PRECONDITION,
             TaskError::Agent(e) => e.code(),
             TaskError::Unimplemented(_) => Code::UNIMPLEMENTED,
             TaskError::Sandbox(e) => sandbox_code(e),

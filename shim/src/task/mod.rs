@@ -88,9 +88,17 @@ impl TaskService {
             .ok_or_else(|| TaskError::NotFound(format!("container {id}")))
     }
 
+    /// The sandbox's VM and agent, for a call that needs the guest. Once the VM has exited
+    /// (powered off, panicked, killed) no call can reach it: the answer is immediate, never an
+    /// agent timeout.
     fn running(&self) -> Result<Running, TaskError> {
-        self.pod
+        let running = self
+            .pod
             .running()
-            .ok_or_else(|| TaskError::NotFound("sandbox".to_string()))
+            .ok_or_else(|| TaskError::NotFound("sandbox".to_string()))?;
+        if !running.vm_alive() {
+            return Err(TaskError::VmGone);
+        }
+        Ok(running)
     }
 }

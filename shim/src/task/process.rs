@@ -73,14 +73,14 @@ impl TaskService {
         entry: Arc<ProcEntry>,
         running: &Running,
     ) -> Result<(), TaskError> {
-        let outputs = stdio::attach(
+        let copies = stdio::attach(
             running.agent.clone(),
             container_id,
             &entry.exec_id,
             &entry.stdio,
             entry.stdin_done.clone(),
         )?;
-        self.spawn_exit_watcher(container_id.to_string(), entry, running.clone(), outputs);
+        self.spawn_exit_watcher(container_id.to_string(), entry, running.clone(), copies);
         Ok(())
     }
 
@@ -143,7 +143,13 @@ impl TaskService {
         if entry.state().status() == Status::Stopped && !req.all {
             return Err(TaskError::Finished);
         }
-        let running = self.running()?;
+        // A VM that exited took every process with it: as runc answers for a container that is
+        // not running, whatever the exit watcher has published so far. Kubernetes' delete (Kill,
+        // then Delete) accepts exactly this.
+        let running = match self.running() {
+            Err(TaskError::VmGone) => return Err(TaskError::Finished),
+            other => other?,
+        };
         match running
             .agent
             .signal_process(&req.id, &req.exec_id, req.signal, req.all)

@@ -1,11 +1,12 @@
 //! Copying between containerd's stdio FIFOs and the agent's streams.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::agent_client::{AgentClient, GuestStdio};
 
@@ -41,17 +42,37 @@ pub enum StdioError {
     },
 }
 
-/// Opens the FIFOs and starts the copies. The returned set finishes when stdout and stderr
-/// have reached end of stream (the stdin copy is not part of it). Notifying `stdin_done`
-/// (containerd's CloseIO) makes the stdin copy forward what is already in the FIFO and then
-/// close the process's stdin.
+/// The copies of one process's streams.
+pub struct Copies {
+    /// stdout and stderr: finished when both have reached end of stream.
+    pub outputs: JoinSet<()>,
+    /// Bytes the output copies have written so far: whether they are still moving.
+    pub progress: Arc<AtomicU64>,
+    /// stdin: it ends at the FIFO's end or containerd's CloseIO, and must be ended at the
+    /// process's exit (as runc's shim does), or a client that never closes its end (ctr, `docker
+    /// exec -i` set their closer only after Exec returns) would hold the FIFO and a task in the
+    /// shim for the shim's lifetime.
+    pub stdin: Option<JoinHandle<()>>,
+}
+
+impl Copies {
+    /// Stops the stdin copy, closing its FIFO.
+    pub fn end_stdin(&mut self) {
+        if let Some(copy) = self.stdin.take() {
+            copy.abort();
+        }
+    }
+}
+
+/// Opens the FIFOs and starts the copies. Notifying `stdin_done` (containerd's CloseIO) makes
+/// the stdin copy forward what is already in the FIFO and then close the process's stdin.
 pub fn attach(
     agent: Arc<dyn AgentClient>,
     container_id: &str,
     exec_id: &str,
     paths: &StdioPaths,
     stdin_done: Arc<Notify>,
-) -> Result<JoinSet<()>, StdioError> {
+) -> Result<Copies, StdioError> {
     let open_err = |which: &'static str, path: &str| {
         let path = path.to_string();
         move |source| StdioError::Open {
@@ -86,16 +107,17 @@ pub fn attach(
         outputs.push((fifo, is_stderr));
     }
 
-    if let Some(stdin) = stdin {
+    let stdin = stdin.map(|stdin| {
         tokio::spawn(copy_stdin(
             agent.clone(),
             container_id.to_string(),
             exec_id.to_string(),
             stdin,
             stdin_done,
-        ));
-    }
+        ))
+    });
     let mut set = JoinSet::new();
+    let progress = Arc::new(AtomicU64::new(0));
     for (fifo, is_stderr) in outputs {
         set.spawn(copy_output(
             agent.clone(),
@@ -103,9 +125,14 @@ pub fn attach(
             exec_id.to_string(),
             fifo,
             is_stderr,
+            progress.clone(),
         ));
     }
-    Ok(set)
+    Ok(Copies {
+        outputs: set,
+        progress,
+        stdin,
+    })
 }
 
 async fn copy_stdin(
@@ -166,6 +193,7 @@ async fn copy_output(
     exec_id: String,
     mut fifo: pipe::Sender,
     is_stderr: bool,
+    progress: Arc<AtomicU64>,
 ) {
     loop {
         match agent.read_output(&cid, &exec_id, is_stderr).await {
@@ -174,6 +202,7 @@ async fn copy_output(
                     log::debug!("{cid}: writing output fifo: {e}");
                     return;
                 }
+                progress.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             Ok(None) => return,
             Err(e) => {

@@ -15,7 +15,31 @@ use crate::rate_limit::RateLimit;
 use crate::sandbox::pod::Running;
 
 /// How long an exit waits for the last output to reach containerd's FIFOs.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
+/// How long output may stay open without moving a byte once its process has exited, before
+/// the exit is reported without waiting for its end.
+const OUTPUT_IDLE: Duration = Duration::from_secs(5);
+
+/// Waits for the output copies to reach end of stream, however long that takes while bytes
+/// move (a slow reader delays the exit, it does not cut the output); false if they stop moving
+/// for `OUTPUT_IDLE` first.
+async fn drain(copies: &mut super::stdio::Copies) -> bool {
+    use std::sync::atomic::Ordering;
+    let mut seen = copies.progress.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            next = copies.outputs.join_next() => if next.is_none() {
+                return true;
+            },
+            () = tokio::time::sleep(OUTPUT_IDLE) => {
+                let now = copies.progress.load(Ordering::Relaxed);
+                if now == seen {
+                    return false;
+                }
+                seen = now;
+            }
+        }
+    }
+}
 /// The most OOM events a guest may report per second.
 const OOM_EVENTS_PER_SECOND: u32 = 10;
 
@@ -27,7 +51,7 @@ impl TaskService {
         container_id: String,
         entry: Arc<ProcEntry>,
         running: Running,
-        mut outputs: tokio::task::JoinSet<()>,
+        mut copies: super::stdio::Copies,
     ) {
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -49,13 +73,12 @@ impl TaskService {
                     UNKNOWN_EXIT_STATUS
                 }
             };
-            let drained = tokio::time::timeout(OUTPUT_DRAIN, async {
-                while outputs.join_next().await.is_some() {}
-            })
-            .await;
-            if drained.is_err() {
-                log::warn!("{shown}: output still open {OUTPUT_DRAIN:?} after exit");
-                outputs.abort_all();
+            copies.end_stdin();
+            if !drain(&mut copies).await {
+                // A process the exit left behind holds the stream: the exit is reported anyway,
+                // and the copy goes on until the stream ends or the process is deleted.
+                log::warn!("{shown}: output still open, and idle for {OUTPUT_IDLE:?}, after exit");
+                entry.keep_copies(copies);
             }
             let exit = entry.state().set_exited(status);
             if let Some(exit) = exit {

@@ -41,7 +41,10 @@ impl Sandbox {
             .mode(0o711)
             .create(&p.dir)
             .map_err(io_err("creating", &p.dir))?;
-        for dir in [&p.rw, &p.ro] {
+        // staging/ holds each bind for a moment before it reaches rw/: closed to other users
+        // like rw/ and ro/, or any of them could open a volume through it (a Secret under a
+        // kubelet directory closed to them, say) while it is staged.
+        for dir in [&p.rw, &p.ro, &p.staging] {
             fs::DirBuilder::new()
                 .mode(0o700)
                 .create(dir)
@@ -97,7 +100,6 @@ impl Sandbox {
             mounts::mount_rootfs(rootfs.mounts, bundle_rootfs)?;
         }
         let dir = self.paths.container_dir(container_id);
-        fs::create_dir_all(&self.paths.staging).map_err(io_err("creating", &self.paths.staging))?;
         // Open every source first: their types say what mount points a read-only root needs.
         let mut sources = Vec::with_capacity(binds.len());
         for b in binds {
