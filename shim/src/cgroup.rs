@@ -31,6 +31,14 @@ pub enum CgroupError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A v1 cpuset cgroup that no process can join: it has no CPUs or memory nodes, and none
+    /// could be given to it.
+    #[error("cgroup {dir} cannot be joined: {file} is empty and cannot be filled from its parent ({reason})")]
+    Unjoinable {
+        dir: PathBuf,
+        file: &'static str,
+        reason: String,
+    },
 }
 
 /// The pod's cgroup: one directory per hierarchy.
@@ -105,7 +113,7 @@ impl PodCgroup {
         let mut cgroup = PodCgroup::default();
         for hierarchy in hierarchies() {
             let dir = hierarchy.join(&relative);
-            if let Err(e) = make(&hierarchy, &relative, registry_root) {
+            if let Err(e) = make(&HostTree, &hierarchy, &relative, registry_root) {
                 cgroup.remove(registry_root);
                 return Err(e);
             }
@@ -117,6 +125,27 @@ impl PodCgroup {
     /// The `cgroup.procs` files a process writes to join the cgroup.
     pub fn procs(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Whether a process can join every directory of the cgroup now: checked before the
+    /// helpers are spawned, so that a failure names the cgroup and the file rather than the
+    /// kernel's bare ENOSPC from the child.
+    pub fn check_joinable(&self) -> Result<(), CgroupError> {
+        for dir in &self.dirs {
+            for file in CPUSET_FILES {
+                if HostTree
+                    .read(&dir.join(file))
+                    .is_ok_and(|v| v.trim().is_empty())
+                {
+                    return Err(CgroupError::Unjoinable {
+                        dir: dir.clone(),
+                        file,
+                        reason: "it was emptied after the pod's cgroup was made".to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes the cgroup once its processes are gone, and the parents hako made that are empty
@@ -179,21 +208,47 @@ fn pids(procs: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// The file operations `make` needs: the host's cgroup filesystems, or a stand-in in tests.
+trait Tree {
+    fn create_dir(&self, dir: &Path) -> std::io::Result<()>;
+    fn read(&self, file: &Path) -> std::io::Result<String>;
+    fn write(&self, file: &Path, value: &str) -> std::io::Result<()>;
+}
+
+struct HostTree;
+
+impl Tree for HostTree {
+    fn create_dir(&self, dir: &Path) -> std::io::Result<()> {
+        fs::create_dir(dir)
+    }
+    fn read(&self, file: &Path) -> std::io::Result<String> {
+        fs::read_to_string(file)
+    }
+    fn write(&self, file: &Path, value: &str) -> std::io::Result<()> {
+        fs::write(file, value)
+    }
+}
+
 /// Makes `relative` under `hierarchy`, listing the parents it makes. A parent another sandbox
-/// removes meanwhile is made again.
-fn make(hierarchy: &Path, relative: &Path, registry_root: &Path) -> Result<(), CgroupError> {
+/// removes meanwhile is made again. Every level is made joinable on the way down, whoever made
+/// it: another shim that made a parent a moment ago may not have filled it yet.
+fn make(
+    tree: &dyn Tree,
+    hierarchy: &Path,
+    relative: &Path,
+    registry_root: &Path,
+) -> Result<(), CgroupError> {
     let mut last = None;
     for _ in 0..3 {
         let mut dir = hierarchy.to_path_buf();
         let mut result = Ok(());
         for part in relative.components() {
             dir.push(part);
-            match fs::create_dir(&dir) {
+            match tree.create_dir(&dir) {
                 Ok(()) => {
                     if dir.as_path() != hierarchy.join(relative) {
                         list(registry_root, &dir);
                     }
-                    inherit_cpuset(&dir);
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
                 Err(source) => {
@@ -204,27 +259,56 @@ fn make(hierarchy: &Path, relative: &Path, registry_root: &Path) -> Result<(), C
                     break;
                 }
             }
+            if let Err(e) = fill_cpuset(tree, &dir) {
+                result = Err(e);
+                break;
+            }
         }
         match result {
             Ok(()) => return Ok(()),
-            Err(e) => last = Some(e),
+            // A parent removed under us (NotFound) is made again; anything else is final.
+            Err(CgroupError::Io { ref source, .. }) if source.kind() == ErrorKind::NotFound => {
+                last = result.err()
+            }
+            Err(e) => return Err(e),
         }
     }
     Err(last.unwrap_or(CgroupError::BadPath(relative.display().to_string())))
 }
 
+/// A v1 cpuset cgroup's own CPUs and memory nodes: empty when it is made.
+const CPUSET_FILES: [&str; 2] = ["cpuset.cpus", "cpuset.mems"];
+
 /// A new v1 cpuset cgroup starts with no CPUs or memory nodes, and no process may join it
-/// until it has some: it gets its parent's.
-fn inherit_cpuset(dir: &Path) {
-    for file in ["cpuset.cpus", "cpuset.mems"] {
+/// (ENOSPC) until it has some: it gets its parent's, which `make` has filled already. Other
+/// hierarchies have no such files; a directory that is gone already is `make`'s to redo.
+fn fill_cpuset(tree: &dyn Tree, dir: &Path) -> Result<(), CgroupError> {
+    for file in CPUSET_FILES {
         let own = dir.join(file);
-        let empty = fs::read_to_string(&own).is_ok_and(|v| v.trim().is_empty());
-        if let (true, Some(parent)) = (empty, dir.parent()) {
-            if let Ok(value) = fs::read_to_string(parent.join(file)) {
-                let _ = fs::write(&own, value.trim());
-            }
+        let Ok(value) = tree.read(&own) else {
+            continue;
+        };
+        if !value.trim().is_empty() {
+            continue;
         }
+        let unjoinable = |reason: String| CgroupError::Unjoinable {
+            dir: dir.to_path_buf(),
+            file,
+            reason,
+        };
+        let parent = dir
+            .parent()
+            .ok_or_else(|| unjoinable("no parent".to_string()))?;
+        let inherited = tree
+            .read(&parent.join(file))
+            .map_err(|e| unjoinable(format!("reading the parent's: {e}")))?;
+        if inherited.trim().is_empty() {
+            return Err(unjoinable("the parent's is empty too".to_string()));
+        }
+        tree.write(&own, inherited.trim())
+            .map_err(|e| unjoinable(format!("writing {}: {e}", inherited.trim())))?;
     }
+    Ok(())
 }
 
 fn registry_entry(registry_root: &Path, dir: &Path) -> PathBuf {
@@ -313,6 +397,132 @@ mod tests {
                 "the parent hako made goes too"
             );
         }
+        let _ = fs::remove_dir_all(&registry);
+    }
+
+    /// A v1 cpuset tree in memory: a new directory has empty `cpuset.cpus` and `cpuset.mems`,
+    /// as the kernel makes it. The first write into a shared parent (`default`) is held until
+    /// every other thread has finished `make`: the widest gap between a shim making the parent
+    /// and filling it.
+    struct FakeCpuset {
+        files: std::sync::Mutex<std::collections::HashMap<PathBuf, String>>,
+        held: std::sync::Mutex<bool>,
+        done: (std::sync::Mutex<usize>, std::sync::Condvar),
+        others: usize,
+    }
+
+    impl FakeCpuset {
+        fn new(root: &Path, others: usize) -> FakeCpuset {
+            let files = [("cpuset.cpus", "0-1"), ("cpuset.mems", "0")]
+                .into_iter()
+                .map(|(f, v)| (root.join(f), v.to_string()))
+                .collect();
+            FakeCpuset {
+                files: std::sync::Mutex::new(files),
+                held: std::sync::Mutex::new(false),
+                done: (std::sync::Mutex::new(0), std::sync::Condvar::new()),
+                others,
+            }
+        }
+
+        fn finished(&self) {
+            *self.done.0.lock().expect("lock") += 1;
+            self.done.1.notify_all();
+        }
+    }
+
+    impl Tree for FakeCpuset {
+        fn create_dir(&self, dir: &Path) -> std::io::Result<()> {
+            let mut files = self.files.lock().expect("lock");
+            let marker = dir.join("cpuset.cpus");
+            if files.contains_key(&marker) {
+                return Err(ErrorKind::AlreadyExists.into());
+            }
+            for f in CPUSET_FILES {
+                files.insert(dir.join(f), String::new());
+            }
+            Ok(())
+        }
+
+        fn read(&self, file: &Path) -> std::io::Result<String> {
+            let files = self.files.lock().expect("lock");
+            files.get(file).cloned().ok_or(ErrorKind::NotFound.into())
+        }
+
+        fn write(&self, file: &Path, value: &str) -> std::io::Result<()> {
+            let shared_parent = file.parent().and_then(Path::file_name) == Some("default".as_ref());
+            let first =
+                shared_parent && !std::mem::replace(&mut *self.held.lock().expect("lock"), true);
+            if first {
+                let (count, cvar) = &self.done;
+                let mut done = count.lock().expect("lock");
+                // Bounded, so that code which waits for the holder fails rather than hangs.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while *done < self.others && std::time::Instant::now() < deadline {
+                    done = cvar
+                        .wait_timeout(done, Duration::from_millis(100))
+                        .expect("wait")
+                        .0;
+                }
+            }
+            self.files
+                .lock()
+                .expect("lock")
+                .insert(file.to_path_buf(), value.to_string());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pods_made_at_once_are_all_joinable_whoever_made_the_parent() {
+        const PODS: usize = 8;
+        let hierarchy = Path::new("/fake/cpuset");
+        let registry = std::env::temp_dir().join(format!("hako-cg-race-{}", std::process::id()));
+        let tree = FakeCpuset::new(hierarchy, PODS - 1);
+        std::thread::scope(|s| {
+            for n in 0..PODS {
+                let (tree, registry) = (&tree, &registry);
+                s.spawn(move || {
+                    let made = make(
+                        tree,
+                        hierarchy,
+                        &PathBuf::from(format!("default/pod{n}")),
+                        registry,
+                    );
+                    tree.finished();
+                    made.expect("made");
+                });
+            }
+        });
+        let files = tree.files.lock().expect("lock");
+        for n in 0..PODS {
+            for f in CPUSET_FILES {
+                let file = hierarchy.join(format!("default/pod{n}")).join(f);
+                assert!(
+                    files.get(&file).is_some_and(|v| !v.is_empty()),
+                    "{} is empty: no process could join pod{n}",
+                    file.display()
+                );
+            }
+        }
+        let _ = fs::remove_dir_all(&registry);
+    }
+
+    #[test]
+    fn a_cpuset_that_cannot_be_filled_is_named() {
+        let hierarchy = Path::new("/fake/cpuset");
+        let tree = FakeCpuset::new(hierarchy, 0);
+        tree.files
+            .lock()
+            .expect("lock")
+            .insert(hierarchy.join("cpuset.mems"), String::new());
+        let registry = std::env::temp_dir().join(format!("hako-cg-empty-{}", std::process::id()));
+        let err = make(&tree, hierarchy, Path::new("pod"), &registry).expect_err("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/fake/cpuset/pod") && msg.contains("cpuset.mems"),
+            "{msg}"
+        );
         let _ = fs::remove_dir_all(&registry);
     }
 }

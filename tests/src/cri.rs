@@ -249,6 +249,18 @@ impl CriClient {
         .map(drop)
     }
 
+    pub fn remove_container(&self, id: &str) -> Result<(), Status> {
+        let mut c = self.runtime.clone();
+        let req = cri::RemoveContainerRequest {
+            container_id: id.to_string(),
+        };
+        self.call(
+            "RemoveContainer",
+            async move { c.remove_container(req).await },
+        )
+        .map(drop)
+    }
+
     pub fn container_status(&self, id: &str) -> Result<cri::ContainerStatus, Status> {
         let mut c = self.runtime.clone();
         let req = cri::ContainerStatusRequest {

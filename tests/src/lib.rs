@@ -9,6 +9,7 @@
 
 pub mod cri;
 pub mod docker;
+pub mod payload;
 pub mod portforward;
 
 use std::collections::BTreeSet;

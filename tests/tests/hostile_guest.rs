@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)] // Test code: a failed step should fail the test loudly.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 
 use hako_tests::*;
 
@@ -97,6 +98,26 @@ fn host_helpers_run_confined() {
             links,
             ["lo"],
             "the vsock device's namespace has only a loopback (down)"
+        );
+        // The review's attack: from where the device runs, a service on the host's loopback.
+        let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = service.local_addr().unwrap().port().to_string();
+        let probe = |target: Option<u32>| {
+            let mut cmd = std::process::Command::new("nsenter");
+            if let Some(pid) = target {
+                cmd.arg(format!("--net=/proc/{pid}/ns/net"));
+            }
+            cmd.args(["timeout", "5", "bash", "-c"])
+                .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{port}"));
+            cmd.status().unwrap().success()
+        };
+        assert!(
+            probe(None),
+            "the host reaches its own service (the probe works)"
+        );
+        assert!(
+            !probe(Some(vsock[0])),
+            "the vsock device's namespace reaches the host's loopback"
         );
 
         // virtiofsd runs in a mount namespace of its own (it sees only the share); the process
@@ -614,4 +635,62 @@ fn a_guest_flooding_the_dns_relay_is_held_to_its_rate() {
         c.remove_task("flooder");
     });
     fs::remove_file(&resolv).unwrap();
+}
+
+/// Another user on the host (uid 65534, no capabilities) watches the sandbox dir while a pod
+/// starts, again and again, with a volume whose host directory only root may enter: it must
+/// never list where binds are staged nor read the volume through it.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn another_host_user_cannot_reach_a_volume_while_it_is_staged() {
+    let private = std::env::temp_dir().join(format!("hako-private-{}", std::process::id()));
+    fs::create_dir_all(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(private.join("secret"), "root's only\n").unwrap();
+    fs::set_permissions(private.join("secret"), fs::Permissions::from_mode(0o644)).unwrap();
+    let volume = format!(
+        "type=bind,src={},dst=/secret,options=rbind:ro",
+        private.display()
+    );
+    for_each_containerd(|c| {
+        let staging = format!("{SANDBOX_ROOT}/default/staged/staging");
+        let watch = format!(
+            "while :; do \
+               cat {staging}/*/secret 2>/dev/null && echo LEAKED; \
+               if ls {staging}/ >/dev/null 2>&1; then echo LISTED; \
+               elif [ -d {SANDBOX_ROOT}/default/staged/rw ]; then echo MET; fi; \
+             done"
+        );
+        let mut racer = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .args(["sh", "-c", &watch])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        for _ in 0..4 {
+            let r = c.run_rm_with("staged", &["--mount", &volume], &["cat", "/secret/secret"]);
+            assert_eq!((r.code, r.stdout.as_str()), (0, "root's only\n"), "{r:?}");
+        }
+        racer.kill().unwrap();
+        let out = racer.wait_with_output().unwrap();
+        let seen = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !seen.contains("LEAKED"),
+            "the volume was read through staging/"
+        );
+        assert!(
+            !seen.contains("LISTED"),
+            "staging/ was listed by another user"
+        );
+        assert!(
+            seen.contains("MET"),
+            "the racer never met a running sandbox: {seen:?}"
+        );
+    });
+    fs::remove_dir_all(&private).unwrap();
 }

@@ -398,3 +398,59 @@ fn host_network_and_host_ipc_are_refused_with_the_reason() {
         assert_no_leaks("after the refused pods");
     });
 }
+
+/// A pod whose VM died (its guest powered off from a privileged container, or its VMM killed)
+/// is stopped and removed as kubelet does it (StopPodSandbox: Kill, accepting only NotFound or
+/// FailedPrecondition, then Delete; RemovePodSandbox), at once and leaving nothing.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_pod_whose_vm_died_is_removed_as_kubelet_removes_it() {
+    for_each_cri_containerd(|c| {
+        for death in ["poweroff", "vmm-killed"] {
+            let uid = format!("5c1d-hako-k8s-{death}");
+            let log_dir = c.pod_log_directory(death, &uid, &["app"]);
+            let mut pod_config = pod_sandbox_config(death, &uid, &log_dir);
+            pod_config
+                .linux
+                .as_mut()
+                .and_then(|l| l.security_context.as_mut())
+                .unwrap()
+                .privileged = true;
+            let pod = c.client.run_pod_sandbox(&pod_config, HANDLER).unwrap();
+            let mut config =
+                container_config(&pod_config, "app", &image_id(c), &["sleep", "inf"], 0);
+            config
+                .linux
+                .as_mut()
+                .and_then(|l| l.security_context.as_mut())
+                .unwrap()
+                .privileged = true;
+            let app = start(c, &pod, &config, &pod_config);
+            if death == "poweroff" {
+                // The exec dies with the guest; its answer is not the point.
+                let _ = c
+                    .client
+                    .exec_sync(&app, &["sh", "-c", "echo o > /proc/sysrq-trigger"]);
+            } else {
+                let status = c.client.pod_sandbox_status(&pod).unwrap();
+                let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
+                let pid = info["pid"].as_u64().unwrap() as i32;
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .unwrap();
+            }
+            let started = Instant::now();
+            c.client.stop_pod_sandbox(&pod).unwrap();
+            c.client.remove_pod_sandbox(&pod).unwrap();
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{death}: stop and remove took {:?}",
+                started.elapsed()
+            );
+            assert!(c.client.list_pod_sandbox().unwrap().is_empty(), "{death}");
+            assert_no_leaks(death);
+        }
+    });
+}

@@ -323,7 +323,9 @@ impl Conn {
                     self.credit_requested = true;
                     return control(op::CREDIT_REQUEST, 0);
                 }
-            } else {
+            } else if !buf.is_empty() {
+                // (A receive buffer with no room for data: a read of nothing would look like
+                // the host's end of stream.)
                 let want = credit.min(buf.len()).min(MAX_PAYLOAD);
                 loop {
                     match self.stream.read(&mut buf[..want]) {

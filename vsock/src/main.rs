@@ -127,6 +127,7 @@ fn run(args: Args) -> Result<(), String> {
 fn main() -> ExitCode {
     let level = match std::env::var("HAKO_VSOCK_LOG").as_deref() {
         Ok("debug") => log::LevelFilter::Debug,
+        Ok("trace") => log::LevelFilter::Trace,
         Ok("warn") => log::LevelFilter::Warn,
         _ => log::LevelFilter::Info,
     };

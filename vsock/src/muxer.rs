@@ -151,6 +151,7 @@ impl Muxer {
 
     /// A packet the guest sent.
     pub fn guest_sent(&mut self, h: &Header, data: &[u8]) {
+        log::trace!("from guest: {h:?}");
         if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID {
             log::debug!(
                 "dropping a packet from cid {} to cid {}",
@@ -249,6 +250,7 @@ impl Muxer {
             };
             let out = conn.next_packet(buf);
             let packet = out.map(|out| (conn.header(self.guest_cid, &out), out.len));
+            log::trace!("to guest: {packet:?}");
             self.settle(key);
             if packet.is_some() {
                 return packet;

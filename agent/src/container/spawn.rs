@@ -144,6 +144,8 @@ fn spawn_helper(
         cmd.stdin(Stdio::from(pty.slave.try_clone()?))
             .stdout(Stdio::from(pty.slave.try_clone()?))
             .stderr(Stdio::from(pty.slave));
+        // The master is written and read from the runtime's threads: never blocking them.
+        super::stdio::set_nonblocking(&pty.master).map_err(std::io::Error::from)?;
         spawned.stdin = Some(pipe::Sender::from_owned_fd_unchecked(
             pty.master.try_clone()?,
         )?);

@@ -49,6 +49,12 @@ impl Output {
     }
 }
 
+pub(super) fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
+}
+
 /// Which streams the host attaches, and whether they are one terminal.
 #[derive(Debug, Clone, Copy)]
 pub struct StdioPlan {
@@ -156,12 +162,20 @@ impl Containers {
     }
 }
 
+/// Starts draining `fd` (a pipe's read end or a pty master) into a new `Output`.
 pub(super) fn spawn_output_reader(fd: OwnedFd) -> Arc<Output> {
     let (tx, rx) = mpsc::channel(64);
     let output = Arc::new(Output {
         rx: Mutex::new((rx, Vec::new())),
     });
+    // Non-blocking, or a read with nothing to read would block a runtime thread: with both
+    // streams waiting at once, the agent's two threads, and with them every call (issue 21).
+    let nonblocking = set_nonblocking(&fd);
     tokio::spawn(async move {
+        if let Err(e) = nonblocking {
+            log::error!("output stream: cannot make it non-blocking: {e}");
+            return;
+        }
         // A pty master is not a FIFO; both poll the same way.
         let Ok(mut reader) = pipe::Receiver::from_owned_fd_unchecked(fd) else {
             return;
@@ -187,14 +201,20 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// A pipe as the init helper's are made: blocking.
     fn pipe_pair() -> (OwnedFd, std::fs::File) {
         let (r, w) = nix::unistd::pipe().expect("pipe");
-        nix::fcntl::fcntl(
-            &r,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .expect("non-blocking");
         (r, std::fs::File::from(w))
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_read_without_blocking_a_runtime_thread() {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (r, _w) = pipe_pair();
+        let probe = r.try_clone().expect("dup");
+        let _output = spawn_output_reader(r);
+        let flags = OFlag::from_bits_truncate(fcntl(&probe, FcntlArg::F_GETFL).expect("flags"));
+        assert!(flags.contains(OFlag::O_NONBLOCK), "{flags:?}");
     }
 
     #[tokio::test]

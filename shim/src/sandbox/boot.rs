@@ -103,6 +103,9 @@ impl Sandbox {
             self.write_net_record()?;
         }
         self.timings.mark("sandbox_prepare");
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.check_joinable()?;
+        }
         let spec = self.vm_spec();
         // With virtio-9p the VMM serves the share itself: no daemon.
         if let Share::VirtioFs { socket } = &spec.share {

@@ -17,6 +17,9 @@ use crate::agent_client::AgentError;
 use crate::ids::validate;
 use crate::sandbox::pod::{Running, SIGKILL};
 
+/// How long a Kill whose agent connection broke waits for the VM's exit to be seen.
+const VM_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl TaskService {
     pub(super) async fn do_exec(&self, req: &api::ExecProcessRequest) -> Result<(), TaskError> {
         validate("exec id", &req.exec_id)?;
@@ -150,11 +153,19 @@ impl TaskService {
             Err(TaskError::VmGone) => return Err(TaskError::Finished),
             other => other?,
         };
-        match running
+        let sent = running
             .agent
             .signal_process(&req.id, &req.exec_id, req.signal, req.all)
-            .await
-        {
+            .await;
+        // A connection that broke under the call: most likely the VM is exiting, and its exit
+        // watch has not said so yet.
+        if let Err(AgentError::Transport { .. }) = &sent {
+            let exited = tokio::time::timeout(VM_EXIT_GRACE, running.vm_gone()).await;
+            if exited.is_ok() {
+                return Err(TaskError::Finished);
+            }
+        }
+        match sent {
             Err(AgentError::Rpc {
                 code: Code::FAILED_PRECONDITION,
                 ..

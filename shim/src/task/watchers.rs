@@ -21,8 +21,8 @@ const OUTPUT_IDLE: Duration = Duration::from_secs(5);
 
 /// Waits for the output copies to reach end of stream, however long that takes while bytes
 /// move (a slow reader delays the exit, it does not cut the output); false if they stop moving
-/// for `OUTPUT_IDLE` first.
-async fn drain(copies: &mut super::stdio::Copies) -> bool {
+/// for `OUTPUT_IDLE` first. A VM that is gone sends nothing more: its copies end at once.
+async fn drain(copies: &mut super::stdio::Copies, running: &Running) -> bool {
     use std::sync::atomic::Ordering;
     let mut seen = copies.progress.load(Ordering::Relaxed);
     loop {
@@ -30,6 +30,10 @@ async fn drain(copies: &mut super::stdio::Copies) -> bool {
             next = copies.outputs.join_next() => if next.is_none() {
                 return true;
             },
+            _ = running.vm_gone() => {
+                copies.outputs.abort_all();
+                return true;
+            }
             () = tokio::time::sleep(OUTPUT_IDLE) => {
                 let now = copies.progress.load(Ordering::Relaxed);
                 if now == seen {
@@ -74,7 +78,7 @@ impl TaskService {
                 }
             };
             copies.end_stdin();
-            if !drain(&mut copies).await {
+            if !drain(&mut copies, &running).await {
                 // A process the exit left behind holds the stream: the exit is reported anyway,
                 // and the copy goes on until the stream ends or the process is deleted.
                 log::warn!("{shown}: output still open, and idle for {OUTPUT_IDLE:?}, after exit");

@@ -116,3 +116,13 @@ fn a_packet_out_of_turn_resets_the_connection() {
     assert_eq!(c.next_packet(&mut buf).map(|o| o.op), Some(op::RST));
     assert!(c.is_closed());
 }
+
+#[test]
+fn a_receive_buffer_with_no_room_is_not_mistaken_for_the_hosts_end() {
+    let (mut c, mut host) = established(4096);
+    host.write_all(b"data").unwrap();
+    assert_eq!(c.next_packet(&mut []), None);
+    let mut buf = [0u8; 16];
+    let out = c.next_packet(&mut buf).unwrap();
+    assert_eq!((out.op, &buf[..out.len]), (op::RW, &b"data"[..]));
+}
