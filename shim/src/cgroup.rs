@@ -190,6 +190,9 @@ impl PodCgroup {
                 continue;
             }
             for parent in dir.ancestors().skip(1) {
+                // Under the registry's lock: between this rmdir and the unlisting, another
+                // sandbox could make the parent again and list it, and lose its entry.
+                let _lock = RegistryLock::take(registry_root);
                 let entry = registry_entry(registry_root, parent);
                 if !entry.exists() || fs::remove_dir(parent).is_err() {
                     break;
@@ -244,12 +247,16 @@ fn make(
         let mut result = Ok(());
         for part in relative.components() {
             dir.push(part);
-            match tree.create_dir(&dir) {
-                Ok(()) => {
-                    if dir.as_path() != hierarchy.join(relative) {
-                        list(registry_root, &dir);
-                    }
-                }
+            let leaf = dir.as_path() == hierarchy.join(relative);
+            // A parent is made and listed under the registry's lock (see `remove`).
+            let lock = (!leaf).then(|| RegistryLock::take(registry_root));
+            let made = tree.create_dir(&dir);
+            if made.is_ok() && !leaf {
+                list(registry_root, &dir);
+            }
+            drop(lock);
+            match made {
+                Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
                 Err(source) => {
                     result = Err(CgroupError::Io {
@@ -305,10 +312,43 @@ fn fill_cpuset(tree: &dyn Tree, dir: &Path) -> Result<(), CgroupError> {
         if inherited.trim().is_empty() {
             return Err(unjoinable("the parent's is empty too".to_string()));
         }
-        tree.write(&own, inherited.trim())
-            .map_err(|e| unjoinable(format!("writing {}: {e}", inherited.trim())))?;
+        match tree.write(&own, inherited.trim()) {
+            Ok(()) => {}
+            // Removed meanwhile by a sandbox leaving its parent: `make` makes it again.
+            Err(source) if source.kind() == ErrorKind::NotFound => {
+                return Err(CgroupError::Io { path: own, source })
+            }
+            Err(e) => return Err(unjoinable(format!("writing {}: {e}", inherited.trim()))),
+        }
     }
     Ok(())
+}
+
+/// An exclusive lock over the registry of parents (`flock` on `<registry>/.lock`), released on
+/// drop; held for one make-and-list or remove-and-unlist. Without the file (no sandbox root
+/// yet, a read-only root) it is a no-op: nothing is listed then either.
+struct RegistryLock {
+    /// Held open for the lock's life: closing it releases the lock.
+    _file: Option<fs::File>,
+}
+
+impl RegistryLock {
+    fn take(registry_root: &Path) -> RegistryLock {
+        use std::os::fd::AsRawFd;
+        let dir = registry_root.join(REGISTRY);
+        let _ = fs::create_dir_all(&dir);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".lock"))
+            .ok();
+        if let Some(f) = &file {
+            // SAFETY: flock on a descriptor we own; it is released when the file is closed.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        }
+        RegistryLock { _file: file }
+    }
 }
 
 fn registry_entry(registry_root: &Path, dir: &Path) -> PathBuf {
@@ -523,6 +563,42 @@ mod tests {
             msg.contains("/fake/cpuset/pod") && msg.contains("cpuset.mems"),
             "{msg}"
         );
+        let _ = fs::remove_dir_all(&registry);
+    }
+
+    /// Two sandboxes come and go under one parent, again and again: the parent is never left
+    /// behind unlisted (one removing it while the other made it again lost the other's entry,
+    /// and the parent stayed after both had gone).
+    #[test]
+    fn a_parent_made_and_removed_by_two_sandboxes_at_once_goes_with_the_last() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root: run the unit tests as root, as scripts/test.sh does"
+        );
+        let registry = std::env::temp_dir().join(format!("hako-cg-churn-{}", std::process::id()));
+        let parent = format!("hako-churn-{}", std::process::id());
+        std::thread::scope(|s| {
+            for name in ["a", "b"] {
+                let (registry, parent) = (&registry, &parent);
+                s.spawn(move || {
+                    for _ in 0..100 {
+                        let cgroup = PodCgroup::create(&format!("/{parent}/{name}"), registry)
+                            .expect("create");
+                        cgroup.remove(registry);
+                    }
+                });
+            }
+        });
+        let left: Vec<PathBuf> = hierarchies()
+            .into_iter()
+            .map(|h| h.join(&parent))
+            .filter(|p| p.exists())
+            .collect();
+        assert!(left.is_empty(), "parents left: {left:?}");
+        let listed = fs::read_dir(registry.join(REGISTRY))
+            .map(|d| d.flatten().filter(|e| e.file_name() != ".lock").count())
+            .unwrap_or(0);
+        assert_eq!(listed, 0, "entries left in the registry");
         let _ = fs::remove_dir_all(&registry);
     }
 }

@@ -447,6 +447,8 @@ pub fn sandbox_records() -> Vec<PathBuf> {
                 .flatten()
         })
         .flatten()
+        // The registry's lock file stays; it records nothing.
+        .filter(|e| e.file_name() != ".lock")
         .map(|e| e.path())
         .collect()
 }

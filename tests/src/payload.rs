@@ -41,14 +41,24 @@ pub fn payload(stream: &str, size: usize) -> Vec<u8> {
     data
 }
 
-/// What a terminal makes of `data` (the line discipline's ONLCR): every `\n` as `\r\n`.
-pub fn through_a_terminal(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + data.len() / LINE + 1);
-    for b in data {
-        if *b == b'\n' {
-            out.push(b'\r');
+/// What the payload looks like again after one or more terminals (each line discipline's
+/// ONLCR adds a `\r` before every `\n`, and ctr's own terminal may add another): the output
+/// without its carriage returns, and without the lines ctr itself logs onto the same terminal
+/// (`ERRO[0000] failed to resize tty, using default size`, when a process ends before ctr
+/// sizes its terminal, under runc as under hako).
+pub fn from_a_terminal(output: &[u8]) -> Vec<u8> {
+    // The payload has no escape character: from one to the end of its line is ctr's, wherever
+    // on a line it starts.
+    let mut out = Vec::with_capacity(output.len());
+    let mut in_ctr_log = false;
+    for b in output {
+        match b {
+            0x1b => in_ctr_log = true,
+            b'\n' if in_ctr_log => in_ctr_log = false,
+            _ if in_ctr_log => {}
+            b'\r' => {}
+            _ => out.push(*b),
         }
-        out.push(*b);
     }
     out
 }
@@ -124,7 +134,11 @@ mod tests {
         assert!(p.starts_with(b"err 0000000000 aaa"));
         assert_eq!(&p[999..1000], b"\n");
         assert!(p[1000..].starts_with(b"err 0000000001 bbb"));
-        assert_eq!(through_a_terminal(b"a\nb\n"), b"a\r\nb\r\n");
+        assert_eq!(
+            from_a_terminal(b"a\r\r\n\x1b[31mERRO\x1b[0m[0000] failed\r\nb\r\nc"),
+            b"a\nb\nc"
+        );
+        assert_eq!(from_a_terminal(b"o\x1b[31mERRO\x1b[0m[0000] x\n"), b"o");
         assert!(first_difference(b"abc", b"abd").contains("byte 2"));
     }
 }

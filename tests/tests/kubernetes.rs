@@ -442,8 +442,24 @@ fn a_pod_whose_vm_died_is_removed_as_kubelet_removes_it() {
                 .unwrap();
             }
             let started = Instant::now();
-            c.client.stop_pod_sandbox(&pod).unwrap();
-            c.client.remove_pod_sandbox(&pod).unwrap();
+            // As kubelet does, each call is retried until it succeeds. containerd 2.x handles
+            // the exits of every container of a dead VM at once (hako reports them the moment
+            // the VM is gone): handling the pause container's, it closes the pod's shim
+            // connection, which fails a Kill it has in flight ("ttrpc: closed") and delays its
+            // own handling of the other containers' exits ("container is still running").
+            let retried = |what: &str, call: &dyn Fn() -> Result<(), tonic::Status>| {
+                let mut last = call();
+                while let Err(e) = &last {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(20),
+                        "{death}: {what}: {e:?}"
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                    last = call();
+                }
+            };
+            retried("StopPodSandbox", &|| c.client.stop_pod_sandbox(&pod));
+            retried("RemovePodSandbox", &|| c.client.remove_pod_sandbox(&pod));
             assert!(
                 started.elapsed() < Duration::from_secs(20),
                 "{death}: stop and remove took {:?}",
