@@ -276,6 +276,50 @@ pub fn mount_share(kind: ShareKind, tag: &str, target: &str) -> Result<(), BootE
     }
 }
 
+/// Sets the guest's wall clock to the host's (`now_unix_ns`, 0 for none) and credits `entropy`
+/// to the kernel's pool: a VM restored from a template resumes with the template's clock and
+/// the same pool as every other clone (the kernel reseeds on its own too, through vmgenid).
+pub fn take_host_clock_and_entropy(now_unix_ns: i64, entropy: &[u8]) -> Result<(), String> {
+    if entropy.len() > hako_protocol::MAX_ENTROPY {
+        return Err(format!(
+            "{} bytes of entropy, above {}",
+            entropy.len(),
+            hako_protocol::MAX_ENTROPY
+        ));
+    }
+    if now_unix_ns > 0 {
+        let now =
+            nix::sys::time::TimeSpec::new(now_unix_ns / 1_000_000_000, now_unix_ns % 1_000_000_000);
+        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now)
+            .map_err(|e| format!("setting the clock: {e}"))?;
+    }
+    if !entropy.is_empty() {
+        add_entropy(entropy).map_err(|e| format!("adding entropy: {e}"))?;
+    }
+    Ok(())
+}
+
+/// RNDADDENTROPY: mixes `bytes` into the pool and credits them (the host's getrandom output).
+fn add_entropy(bytes: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut request = Vec::with_capacity(8 + bytes.len());
+    request.extend(((bytes.len() * 8) as i32).to_ne_bytes());
+    request.extend((bytes.len() as i32).to_ne_bytes());
+    request.extend(bytes);
+    // Whole words for the kernel's buf[].
+    request.resize(8 + bytes.len().div_ceil(4) * 4, 0);
+    let random = fs::OpenOptions::new().write(true).open("/dev/random")?;
+    // _IOW('R', 0x03, int[2])
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    // SAFETY: the request is a rand_pool_info whose buf_size bytes follow its header, in a
+    // buffer we own that outlives the call.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, request.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Milliseconds since the kernel booted (CLOCK_BOOTTIME), for the start-phase log.
 pub fn ms_since_boot() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)

@@ -20,6 +20,7 @@ mod oom;
 mod reaper;
 mod rtnl;
 mod server;
+mod uevent;
 mod vsock;
 
 use std::sync::Arc;
@@ -67,6 +68,7 @@ fn run_init() -> Result<(), String> {
     let left = boot::ms_since_boot();
     boot::mount_kernel_filesystems().map_err(|e| e.to_string())?;
     let mounted = boot::ms_since_boot();
+    wait_for_devices(share).map_err(|e| format!("waiting for the host's devices: {e}"))?;
     boot::mount_share(share, SHARED_FS_TAG, GUEST_SHARED_DIR).map_err(|e| e.to_string())?;
     log::debug!(
         "boot, ms since the kernel started: /init {init_since_boot_ms}, {modules} modules {loaded}, off the initramfs {left}, kernel filesystems {mounted}, share {}",
@@ -79,6 +81,20 @@ fn run_init() -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting the async runtime: {e}"))?;
     runtime.block_on(serve(started, init_since_boot_ms))
+}
+
+/// A VM booted to make a template has neither its share nor its vsock device: the agent says so
+/// on the console (the host takes the template then) and waits for them. A VM restored from the
+/// template resumes here and gets them hot-plugged; a VM booted cold has them already.
+fn wait_for_devices(share: boot::ShareKind) -> std::io::Result<()> {
+    let uevents = uevent::Uevents::open()?;
+    let drivers = uevent::needed_drivers(share == boot::ShareKind::Virtio9p);
+    if drivers.iter().all(|d| uevent::bound(d)) {
+        return Ok(());
+    }
+    // Whatever the log level: the host watches for this line.
+    eprintln!("{}", hako_protocol::TEMPLATE_POINT);
+    uevents.wait_bound(&drivers)
 }
 
 async fn serve(started: Instant, init_since_boot_ms: u64) -> Result<(), String> {

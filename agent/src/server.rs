@@ -93,6 +93,8 @@ impl pb::AgentService for Agent {
         _ctx: &TtrpcContext,
         req: pb::CreateSandboxRequest,
     ) -> ttrpc::Result<pb::Empty> {
+        crate::boot::take_host_clock_and_entropy(req.now_unix_ns, &req.entropy)
+            .map_err(|e| get_rpc_status(Code::INVALID_ARGUMENT, e))?;
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname)
                 .map_err(|e| get_rpc_status(Code::INVALID_ARGUMENT, format!("sethostname: {e}")))?;

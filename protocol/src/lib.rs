@@ -41,6 +41,14 @@ pub const READY_MESSAGE: &[u8] = b"READY\n";
 /// The most the host reads of a readiness message.
 pub const MAX_READY_MESSAGE: usize = 4096;
 
+/// The line the agent writes on the console when it waits for the host's devices: the moment a
+/// template is taken (a VM booted without its share and vsock device), from which every VM
+/// restored from it resumes and gets them hot-plugged.
+pub const TEMPLATE_POINT: &str = "hako-agent: waiting for the host's devices";
+
+/// The most entropy the host sends in CreateSandbox, in bytes.
+pub const MAX_ENTROPY: usize = 512;
+
 /// The readiness message for `health`.
 pub fn ready_message(health: &HealthResponse) -> Result<Vec<u8>, protobuf::Error> {
     use protobuf::Message;

@@ -208,6 +208,26 @@ impl TtrpcAgent {
     }
 }
 
+/// The host's wall clock for the guest, in nanoseconds since the epoch.
+fn unix_now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Fresh random bytes for the guest's pool; none if the host cannot give them.
+fn host_entropy() -> Vec<u8> {
+    let mut bytes = vec![0u8; 64];
+    // SAFETY: getrandom fills the buffer we own, of the length given.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n == bytes.len() as isize {
+        bytes
+    } else {
+        Vec::new()
+    }
+}
+
 /// The most of a guest's error message that is kept.
 const MAX_GUEST_MESSAGE: usize = 4096;
 
@@ -244,6 +264,8 @@ impl AgentClient for TtrpcAgent {
             hostname: hostname.to_string(),
             interfaces,
             routes,
+            now_unix_ns: unix_now_ns(),
+            entropy: host_entropy(),
             ..Default::default()
         };
         self.timed(
