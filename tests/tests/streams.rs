@@ -128,18 +128,13 @@ fn exec_output_of_every_size_arrives_whole_as_under_runc() {
             payload_dir(0).parent().unwrap().display()
         );
         for (runtime, id) in [(RUNC, "exec-runc"), (RUNTIME, "exec-hako")] {
-            let r = c.ctr(&[
-                "run",
-                "-d",
-                "--runtime",
-                runtime,
-                "--mount",
-                &all,
-                IMAGE,
-                id,
-                "sleep",
-                "600",
-            ]);
+            let cgroup = runc_cgroup(id);
+            let mut args = vec!["run", "-d", "--runtime", runtime, "--mount", &all];
+            if runtime == RUNC {
+                args.extend(cgroup.iter().map(String::as_str));
+            }
+            args.extend([IMAGE, id, "sleep", "600"]);
+            let r = c.ctr(&args);
             assert_eq!(r.code, 0, "{r:?}");
         }
         for terminal in [false, true] {
