@@ -1,7 +1,9 @@
 #!/bin/bash
 # Cold start: `ctr run --rm <image> <id> /bin/true` N times per runtime, and as many runs of
 # `echo` for the time to the first byte of output, with runc, gVisor (runsc through the runc
-# shim, see need_gvisor in common.sh) and hako interleaved on a private containerd. Prints
+# shim, see need_gvisor in common.sh) and hako interleaved on a private containerd: hako
+# starting from a template (ADR 14, in a template store of the benchmark's own, so its first
+# start, which makes the template, is reported apart) and hako booting (templates off). Prints
 # p50/p90/max and the ratio to runc, and hako's start phases from its own
 # log: sandbox prepare, virtiofsd ready, VMM start, then the guest's boot split by its clock
 # into firmware (with the kernel's decompression), kernel and agent start, the agent
@@ -26,9 +28,18 @@ image=hako.local/busybox:latest
 import_image "$image"
 
 variants=("runc=runc")
+first_start=""
 if (($# == 0)); then
     need_gvisor
-    variants+=("gvisor=gvisor" "hako=hako")
+    # hako starting from a template (ADR 14), with a template store of the benchmark's own so
+    # that the first start, which makes the template, is measured too; and hako booting.
+    templated="$(hako_config templated "[hypervisor]" "template_dir = \"$work/templates\"")"
+    booting="$(hako_config booting "[hypervisor]" "templates = false")"
+    variants+=("gvisor=gvisor" "hako=hako:$templated" "hako-boot=hako:$booting")
+    read -r -a args <<<"$(runtime_args "hako:$templated")"
+    start=$EPOCHREALTIME
+    ctr run --rm "${args[@]}" "$image" "first-start" /bin/true
+    first_start="$(ms_since "$start")"
 else
     for v in "$@"; do
         [[ "${v%%=*}" =~ ^[A-Za-z0-9]+([._-][A-Za-z0-9]+)*$ ]] ||
@@ -92,6 +103,10 @@ md="$out/cold-start.md"
     echo "| runtime | command | p50 ms | p90 ms | max ms | p50 vs runc | first byte p50 ms | first byte p90 ms |"
     echo "|---|---|---:|---:|---:|---:|---:|---:|"
 } | tee_md "$md"
+if [[ -n $first_start ]]; then
+    printf '| hako, first start of the shape (makes the template) | `true` | %s | | | %s | | |\n' \
+        "$first_start" "$(ratio "$first_start" "$(awk -F'\t' '$1 == "runc" && $3 == "true" {print $4}' "$tsv" | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}')")" | tee_md "$md"
+fi
 for v in "${variants[@]}"; do
     label="${v%%=*}"
     for cmd in true echo; do
@@ -105,7 +120,7 @@ for v in "${variants[@]}"; do
     done
 done | tee_md "$md"
 
-order="sandbox_prepare virtiofsd_ready vmm_started agent_ready agent_ready.firmware agent_ready.kernel agent_ready.agent agent_connected container_created guest.create_sandbox guest.create_container total process_started teardown"
+order="sandbox_prepare virtiofsd_ready vmm_started vmm_started.restore vmm_started.hotplug agent_ready agent_ready.firmware agent_ready.kernel agent_ready.agent agent_connected container_created guest.create_sandbox guest.create_container total process_started teardown"
 hakos=()
 for v in "${variants[@]}"; do [[ ${v#*=} == runc || ${v#*=} == gvisor ]] || hakos+=("${v%%=*}"); done
 {
@@ -151,16 +166,16 @@ for v in "${variants[@]}"; do [[ ${v#*=} == runc || ${v#*=} == gvisor ]] || hako
     echo
     echo "set title 'hako start phases, median (ms)'; set xlabel ''; set style data histograms; set style histogram rowstacked; set boxwidth 0.6; set key outside right; unset grid"
     for label in "${hakos[@]}"; do
-        for phase in sandbox_prepare virtiofsd_ready vmm_started agent_ready.firmware agent_ready.kernel agent_ready.agent agent_connected container_created process_started teardown; do
+        for phase in sandbox_prepare virtiofsd_ready vmm_started agent_ready agent_connected container_created process_started teardown; do
             awk -F'\t' -v l="$label" -v p="$phase" '$1 == l && $3 == p {print $4}' "$phases" | sort -g >"$work/p"
             printf '%s ' "$(pct "$work/p" 50)"
         done
         echo "$label"
     done >"$out/cold-start-phases.dat"
-    printf "plot 'cold-start-phases.dat' using 1:xtic(11) title 'sandbox prepare' lc rgb '#1b9e77'"
+    printf "plot 'cold-start-phases.dat' using 1:xtic(9) title 'sandbox prepare' lc rgb '#1b9e77'"
     col=2
-    for what in "virtiofsd ready:#d95f02" "VMM start:#7570b3" "firmware:#e7298a" "kernel boot:#66a61e" \
-        "agent start:#e6ab02" "agent connect:#a6761d" "container create:#666666" "process start:#1f78b4" "teardown:#b2df8a"; do
+    for what in "virtiofsd ready:#d95f02" "VMM start or restore:#7570b3" "guest boot or device hot-plug, to the agent's readiness:#66a61e" \
+        "agent connect:#a6761d" "container create:#666666" "process start:#1f78b4" "teardown:#b2df8a"; do
         printf ", '' using %d title '%s' lc rgb '%s'" "$col" "${what%:*}" "${what##*:}"
         col=$((col + 1))
     done

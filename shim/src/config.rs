@@ -133,6 +133,11 @@ pub struct HypervisorConfig {
     /// Under TCG, the size of QEMU's translation cache in MiB (0: QEMU's default, up to 1 GiB
     /// that counts against the pod as it fills).
     pub tcg_tb_size_mib: u32,
+    /// Start VMs from a template of their shape instead of booting them (QEMU with virtio-fs;
+    /// ADR 14).
+    pub templates: bool,
+    /// Where templates are kept.
+    pub template_dir: PathBuf,
 }
 
 impl HypervisorConfig {
@@ -164,6 +169,8 @@ impl Default for HypervisorConfig {
             shared_fs: SharedFsKind::VirtioFs,
             hotplug_slots: 4,
             tcg_tb_size_mib: 64,
+            templates: true,
+            template_dir: PathBuf::from("/var/lib/hako/templates"),
         }
     }
 }

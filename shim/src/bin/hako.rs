@@ -1,5 +1,8 @@
 //! The `hako` CLI: `hako check` checks the host, `hako env` prints the effective configuration,
-//! `hako logs` prints a running sandbox's logs.
+//! `hako logs` prints a running sandbox's logs, `hako template` manages templates.
+
+#[path = "hako/template.rs"]
+mod template;
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -13,10 +16,15 @@ use hako_shim::vmm::choose_accel;
 use hako_shim::vmm::cloud_hypervisor::CloudHypervisor;
 
 const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
-const USAGE: &str =
-    "usage: hako check | hako env [--json] | hako logs [-n NAMESPACE] SANDBOX | hako --version";
+const USAGE: &str = "usage: hako check | hako env [--json] | hako logs [-n NAMESPACE] SANDBOX | hako template list|build|rm | hako --version";
 /// The logs of a sandbox, in the order they are worth reading.
-const LOGS: [&str; 4] = ["console.log", "vmm.log", "virtiofsd.log", "vsock.log"];
+const LOGS: [&str; 5] = [
+    "console.log",
+    "vmm.log",
+    "virtiofsd.log",
+    "vsock.log",
+    "template.log",
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +43,7 @@ fn main() -> ExitCode {
         ["check"] => check(),
         ["logs", sandbox] => logs("default", sandbox),
         ["logs", "-n" | "--namespace", namespace, sandbox] => logs(namespace, sandbox),
+        ["template", rest @ ..] => template::command(rest),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -314,6 +323,22 @@ fn check() -> anyhow::Result<bool> {
             "/dev/net/tun missing: pods get no network (modprobe tun)".into()
         },
     );
+    let templates = if !loaded.hypervisor.templates {
+        "off (hypervisor.templates = false): every VM boots".to_string()
+    } else if uses_ch || loaded.hypervisor.shared_fs != hako_shim::config::SharedFsKind::VirtioFs {
+        "off for this configuration: templates need QEMU and virtio-fs".to_string()
+    } else {
+        let store = hako_shim::vmm::qemu::template::Store::new(
+            &loaded.hypervisor.template_dir,
+            &loaded.runtime.sandbox_root,
+        );
+        format!(
+            "on: {} in {} (the first start of a shape makes its own; hako template build)",
+            store.list().len(),
+            loaded.hypervisor.template_dir.display()
+        )
+    };
+    report(true, false, "templates", templates);
     let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
         "v2 (unified)"
     } else if Path::new("/sys/fs/cgroup/unified").exists() {

@@ -14,7 +14,7 @@ use crate::config::SharedFsKind;
 use crate::daemon::tail;
 use crate::hooks;
 use crate::net::{NetnsHolder, PodNetwork};
-use crate::vmm::{kernel_cmdline, Share, VmSpec, VmmError};
+use crate::vmm::{Share, VmSpec, VmmError};
 
 const FS_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once the agent announced itself, its port answers at once; this only covers slow hosts.
@@ -22,25 +22,16 @@ const DIAL_AFTER_READY: Duration = Duration::from_secs(10);
 
 impl Sandbox {
     fn vm_spec(&self) -> VmSpec {
-        let h = &self.config.hypervisor;
-        VmSpec {
-            sandbox_id: self.id.clone(),
-            files: self.paths.vm_files(self.config.runtime.log_max_bytes),
-            vcpus: h.vcpus,
-            memory_mib: h.memory_mib,
-            kernel: h.kernel.clone(),
-            vmlinux: h.vmlinux.clone(),
-            initrd: h.initrd.clone(),
-            cmdline: kernel_cmdline(&self.config.agent.log_level, &h.kernel_params, h.shared_fs),
-            share: match h.shared_fs {
-                SharedFsKind::VirtioFs => Share::VirtioFs {
-                    socket: self.paths.fs_socket.clone(),
-                },
-                SharedFsKind::Virtio9p => Share::Virtio9p {
-                    dir: self.paths.ro.clone(),
-                },
+        let share = match self.config.hypervisor.shared_fs {
+            SharedFsKind::VirtioFs => Share::VirtioFs {
+                socket: self.paths.fs_socket.clone(),
             },
-            fs_tag: hako_protocol::SHARED_FS_TAG.to_string(),
+            SharedFsKind::Virtio9p => Share::Virtio9p {
+                dir: self.paths.ro.clone(),
+            },
+        };
+        let files = self.paths.vm_files(self.config.runtime.log_max_bytes);
+        VmSpec {
             net: self
                 .network
                 .iter()
@@ -48,9 +39,9 @@ impl Sandbox {
                 .map(nic_of)
                 .collect(),
             netns: self.netns.clone(),
-            hotplug_slots: h.hotplug_slots,
             user: self.vmm_user().cloned(),
             cgroups: self.cgroup.iter().flat_map(PodCgroup::procs).collect(),
+            ..VmSpec::from_config(&self.config, &self.id, files, share)
         }
     }
 
@@ -136,6 +127,17 @@ impl Sandbox {
         self.timings.mark("virtiofsd_ready");
         vmm.start(&spec).await?;
         self.timings.mark("vmm_started");
+        let restored = match vmm.started() {
+            crate::vmm::StartKind::Restored(r) => Some(r),
+            crate::vmm::StartKind::Cold => None,
+        };
+        if let Some(r) = &restored {
+            if let Some(built) = r.built {
+                self.timings.detail("vmm_started.template_build", built);
+            }
+            self.timings.detail("vmm_started.restore", r.restore);
+            self.timings.detail("vmm_started.hotplug", r.hotplug);
+        }
         self.fs_watch = self.watch_shared_fs();
         let Some(vmm) = self.vmm.as_ref() else {
             return Err(VmmError::NotRunning.into());
@@ -178,7 +180,10 @@ impl Sandbox {
         let agent: Arc<dyn AgentClient> =
             Arc::new(TtrpcAgent::new(stream, self.config.agent.call_timeout()));
         self.timings.mark("agent_connected");
-        self.record_boot_details(&health);
+        // A restored VM's clock says nothing of this start: it booted when its template did.
+        if restored.is_none() {
+            self.record_boot_details(&health);
+        }
         log::info!(
             "sandbox {}: agent {:?} on guest kernel {:?} ready {} ms after guest boot",
             self.id,

@@ -21,9 +21,15 @@ use crate::vmm::VmFiles;
 /// Longest unix socket path the kernel takes (sun_path is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 /// The helpers' pid files, which `cleanup_on_disk` acts on when the shim is gone.
-pub const PID_FILES: [&str; 3] = ["vmm.pid", "virtiofsd.pid", "vsock.pid"];
+pub const PID_FILES: [&str; 4] = ["vmm.pid", "virtiofsd.pid", "vsock.pid", "template.pid"];
 /// The logs `hako logs` prints, in the order they are worth reading.
-pub const LOGS: [&str; 4] = ["console.log", "vmm.log", "virtiofsd.log", "vsock.log"];
+pub const LOGS: [&str; 5] = [
+    "console.log",
+    "vmm.log",
+    "virtiofsd.log",
+    "vsock.log",
+    "template.log",
+];
 
 /// Where everything of one sandbox lives.
 #[derive(Debug, Clone)]
@@ -104,6 +110,8 @@ impl SandboxPaths {
             vmm_pid: self.dir.join("vmm.pid"),
             vsock_log: self.dir.join("vsock.log"),
             vsock_pid: self.dir.join("vsock.pid"),
+            template_log: self.dir.join("template.log"),
+            template_pid: self.dir.join("template.pid"),
             vmm_dir: self.vmm_dir.clone(),
             log_max,
         }

@@ -100,6 +100,36 @@ pub struct VmSpec {
     pub cgroups: Vec<PathBuf>,
 }
 
+impl VmSpec {
+    /// What the configuration makes of a VM: its size, kernel and command line, with `files`
+    /// and `share` its own; no NIC, namespace, user or cgroup yet.
+    pub fn from_config(
+        config: &crate::config::Config,
+        sandbox_id: &str,
+        files: VmFiles,
+        share: Share,
+    ) -> VmSpec {
+        let h = &config.hypervisor;
+        VmSpec {
+            sandbox_id: sandbox_id.to_string(),
+            files,
+            vcpus: h.vcpus,
+            memory_mib: h.memory_mib,
+            kernel: h.kernel.clone(),
+            vmlinux: h.vmlinux.clone(),
+            initrd: h.initrd.clone(),
+            cmdline: kernel_cmdline(&config.agent.log_level, &h.kernel_params, h.shared_fs),
+            share,
+            fs_tag: hako_protocol::SHARED_FS_TAG.to_string(),
+            net: Vec::new(),
+            netns: None,
+            hotplug_slots: h.hotplug_slots,
+            user: None,
+            cgroups: Vec::new(),
+        }
+    }
+}
+
 /// The files of one VM, in the sandbox dir (`sandbox::paths` names them).
 #[derive(Debug, Clone)]
 pub struct VmFiles {
@@ -118,8 +148,33 @@ pub struct VmFiles {
     pub vmm_pid: PathBuf,
     pub vsock_log: PathBuf,
     pub vsock_pid: PathBuf,
+    /// The QEMU that makes a template, when this VM's start makes one.
+    pub template_log: PathBuf,
+    pub template_pid: PathBuf,
     /// Each log's cap in bytes.
     pub log_max: u64,
+}
+
+impl VmFiles {
+    /// The files a sandbox at `dir` has: for forms that must not depend on one sandbox (a
+    /// template's inputs), and tests.
+    pub fn under(dir: &Path, log_max: u64) -> VmFiles {
+        VmFiles {
+            vmm_dir: dir.join("vmm"),
+            control_socket: dir.join("vmm/control.sock"),
+            vsock_socket: dir.join("vmm/vhu.sock"),
+            agent_socket: dir.join("vmm/agent.sock"),
+            console_socket: dir.join("vmm/console.sock"),
+            console_log: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            vmm_pid: dir.join("vmm.pid"),
+            vsock_log: dir.join("vsock.log"),
+            vsock_pid: dir.join("vsock.pid"),
+            template_log: dir.join("template.log"),
+            template_pid: dir.join("template.pid"),
+            log_max,
+        }
+    }
 }
 
 /// An unprivileged user for a VMM.
@@ -230,6 +285,20 @@ pub trait Hypervisor: Send + Sync {
     /// Removes a NIC, once the guest has let go of it or `timeout` passed, and closes its
     /// tap queues.
     async fn remove_nic(&mut self, id: &str, timeout: Duration) -> Result<(), VmmError>;
+    /// How the last `start` went: a boot, or a restore from a template.
+    fn started(&self) -> StartKind {
+        StartKind::Cold
+    }
+}
+
+/// How a VM came up.
+#[derive(Debug, Clone, Default)]
+pub enum StartKind {
+    /// Booted: firmware, kernel, agent.
+    #[default]
+    Cold,
+    /// Restored from a template of its shape (ADR 14).
+    Restored(qemu::snapshot::Restored),
 }
 
 /// The configured hypervisor, checked for what it needs on this host.
@@ -238,7 +307,7 @@ pub fn for_config(config: &crate::config::Config) -> Result<Box<dyn Hypervisor>,
         crate::config::HypervisorKind::Qemu => Box::new(qemu::Qemu::new(
             &config.hypervisor,
             &config.vsock,
-            &config.runtime.sandbox_root.join(TSC_CACHE),
+            &config.runtime.sandbox_root,
         )?),
         crate::config::HypervisorKind::CloudHypervisor => {
             Box::new(cloud_hypervisor::CloudHypervisor::from_config(
@@ -332,7 +401,7 @@ pub const GUEST_CID: u32 = 3;
 /// Where the host's measured TSC rate is kept, under the sandbox root (a tmpfs, so it goes
 /// with the boot it was measured in); the leading dot keeps it apart from every namespace dir,
 /// since containerd namespaces start with a letter or digit.
-const TSC_CACHE: &str = ".tsc_khz";
+pub(crate) const TSC_CACHE: &str = ".tsc_khz";
 
 /// `host_tsc_khz`, measured once per host boot: the first start writes it to `cache`, later
 /// starts read it there instead of spending 5 ms measuring it again.
@@ -419,19 +488,7 @@ pub fn kernel_cmdline(agent_log_level: &str, extra: &str, share: SharedFsKind) -
 pub fn test_spec(dir: &Path) -> VmSpec {
     VmSpec {
         sandbox_id: "sb1".into(),
-        files: VmFiles {
-            vmm_dir: dir.join("vmm"),
-            control_socket: dir.join("vmm/control.sock"),
-            vsock_socket: dir.join("vmm/vhu.sock"),
-            agent_socket: dir.join("vmm/agent.sock"),
-            console_socket: dir.join("vmm/console.sock"),
-            console_log: dir.join("console.log"),
-            vmm_log: dir.join("vmm.log"),
-            vmm_pid: dir.join("vmm.pid"),
-            vsock_log: dir.join("vsock.log"),
-            vsock_pid: dir.join("vsock.pid"),
-            log_max: 1 << 20,
-        },
+        files: VmFiles::under(dir, 1 << 20),
         vcpus: 2,
         memory_mib: 256,
         kernel: dir.join("guest/vmlinuz"),

@@ -214,9 +214,27 @@ pub mod fake {
         path: &Path,
         replies: Vec<&'static str>,
     ) -> tokio::task::JoinHandle<Vec<String>> {
+        qemu_sessions(path, vec![replies]).await
+    }
+
+    /// As `qemu`, for clients that connect one after another, each given its own replies.
+    pub async fn qemu_sessions(
+        path: &Path,
+        sessions: Vec<Vec<&'static str>>,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).expect("bind");
         tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for replies in sessions {
+                seen.extend(session(&listener, replies).await);
+            }
+            seen
+        })
+    }
+
+    async fn session(listener: &UnixListener, replies: Vec<&'static str>) -> Vec<String> {
+        {
             let (stream, _) = listener.accept().await.expect("accept");
             let (read, mut write) = stream.into_split();
             write
@@ -236,7 +254,7 @@ pub mod fake {
                 seen.push(line);
             }
             seen
-        })
+        }
     }
 }
 

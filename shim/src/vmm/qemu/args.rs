@@ -26,22 +26,112 @@ pub struct HostOptions {
     pub tb_size_mib: u32,
 }
 
-/// The full QEMU command line (without the binary) for `spec`.
+/// The full QEMU command line (without the binary) for a VM that boots with its devices.
 pub fn command_line(spec: &VmSpec, host: &HostOptions) -> Vec<String> {
-    let HostOptions {
-        kvm,
-        ref clock,
-        seccomp,
-        vhost_net,
-        tb_size_mib,
-    } = *host;
-    let accel = match (kvm, tb_size_mib) {
+    let mut args = machine_args(spec, host, Memory::Memfd);
+    args.extend(share_args(spec));
+    args.extend([
+        "-chardev".into(),
+        format!(
+            "socket,id=vsock0,path={}",
+            spec.files.vsock_socket.display()
+        ),
+        "-device".into(),
+        "vhost-user-vsock-pci,chardev=vsock0".into(),
+    ]);
+    args.extend(control_args(spec));
+    // A root port per NIC the VM boots with and per NIC it may gain: PCIe hot-plug needs a
+    // port to plug into, and a NIC in a port can leave again.
+    args.extend(root_ports(spec.net.len() + spec.hotplug_slots as usize));
+    let mut next_fd = FIRST_NET_FD;
+    let mut numbers = |count: usize| -> Vec<String> {
+        let numbers = (0..count)
+            .map(|q| (next_fd + q as i32).to_string())
+            .collect();
+        next_fd += count as i32;
+        numbers
+    };
+    for (index, nic) in spec.net.iter().enumerate() {
+        let queues = nic.tap_fds.len().max(1);
+        let fds = numbers(queues);
+        // QEMU runs unprivileged and cannot open /dev/vhost-net: the shim hands it over.
+        let vhost = if host.vhost_net {
+            format!(",vhost=on,vhostfds={}", numbers(queues).join(":"))
+        } else {
+            String::new()
+        };
+        let netdev = if queues == 1 && !host.vhost_net {
+            format!("tap,id={},fd={}", nic.id, fds[0])
+        } else {
+            format!("tap,id={},fds={}{vhost}", nic.id, fds.join(":"))
+        };
+        args.extend([
+            "-netdev".into(),
+            netdev,
+            "-device".into(),
+            format!(
+                "virtio-net-pci,id={id},netdev={id},mac={mac},bus={port}{mq}",
+                id = nic.id,
+                mac = nic.mac,
+                port = port_id(index),
+                mq = multiqueue_option(queues)
+            ),
+        ]);
+    }
+    args.extend(seccomp_args(host));
+    args
+}
+
+/// A VM's memory: a memfd of its own, or a file the shim hands over as `MEMORY_FD` (a
+/// template's, or a restored VM's copy of it: QEMU migrates everything but its memory,
+/// `x-ignore-shared`).
+#[derive(Debug, Clone, Copy)]
+enum Memory {
+    Memfd,
+    File,
+}
+
+/// The descriptor a template's or a restored VM's memory file reaches QEMU as.
+pub const MEMORY_FD: i32 = 3;
+
+/// The root port a restored VM's vsock device is hot-plugged into.
+pub const VSOCK_PORT: &str = "vsockport";
+/// The root port a restored VM's share is hot-plugged into.
+pub const SHARE_PORT: &str = "fsport";
+
+/// The command line of a VM made to be a template, and of every VM restored from one (ADR 14):
+/// the same machine without the share, the vsock device or NICs, which are hot-plugged after a
+/// restore into root ports of their own, its memory in a file (`MEMORY_FD`), and with a VM
+/// generation id, which QEMU changes at each restore and the guest's kernel answers by
+/// reseeding its random generator.
+pub fn template_command_line(spec: &VmSpec, host: &HostOptions) -> Vec<String> {
+    let mut args = machine_args(spec, host, Memory::File);
+    args.extend(control_args(spec));
+    args.extend(["-device".into(), "vmgenid,guid=auto".into()]);
+    let nic_ports = spec.hotplug_slots as usize;
+    args.extend(root_ports(nic_ports));
+    for (offset, id) in [VSOCK_PORT, SHARE_PORT].iter().enumerate() {
+        args.extend([
+            "-device".into(),
+            format!(
+                "pcie-root-port,id={id},bus=pcie.0,chassis=1,slot={}",
+                nic_ports + offset + 1
+            ),
+        ]);
+    }
+    args.extend(seccomp_args(host));
+    args
+}
+
+/// The machine, its memory, console and kernel: what every QEMU command line starts with.
+fn machine_args(spec: &VmSpec, host: &HostOptions, memory: Memory) -> Vec<String> {
+    let accel = match (host.kvm, host.tb_size_mib) {
         (true, _) => "kvm".to_string(),
         (false, 0) => "tcg".to_string(),
         (false, mib) => format!("tcg,tb-size={mib}"),
     };
     let mem = format!("{}M", spec.memory_mib);
-    let mut args: Vec<String> = vec![
+    vec![
         "-name".into(),
         format!("hako-{},debug-threads=on", spec.sandbox_id),
         "-machine".into(),
@@ -49,13 +139,18 @@ pub fn command_line(spec: &VmSpec, host: &HostOptions) -> Vec<String> {
         "-accel".into(),
         accel,
         "-cpu".into(),
-        if kvm { "host" } else { "max" }.into(),
+        if host.kvm { "host" } else { "max" }.into(),
         "-smp".into(),
         spec.vcpus.to_string(),
         "-m".into(),
         mem.clone(),
         "-object".into(),
-        format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        match memory {
+            Memory::Memfd => format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            Memory::File => format!(
+                "memory-backend-file,id=mem,size={mem},mem-path=/proc/self/fd/{MEMORY_FD},share=on"
+            ),
+        },
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-display".into(),
@@ -74,17 +169,13 @@ pub fn command_line(spec: &VmSpec, host: &HostOptions) -> Vec<String> {
         "-initrd".into(),
         spec.initrd.display().to_string(),
         "-append".into(),
-        format!("{} {clock}", spec.cmdline),
-    ];
-    args.extend(share_args(spec));
-    args.extend([
-        "-chardev".into(),
-        format!(
-            "socket,id=vsock0,path={}",
-            spec.files.vsock_socket.display()
-        ),
-        "-device".into(),
-        "vhost-user-vsock-pci,chardev=vsock0".into(),
+        format!("{} {}", spec.cmdline, host.clock),
+    ]
+}
+
+/// QMP, and the balloon.
+fn control_args(spec: &VmSpec) -> Vec<String> {
+    vec![
         "-qmp".into(),
         format!(
             "unix:{},server=on,wait=off",
@@ -94,60 +185,34 @@ pub fn command_line(spec: &VmSpec, host: &HostOptions) -> Vec<String> {
         // unpacked, memory a container used), and QEMU drops them from the pod's memory.
         "-device".into(),
         "virtio-balloon-pci,id=balloon0,free-page-reporting=on".into(),
-    ]);
-    // A root port per NIC the VM boots with and per NIC it may gain: PCIe hot-plug needs a
-    // port to plug into, and a NIC in a port can leave again.
-    let ports = spec.net.len() + spec.hotplug_slots as usize;
-    for index in 0..ports {
-        args.extend([
-            "-device".into(),
-            format!(
-                "pcie-root-port,id={},bus=pcie.0,chassis=1,slot={}",
-                port_id(index),
-                index + 1
-            ),
-        ]);
+    ]
+}
+
+/// `count` PCIe root ports for NICs, `nicport0` on.
+fn root_ports(count: usize) -> Vec<String> {
+    (0..count)
+        .flat_map(|index| {
+            [
+                "-device".to_string(),
+                format!(
+                    "pcie-root-port,id={},bus=pcie.0,chassis=1,slot={}",
+                    port_id(index),
+                    index + 1
+                ),
+            ]
+        })
+        .collect()
+}
+
+fn seccomp_args(host: &HostOptions) -> Vec<String> {
+    if host.seccomp {
+        vec![
+            "-sandbox".into(),
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+        ]
+    } else {
+        Vec::new()
     }
-    let mut next_fd = FIRST_NET_FD;
-    let mut numbers = |count: usize| -> Vec<String> {
-        let numbers = (0..count)
-            .map(|q| (next_fd + q as i32).to_string())
-            .collect();
-        next_fd += count as i32;
-        numbers
-    };
-    for (index, nic) in spec.net.iter().enumerate() {
-        let queues = nic.tap_fds.len().max(1);
-        let fds = numbers(queues);
-        // QEMU runs unprivileged and cannot open /dev/vhost-net: the shim hands it over.
-        let vhost = if vhost_net {
-            format!(",vhost=on,vhostfds={}", numbers(queues).join(":"))
-        } else {
-            String::new()
-        };
-        let netdev = if queues == 1 && !vhost_net {
-            format!("tap,id={},fd={}", nic.id, fds[0])
-        } else {
-            format!("tap,id={},fds={}{vhost}", nic.id, fds.join(":"))
-        };
-        args.extend([
-            "-netdev".into(),
-            netdev,
-            "-device".into(),
-            format!(
-                "virtio-net-pci,id={id},netdev={id},mac={mac},bus={port}{mq}",
-                id = nic.id,
-                mac = nic.mac,
-                port = port_id(index),
-                mq = multiqueue_option(queues)
-            ),
-        ]);
-    }
-    if seccomp {
-        args.push("-sandbox".into());
-        args.push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
-    }
-    args
 }
 
 /// The share's device. For 9p, QEMU itself serves the directory: `security_model=none`

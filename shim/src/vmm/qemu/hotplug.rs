@@ -118,6 +118,8 @@ mod tests {
             vmm: None,
             qmp_socket: Some(socket.to_path_buf()),
             ports,
+            sandbox_root: socket.parent().unwrap_or(Path::new("/")).to_path_buf(),
+            started: crate::vmm::StartKind::Cold,
         }
     }
 

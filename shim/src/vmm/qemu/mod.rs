@@ -4,6 +4,8 @@
 
 mod args;
 mod hotplug;
+pub mod snapshot;
+pub mod template;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,7 +15,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use super::qmp::Qmp;
-use super::{choose_accel, AccelChoice, Hypervisor, NetDevice, VmSpec, VmmError};
+use super::{choose_accel, AccelChoice, Hypervisor, NetDevice, StartKind, VmSpec, VmmError};
 use crate::config::{HypervisorConfig, VsockConfig};
 use crate::daemon::{resolve_binary, Daemon};
 use args::{command_line, vsock_args, HostOptions, FIRST_NET_FD};
@@ -32,19 +34,23 @@ pub struct Qemu {
     qmp_socket: Option<PathBuf>,
     /// The PCIe root ports NICs sit in (`port_id`), and the NIC each holds.
     ports: Vec<Option<String>>,
+    /// Where the sandboxes live: host-wide caches and marks are kept beside them.
+    sandbox_root: PathBuf,
+    started: StartKind,
 }
 
 impl Qemu {
     pub fn new(
         config: &HypervisorConfig,
         vsock_config: &VsockConfig,
-        tsc_cache: &Path,
+        sandbox_root: &Path,
     ) -> Result<Self, VmmError> {
+        let tsc_cache = sandbox_root.join(super::TSC_CACHE);
         let accel = choose_accel(config.accel)?;
         let tsc_khz = if accel.kvm {
             None
         } else {
-            super::host_tsc_khz_cached(tsc_cache)
+            super::host_tsc_khz_cached(&tsc_cache)
         };
         let host = HostOptions {
             kvm: accel.kvm,
@@ -62,6 +68,8 @@ impl Qemu {
             vmm: None,
             qmp_socket: None,
             ports: Vec::new(),
+            sandbox_root: sandbox_root.to_path_buf(),
+            started: StartKind::Cold,
         })
     }
 
@@ -89,6 +97,79 @@ impl Qemu {
                 vmm: "qemu",
                 message: format!("no answer within {QMP_TIMEOUT:?}"),
             })?
+    }
+}
+
+impl Qemu {
+    /// Spawns QEMU with `args`, the console already listened for, `fds` at `FIRST_NET_FD` on;
+    /// it becomes the sandbox's VMM.
+    async fn spawn_vmm(
+        &mut self,
+        spec: &VmSpec,
+        binary: &Path,
+        args: Vec<String>,
+        fds: &[i32],
+    ) -> Result<(), VmmError> {
+        // QEMU connects to the console socket as it starts: listen first.
+        let console = &spec.files.console_socket;
+        let _ = std::fs::remove_file(console);
+        let listener =
+            tokio::net::UnixListener::bind(console).map_err(|source| VmmError::Files {
+                path: console.clone(),
+                source,
+            })?;
+        super::hand_to(spec.user.as_ref(), console)?;
+        let files = spec.files.clone();
+        tokio::spawn(async move {
+            if let Ok((stream, _)) = listener.accept().await {
+                super::pump_console(stream, &files);
+            }
+            let _ = std::fs::remove_file(&files.console_socket);
+        });
+        let mut cmd = Command::new(binary);
+        cmd.args(args);
+        let (how, _held) = super::confinement(spec, true)?;
+        crate::daemon::confine(&mut cmd, how);
+        if !fds.is_empty() {
+            let fds = fds.to_vec();
+            // SAFETY: runs in the forked child before exec and only calls dup2 (async-signal-safe).
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (i, fd) in fds.iter().enumerate() {
+                        // dup2 leaves the new descriptor open across exec.
+                        if libc::dup2(*fd, FIRST_NET_FD + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let daemon = Daemon::spawn(
+            "qemu",
+            cmd,
+            &spec.files.vmm_log,
+            spec.files.log_max,
+            &spec.files.vmm_pid,
+        )?;
+        log::info!(
+            "sandbox {}: qemu pid {} ({}, {})",
+            spec.sandbox_id,
+            daemon.pid(),
+            if self.accel.kvm { "KVM" } else { "TCG" },
+            self.accel.reason
+        );
+        self.vmm = Some(daemon);
+        self.qmp_socket = Some(spec.files.control_socket.clone());
+        Ok(())
+    }
+
+    /// Ends a VMM that failed to start, and forgets it.
+    async fn kill_vmm(&mut self) {
+        if let Some(vmm) = self.vmm.take() {
+            vmm.stop(Duration::from_secs(1)).await;
+        }
+        self.qmp_socket = None;
     }
 }
 
@@ -149,26 +230,29 @@ impl Hypervisor for Qemu {
                 .wait_for_socket(&spec.files.vsock_socket, READY_TIMEOUT)
                 .await?;
         }
-        // QEMU connects to the console socket as it starts: listen first.
-        let console = &spec.files.console_socket;
-        let _ = std::fs::remove_file(console);
-        let listener =
-            tokio::net::UnixListener::bind(console).map_err(|source| VmmError::Files {
-                path: console.clone(),
-                source,
-            })?;
-        super::hand_to(spec.user.as_ref(), console)?;
-        let files = spec.files.clone();
-        tokio::spawn(async move {
-            if let Ok((stream, _)) = listener.accept().await {
-                super::pump_console(stream, &files);
+        self.started = StartKind::Cold;
+        if self.config.templates {
+            match self.start_from_template(spec).await {
+                Ok(restored) => {
+                    self.started = StartKind::Restored(restored);
+                    return Ok(());
+                }
+                // A start from a template that went wrong before the devices were plugged
+                // leaves nothing behind: the VM boots as it would without templates.
+                Err(e) if self.vmm.is_none() => log::warn!(
+                    "sandbox {}: not starting from a template ({e}); booting",
+                    spec.sandbox_id
+                ),
+                Err(e) => {
+                    return Err(VmmError::Control {
+                        vmm: "qemu",
+                        message: format!(
+                            "a VM restored from a template could not take its devices: {e}"
+                        ),
+                    })
+                }
             }
-            let _ = std::fs::remove_file(&files.console_socket);
-        });
-        let mut cmd = Command::new(binary);
-        cmd.args(command_line(spec, &self.host));
-        let (how, _held) = super::confinement(spec, true)?;
-        crate::daemon::confine(&mut cmd, how);
+        }
         // In the order `args` numbers them: each NIC's taps, then its vhost descriptors.
         let mut vhost = Vec::new();
         let mut taps: Vec<i32> = Vec::new();
@@ -180,36 +264,8 @@ impl Hypervisor for Qemu {
                 vhost.extend(opened);
             }
         }
-        if !taps.is_empty() {
-            // SAFETY: runs in the forked child before exec and only calls dup2 (async-signal-safe).
-            unsafe {
-                cmd.pre_exec(move || {
-                    for (i, fd) in taps.iter().enumerate() {
-                        // dup2 leaves the new descriptor open across exec.
-                        if libc::dup2(*fd, FIRST_NET_FD + i as i32) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let daemon = Daemon::spawn(
-            "qemu",
-            cmd,
-            &spec.files.vmm_log,
-            spec.files.log_max,
-            &spec.files.vmm_pid,
-        )?;
-        log::info!(
-            "sandbox {}: qemu pid {} ({}, {})",
-            spec.sandbox_id,
-            daemon.pid(),
-            if self.accel.kvm { "KVM" } else { "TCG" },
-            self.accel.reason
-        );
-        self.vmm = Some(daemon);
-        self.qmp_socket = Some(spec.files.control_socket.clone());
+        self.spawn_vmm(spec, &binary, command_line(spec, &self.host), &taps)
+            .await?;
         self.ports = spec
             .net
             .iter()
@@ -252,6 +308,10 @@ impl Hypervisor for Qemu {
 
     async fn add_nic(&mut self, nic: &NetDevice) -> Result<(), VmmError> {
         self.plug(nic).await
+    }
+
+    fn started(&self) -> StartKind {
+        self.started.clone()
     }
 
     async fn remove_nic(&mut self, id: &str, timeout: Duration) -> Result<(), VmmError> {

@@ -1,0 +1,99 @@
+//! `hako template build|list|rm`: the operator's hand on the template store (ADR 14).
+
+use anyhow::Context;
+use hako_shim::config::{Config, HypervisorKind};
+use hako_shim::vmm::qemu::template::{Meta, Store};
+
+pub const USAGE: &str = "usage: hako template list | hako template build | hako template rm KEY | hako template rm --all
+
+Templates let pods start from a saved VM of their shape instead of booting one (ADR 14).
+  list    the templates in hypervisor.template_dir, with their shape and size
+  build   (re)makes the template of the configuration's shape now, so the next pod need not
+  rm      removes one template, or all; the next start of that shape makes it again";
+
+pub fn command(args: &[&str]) -> anyhow::Result<bool> {
+    let config = Config::load(None)?.config;
+    let store = Store::new(
+        &config.hypervisor.template_dir,
+        &config.runtime.sandbox_root,
+    );
+    match args {
+        ["list"] => list(&store),
+        ["build"] => build(&config),
+        ["rm", "--all"] => {
+            for (key, _) in store.list() {
+                store.remove(&key);
+                println!("removed {key}");
+            }
+            Ok(true)
+        }
+        ["rm", key] => {
+            if !store.list().iter().any(|(k, _)| k == key) {
+                anyhow::bail!("no template {key:?} in {}", store.dir.display());
+            }
+            store.remove(key);
+            println!("removed {key}");
+            Ok(true)
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            Ok(false)
+        }
+    }
+}
+
+fn list(store: &Store) -> anyhow::Result<bool> {
+    let found = store.list();
+    if found.is_empty() {
+        println!("no templates in {}", store.dir.display());
+    }
+    for (key, meta) in found {
+        match meta {
+            Some(meta) => println!("{key}  {}", describe(&meta)),
+            None => println!("{key}  (incomplete: no metadata; it is made again when used)"),
+        }
+    }
+    Ok(true)
+}
+
+/// vCPUs, memory, size and age of a template, from its inputs.
+pub fn describe(meta: &Meta) -> String {
+    let arg_after = |flag: &str| {
+        let words: Vec<&str> = meta.inputs.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[0] == flag)
+            .map(|w| w[1].to_string())
+            .unwrap_or_else(|| "?".to_string())
+    };
+    let age = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|now| now.as_secs().saturating_sub(meta.created_unix))
+        .unwrap_or(0);
+    format!(
+        "{} vCPU, {} memory, {:.1} MiB saved, made {} min ago",
+        arg_after("-smp"),
+        arg_after("-m"),
+        meta.state_len as f64 / 1048576.0,
+        age / 60
+    )
+}
+
+fn build(config: &Config) -> anyhow::Result<bool> {
+    if config.hypervisor.kind != HypervisorKind::Qemu {
+        anyhow::bail!("templates are made with QEMU (hypervisor.kind = \"qemu\")");
+    }
+    println!("booting a VM of the configuration's shape and saving it (a few seconds under TCG)");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let made = runtime.block_on(hako_shim::vmm::qemu::snapshot::build_for_config(config))?;
+    println!(
+        "made template {} in {}: {}",
+        made.key,
+        config.hypervisor.template_dir.display(),
+        describe(&made.meta)
+    );
+    Ok(true)
+}

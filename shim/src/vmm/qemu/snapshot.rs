@@ -1,0 +1,540 @@
+//! Templates for QEMU (ADR 14): making one (boot a VM without its share, vsock device or NICs,
+//! wait for the agent's `TEMPLATE_POINT` on the console, save the VM with QEMU's migration to a
+//! file) and starting a VM from one (QEMU loads the saved VM into its own memory, then the
+//! vsock device, the share and the NICs are hot-plugged and the agent, woken by their uevents,
+//! goes on as from a boot).
+//!
+//! The saved state travels as a descriptor (`getfd`, `fd:` URIs): QEMU runs without the right
+//! to spawn (`-sandbox spawn=deny`) and cannot open the template store.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use super::args::{template_command_line, MEMORY_FD, SHARE_PORT, VSOCK_PORT};
+use super::template::{self, Store, Template, TemplateError};
+use super::Qemu;
+use crate::daemon::{resolve_binary, Daemon};
+use crate::vmm::qmp::Qmp;
+use crate::vmm::Hypervisor;
+use crate::vmm::{Share, VmSpec, VmmError};
+
+/// How long a template's VM may take to boot to its agent's wait.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long QEMU may take to save or load a VM.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most of a template VM's console kept to explain a failure.
+const CONSOLE_KEPT: usize = 16 * 1024;
+
+/// What a start from a template took.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// Building the template first (this start was its shape's first), if it was needed.
+    pub built: Option<Duration>,
+    /// QEMU's start and the load of the saved VM.
+    pub restore: Duration,
+    /// Hot-plugging the vsock device, the share and the NICs.
+    pub hotplug: Duration,
+}
+
+/// Why a start from a template did not happen; each is logged and the VM boots cold.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Store(#[from] TemplateError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// The VM made to be a template did not reach its agent's wait.
+    #[error("the template VM did not come up: {reason}; its console: {console}")]
+    Boot { reason: String, console: String },
+    /// This VM cannot start from a template.
+    #[error("{0}")]
+    NotApplicable(String),
+    /// QEMU could not load the saved VM.
+    #[error("loading the saved VM failed: {0}")]
+    Restore(String),
+}
+
+impl Qemu {
+    /// The canonical form of a shape: the template command line for `spec` with the paths that
+    /// are this VM's own replaced, so that every VM of the shape has the same text.
+    fn shape_inputs(&self, spec: &VmSpec, qemu: &Path) -> String {
+        let mut canonical = spec.clone();
+        canonical.sandbox_id = "template".to_string();
+        canonical.files = crate::vmm::VmFiles::under(Path::new("/template"), 0);
+        let args = template_command_line(&canonical, &self.host);
+        // The binary's identity stands for its version: a saved VM loads only into the QEMU
+        // that saved it.
+        template::inputs(&args, &[qemu, &spec.kernel, &spec.initrd])
+    }
+
+    /// Starts the VM from the template of its shape, making the template first if there is
+    /// none. A template that cannot be used is removed (the next start makes a fresh one).
+    pub(super) async fn start_from_template(
+        &mut self,
+        spec: &VmSpec,
+    ) -> Result<Restored, SnapshotError> {
+        let Share::VirtioFs { socket } = &spec.share else {
+            return Err(SnapshotError::NotApplicable(
+                "virtio-9p shares are served by QEMU itself, which a template cannot carry"
+                    .to_string(),
+            ));
+        };
+        if spec.net.len() > spec.hotplug_slots as usize {
+            return Err(SnapshotError::NotApplicable(format!(
+                "{} NICs, more than the {} hot-plug slots a restored VM has",
+                spec.net.len(),
+                spec.hotplug_slots
+            )));
+        }
+        let qemu =
+            resolve_binary("qemu-system-x86_64", &self.config.path).map_err(VmmError::from)?;
+        let store = Store::new(&self.config.template_dir, &self.sandbox_root);
+        let inputs = self.shape_inputs(spec, &qemu);
+        let key = template::key(&inputs);
+        let mut built = None;
+        let template = match store.lookup(&key, &inputs) {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                let started = Instant::now();
+                let made = self
+                    .build_template(spec, &qemu, &store, &key, &inputs)
+                    .await?;
+                built = Some(started.elapsed());
+                made
+            }
+            Err(e) => {
+                store.remove(&key);
+                return Err(e.into());
+            }
+        };
+        let started = Instant::now();
+        if let Err(e) = self.restore(spec, &qemu, &template).await {
+            // Whatever went wrong, this template is not trusted again.
+            store.remove(&key);
+            return Err(e);
+        }
+        let restore = started.elapsed();
+        let started = Instant::now();
+        self.plug_devices(spec, socket).await?;
+        Ok(Restored {
+            built,
+            restore,
+            hotplug: started.elapsed(),
+        })
+    }
+
+    /// Makes the template of `key` (under its lock, unless another start made it meanwhile).
+    async fn build_template(
+        &self,
+        spec: &VmSpec,
+        qemu: &Path,
+        store: &Store,
+        key: &str,
+        inputs: &str,
+    ) -> Result<Template, SnapshotError> {
+        let lock_store = Store::new(&store.dir, &self.sandbox_root);
+        let lock_key = key.to_string();
+        let lock = tokio::task::spawn_blocking(move || lock_store.lock(&lock_key))
+            .await
+            .map_err(|e| {
+                SnapshotError::NotApplicable(format!("waiting for the template lock: {e}"))
+            })??;
+        if let Some(found) = store.lookup(key, inputs)? {
+            return Ok(found);
+        }
+        let (scratch, state, mem) = store.scratch(key)?;
+        let saved = self.save_template_vm(spec, qemu, &state, &mem).await;
+        drop((state, mem));
+        let made = saved.and_then(|()| store.finish(key, &scratch, inputs).map_err(Into::into));
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        drop(lock);
+        let made = made?;
+        log::info!(
+            "sandbox {}: made template {key} ({} MiB) in {}",
+            spec.sandbox_id,
+            made.meta.state_len >> 20,
+            store.dir.display()
+        );
+        Ok(made)
+    }
+
+    /// Boots the template VM, its memory in `mem`, waits for its agent's wait, and saves the
+    /// rest into `state`.
+    async fn save_template_vm(
+        &self,
+        spec: &VmSpec,
+        qemu: &Path,
+        state: &std::fs::File,
+        mem: &std::fs::File,
+    ) -> Result<(), SnapshotError> {
+        let dir = &spec.files.vmm_dir;
+        let mut vm_spec = spec.clone();
+        vm_spec.files.console_socket = dir.join("template-console.sock");
+        vm_spec.files.control_socket = dir.join("template-control.sock");
+        let _ = std::fs::remove_file(&vm_spec.files.console_socket);
+        let listener =
+            tokio::net::UnixListener::bind(&vm_spec.files.console_socket).map_err(|source| {
+                VmmError::Files {
+                    path: vm_spec.files.console_socket.clone(),
+                    source,
+                }
+            })?;
+        crate::vmm::hand_to(spec.user.as_ref(), &vm_spec.files.console_socket)?;
+        let mut cmd = Command::new(qemu);
+        cmd.args(template_command_line(&vm_spec, &self.host));
+        // It has no NIC and reaches nothing: a network namespace of its own, empty.
+        let (mut how, _held) = crate::vmm::confinement(spec, false)?;
+        how.empty_netns = true;
+        crate::daemon::confine(&mut cmd, how);
+        hand_memory(&mut cmd, spec, mem)?;
+        let vm = Daemon::spawn(
+            "qemu (template)",
+            cmd,
+            &spec.files.template_log,
+            spec.files.log_max,
+            &spec.files.template_pid,
+        )
+        .map_err(VmmError::from)?;
+        let result = async {
+            wait_for_template_point(&listener, &vm).await?;
+            let mut qmp = connect(&vm_spec.files.control_socket).await?;
+            qmp.execute("stop", None).await.map_err(VmmError::from)?;
+            migration_capabilities(&mut qmp).await?;
+            qmp.send_fd("template", std::os::fd::AsRawFd::as_raw_fd(state))
+                .await
+                .map_err(VmmError::from)?;
+            qmp.execute("migrate", Some(json!({ "uri": "fd:template" })))
+                .await
+                .map_err(VmmError::from)?;
+            migration_done(&mut qmp).await?;
+            let _ = qmp.execute("quit", None).await;
+            Ok::<(), SnapshotError>(())
+        }
+        .await;
+        if tokio::time::timeout(Duration::from_secs(5), vm.wait())
+            .await
+            .is_err()
+        {
+            vm.stop(Duration::from_secs(1)).await;
+        }
+        let _ = std::fs::remove_file(&spec.files.template_pid);
+        let _ = std::fs::remove_file(&vm_spec.files.console_socket);
+        result
+    }
+
+    /// Starts QEMU on the template's machine, loads the saved VM into it and runs it.
+    async fn restore(
+        &mut self,
+        spec: &VmSpec,
+        qemu: &Path,
+        template: &Template,
+    ) -> Result<(), SnapshotError> {
+        let state = std::fs::File::open(&template.state).map_err(|source| VmmError::Files {
+            path: template.state.clone(),
+            source,
+        })?;
+        let mem = own_memory(spec, template)?;
+        let mut args = template_command_line(spec, &self.host);
+        args.extend(["-incoming".to_string(), "defer".to_string()]);
+        let fds = [std::os::fd::AsRawFd::as_raw_fd(&mem)];
+        self.spawn_vmm(spec, qemu, args, &fds).await?;
+        drop(mem);
+        let loaded = async {
+            if let Some(vmm) = &self.vmm {
+                vmm.wait_for_socket(&spec.files.control_socket, super::READY_TIMEOUT)
+                    .await
+                    .map_err(VmmError::from)?;
+            }
+            let mut qmp = self.qmp().await?;
+            migration_capabilities(&mut qmp).await?;
+            qmp.send_fd("template", std::os::fd::AsRawFd::as_raw_fd(&state))
+                .await
+                .map_err(VmmError::from)?;
+            qmp.execute("migrate-incoming", Some(json!({ "uri": "fd:template" })))
+                .await
+                .map_err(VmmError::from)?;
+            migration_done(&mut qmp).await?;
+            // The template was saved stopped, and a VM keeps its run state across a migration.
+            qmp.execute("cont", None).await.map_err(VmmError::from)?;
+            Ok::<(), SnapshotError>(())
+        }
+        .await;
+        if let Err(e) = loaded {
+            let log = self.log_tail();
+            self.kill_vmm().await;
+            return Err(SnapshotError::Restore(format!("{e}; qemu: {log}")));
+        }
+        Ok(())
+    }
+
+    /// Hot-plugs the vsock device, the share and the NICs into a restored VM's root ports.
+    async fn plug_devices(&mut self, spec: &VmSpec, share_socket: &Path) -> Result<(), VmmError> {
+        let mut qmp = self.qmp().await?;
+        for (id, socket, port, device) in [
+            (
+                "vsock0",
+                &spec.files.vsock_socket,
+                VSOCK_PORT,
+                json!({ "driver": "vhost-user-vsock-pci" }),
+            ),
+            (
+                "fs0",
+                &share_socket.to_path_buf(),
+                SHARE_PORT,
+                json!({ "driver": "vhost-user-fs-pci", "queue-size": 1024, "tag": spec.fs_tag }),
+            ),
+        ] {
+            qmp.execute(
+                "chardev-add",
+                Some(json!({
+                    "id": id,
+                    "backend": { "type": "socket", "data": {
+                        "addr": { "type": "unix", "data": { "path": socket.display().to_string() } },
+                        "server": false,
+                    }},
+                })),
+            )
+            .await?;
+            let mut device = device;
+            device["id"] = json!(id);
+            device["chardev"] = json!(id);
+            device["bus"] = json!(port);
+            qmp.execute("device_add", Some(device)).await?;
+        }
+        drop(qmp);
+        self.ports = vec![None; spec.hotplug_slots as usize];
+        for nic in &spec.net {
+            self.plug(nic).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes the template of the configuration's own shape (`hako template build`), replacing the
+/// one there; returns its key and what it holds.
+pub async fn build_for_config(config: &crate::config::Config) -> Result<Template, SnapshotError> {
+    let root = &config.runtime.sandbox_root;
+    let dir = root.join(format!(".template-build-{}", std::process::id()));
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .create(dir.join("vmm"))
+        .map_err(|source| VmmError::Files {
+            path: dir.clone(),
+            source,
+        });
+    let result = async {
+        made?;
+        let files = crate::vmm::VmFiles::under(&dir, config.runtime.log_max_bytes);
+        let share = Share::VirtioFs {
+            socket: dir.join("fs.sock"),
+        };
+        let spec = VmSpec::from_config(config, "template", files, share);
+        let qemu = Qemu::new(&config.hypervisor, &config.vsock, root)?;
+        let binary = resolve_binary("qemu-system-x86_64", &config.hypervisor.path)
+            .map_err(VmmError::from)?;
+        let store = Store::new(&config.hypervisor.template_dir, root);
+        let inputs = qemu.shape_inputs(&spec, &binary);
+        let key = template::key(&inputs);
+        store.remove(&key);
+        qemu.build_template(&spec, &binary, &store, &key, &inputs)
+            .await
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// QEMU makes its QMP socket as it starts: it is there by the time the guest speaks.
+async fn connect(socket: &Path) -> Result<Qmp, VmmError> {
+    Ok(Qmp::connect(socket).await?)
+}
+
+/// Events for the migration's end, and its memory left out of the stream: it is in the file
+/// the VM's memory lives in (`x-ignore-shared`).
+async fn migration_capabilities(qmp: &mut Qmp) -> Result<(), VmmError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [
+            { "capability": "events", "state": true },
+            { "capability": "x-ignore-shared", "state": true },
+        ] })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Gives QEMU (running as the VMM's user) the memory file as `MEMORY_FD`.
+fn hand_memory(cmd: &mut Command, spec: &VmSpec, mem: &std::fs::File) -> Result<(), VmmError> {
+    use std::os::fd::AsRawFd;
+    if let Some(user) = &spec.user {
+        std::os::unix::fs::fchown(mem, Some(user.uid), Some(user.gid)).map_err(|source| {
+            VmmError::Files {
+                path: spec.files.vmm_dir.join("mem"),
+                source,
+            }
+        })?;
+    }
+    let fd = mem.as_raw_fd();
+    // SAFETY: runs in the forked child before exec and only calls dup2 (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, MEMORY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// The restored VM's own memory: a copy of the template's data in a file of its sandbox
+/// (`vmm/mem`, on the sandbox root's tmpfs), which QEMU and the device backends map shared.
+fn own_memory(spec: &VmSpec, template: &Template) -> Result<std::fs::File, VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = spec.files.vmm_dir.join("mem");
+    let files_err = |source| VmmError::Files {
+        path: path.clone(),
+        source,
+    };
+    let _ = std::fs::remove_file(&path);
+    let file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(files_err)?;
+    template::copy_memory(&template.mem, &file).map_err(files_err)?;
+    if let Some(user) = &spec.user {
+        std::os::unix::fs::fchown(&file, Some(user.uid), Some(user.gid)).map_err(files_err)?;
+    }
+    Ok(file)
+}
+
+/// Waits for the migration to end, in either direction.
+async fn migration_done(qmp: &mut Qmp) -> Result<(), SnapshotError> {
+    let event = qmp
+        .wait_event(
+            "MIGRATION",
+            |e| matches!(e["data"]["status"].as_str(), Some("completed" | "failed")),
+            MIGRATION_TIMEOUT,
+        )
+        .await
+        .map_err(VmmError::from)?;
+    if event["data"]["status"] == "completed" {
+        Ok(())
+    } else {
+        let info = qmp.execute("query-migrate", None).await.unwrap_or_default();
+        Err(SnapshotError::NotApplicable(format!(
+            "QEMU's migration failed: {}",
+            info["error-desc"].as_str().unwrap_or("no reason given")
+        )))
+    }
+}
+
+/// Reads the template VM's console until the agent says it waits for the host's devices.
+async fn wait_for_template_point(
+    listener: &tokio::net::UnixListener,
+    vm: &Daemon,
+) -> Result<(), SnapshotError> {
+    let mut console = Vec::new();
+    let marker = hako_protocol::TEMPLATE_POINT.as_bytes();
+    let read = async {
+        let (mut stream, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("the console closed".to_string());
+            }
+            console.extend_from_slice(&buf[..n]);
+            if console.windows(marker.len()).any(|w| w == marker) {
+                return Ok(());
+            }
+            if console.len() > 2 * CONSOLE_KEPT {
+                console.drain(..console.len() - CONSOLE_KEPT);
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        read = tokio::time::timeout(BOOT_TIMEOUT, read) => match read {
+            Ok(read) => read,
+            Err(_) => Err(format!("no agent wait within {BOOT_TIMEOUT:?}")),
+        },
+        code = vm.wait() => Err(format!("QEMU exited ({code}): {}", vm.log_tail())),
+    };
+    outcome.map_err(|reason| SnapshotError::Boot {
+        reason,
+        console: crate::logs::escape(&console[console.len().saturating_sub(3000)..]),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{HypervisorConfig, VsockConfig};
+    use crate::vmm::qemu::args::HostOptions;
+    use crate::vmm::{AccelChoice, NetDevice};
+
+    #[tokio::test]
+    async fn a_restored_vm_gets_its_vsock_device_share_and_nics_in_their_ports() {
+        let dir = std::env::temp_dir().join(format!("hako-restore-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let socket = dir.join("qmp.sock");
+        let ok = "{\"return\": {}}\n";
+        // plug_devices' own connection, then the NIC's.
+        let server =
+            crate::vmm::qmp::fake::qemu_sessions(&socket, vec![vec![ok; 5], vec![ok; 4]]).await;
+        let mut qemu = Qemu {
+            config: HypervisorConfig::default(),
+            vsock_config: VsockConfig::default(),
+            accel: AccelChoice {
+                kvm: false,
+                reason: "test".into(),
+            },
+            host: HostOptions::default(),
+            vsock: None,
+            vmm: None,
+            qmp_socket: Some(socket.clone()),
+            ports: Vec::new(),
+            sandbox_root: dir.clone(),
+            started: crate::vmm::StartKind::Cold,
+        };
+        let tap = std::fs::File::open("/dev/null").expect("a stand-in for a tap queue");
+        let mut spec = crate::vmm::test_spec(Path::new("/run/hako/default/sb1"));
+        spec.hotplug_slots = 2;
+        spec.net = vec![NetDevice {
+            id: "nic0".into(),
+            tap_fds: vec![std::os::fd::AsRawFd::as_raw_fd(&tap)],
+            mac: "02:42:ac:11:00:02".into(),
+        }];
+        qemu.plug_devices(&spec, Path::new("/run/hako/default/sb1/fs.sock"))
+            .await
+            .expect("plugged");
+        assert_eq!(qemu.ports, [Some("nic0".to_string()), None]);
+        let seen = server.await.expect("server");
+        let seen: Vec<&str> = seen.iter().map(String::as_str).collect();
+        assert_eq!(
+            seen[1..5],
+            [
+                r#"{"arguments":{"backend":{"data":{"addr":{"data":{"path":"/run/hako/default/sb1/vmm/vhu.sock"},"type":"unix"},"server":false},"type":"socket"},"id":"vsock0"},"execute":"chardev-add"}"#,
+                r#"{"arguments":{"bus":"vsockport","chardev":"vsock0","driver":"vhost-user-vsock-pci","id":"vsock0"},"execute":"device_add"}"#,
+                r#"{"arguments":{"backend":{"data":{"addr":{"data":{"path":"/run/hako/default/sb1/fs.sock"},"type":"unix"},"server":false},"type":"socket"},"id":"fs0"},"execute":"chardev-add"}"#,
+                r#"{"arguments":{"bus":"fsport","chardev":"fs0","driver":"vhost-user-fs-pci","id":"fs0","queue-size":1024,"tag":"hakoShared"},"execute":"device_add"}"#,
+            ]
+        );
+        assert!(
+            seen[7].contains("netdev_add") && seen[8].contains("nicport0"),
+            "{seen:?}"
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
