@@ -248,25 +248,24 @@ fn make(
         for part in relative.components() {
             dir.push(part);
             let leaf = dir.as_path() == hierarchy.join(relative);
-            // A parent is made and listed under the registry's lock (see `remove`).
-            let lock = (!leaf).then(|| RegistryLock::take(registry_root));
+            // Every level is made, listed (a parent) and filled under the registry's lock, as
+            // a parent is removed and unlisted (see `remove`): a level seen by another shim is
+            // either gone or whole, never made but not filled yet.
+            let lock = RegistryLock::take(registry_root);
             let made = tree.create_dir(&dir);
             if made.is_ok() && !leaf {
                 list(registry_root, &dir);
             }
+            let step = match made {
+                Ok(()) => fill_cpuset(tree, &dir),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => fill_cpuset(tree, &dir),
+                Err(source) => Err(CgroupError::Io {
+                    path: dir.clone(),
+                    source,
+                }),
+            };
             drop(lock);
-            match made {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(source) => {
-                    result = Err(CgroupError::Io {
-                        path: dir.clone(),
-                        source,
-                    });
-                    break;
-                }
-            }
-            if let Err(e) = fill_cpuset(tree, &dir) {
+            if let Err(e) = step {
                 result = Err(e);
                 break;
             }
@@ -517,7 +516,9 @@ mod tests {
     fn pods_made_at_once_are_all_joinable_whoever_made_the_parent() {
         const PODS: usize = 8;
         let hierarchy = Path::new("/fake/cpuset");
-        let registry = std::env::temp_dir().join(format!("hako-cg-race-{}", std::process::id()));
+        // No registry (it cannot be made under /proc), so no lock: the shims race as they
+        // would without one, and each level must still be filled by whoever gets there.
+        let registry = PathBuf::from("/proc/self/hako-no-registry");
         let tree = FakeCpuset::new(hierarchy, PODS - 1);
         std::thread::scope(|s| {
             for n in 0..PODS {
@@ -563,7 +564,6 @@ mod tests {
             msg.contains("/fake/cpuset/pod") && msg.contains("cpuset.mems"),
             "{msg}"
         );
-        let _ = fs::remove_dir_all(&registry);
     }
 
     /// Two sandboxes come and go under one parent, again and again: the parent is never left
