@@ -41,15 +41,23 @@ cargo test --locked --no-fail-fast -p hako-tests "${e2e[@]}" -- --ignored --test
 # only where what it needs is present, and is reported as SKIPPED, not passed, elsewhere.
 echo "test: Cloud Hypervisor"
 ch="${HAKO_CLOUD_HYPERVISOR:-$(command -v cloud-hypervisor || true)}"
+api_tests=(a_real_cloud_hypervisor_takes_the_vm_hako_defines
+    a_real_cloud_hypervisor_saves_a_template_vm_and_restores_it_with_the_pods_devices)
+container_tests=(a_container_runs_on_cloud_hypervisor
+    a_container_starts_from_a_template_on_cloud_hypervisor)
 if [[ -n $ch && -x $ch ]]; then
     HAKO_CLOUD_HYPERVISOR="$ch" cargo test --locked -p hako-tests --test cloud_hypervisor \
-        -- --ignored --exact a_real_cloud_hypervisor_takes_the_vm_hako_defines
+        -- --ignored --exact --test-threads=1 "${api_tests[@]}"
 else
-    echo "SKIPPED cloud_hypervisor::a_real_cloud_hypervisor_takes_the_vm_hako_defines: no cloud-hypervisor binary (set HAKO_CLOUD_HYPERVISOR; docs/hypervisors.md)"
+    for t in "${api_tests[@]}"; do
+        echo "SKIPPED cloud_hypervisor::$t: no cloud-hypervisor binary (set HAKO_CLOUD_HYPERVISOR; docs/hypervisors.md)"
+    done
 fi
 if [[ -n $ch && -x $ch ]] && HAKO_CLOUD_HYPERVISOR="$ch" hako check | grep -q '^ok   cloud-hypervisor'; then
     HAKO_CLOUD_HYPERVISOR="$ch" cargo test --locked -p hako-tests --test cloud_hypervisor \
-        -- --ignored --exact a_container_runs_on_cloud_hypervisor --test-threads=1
+        -- --ignored --exact --test-threads=1 "${container_tests[@]}"
 else
-    echo "SKIPPED cloud_hypervisor::a_container_runs_on_cloud_hypervisor: needs a cloud-hypervisor binary and hardware KVM ($(hako check | grep 'accelerator' | cut -c29-))"
+    for t in "${container_tests[@]}"; do
+        echo "SKIPPED cloud_hypervisor::$t: needs a cloud-hypervisor binary and hardware KVM ($(hako check | grep 'accelerator' | cut -c29-))"
+    done
 fi

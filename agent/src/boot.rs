@@ -299,7 +299,8 @@ pub fn take_host_clock_and_entropy(now_unix_ns: i64, entropy: &[u8]) -> Result<(
     Ok(())
 }
 
-/// RNDADDENTROPY: mixes `bytes` into the pool and credits them (the host's getrandom output).
+/// RNDADDENTROPY: mixes `bytes` into the pool and credits them (the host's getrandom output);
+/// then RNDRESEEDCRNG.
 fn add_entropy(bytes: &[u8]) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
@@ -315,6 +316,15 @@ fn add_entropy(bytes: &[u8]) -> io::Result<()> {
     // SAFETY: the request is a rand_pool_info whose buf_size bytes follow its header, in a
     // buffer we own that outlives the call.
     if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, request.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // A ready generator takes credited bytes in at its next scheduled reseed, seconds away: a
+    // VM restored without a generation id (Cloud Hypervisor) would hand out its template's
+    // stream until then. RNDRESEEDCRNG reseeds it from the pool now, before any container.
+    // _IO('R', 0x07)
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: an ioctl without an argument on a descriptor we own.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

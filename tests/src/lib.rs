@@ -287,6 +287,27 @@ impl Containerd {
         fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }
 
+    /// The start-phase line the shim logged for container `id`.
+    pub fn start_phases(&self, id: &str) -> String {
+        self.log()
+            .lines()
+            .rfind(|l| l.contains(&format!("container {id} start phases:")) && l.contains("total="))
+            .unwrap_or_else(|| panic!("no start phases for {id}"))
+            .to_string()
+    }
+
+    /// Whether the start of container `id` restored a template rather than booted (ADR 14).
+    pub fn restored(&self, id: &str) -> bool {
+        let line = self.start_phases(id);
+        let restored = line.contains("vmm_started.restore=");
+        assert_eq!(
+            restored,
+            !line.contains("agent_ready.kernel="),
+            "a start is a restore or a boot: {line}"
+        );
+        restored
+    }
+
     /// The daemon's own directory: its root (`root/`), state and log.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -1,10 +1,12 @@
 //! End-to-end: Cloud Hypervisor. Neither test can run on a host without the parts it needs, and
 //! `scripts/test.sh` runs each only where they are, reporting it as SKIPPED otherwise:
 //!
-//! - the API test needs a `cloud-hypervisor` binary (`$HAKO_CLOUD_HYPERVISOR` or $PATH) and a
-//!   /dev/kvm that opens; it drives the real process without booting a guest;
-//! - the container test also needs hardware virtualisation (`hako check` says
-//!   "ok cloud-hypervisor"), and runs the whole container path on Cloud Hypervisor.
+//! - the API tests need a `cloud-hypervisor` binary (`$HAKO_CLOUD_HYPERVISOR` or $PATH) and a
+//!   /dev/kvm that opens; they drive the real process (the template one through a boot that
+//!   starts no guest without hardware virtualisation, a save and a restore);
+//! - the container tests also need hardware virtualisation (`hako check` says
+//!   "ok cloud-hypervisor"), and run the whole container path on Cloud Hypervisor, booted and
+//!   restored from a template.
 //!
 //! Run by hand: `HAKO_CLOUD_HYPERVISOR=/path/to/cloud-hypervisor cargo test -p hako-tests
 //! --test cloud_hypervisor -- --ignored --test-threads=1 <name>`.
@@ -19,8 +21,10 @@ use std::time::Duration;
 use hako_shim::daemon::{resolve_binary, Daemon};
 use hako_shim::sandbox::SandboxPaths;
 use hako_shim::vmm::cloud_hypervisor::api::ApiClient;
+use hako_shim::vmm::cloud_hypervisor::snapshot;
 use hako_shim::vmm::cloud_hypervisor::types::{FsConfig, VmState};
-use hako_shim::vmm::cloud_hypervisor::{binary_from_env, net_config, vm_config};
+use hako_shim::vmm::cloud_hypervisor::{binary_from_env, net_config, template_config, vm_config};
+use hako_shim::vmm::template::{Shape, Store};
 use hako_shim::vmm::{NetDevice, Share, VmSpec};
 use hako_tests::*;
 
@@ -168,6 +172,140 @@ async fn a_real_cloud_hypervisor_takes_the_vm_hako_defines() {
     assert_no_leaks("cloud-hypervisor API test");
 }
 
+/// A `cloud-hypervisor` serving its API on `socket`, its log and pid file beside it.
+async fn vmm(binary: &Path, dir: &Path, name: &str) -> (Daemon, ApiClient) {
+    let socket = dir.join(format!("{name}.sock"));
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.arg("--api-socket").arg(&socket);
+    let vmm = Daemon::spawn(
+        "cloud-hypervisor",
+        cmd,
+        &dir.join(format!("{name}.log")),
+        1 << 20,
+        &dir.join(format!("{name}.pid")),
+    )
+    .unwrap();
+    vmm.wait_for_socket(&socket, Duration::from_secs(10))
+        .await
+        .unwrap();
+    (vmm, ApiClient::new(&socket).unwrap())
+}
+
+async fn shut_down(vmm: Daemon, api: &ApiClient) {
+    api.vmm_shutdown().await.unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(10), vmm.wait())
+        .await
+        .expect("the VMM exits after vmm.shutdown");
+    assert_eq!(code, 0, "log: {}", vmm.log_tail());
+}
+
+/// What a template start does with Cloud Hypervisor, with the real binary and a real
+/// virtiofsd: the template definition is booted (without hardware virtualisation the vCPU
+/// runs no guest, so the agent's wait is not awaited here), saved with hako's `save` into the
+/// store, and a second VMM restores it with hako's own restore directory and gets the pod's
+/// vsock device and share hot-plugged. The NIC's hot-plug needs a real tap and is the
+/// container test's, on a KVM host.
+#[tokio::test]
+#[ignore = "needs a cloud-hypervisor binary: run through scripts/test.sh"]
+async fn a_real_cloud_hypervisor_saves_a_template_vm_and_restores_it_with_the_pods_devices() {
+    let binary = binary();
+    let dir = std::env::temp_dir().join(format!("hako-ch-template-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("shared")).unwrap();
+    let mut spec = spec(&dir, -1);
+    spec.net.clear();
+
+    // The template VM: defined without share or vsock device, booted, saved.
+    let (template_vmm, api) = vmm(&binary, &dir, "template").await;
+    api.create(&template_config(&spec)).await.unwrap();
+    api.boot().await.unwrap();
+    assert_eq!(api.info().await.unwrap().state, VmState::Running);
+    let store = Store::new(&dir.join("templates"), &dir.join("run"));
+    let scratch = store.scratch("k1").unwrap();
+    snapshot::save(&api, &spec, &scratch).await.unwrap();
+    assert_eq!(api.info().await.unwrap().state, VmState::Paused);
+    assert!(
+        !spec.files.vmm_dir.join("template-snapshot").exists(),
+        "the VMM's own copy goes once the store has it"
+    );
+    shut_down(template_vmm, &api).await;
+    let shape = Shape {
+        inputs: "test".into(),
+        vmm: "cloud-hypervisor",
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+    };
+    let template = store
+        .finish("k1", &scratch, &shape, &snapshot::FILES)
+        .unwrap();
+    let memory = &template.meta.files[2];
+    assert_eq!(memory.name, "memory-ranges");
+    assert_eq!(memory.len, u64::from(spec.memory_mib) << 20, "{template:?}");
+    // The kernel and initramfs were loaded; the rest of the memory was never touched.
+    assert!(
+        memory.data > 0 && memory.data < memory.len / 2,
+        "{} of {} bytes kept",
+        memory.data,
+        memory.len
+    );
+    assert!(store
+        .lookup("k1", "test", &snapshot::FILES)
+        .unwrap()
+        .is_some());
+
+    // The pod's VM: restored from the template, then given its devices.
+    let share = fs::canonicalize(dir.join("shared")).unwrap();
+    let Share::VirtioFs { socket: fs_socket } = &spec.share else {
+        unreachable!()
+    };
+    let mut cmd = tokio::process::Command::new(resolve_binary("virtiofsd", "virtiofsd").unwrap());
+    cmd.arg(format!("--socket-path={}", fs_socket.display()))
+        .arg(format!("--shared-dir={}", share.display()))
+        .arg("--sandbox=none");
+    let virtiofsd = Daemon::spawn(
+        "virtiofsd",
+        cmd,
+        &dir.join("virtiofsd.log"),
+        1 << 20,
+        &dir.join("virtiofsd.pid"),
+    )
+    .unwrap();
+    virtiofsd
+        .wait_for_socket(fs_socket, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let (pod_vmm, api) = vmm(&binary, &dir, "pod").await;
+    let restore_dir = snapshot::write_restore_dir(&spec, &template).unwrap();
+    snapshot::load(&api, &spec, &restore_dir).await.unwrap();
+    let info = api.info().await.unwrap();
+    assert_eq!(info.state, VmState::Running);
+    assert_eq!(
+        info.config.serial.as_ref().and_then(|s| s.socket.clone()),
+        Some(spec.files.console_socket.clone()),
+        "the restored VM's console is its own"
+    );
+    assert!(info.config.fs.is_none() && info.config.vsock.is_none());
+    snapshot::plug_devices(&api, &spec).await.unwrap();
+    let info = api.info().await.unwrap();
+    let tags: Vec<&str> = info
+        .config
+        .fs
+        .iter()
+        .flatten()
+        .map(|f| f.tag.as_str())
+        .collect();
+    assert_eq!(tags, ["hakoShared"]);
+    assert_eq!(
+        info.config.vsock.as_ref().map(|v| v.socket.clone()),
+        Some(spec.files.agent_socket.clone())
+    );
+    fs::remove_dir_all(&restore_dir).unwrap();
+    shut_down(pod_vmm, &api).await;
+    virtiofsd.stop(Duration::from_secs(5)).await;
+    fs::remove_dir_all(&dir).unwrap();
+    assert_no_leaks("cloud-hypervisor template API test");
+}
+
 #[test]
 #[ignore = "needs cloud-hypervisor and hardware KVM: run through scripts/test.sh"]
 fn a_container_runs_on_cloud_hypervisor() {
@@ -213,5 +351,55 @@ fn a_container_runs_on_cloud_hypervisor() {
         drop(c);
         assert_no_leaks(&format!("containerd {}", install.display()));
     }
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Cloud Hypervisor with templates on (`hypervisor.templates = true`; they are off by default on
+/// this backend): the first pod makes the template and every pod, the first too, starts from it
+/// with its own share, vsock channel and network.
+#[test]
+#[ignore = "needs cloud-hypervisor and hardware KVM: run through scripts/test.sh"]
+fn a_container_starts_from_a_template_on_cloud_hypervisor() {
+    let binary = binary();
+    let dir = std::env::temp_dir().join(format!("hako-ch-templates-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("configuration.toml");
+    fs::write(
+        &config,
+        format!(
+            "[hypervisor]\nkind = \"cloud-hypervisor\"\ncloud_hypervisor_path = \"{}\"\n\
+             templates = true\ntemplate_dir = \"{}\"\n",
+            binary.display(),
+            dir.join("templates").display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let install = &containerd_versions()[0];
+    assert_no_leaks("before the test");
+    let c = Containerd::start_with_env(install, &[("HAKO_CONFIG", &config)]);
+    for id in ["cht1", "cht2"] {
+        let r = c.run_rm(id, &["sh", "-c", "echo from-template; ls /sys/class/net"]);
+        assert_eq!(r.code, 0, "{r:?}\n{}", c.log());
+        assert!(r.stdout.starts_with("from-template\n"), "{r:?}");
+        assert!(
+            r.stdout.contains("eth0"),
+            "the pod's NIC was plugged: {r:?}"
+        );
+        assert!(c.restored(id), "{id}: {}", c.start_phases(id));
+    }
+    assert!(
+        c.start_phases("cht1")
+            .contains("vmm_started.template_build="),
+        "the first start made the template"
+    );
+    let kept: Vec<_> = fs::read_dir(dir.join("templates"))
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert_eq!(kept.len(), 1, "one template: {kept:?}");
+    drop(c);
+    assert_no_leaks("cloud-hypervisor templates");
     fs::remove_dir_all(&dir).unwrap();
 }

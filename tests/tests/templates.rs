@@ -54,27 +54,6 @@ impl Drop for Store {
     }
 }
 
-/// The start-phase line the shim logged for container `id`.
-fn phases(c: &Containerd, id: &str) -> String {
-    c.log()
-        .lines()
-        .rfind(|l| l.contains(&format!("container {id} start phases:")) && l.contains("total="))
-        .unwrap_or_else(|| panic!("no start phases for {id}"))
-        .to_string()
-}
-
-/// Whether the container's start restored a template (and did not boot).
-fn restored(c: &Containerd, id: &str) -> bool {
-    let line = phases(c, id);
-    let restored = line.contains("vmm_started.restore=");
-    assert_eq!(
-        restored,
-        !line.contains("agent_ready.kernel="),
-        "a start is a restore or a boot: {line}"
-    );
-    restored
-}
-
 #[test]
 #[ignore = "boots VMs: run through scripts/test.sh"]
 fn the_first_start_of_a_shape_makes_its_template_and_later_ones_restore_it() {
@@ -96,12 +75,12 @@ fn the_first_start_of_a_shape_makes_its_template_and_later_ones_restore_it() {
                 format!("{}\nvirtiofs\nhi\n", guest_kernel_release()),
                 "{id}"
             );
-            assert!(restored(c, id), "{id}: {}", phases(c, id));
+            assert!(c.restored(id), "{id}: {}", c.start_phases(id));
             assert_eq!(
-                phases(c, id).contains("vmm_started.template_build="),
+                c.start_phases(id).contains("vmm_started.template_build="),
                 made,
                 "{id}: {}",
-                phases(c, id)
+                c.start_phases(id)
             );
         }
         assert_eq!(store.templates().len(), 1);
@@ -127,7 +106,7 @@ fn clones_of_one_template_do_not_share_randomness_and_keep_the_hosts_time() {
         for id in ["clone-a", "clone-b", "clone-c"] {
             let r = c.run_rm(id, &["sh", "-c", probe]);
             assert_eq!(r.code, 0, "{id}: {r:?}");
-            assert!(restored(c, id), "{id}");
+            assert!(c.restored(id), "{id}");
             let lines: Vec<&str> = r.stdout.lines().collect();
             assert_eq!(lines.len(), 3, "{r:?}");
             let guest_now: i64 = lines[2].parse().unwrap();
@@ -172,7 +151,7 @@ fn ten_first_starts_at_once_make_one_template_and_all_run() {
         let made = c.log().matches("made template").count();
         assert_eq!(made, 1, "templates made: {made}");
         for id in &ids {
-            assert!(restored(c, id), "{id}");
+            assert!(c.restored(id), "{id}");
         }
     });
 }
@@ -190,7 +169,7 @@ fn survives(c: &Containerd, store: &Store, what: &str, spoil: impl Fn(&Path), wh
         (0, "still runs\n"),
         "{what}: {r:?}"
     );
-    assert!(!restored(c, &id), "{what}: booted");
+    assert!(!c.restored(&id), "{what}: booted");
     assert!(
         c.log()
             .lines()
@@ -200,9 +179,9 @@ fn survives(c: &Containerd, store: &Store, what: &str, spoil: impl Fn(&Path), wh
     let id = format!("{what}-2");
     let r = c.run_rm(&id, &["true"]);
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(restored(c, &id), "{what}: a fresh template");
+    assert!(c.restored(&id), "{what}: a fresh template");
     assert!(
-        phases(c, &id).contains("vmm_started.template_build="),
+        c.start_phases(&id).contains("vmm_started.template_build="),
         "{what}"
     );
 }
@@ -252,7 +231,7 @@ fn a_bad_template_is_replaced_and_never_fails_a_pod() {
                 let text = fs::read_to_string(&meta).unwrap();
                 fs::write(
                     &meta,
-                    text.replace("format 1", "format 1\\nfile /usr/bin/another-qemu"),
+                    text.replace("format 2", "format 2\\nfile /usr/bin/another-qemu"),
                 )
                 .unwrap();
             },
@@ -263,8 +242,8 @@ fn a_bad_template_is_replaced_and_never_fails_a_pod() {
             &store,
             "garbage",
             |state| {
-                // A state QEMU cannot load, with a checksum that matches it (ADR 14's: the
-                // state, then each data extent of the memory file with its offset).
+                // A state QEMU cannot load, with a checksum that matches it (the store's:
+                // each file's name, then each data extent of it with its offset).
                 let len = fs::metadata(state).unwrap().len() as usize;
                 let garbage = vec![0x5au8; len];
                 fs::remove_file(state).unwrap();
@@ -272,7 +251,8 @@ fn a_bad_template_is_replaced_and_never_fails_a_pod() {
                 let meta = state.with_file_name("meta.json");
                 let mut parsed: serde_json::Value =
                     serde_json::from_str(&fs::read_to_string(&meta).unwrap()).unwrap();
-                parsed["crc32"] = serde_json::json!(checksum(state, &state.with_file_name("mem")));
+                parsed["crc32"] =
+                    serde_json::json!(checksum(&[state, &state.with_file_name("mem")]));
                 fs::write(&meta, parsed.to_string()).unwrap();
             },
             "loading the saved VM failed",
@@ -287,33 +267,35 @@ fn templates_off_boots_every_vm() {
     for_each_containerd_with_env(&store.config.env(), |c| {
         let r = c.run_rm("booted", &["echo", "booted"]);
         assert_eq!((r.code, r.stdout.as_str()), (0, "booted\n"), "{r:?}");
-        assert!(!restored(c, "booted"));
+        assert!(!c.restored("booted"));
         assert!(store.templates().is_empty());
     });
 }
 
 /// A template's checksum as the store computes it.
-fn checksum(state: &Path, mem: &Path) -> u32 {
+fn checksum(files: &[&Path]) -> u32 {
     use nix::unistd::{lseek, Whence};
     use std::os::unix::fs::FileExt;
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&fs::read(state).unwrap());
-    let file = fs::File::open(mem).unwrap();
-    let len = file.metadata().unwrap().len() as i64;
-    let mut at = 0;
-    while at < len {
-        let Ok(data) = lseek(&file, at, Whence::SeekData) else {
-            break;
-        };
-        let hole = lseek(&file, data, Whence::SeekHole).unwrap();
-        let mut buf = vec![0u8; (hole - data) as usize];
-        file.read_exact_at(&mut buf, data as u64).unwrap();
-        // The store reads in chunks of 1 MiB, each with its offset.
-        for (n, chunk) in buf.chunks(1 << 20).enumerate() {
-            hasher.update(&(data as u64 + (n as u64) * (1 << 20)).to_le_bytes());
-            hasher.update(chunk);
+    for path in files {
+        hasher.update(path.file_name().unwrap().as_encoded_bytes());
+        let file = fs::File::open(path).unwrap();
+        let len = file.metadata().unwrap().len() as i64;
+        let mut at = 0;
+        while at < len {
+            let Ok(data) = lseek(&file, at, Whence::SeekData) else {
+                break;
+            };
+            let hole = lseek(&file, data, Whence::SeekHole).unwrap();
+            let mut buf = vec![0u8; (hole - data) as usize];
+            file.read_exact_at(&mut buf, data as u64).unwrap();
+            // The store reads in chunks of 1 MiB, each with its offset.
+            for (n, chunk) in buf.chunks(1 << 20).enumerate() {
+                hasher.update(&(data as u64 + (n as u64) * (1 << 20)).to_le_bytes());
+                hasher.update(chunk);
+            }
+            at = hole;
         }
-        at = hole;
     }
     hasher.finalize()
 }

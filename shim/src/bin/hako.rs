@@ -201,7 +201,7 @@ fn check() -> anyhow::Result<bool> {
         ),
     );
     // Optional unless configured: Cloud Hypervisor needs hardware KVM and is not packaged.
-    match CloudHypervisor::from_config(&loaded.hypervisor.cloud_hypervisor_path) {
+    match CloudHypervisor::from_config(&loaded.hypervisor, &loaded.runtime.sandbox_root) {
         Ok(ch) => report(
             true,
             uses_ch,
@@ -323,12 +323,15 @@ fn check() -> anyhow::Result<bool> {
             "/dev/net/tun missing: pods get no network (modprobe tun)".into()
         },
     );
-    let templates = if !loaded.hypervisor.templates {
-        "off (hypervisor.templates = false): every VM boots".to_string()
-    } else if uses_ch || loaded.hypervisor.shared_fs != hako_shim::config::SharedFsKind::VirtioFs {
-        "off for this configuration: templates need QEMU and virtio-fs".to_string()
+    let templates = if !loaded.hypervisor.templates_on() {
+        match loaded.hypervisor.templates {
+            Some(false) => "off (hypervisor.templates = false): every VM boots".to_string(),
+            _ => "off: with Cloud Hypervisor, templates are on only with hypervisor.templates = true (docs/hypervisors.md)".to_string(),
+        }
+    } else if loaded.hypervisor.shared_fs != hako_shim::config::SharedFsKind::VirtioFs {
+        "off for this configuration: templates need virtio-fs".to_string()
     } else {
-        let store = hako_shim::vmm::qemu::template::Store::new(
+        let store = hako_shim::vmm::template::Store::new(
             &loaded.hypervisor.template_dir,
             &loaded.runtime.sandbox_root,
         );

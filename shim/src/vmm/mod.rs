@@ -5,6 +5,7 @@
 pub mod cloud_hypervisor;
 pub mod qemu;
 pub mod qmp;
+pub mod template;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -298,7 +299,7 @@ pub enum StartKind {
     #[default]
     Cold,
     /// Restored from a template of its shape (ADR 14).
-    Restored(qemu::snapshot::Restored),
+    Restored(template::start::Restored),
 }
 
 /// The configured hypervisor, checked for what it needs on this host.
@@ -311,7 +312,8 @@ pub fn for_config(config: &crate::config::Config) -> Result<Box<dyn Hypervisor>,
         )?),
         crate::config::HypervisorKind::CloudHypervisor => {
             Box::new(cloud_hypervisor::CloudHypervisor::from_config(
-                &config.hypervisor.cloud_hypervisor_path,
+                &config.hypervisor,
+                &config.runtime.sandbox_root,
             )?)
         }
     })

@@ -1,8 +1,8 @@
 //! `hako template build|list|rm`: the operator's hand on the template store (ADR 14).
 
 use anyhow::Context;
-use hako_shim::config::{Config, HypervisorKind};
-use hako_shim::vmm::qemu::template::{Meta, Store};
+use hako_shim::config::Config;
+use hako_shim::vmm::template::{Meta, Store};
 
 pub const USAGE: &str = "usage: hako template list | hako template build | hako template rm KEY | hako template rm --all
 
@@ -56,39 +56,29 @@ fn list(store: &Store) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// vCPUs, memory, size and age of a template, from its inputs.
+/// The VMM, vCPUs, memory, size and age of a template.
 pub fn describe(meta: &Meta) -> String {
-    let arg_after = |flag: &str| {
-        let words: Vec<&str> = meta.inputs.split_whitespace().collect();
-        words
-            .windows(2)
-            .find(|w| w[0] == flag)
-            .map(|w| w[1].to_string())
-            .unwrap_or_else(|| "?".to_string())
-    };
     let age = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|now| now.as_secs().saturating_sub(meta.created_unix))
         .unwrap_or(0);
     format!(
-        "{} vCPU, {} memory, {:.1} MiB saved, made {} min ago",
-        arg_after("-smp"),
-        arg_after("-m"),
-        meta.state_len as f64 / 1048576.0,
+        "{}, {} vCPU, {} MiB memory, {:.1} MiB saved, made {} min ago",
+        meta.vmm,
+        meta.vcpus,
+        meta.memory_mib,
+        meta.data() as f64 / 1048576.0,
         age / 60
     )
 }
 
 fn build(config: &Config) -> anyhow::Result<bool> {
-    if config.hypervisor.kind != HypervisorKind::Qemu {
-        anyhow::bail!("templates are made with QEMU (hypervisor.kind = \"qemu\")");
-    }
-    println!("booting a VM of the configuration's shape and saving it (a few seconds under TCG)");
+    println!("booting a VM of the configuration's shape and saving it (seconds with KVM, longer under TCG)");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let made = runtime.block_on(hako_shim::vmm::qemu::snapshot::build_for_config(config))?;
+    let made = runtime.block_on(hako_shim::vmm::template::build_for_config(config))?;
     println!(
         "made template {} in {}: {}",
         made.key,

@@ -44,23 +44,8 @@ pub fn vm_config(spec: &VmSpec) -> VmConfig {
             prefault: None,
             hotplug_size: None,
         }),
-        fs: match &spec.share {
-            Share::VirtioFs { socket } => Some(vec![FsConfig {
-                tag: spec.fs_tag.clone(),
-                socket: socket.clone(),
-                num_queues: FS_QUEUES,
-                queue_size: FS_QUEUE_SIZE,
-                id: None,
-            }]),
-            // Refused in `check`; the configuration check refuses it first.
-            Share::Virtio9p { .. } => None,
-        },
-        vsock: Some(VsockConfig {
-            cid: u64::from(GUEST_CID),
-            socket: spec.files.agent_socket.clone(),
-            iommu: None,
-            id: None,
-        }),
+        fs: fs_config(spec).map(|fs| vec![fs]),
+        vsock: Some(vsock_config(spec)),
         // Free page reporting: pages the guest frees go back to the host.
         balloon: Some(BalloonConfig {
             size: 0,
@@ -83,6 +68,41 @@ pub fn vm_config(spec: &VmSpec) -> VmConfig {
             iommu: None,
         }),
         ..VmConfig::default()
+    }
+}
+
+/// The definition of a template VM (ADR 14): `vm_config` without the share and the vsock
+/// device, which each VM restored from it gets of its own.
+pub fn template_config(spec: &VmSpec) -> VmConfig {
+    VmConfig {
+        fs: None,
+        vsock: None,
+        ..vm_config(spec)
+    }
+}
+
+/// The share, a `vm.create` member or the body of a `vm.add-fs`; `None` for virtio-9p, which
+/// `check` refuses (and the configuration check before it).
+pub fn fs_config(spec: &VmSpec) -> Option<FsConfig> {
+    match &spec.share {
+        Share::VirtioFs { socket } => Some(FsConfig {
+            tag: spec.fs_tag.clone(),
+            socket: socket.clone(),
+            num_queues: FS_QUEUES,
+            queue_size: FS_QUEUE_SIZE,
+            id: None,
+        }),
+        Share::Virtio9p { .. } => None,
+    }
+}
+
+/// The agent's channel: Cloud Hypervisor's hybrid vsock on a unix socket.
+pub fn vsock_config(spec: &VmSpec) -> VsockConfig {
+    VsockConfig {
+        cid: u64::from(GUEST_CID),
+        socket: spec.files.agent_socket.clone(),
+        iommu: None,
+        id: None,
     }
 }
 

@@ -8,10 +8,12 @@
 //! protocol `agent_client` already speaks to hako-vsock.
 //!
 //! Start: spawn `cloud-hypervisor --api-socket ...`, wait for the socket, `vm.create` (memory
-//! shared, for virtiofsd), one `vm.add-net` per NIC with its tap fd, `vm.boot`.
+//! shared, for virtiofsd), one `vm.add-net` per NIC with its tap fd, `vm.boot`; or, with
+//! templates (`snapshot.rs`, ADR 14), `vm.restore` of the shape's saved VM and hot-plugs.
 
 pub mod api;
 mod config;
+pub mod snapshot;
 pub mod types;
 
 use std::path::{Path, PathBuf};
@@ -22,9 +24,9 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use self::api::{ApiClient, ApiError};
-use super::{kvm_usable, Hypervisor, NetDevice, Share, VmSpec, VmmError};
+use super::{kvm_usable, Hypervisor, NetDevice, Share, StartKind, VmSpec, VmmError};
 use crate::daemon::{resolve_binary, Daemon};
-pub use config::{net_config, vm_config};
+pub use config::{fs_config, net_config, template_config, vm_config, vsock_config};
 
 /// Overrides `hypervisor.cloud_hypervisor_path` (for tests and by-hand checks).
 pub const ENV_BINARY: &str = "HAKO_CLOUD_HYPERVISOR";
@@ -66,6 +68,16 @@ pub struct CloudHypervisor {
     version: String,
     vmm: Option<Daemon>,
     api: Option<ApiClient>,
+    /// Where VMs start from templates, when they do.
+    templates: Option<TemplateStore>,
+    started: StartKind,
+}
+
+/// `hypervisor.template_dir`, and the sandbox root (where checked templates are marked).
+#[derive(Debug, Clone)]
+struct TemplateStore {
+    dir: PathBuf,
+    sandbox_root: PathBuf,
 }
 
 impl CloudHypervisor {
@@ -80,12 +92,25 @@ impl CloudHypervisor {
             version,
             vmm: None,
             api: None,
+            templates: None,
+            started: StartKind::Cold,
         })
     }
 
-    /// `new` with `$HAKO_CLOUD_HYPERVISOR`, else `configured`.
-    pub fn from_config(configured: &str) -> Result<Self, VmmError> {
-        Self::new(&binary_from_env(configured))
+    /// `new` with `$HAKO_CLOUD_HYPERVISOR`, else the configured binary, and the configured
+    /// templates.
+    pub fn from_config(
+        config: &crate::config::HypervisorConfig,
+        sandbox_root: &Path,
+    ) -> Result<Self, VmmError> {
+        let mut ch = Self::new(&binary_from_env(&config.cloud_hypervisor_path))?;
+        if config.templates_on() {
+            ch.templates = Some(TemplateStore {
+                dir: config.template_dir.clone(),
+                sandbox_root: sandbox_root.to_path_buf(),
+            });
+        }
+        Ok(ch)
     }
 
     /// The version `--version` printed, such as "v48.0.0".
@@ -124,6 +149,65 @@ impl CloudHypervisor {
         }
         // The API socket's length was checked with the sandbox's other sockets (sandbox/paths.rs).
         Ok(())
+    }
+
+    /// Spawns a `cloud-hypervisor` serving its API on `socket`, confined as the pod's VMM (in
+    /// the pod's network namespace, or with `empty_netns` one of its own, empty).
+    async fn spawn_daemon(
+        &self,
+        spec: &VmSpec,
+        socket: &Path,
+        name: &'static str,
+        (log, pid): (&Path, &Path),
+        empty_netns: bool,
+    ) -> Result<Daemon, VmmError> {
+        // A socket file left by an earlier VMM would make the new one fail to bind.
+        match std::fs::remove_file(socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(CloudHypervisorError::StaleSocket {
+                    path: socket.to_path_buf(),
+                    source,
+                }
+                .into())
+            }
+        }
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--api-socket").arg(socket);
+        let (mut how, _held) = super::confinement(spec, !empty_netns)?;
+        how.empty_netns = empty_netns;
+        crate::daemon::confine(&mut cmd, how);
+        let daemon = Daemon::spawn(name, cmd, log, spec.files.log_max, pid)?;
+        log::info!(
+            "sandbox {}: {name} {} pid {} (KVM)",
+            spec.sandbox_id,
+            self.version,
+            daemon.pid()
+        );
+        Ok(daemon)
+    }
+
+    /// Spawns the pod's VMM and keeps it (before anything else can fail, so that `stop` reaps
+    /// it whatever happens) and its API client.
+    async fn spawn_vmm(&mut self, spec: &VmSpec) -> Result<(), VmmError> {
+        let socket = Self::api_socket(spec);
+        let files = (spec.files.vmm_log.as_path(), spec.files.vmm_pid.as_path());
+        let daemon = self
+            .spawn_daemon(spec, &socket, "cloud-hypervisor", files, false)
+            .await?;
+        let vmm = &*self.vmm.insert(daemon);
+        vmm.wait_for_socket(&socket, READY_TIMEOUT).await?;
+        self.api = Some(ApiClient::new(&socket).map_err(CloudHypervisorError::from)?);
+        Ok(())
+    }
+
+    /// Ends the pod's VMM at once (a restore that went wrong) and forgets it.
+    async fn kill_vmm(&mut self) {
+        if let Some(vmm) = self.vmm.take() {
+            vmm.kill().await;
+        }
+        self.api = None;
     }
 
     /// Defines the VM, plugs its NICs in and boots it.
@@ -204,42 +288,33 @@ impl Hypervisor for CloudHypervisor {
 
     async fn start(&mut self, spec: &VmSpec) -> Result<(), VmmError> {
         Self::check(spec)?;
-        let socket = Self::api_socket(spec);
-        // A socket file left by an earlier VMM would make the new one fail to bind.
-        match std::fs::remove_file(&socket) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(CloudHypervisorError::StaleSocket {
-                    path: socket,
-                    source,
+        self.started = StartKind::Cold;
+        if self.templates.is_some() {
+            match self.start_from_template(spec).await {
+                Ok(restored) => {
+                    self.started = StartKind::Restored(restored);
+                    return Ok(());
                 }
-                .into())
+                // A start from a template that went wrong before the devices were plugged
+                // leaves nothing behind: the VM boots as it would without templates.
+                Err(e) if self.vmm.is_none() => log::warn!(
+                    "sandbox {}: not starting from a template ({e}); booting",
+                    spec.sandbox_id
+                ),
+                Err(e) => {
+                    return Err(VmmError::Control {
+                        vmm: "cloud-hypervisor",
+                        message: format!(
+                            "a VM restored from a template could not take its devices: {e}"
+                        ),
+                    })
+                }
             }
         }
-        let mut cmd = Command::new(&self.binary);
-        cmd.arg("--api-socket").arg(&socket);
-        let (how, _held) = super::confinement(spec, true)?;
-        crate::daemon::confine(&mut cmd, how);
-        let daemon = Daemon::spawn(
-            "cloud-hypervisor",
-            cmd,
-            &spec.files.vmm_log,
-            spec.files.log_max,
-            &spec.files.vmm_pid,
-        )?;
-        log::info!(
-            "sandbox {}: cloud-hypervisor {} pid {} (KVM)",
-            spec.sandbox_id,
-            self.version,
-            daemon.pid()
-        );
-        // Kept before anything else can fail, so `stop` reaps the process whatever happens.
-        let vmm = &*self.vmm.insert(daemon);
-        vmm.wait_for_socket(&socket, READY_TIMEOUT).await?;
-        let api = &*self
-            .api
-            .insert(ApiClient::new(&socket).map_err(CloudHypervisorError::from)?);
+        self.spawn_vmm(spec).await?;
+        let (Some(vmm), Some(api)) = (&self.vmm, &self.api) else {
+            return Err(VmmError::NotRunning);
+        };
         Self::configure(api, spec).await.map_err(|source| {
             VmmError::from(CloudHypervisorError::Boot {
                 source,
@@ -298,6 +373,10 @@ impl Hypervisor for CloudHypervisor {
             .unwrap_or_else(|| "(cloud-hypervisor not started)".to_string())
     }
 
+    fn started(&self) -> StartKind {
+        self.started.clone()
+    }
+
     /// `vm.add-net` with the tap queues: Cloud Hypervisor plugs the NIC through its ACPI
     /// hot-plug controller.
     async fn add_nic(&mut self, nic: &NetDevice) -> Result<(), VmmError> {
@@ -335,6 +414,8 @@ mod tests {
             version: "v0-test".into(),
             vmm: None,
             api: None,
+            templates: None,
+            started: StartKind::Cold,
         }
     }
 

@@ -234,6 +234,22 @@ pub struct VmRemoveDevice {
     pub id: String,
 }
 
+/// `PUT vm.snapshot`: where a paused VM is saved, a `file://` URL of a directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSnapshotConfig {
+    pub destination_url: String,
+}
+
+/// `PUT vm.restore`: where the saved VM is, a `file://` URL of a directory. The VM comes back
+/// paused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreConfig {
+    pub source_url: String,
+    /// Touch all guest memory up front (false: the copy from the file is all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefault: Option<bool>,
+}
+
 /// The answer to a device hot-plug into a running VM (HTTP 200). Adding a device to a VM that
 /// is created but not booted answers 204 with no body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

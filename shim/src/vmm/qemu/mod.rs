@@ -5,7 +5,6 @@
 mod args;
 mod hotplug;
 pub mod snapshot;
-pub mod template;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -231,7 +230,7 @@ impl Hypervisor for Qemu {
                 .await?;
         }
         self.started = StartKind::Cold;
-        if self.config.templates {
+        if self.config.templates_on() {
             match self.start_from_template(spec).await {
                 Ok(restored) => {
                     self.started = StartKind::Restored(restored);

@@ -7,68 +7,42 @@
 //! The saved state travels as a descriptor (`getfd`, `fd:` URIs): QEMU runs without the right
 //! to spawn (`-sandbox spawn=deny`) and cannot open the template store.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use super::args::{template_command_line, MEMORY_FD, SHARE_PORT, VSOCK_PORT};
-use super::template::{self, Store, Template, TemplateError};
 use super::Qemu;
 use crate::daemon::{resolve_binary, Daemon};
 use crate::vmm::qmp::Qmp;
+use crate::vmm::template::start::{self, Restored, SnapshotError};
+use crate::vmm::template::{self, Shape, Store, Template};
 use crate::vmm::Hypervisor;
 use crate::vmm::{Share, VmSpec, VmmError};
 
-/// How long a template's VM may take to boot to its agent's wait.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long QEMU may take to save or load a VM.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
-/// The most of a template VM's console kept to explain a failure.
-const CONSOLE_KEPT: usize = 16 * 1024;
-
-/// What a start from a template took.
-#[derive(Debug, Clone, Default)]
-pub struct Restored {
-    /// Building the template first (this start was its shape's first), if it was needed.
-    pub built: Option<Duration>,
-    /// QEMU's start and the load of the saved VM.
-    pub restore: Duration,
-    /// Hot-plugging the vsock device, the share and the NICs.
-    pub hotplug: Duration,
-}
-
-/// Why a start from a template did not happen; each is logged and the VM boots cold.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    #[error(transparent)]
-    Store(#[from] TemplateError),
-    #[error(transparent)]
-    Vmm(#[from] VmmError),
-    /// The VM made to be a template did not reach its agent's wait.
-    #[error("the template VM did not come up: {reason}; its console: {console}")]
-    Boot { reason: String, console: String },
-    /// This VM cannot start from a template.
-    #[error("{0}")]
-    NotApplicable(String),
-    /// QEMU could not load the saved VM.
-    #[error("loading the saved VM failed: {0}")]
-    Restore(String),
-}
+/// A QEMU template's files: the migration stream, and the guest memory.
+const FILES: [&str; 2] = ["state", "mem"];
 
 impl Qemu {
-    /// The canonical form of a shape: the template command line for `spec` with the paths that
-    /// are this VM's own replaced, so that every VM of the shape has the same text.
-    fn shape_inputs(&self, spec: &VmSpec, qemu: &Path) -> String {
+    /// The shape of `spec`: the template command line with the paths that are this VM's own
+    /// replaced, so that every VM of the shape has the same text.
+    fn shape(&self, spec: &VmSpec, qemu: &Path) -> Shape {
         let mut canonical = spec.clone();
         canonical.sandbox_id = "template".to_string();
         canonical.files = crate::vmm::VmFiles::under(Path::new("/template"), 0);
         let args = template_command_line(&canonical, &self.host);
-        // The binary's identity stands for its version: a saved VM loads only into the QEMU
-        // that saved it.
-        template::inputs(&args, &[qemu, &spec.kernel, &spec.initrd])
+        Shape {
+            // The binary's identity stands for its version: a saved VM loads only into the
+            // QEMU that saved it.
+            inputs: template::inputs(&args, &[qemu, &spec.kernel, &spec.initrd]),
+            vmm: "qemu",
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+        }
     }
 
     /// Starts the VM from the template of its shape, making the template first if there is
@@ -93,28 +67,16 @@ impl Qemu {
         let qemu =
             resolve_binary("qemu-system-x86_64", &self.config.path).map_err(VmmError::from)?;
         let store = Store::new(&self.config.template_dir, &self.sandbox_root);
-        let inputs = self.shape_inputs(spec, &qemu);
-        let key = template::key(&inputs);
-        let mut built = None;
-        let template = match store.lookup(&key, &inputs) {
-            Ok(Some(found)) => found,
-            Ok(None) => {
-                let started = Instant::now();
-                let made = self
-                    .build_template(spec, &qemu, &store, &key, &inputs)
-                    .await?;
-                built = Some(started.elapsed());
-                made
-            }
-            Err(e) => {
-                store.remove(&key);
-                return Err(e.into());
-            }
-        };
+        let shape = self.shape(spec, &qemu);
+        let (template, built) =
+            start::find_or_build(&store, &shape, &FILES, &spec.sandbox_id, |scratch| {
+                self.save_template_vm(spec, &qemu, scratch)
+            })
+            .await?;
         let started = Instant::now();
         if let Err(e) = self.restore(spec, &qemu, &template).await {
             // Whatever went wrong, this template is not trusted again.
-            store.remove(&key);
+            store.remove(&template.key);
             return Err(e);
         }
         let restore = started.elapsed();
@@ -127,57 +89,17 @@ impl Qemu {
         })
     }
 
-    /// Makes the template of `key` (under its lock, unless another start made it meanwhile).
-    async fn build_template(
-        &self,
-        spec: &VmSpec,
-        qemu: &Path,
-        store: &Store,
-        key: &str,
-        inputs: &str,
-    ) -> Result<Template, SnapshotError> {
-        let lock_store = Store::new(&store.dir, &self.sandbox_root);
-        let lock_key = key.to_string();
-        let lock = tokio::task::spawn_blocking(move || lock_store.lock(&lock_key))
-            .await
-            .map_err(|e| {
-                SnapshotError::NotApplicable(format!("waiting for the template lock: {e}"))
-            })??;
-        if let Some(found) = store.lookup(key, inputs)? {
-            return Ok(found);
-        }
-        let (scratch, state, mem) = store.scratch(key)?;
-        let saved = self.save_template_vm(spec, qemu, &state, &mem).await;
-        drop((state, mem));
-        let made = saved.and_then(|()| store.finish(key, &scratch, inputs).map_err(Into::into));
-        if made.is_err() {
-            let _ = std::fs::remove_dir_all(&scratch);
-        }
-        drop(lock);
-        let made = made?;
-        log::info!(
-            "sandbox {}: made template {key} ({} MiB) in {}",
-            spec.sandbox_id,
-            made.meta.state_len >> 20,
-            store.dir.display()
-        );
-        Ok(made)
-    }
-
-    /// Boots the template VM, its memory in `mem`, waits for its agent's wait, and saves the
-    /// rest into `state`.
+    /// Boots the template VM with its memory in `scratch`'s `mem`, waits for its agent's wait,
+    /// and saves the rest into `state`.
     async fn save_template_vm(
         &self,
         spec: &VmSpec,
         qemu: &Path,
-        state: &std::fs::File,
-        mem: &std::fs::File,
+        scratch: PathBuf,
     ) -> Result<(), SnapshotError> {
-        let dir = &spec.files.vmm_dir;
-        let mut vm_spec = spec.clone();
-        vm_spec.files.console_socket = dir.join("template-console.sock");
-        vm_spec.files.control_socket = dir.join("template-control.sock");
-        let _ = std::fs::remove_file(&vm_spec.files.console_socket);
+        let state = template::create_file(&scratch, "state")?;
+        let mem = template::create_file(&scratch, "mem")?;
+        let vm_spec = start::template_vm_spec(spec);
         let listener =
             tokio::net::UnixListener::bind(&vm_spec.files.console_socket).map_err(|source| {
                 VmmError::Files {
@@ -192,7 +114,7 @@ impl Qemu {
         let (mut how, _held) = crate::vmm::confinement(spec, false)?;
         how.empty_netns = true;
         crate::daemon::confine(&mut cmd, how);
-        hand_memory(&mut cmd, spec, mem)?;
+        hand_memory(&mut cmd, spec, &mem)?;
         let vm = Daemon::spawn(
             "qemu (template)",
             cmd,
@@ -201,12 +123,14 @@ impl Qemu {
             &spec.files.template_pid,
         )
         .map_err(VmmError::from)?;
+        drop(mem);
         let result = async {
-            wait_for_template_point(&listener, &vm).await?;
+            let console = async { listener.accept().await.map(|(stream, _)| stream) };
+            start::wait_for_template_point(console, &vm).await?;
             let mut qmp = connect(&vm_spec.files.control_socket).await?;
             qmp.execute("stop", None).await.map_err(VmmError::from)?;
             migration_capabilities(&mut qmp).await?;
-            qmp.send_fd("template", std::os::fd::AsRawFd::as_raw_fd(state))
+            qmp.send_fd("template", std::os::fd::AsRawFd::as_raw_fd(&state))
                 .await
                 .map_err(VmmError::from)?;
             qmp.execute("migrate", Some(json!({ "uri": "fd:template" })))
@@ -235,8 +159,9 @@ impl Qemu {
         qemu: &Path,
         template: &Template,
     ) -> Result<(), SnapshotError> {
-        let state = std::fs::File::open(&template.state).map_err(|source| VmmError::Files {
-            path: template.state.clone(),
+        let state_path = template.file("state");
+        let state = std::fs::File::open(&state_path).map_err(|source| VmmError::Files {
+            path: state_path.clone(),
             source,
         })?;
         let mem = own_memory(spec, template)?;
@@ -317,19 +242,10 @@ impl Qemu {
 }
 
 /// Makes the template of the configuration's own shape (`hako template build`), replacing the
-/// one there; returns its key and what it holds.
+/// one there.
 pub async fn build_for_config(config: &crate::config::Config) -> Result<Template, SnapshotError> {
     let root = &config.runtime.sandbox_root;
-    let dir = root.join(format!(".template-build-{}", std::process::id()));
-    let made = std::fs::DirBuilder::new()
-        .recursive(true)
-        .create(dir.join("vmm"))
-        .map_err(|source| VmmError::Files {
-            path: dir.clone(),
-            source,
-        });
-    let result = async {
-        made?;
+    start::in_scratch_sandbox(root, |dir| async move {
         let files = crate::vmm::VmFiles::under(&dir, config.runtime.log_max_bytes);
         let share = Share::VirtioFs {
             socket: dir.join("fs.sock"),
@@ -339,15 +255,13 @@ pub async fn build_for_config(config: &crate::config::Config) -> Result<Template
         let binary = resolve_binary("qemu-system-x86_64", &config.hypervisor.path)
             .map_err(VmmError::from)?;
         let store = Store::new(&config.hypervisor.template_dir, root);
-        let inputs = qemu.shape_inputs(&spec, &binary);
-        let key = template::key(&inputs);
-        store.remove(&key);
-        qemu.build_template(&spec, &binary, &store, &key, &inputs)
-            .await
-    }
-    .await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+        let shape = qemu.shape(&spec, &binary);
+        start::build(&store, &shape, &FILES, "template", true, |scratch| {
+            qemu.save_template_vm(&spec, &binary, scratch)
+        })
+        .await
+    })
+    .await
 }
 
 /// QEMU makes its QMP socket as it starts: it is there by the time the guest speaks.
@@ -410,7 +324,8 @@ fn own_memory(spec: &VmSpec, template: &Template) -> Result<std::fs::File, VmmEr
         .mode(0o600)
         .open(&path)
         .map_err(files_err)?;
-    template::copy_memory(&template.mem, &file).map_err(files_err)?;
+    let from = std::fs::File::open(template.file("mem")).map_err(files_err)?;
+    template::copy_sparse(&from, &file).map_err(files_err)?;
     if let Some(user) = &spec.user {
         std::os::unix::fs::fchown(&file, Some(user.uid), Some(user.gid)).map_err(files_err)?;
     }
@@ -431,48 +346,15 @@ async fn migration_done(qmp: &mut Qmp) -> Result<(), SnapshotError> {
         Ok(())
     } else {
         let info = qmp.execute("query-migrate", None).await.unwrap_or_default();
-        Err(SnapshotError::NotApplicable(format!(
-            "QEMU's migration failed: {}",
-            info["error-desc"].as_str().unwrap_or("no reason given")
-        )))
-    }
-}
-
-/// Reads the template VM's console until the agent says it waits for the host's devices.
-async fn wait_for_template_point(
-    listener: &tokio::net::UnixListener,
-    vm: &Daemon,
-) -> Result<(), SnapshotError> {
-    let mut console = Vec::new();
-    let marker = hako_protocol::TEMPLATE_POINT.as_bytes();
-    let read = async {
-        let (mut stream, _) = listener.accept().await.map_err(|e| e.to_string())?;
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("the console closed".to_string());
-            }
-            console.extend_from_slice(&buf[..n]);
-            if console.windows(marker.len()).any(|w| w == marker) {
-                return Ok(());
-            }
-            if console.len() > 2 * CONSOLE_KEPT {
-                console.drain(..console.len() - CONSOLE_KEPT);
-            }
+        Err(VmmError::Control {
+            vmm: "qemu",
+            message: format!(
+                "the migration failed: {}",
+                info["error-desc"].as_str().unwrap_or("no reason given")
+            ),
         }
-    };
-    let outcome = tokio::select! {
-        read = tokio::time::timeout(BOOT_TIMEOUT, read) => match read {
-            Ok(read) => read,
-            Err(_) => Err(format!("no agent wait within {BOOT_TIMEOUT:?}")),
-        },
-        code = vm.wait() => Err(format!("QEMU exited ({code}): {}", vm.log_tail())),
-    };
-    outcome.map_err(|reason| SnapshotError::Boot {
-        reason,
-        console: crate::logs::escape(&console[console.len().saturating_sub(3000)..]),
-    })
+        .into())
+    }
 }
 
 #[cfg(test)]

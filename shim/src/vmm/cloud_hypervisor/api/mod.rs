@@ -20,7 +20,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::types::{
-    FsConfig, NetConfig, PciDeviceInfo, VmConfig, VmInfo, VmRemoveDevice, VmmPingResponse,
+    FsConfig, NetConfig, PciDeviceInfo, RestoreConfig, VmConfig, VmInfo, VmRemoveDevice,
+    VmSnapshotConfig, VmmPingResponse, VsockConfig,
 };
 use error::quote;
 pub use error::ApiError;
@@ -99,6 +100,36 @@ impl ApiClient {
     /// `PUT vmm.shutdown`: the VMM process exits.
     pub async fn vmm_shutdown(&self) -> Result<(), ApiError> {
         self.put_empty("vmm.shutdown").await
+    }
+
+    /// `PUT vm.pause`: stops the vCPUs; the VM can then be saved.
+    pub async fn pause(&self) -> Result<(), ApiError> {
+        self.put_empty("vm.pause").await
+    }
+
+    /// `PUT vm.resume`.
+    pub async fn resume(&self) -> Result<(), ApiError> {
+        self.put_empty("vm.resume").await
+    }
+
+    /// `PUT vm.snapshot`: saves the paused VM into `destination_url`'s directory.
+    pub async fn snapshot(&self, destination_url: &str) -> Result<(), ApiError> {
+        let body = VmSnapshotConfig {
+            destination_url: destination_url.to_string(),
+        };
+        self.put_json("vm.snapshot", &body).await.map(drop)
+    }
+
+    /// `PUT vm.restore`: makes this VMM's VM from a saved one; it comes back paused.
+    pub async fn restore(&self, config: &RestoreConfig) -> Result<(), ApiError> {
+        self.put_json("vm.restore", config).await.map(drop)
+    }
+
+    /// `PUT vm.add-vsock`. `None` when the VM is not booted yet.
+    pub async fn add_vsock(&self, vsock: &VsockConfig) -> Result<Option<PciDeviceInfo>, ApiError> {
+        let endpoint = "vm.add-vsock";
+        let answer = self.put_json(endpoint, vsock).await?;
+        parse_device(endpoint, &answer)
     }
 
     /// `PUT vm.remove-device`: unplugs the device `id` (a NIC the pod lost).

@@ -116,13 +116,22 @@ async fn info_parses_state_config_and_memory() {
 #[tokio::test]
 async fn actions_are_puts_without_a_body() {
     let dir = TempDir::new("actions");
-    let mut seen = fake_server(&dir, (0..4).map(|_| Reply::With(204, "")).collect());
+    let mut seen = fake_server(&dir, (0..6).map(|_| Reply::With(204, "")).collect());
     let api = client(&dir);
     api.boot().await.expect("boot");
+    api.pause().await.expect("pause");
+    api.resume().await.expect("resume");
     api.shutdown().await.expect("shutdown");
     api.delete().await.expect("delete");
     api.vmm_shutdown().await.expect("vmm.shutdown");
-    for endpoint in ["vm.boot", "vm.shutdown", "vm.delete", "vmm.shutdown"] {
+    for endpoint in [
+        "vm.boot",
+        "vm.pause",
+        "vm.resume",
+        "vm.shutdown",
+        "vm.delete",
+        "vmm.shutdown",
+    ] {
         let req = seen.recv().await.expect("request");
         assert_eq!(
             req.request_line(),
@@ -169,6 +178,55 @@ async fn device_adds_answer_none_when_cold_and_the_device_when_hot() {
     );
     let req = seen.recv().await.expect("add-fs when hot");
     assert_eq!(req.request_line(), "PUT /api/v1/vm.add-fs HTTP/1.1");
+}
+
+#[tokio::test]
+async fn snapshot_restore_and_add_vsock_send_their_bodies() {
+    let dir = TempDir::new("snapshot");
+    let mut seen = fake_server(
+        &dir,
+        vec![
+            Reply::With(204, ""),
+            Reply::With(204, ""),
+            Reply::With(200, r#"{"id":"_vsock0","bdf":"0000:00:06.0"}"#),
+        ],
+    );
+    let api = client(&dir);
+    api.snapshot("file:///var/lib/hako/t/k1")
+        .await
+        .expect("snapshot");
+    api.restore(&RestoreConfig {
+        source_url: "file:///run/hako/ns/sb/vmm/restore".into(),
+        prefault: Some(false),
+    })
+    .await
+    .expect("restore");
+    let vsock = VsockConfig {
+        cid: 3,
+        socket: "/run/sb/agent.sock".into(),
+        iommu: None,
+        id: None,
+    };
+    let device = api.add_vsock(&vsock).await.expect("add-vsock");
+    assert_eq!(device.map(|d| d.id), Some("_vsock0".to_string()));
+    let req = seen.recv().await.expect("snapshot");
+    assert_eq!(req.request_line(), "PUT /api/v1/vm.snapshot HTTP/1.1");
+    assert_eq!(
+        req.json(),
+        serde_json::json!({"destination_url": "file:///var/lib/hako/t/k1"})
+    );
+    let req = seen.recv().await.expect("restore");
+    assert_eq!(req.request_line(), "PUT /api/v1/vm.restore HTTP/1.1");
+    assert_eq!(
+        req.json(),
+        serde_json::json!({"source_url": "file:///run/hako/ns/sb/vmm/restore", "prefault": false})
+    );
+    let req = seen.recv().await.expect("add-vsock");
+    assert_eq!(req.request_line(), "PUT /api/v1/vm.add-vsock HTTP/1.1");
+    assert_eq!(
+        req.json(),
+        serde_json::json!({"cid": 3, "socket": "/run/sb/agent.sock"})
+    );
 }
 
 #[tokio::test]

@@ -1,21 +1,27 @@
 //! The template store (ADR 14): one saved VM per shape, under `hypervisor.template_dir`
-//! (`/var/lib/hako/templates`): `<key>/mem` is the guest memory (a sparse file: what the guest
-//! never touched, or gave back, is a hole) and `<key>/state` QEMU's migration stream of
-//! everything else, of a VM booted without its share, vsock device or NICs and stopped where its
-//! agent waits for them; `<key>/meta.json` says what it was made from. The key hashes everything that makes the VM
-//! what it is (the command line that defines its hardware, the kernel, initramfs and QEMU
-//! binary by identity, QEMU's version); the same text is kept in the metadata and compared, so a
-//! template of another shape can never be taken for this one.
+//! (`/var/lib/hako/templates`). A template is a directory of the files its backend saved (QEMU:
+//! `state`, its migration stream, and `mem`, the guest memory as a sparse file; Cloud
+//! Hypervisor: its snapshot's `config.json`, `state.json` and `memory-ranges`) of a VM booted
+//! without its share, vsock device or NICs and stopped where its agent waits for them, and
+//! `meta.json`, which says what it was made from and checks each file. The key hashes everything
+//! that makes the VM what it is (the definition of its hardware, the kernel, initramfs and VMM
+//! binary by identity); the same text is kept in the metadata and compared, so a template of
+//! another shape can never be taken for this one.
+//!
+//! `start.rs` holds what both backends do around the store: the template VM's wait, and what a
+//! start from a template reports.
+
+pub mod start;
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 /// Bumped when what a template holds changes meaning: older ones are rebuilt.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -36,25 +42,52 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {
     }
 }
 
-/// What a template was made from, and how to check its state file.
+/// What a template was made from, and how to check its files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
     pub format: u32,
     /// The shape's inputs, word for word (see `inputs`).
     pub inputs: String,
-    pub state_len: u64,
-    /// The guest memory file's length (the VM's memory) and the bytes of it that hold data.
-    pub mem_len: u64,
-    pub mem_data: u64,
-    /// Over the state, then each data extent of the memory file with its offset.
+    /// The VMM that saved it ("qemu", "cloud-hypervisor"), and the VM's size, for `hako
+    /// template list`.
+    pub vmm: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub files: Vec<FileMeta>,
+    /// Over each file in order: each data extent with its offset.
     pub crc32: u32,
     pub created_unix: u64,
 }
 
+/// One file of a template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMeta {
+    pub name: String,
+    /// Its length, and the bytes of it that hold data (the rest are holes).
+    pub len: u64,
+    pub data: u64,
+}
+
+impl Meta {
+    /// The bytes the template keeps on disk.
+    pub fn data(&self) -> u64 {
+        self.files.iter().map(|f| f.data).sum()
+    }
+}
+
+/// What a backend says of the shape it saved, besides its files.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub inputs: String,
+    pub vmm: &'static str,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
 /// The text a shape's key is made from: the format, the identity (path, device, inode, size,
-/// modification time) of each file the VM is made from (QEMU's binary among them), and the
-/// command line that defines its hardware (with the per-VM paths left out).
-pub fn inputs(command_line: &[String], files: &[&Path]) -> String {
+/// modification time) of each file the VM is made from (the VMM's binary among them), and the
+/// definition of its hardware (with the per-VM paths left out).
+pub fn inputs(definition: &[String], files: &[&Path]) -> String {
     let mut text = format!("format {FORMAT}\n");
     for file in files {
         let identity = fs::metadata(file)
@@ -63,7 +96,7 @@ pub fn inputs(command_line: &[String], files: &[&Path]) -> String {
         text.push_str(&format!("file {} {identity}\n", file.display()));
     }
     text.push_str("args");
-    for arg in command_line {
+    for arg in definition {
         text.push(' ');
         text.push_str(arg);
     }
@@ -84,13 +117,20 @@ pub fn key(inputs: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct Template {
     pub key: String,
-    pub state: PathBuf,
-    pub mem: PathBuf,
+    pub dir: PathBuf,
     pub meta: Meta,
+}
+
+impl Template {
+    /// One of its files, by name.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
 }
 
 /// The store: `dir` holds the templates; `verified` (under the sandbox root, on tmpfs) marks
 /// those whose checksum was checked since the host booted.
+#[derive(Clone)]
 pub struct Store {
     pub dir: PathBuf,
     verified: PathBuf,
@@ -114,9 +154,14 @@ impl Store {
         self.dir.join(key)
     }
 
-    /// The template of `key` made from `inputs`: `Ok(None)` when there is none yet, an
-    /// `Unusable` error when the one there must go.
-    pub fn lookup(&self, key: &str, inputs: &str) -> Result<Option<Template>, TemplateError> {
+    /// The template of `key` made from `inputs`, with exactly the files `names`: `Ok(None)`
+    /// when there is none yet, an `Unusable` error when the one there must go.
+    pub fn lookup(
+        &self,
+        key: &str,
+        inputs: &str,
+        names: &[&str],
+    ) -> Result<Option<Template>, TemplateError> {
         let dir = self.path(key);
         let meta_path = dir.join("meta.json");
         let bytes = match fs::read(&meta_path) {
@@ -132,18 +177,30 @@ impl Store {
             .map_err(|e| unusable(format!("{}: {e}", meta_path.display())))?;
         if meta.format != FORMAT || meta.inputs != inputs {
             return Err(unusable(
-                "made from another kernel, initramfs, QEMU or VM shape".to_string(),
+                "made from another kernel, initramfs, VMM or VM shape".to_string(),
             ));
         }
-        let (state, mem) = (dir.join("state"), dir.join("mem"));
+        if !meta
+            .files
+            .iter()
+            .map(|f| f.name.as_str())
+            .eq(names.iter().copied())
+        {
+            return Err(unusable(format!(
+                "holds other files than {}",
+                names.join(", ")
+            )));
+        }
         let mut identity = Vec::new();
-        for (path, wanted) in [(&state, meta.state_len), (&mem, meta.mem_len)] {
-            let name = path.file_name().unwrap_or_default().to_string_lossy();
-            let on_disk = fs::metadata(path).map_err(|e| unusable(format!("{name}: {e}")))?;
-            if on_disk.len() != wanted {
+        for file in &meta.files {
+            let on_disk = fs::metadata(dir.join(&file.name))
+                .map_err(|e| unusable(format!("{}: {e}", file.name)))?;
+            if on_disk.len() != file.len {
                 return Err(unusable(format!(
-                    "{name} is {} bytes, {wanted} when it was made (truncated?)",
-                    on_disk.len()
+                    "{} is {} bytes, {} when it was made (truncated?)",
+                    file.name,
+                    on_disk.len(),
+                    file.len
                 )));
             }
             identity.push(format!(
@@ -153,35 +210,34 @@ impl Store {
                 on_disk.mtime_nsec()
             ));
         }
-        self.verify_once(key, &state, &mem, &identity.join("-"), &meta)
-            .map_err(unusable)?;
-        Ok(Some(Template {
+        let template = Template {
             key: key.to_string(),
-            state,
-            mem,
+            dir,
             meta,
-        }))
+        };
+        self.verify_once(&template, &identity.join("-"))
+            .map_err(unusable)?;
+        Ok(Some(template))
     }
 
-    /// Checks the state's checksum the first time it is used after the host booted (and after
-    /// it changed): reading it costs about as much as a restore.
-    fn verify_once(
-        &self,
-        key: &str,
-        state: &Path,
-        mem: &Path,
-        identity: &str,
-        meta: &Meta,
-    ) -> Result<(), String> {
-        let mark = self.verified.join(format!("{key}-{identity}"));
+    /// Checks the files' checksum the first time the template is used after the host booted
+    /// (and after a file changed): reading them costs about as much as a restore.
+    fn verify_once(&self, template: &Template, identity: &str) -> Result<(), String> {
+        let mark = self.verified.join(format!("{}-{identity}", template.key));
         if mark.exists() {
             return Ok(());
         }
-        let crc = checksum(state, mem).map_err(|e| format!("reading it: {e}"))?;
-        if crc != meta.crc32 {
+        let names: Vec<&str> = template
+            .meta
+            .files
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        let crc = checksum(&template.dir, &names).map_err(|e| format!("reading it: {e}"))?;
+        if crc != template.meta.crc32 {
             return Err(format!(
-                "state checksum {crc:08x}, {:08x} when it was made (corrupt)",
-                meta.crc32
+                "checksum {crc:08x}, {:08x} when it was made (corrupt)",
+                template.meta.crc32
             ));
         }
         let _ = fs::create_dir_all(&self.verified);
@@ -213,9 +269,9 @@ impl Store {
         Ok(BuildLock { _file: file })
     }
 
-    /// A fresh directory to build `key` in (under the lock), and the state and memory files in
-    /// it.
-    pub fn scratch(&self, key: &str) -> Result<(PathBuf, fs::File, fs::File), TemplateError> {
+    /// A fresh directory to build `key` in (under the lock); the backend makes its files in
+    /// it (`create_file`).
+    pub fn scratch(&self, key: &str) -> Result<PathBuf, TemplateError> {
         let dir = self.dir.join(format!(".{key}.{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::DirBuilder::new()
@@ -223,42 +279,44 @@ impl Store {
             .mode(0o700)
             .create(&dir)
             .map_err(io_err(&dir))?;
-        let open = |name: &str| {
-            let path = dir.join(name);
-            fs::OpenOptions::new()
-                .create_new(true)
-                .read(true)
-                .write(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io_err(&path))
-        };
-        Ok((dir.clone(), open("state")?, open("mem")?))
+        Ok(dir)
     }
 
-    /// Seals a built template: its checksum and metadata written, then the directory renamed
-    /// into place in one step, replacing an unusable one.
+    /// Seals a built template of the files `names` in `scratch`: their checksum and the
+    /// metadata written, then the directory renamed into place in one step, replacing an
+    /// unusable one.
     pub fn finish(
         &self,
         key: &str,
         scratch: &Path,
-        inputs: &str,
+        shape: &Shape,
+        names: &[&str],
     ) -> Result<Template, TemplateError> {
-        let (state, mem) = (scratch.join("state"), scratch.join("mem"));
-        let len = fs::metadata(&state).map_err(io_err(&state))?.len();
-        let mem_len = fs::metadata(&mem).map_err(io_err(&mem))?.len();
-        let mem_data = data_extents(&fs::File::open(&mem).map_err(io_err(&mem))?)
-            .map_err(io_err(&mem))?
-            .iter()
-            .map(|(_, len)| len)
-            .sum();
-        let crc32 = checksum(&state, &mem).map_err(io_err(&state))?;
+        let mut files = Vec::new();
+        for name in names {
+            let path = scratch.join(name);
+            let file = fs::File::open(&path).map_err(io_err(&path))?;
+            file.sync_all().map_err(io_err(&path))?;
+            let len = file.metadata().map_err(io_err(&path))?.len();
+            let data = data_extents(&file)
+                .map_err(io_err(&path))?
+                .iter()
+                .map(|(_, len)| len)
+                .sum();
+            files.push(FileMeta {
+                name: name.to_string(),
+                len,
+                data,
+            });
+        }
+        let crc32 = checksum(scratch, names).map_err(io_err(scratch))?;
         let meta = Meta {
             format: FORMAT,
-            inputs: inputs.to_string(),
-            state_len: len,
-            mem_len,
-            mem_data,
+            inputs: shape.inputs.clone(),
+            vmm: shape.vmm.to_string(),
+            vcpus: shape.vcpus,
+            memory_mib: shape.memory_mib,
+            files,
             crc32,
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -271,18 +329,12 @@ impl Store {
         file.write_all(&body)
             .and_then(|()| file.sync_all())
             .map_err(io_err(&meta_path))?;
-        for file in [&state, &mem] {
-            fs::File::open(file)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err(file))?;
-        }
         let final_dir = self.path(key);
         self.remove(key);
         fs::rename(scratch, &final_dir).map_err(io_err(&final_dir))?;
         Ok(Template {
             key: key.to_string(),
-            state: final_dir.join("state"),
-            mem: final_dir.join("mem"),
+            dir: final_dir,
             meta,
         })
     }
@@ -311,6 +363,19 @@ impl Store {
         found.sort_by(|a, b| a.0.cmp(&b.0));
         found
     }
+}
+
+/// Creates the file `name` in `dir` (a scratch directory, or a VM's own), new, for reading and
+/// writing, private.
+pub fn create_file(dir: &Path, name: &str) -> Result<fs::File, TemplateError> {
+    let path = dir.join(name);
+    fs::OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err(&path))
 }
 
 /// The (offset, length) of each run of data in a sparse file, holes left out.
@@ -362,39 +427,53 @@ fn for_each_data(
     Ok(())
 }
 
-/// The template's checksum: the state, then each data extent of the memory with its offset.
-fn checksum(state: &Path, mem: &Path) -> std::io::Result<u32> {
+/// The template's checksum: each file in order, each data extent of it with its offset.
+fn checksum(dir: &Path, names: &[&str]) -> std::io::Result<u32> {
     let mut hasher = crc32fast::Hasher::new();
-    let mut file = fs::File::open(state)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
+    for name in names {
+        hasher.update(name.as_bytes());
+        for_each_data(&fs::File::open(dir.join(name))?, |offset, data| {
+            hasher.update(&offset.to_le_bytes());
+            hasher.update(data);
+            Ok(())
+        })?;
     }
-    for_each_data(&fs::File::open(mem)?, |offset, data| {
-        hasher.update(&offset.to_le_bytes());
-        hasher.update(data);
-        Ok(())
-    })?;
     Ok(hasher.finalize())
 }
 
-/// Copies a template's memory into `to`, a new VM's own file: only the data, so the copy is as
-/// sparse as the template (tens of MiB of a guest's hundreds). Returns the bytes copied.
-pub fn copy_memory(template: &Path, to: &fs::File) -> std::io::Result<u64> {
+/// Copies `from` into `to` (a new file) as a sparse file: only its data, and of that only the
+/// pages that are not all zeros, so that a guest memory of hundreds of MiB costs the tens it
+/// holds. Returns the bytes copied.
+pub fn copy_sparse(from: &fs::File, to: &fs::File) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
-    let from = fs::File::open(template)?;
+    const PAGE: usize = 4096;
     to.set_len(from.metadata()?.len())?;
     let mut copied = 0;
-    for_each_data(&from, |offset, data| {
-        to.write_all_at(data, offset)?;
-        copied += data.len() as u64;
+    for_each_data(from, |offset, data| {
+        for (i, page) in data.chunks(PAGE).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                to.write_all_at(page, offset + (i * PAGE) as u64)?;
+                copied += page.len() as u64;
+            }
+        }
         Ok(())
     })?;
     Ok(copied)
+}
+
+/// Makes the template of the configuration's own shape with its backend, replacing the one there
+/// (`hako template build`).
+pub async fn build_for_config(
+    config: &crate::config::Config,
+) -> Result<Template, start::SnapshotError> {
+    match config.hypervisor.kind {
+        crate::config::HypervisorKind::Qemu => {
+            crate::vmm::qemu::snapshot::build_for_config(config).await
+        }
+        crate::config::HypervisorKind::CloudHypervisor => {
+            crate::vmm::cloud_hypervisor::snapshot::build_for_config(config).await
+        }
+    }
 }
 
 #[cfg(test)]

@@ -30,34 +30,49 @@ impl Drop for Scratch {
 /// A guest memory of 64 MiB with data at two places and holes elsewhere.
 const MEM: u64 = 64 << 20;
 
+const FILES: [&str; 2] = ["state", "mem"];
+
+fn shape(inputs: &str) -> Shape {
+    Shape {
+        inputs: inputs.to_string(),
+        vmm: "test",
+        vcpus: 1,
+        memory_mib: 64,
+    }
+}
+
 fn build(store: &Store, key: &str, inputs: &str, body: &[u8]) -> Template {
     use std::os::unix::fs::FileExt;
     let _lock = store.lock(key).unwrap();
-    let (dir, mut state, mem) = store.scratch(key).unwrap();
+    let dir = store.scratch(key).unwrap();
+    let mut state = create_file(&dir, "state").unwrap();
+    let mem = create_file(&dir, "mem").unwrap();
     state.write_all(body).unwrap();
     mem.set_len(MEM).unwrap();
     mem.write_all_at(&[9u8; 8192], 1 << 20).unwrap();
     mem.write_all_at(b"end", MEM - 3).unwrap();
     drop((state, mem));
-    store.finish(key, &dir, inputs).unwrap()
+    store.finish(key, &dir, &shape(inputs), &FILES).unwrap()
 }
 
 #[test]
 fn a_built_template_is_found_and_checked_once() {
     let scratch = Scratch::new("found");
     let store = scratch.store();
-    assert!(store.lookup("k1", "inputs").unwrap().is_none());
+    assert!(store.lookup("k1", "inputs", &FILES).unwrap().is_none());
     let built = build(&store, "k1", "inputs", &[7u8; 100_000]);
-    assert_eq!(built.meta.state_len, 100_000);
-    assert_eq!(built.meta.mem_len, MEM);
-    assert!(
-        built.meta.mem_data < 1 << 20,
-        "{} bytes of data",
-        built.meta.mem_data
-    );
-    let found = store.lookup("k1", "inputs").unwrap().unwrap();
+    let [state, mem] = &built.meta.files[..] else {
+        panic!("{:?}", built.meta.files)
+    };
+    assert_eq!((state.name.as_str(), state.len), ("state", 100_000));
+    assert_eq!((mem.name.as_str(), mem.len), ("mem", MEM));
+    assert!(mem.data < 1 << 20, "{} bytes of data", mem.data);
+    let found = store.lookup("k1", "inputs", &FILES).unwrap().unwrap();
     assert_eq!(found.meta, built.meta);
-    assert_eq!(fs::read(&found.state).unwrap(), vec![7u8; 100_000]);
+    assert_eq!(fs::read(found.file("state")).unwrap(), vec![7u8; 100_000]);
+    // Asked for with other files (another backend's), it is not this one.
+    let err = store.lookup("k1", "inputs", &["state"]).unwrap_err();
+    assert!(err.to_string().contains("other files"), "{err}");
     assert_eq!(store.list().len(), 1);
     assert!(
         fs::read_dir(&store.dir).unwrap().flatten().all(|e| {
@@ -75,7 +90,10 @@ fn truncated_corrupt_or_foreign_templates_are_refused_with_the_reason() {
     build(&store, "k1", "inputs", &[1u8; 4096]);
     let state = store.dir.join("k1/state");
     // Another shape (another kernel, QEMU or size) under the same key.
-    let err = store.lookup("k1", "other inputs").unwrap_err().to_string();
+    let err = store
+        .lookup("k1", "other inputs", &FILES)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("another kernel"), "{err}");
     // Cut short.
     fs::OpenOptions::new()
@@ -84,28 +102,34 @@ fn truncated_corrupt_or_foreign_templates_are_refused_with_the_reason() {
         .unwrap()
         .set_len(100)
         .unwrap();
-    let err = store.lookup("k1", "inputs").unwrap_err().to_string();
+    let err = store
+        .lookup("k1", "inputs", &FILES)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("truncated"), "{err}");
     // A byte flipped, the size unchanged: the checksum says so (the first check after this
     // change, since the file's identity changed).
     build(&store, "k1", "inputs", &[1u8; 4096]);
-    assert!(store.lookup("k1", "inputs").unwrap().is_some());
+    assert!(store.lookup("k1", "inputs", &FILES).unwrap().is_some());
     let mut file = fs::OpenOptions::new().write(true).open(&state).unwrap();
     file.seek(SeekFrom::Start(2000)).unwrap();
     file.write_all(&[2u8]).unwrap();
     drop(file);
     // The same second and inode: the mark would still match, so make the change visible.
     filetime_bump(&state);
-    let err = store.lookup("k1", "inputs").unwrap_err().to_string();
+    let err = store
+        .lookup("k1", "inputs", &FILES)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("corrupt"), "{err}");
     // Garbage metadata.
     fs::write(store.dir.join("k1/meta.json"), b"{").unwrap();
-    assert!(store.lookup("k1", "inputs").is_err());
+    assert!(store.lookup("k1", "inputs", &FILES).is_err());
     // Removed, then built afresh.
     store.remove("k1");
-    assert!(store.lookup("k1", "inputs").unwrap().is_none());
+    assert!(store.lookup("k1", "inputs", &FILES).unwrap().is_none());
     build(&store, "k1", "inputs", &[3u8; 10]);
-    assert!(store.lookup("k1", "inputs").unwrap().is_some());
+    assert!(store.lookup("k1", "inputs", &FILES).unwrap().is_some());
 }
 
 fn filetime_bump(path: &Path) {
@@ -143,13 +167,17 @@ fn ten_builders_at_once_make_one_template() {
         for _ in 0..10 {
             s.spawn(|| {
                 let _lock = store.lock("k1").unwrap();
-                if store.lookup("k1", "inputs").unwrap().is_some() {
+                if store.lookup("k1", "inputs", &FILES).unwrap().is_some() {
                     return;
                 }
                 built.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let (dir, mut file, _mem) = store.scratch("k1").unwrap();
-                file.write_all(b"state").unwrap();
-                store.finish("k1", &dir, "inputs").unwrap();
+                let dir = store.scratch("k1").unwrap();
+                create_file(&dir, "state")
+                    .unwrap()
+                    .write_all(b"state")
+                    .unwrap();
+                create_file(&dir, "mem").unwrap();
+                store.finish("k1", &dir, &shape("inputs"), &FILES).unwrap();
             });
         }
     });
@@ -170,23 +198,45 @@ fn a_vms_own_memory_copies_only_the_templates_data() {
         .write(true)
         .open(&copy_path)
         .unwrap();
-    let copied = copy_memory(&template.mem, &copy).unwrap();
-    assert_eq!(copied, template.meta.mem_data);
+    let copied = copy_sparse(&fs::File::open(template.file("mem")).unwrap(), &copy).unwrap();
+    assert_eq!(copied, template.meta.files[1].data);
     let meta = copy.metadata().unwrap();
     assert_eq!(meta.len(), MEM);
     // Allocated blocks (512 bytes each): the data, not the 64 MiB.
     assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
     let bytes = fs::read(&copy_path).unwrap();
-    assert_eq!(bytes, fs::read(&template.mem).unwrap());
+    assert_eq!(bytes, fs::read(template.file("mem")).unwrap());
     // A memory file with a byte changed fails the checksum.
     use std::os::unix::fs::FileExt;
     fs::OpenOptions::new()
         .write(true)
-        .open(&template.mem)
+        .open(template.file("mem"))
         .unwrap()
         .write_all_at(&[1u8], (1 << 20) + 10)
         .unwrap();
-    filetime_bump(&template.mem);
-    let err = store.lookup("k1", "inputs").unwrap_err().to_string();
+    filetime_bump(&template.file("mem"));
+    let err = store
+        .lookup("k1", "inputs", &FILES)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("corrupt"), "{err}");
+}
+
+#[test]
+fn a_dense_file_is_copied_without_its_zero_pages() {
+    use std::os::unix::fs::MetadataExt;
+    // What Cloud Hypervisor writes: every byte of the guest's memory, zeros included.
+    let scratch = Scratch::new("dense");
+    let dense = scratch.0.join("memory-ranges");
+    let mut bytes = vec![0u8; 4 << 20];
+    bytes[3 * 4096..4 * 4096].fill(5);
+    bytes[(4 << 20) - 1] = 1;
+    fs::write(&dense, &bytes).unwrap();
+    let copy = create_file(&scratch.0, "copy").unwrap();
+    let copied = copy_sparse(&fs::File::open(&dense).unwrap(), &copy).unwrap();
+    assert_eq!(copied, 2 * 4096, "two pages hold data");
+    let meta = copy.metadata().unwrap();
+    assert_eq!(meta.len(), 4 << 20);
+    assert!(meta.blocks() * 512 <= 16 * 4096, "{} blocks", meta.blocks());
+    assert_eq!(fs::read(scratch.0.join("copy")).unwrap(), bytes);
 }
