@@ -200,13 +200,13 @@ async fn shut_down(vmm: Daemon, api: &ApiClient) {
 }
 
 /// What a template start does with Cloud Hypervisor, with the real binary and a real
-/// virtiofsd: the template definition is booted (without hardware virtualisation the vCPU
-/// runs no guest, so the agent's wait is not awaited here), saved with hako's `save` into the
+/// virtiofsd: the template definition is booted (the agent's wait is the container test's),
+/// saved with hako's `save` into the
 /// store, and a second VMM restores it with hako's own restore directory and gets the pod's
 /// vsock device and share hot-plugged. The NIC's hot-plug needs a real tap and is the
 /// container test's, on a KVM host.
 #[tokio::test]
-#[ignore = "needs a cloud-hypervisor binary: run through scripts/test.sh"]
+#[ignore = "needs cloud-hypervisor and hardware KVM (vm.snapshot reads the vCPUs' state): run through scripts/test.sh"]
 async fn a_real_cloud_hypervisor_saves_a_template_vm_and_restores_it_with_the_pods_devices() {
     let binary = binary();
     let dir = std::env::temp_dir().join(format!("hako-ch-template-{}", std::process::id()));
