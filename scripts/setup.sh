@@ -5,9 +5,10 @@
 #   scripts/setup.sh
 #
 # - Debian packages: QEMU, build dependencies of virtiofsd, busybox, kmod, cpio, iproute2,
-#   protoc (the CRI client in the tests), the CNI plugins (CRI pod networking), nftables (port
-#   forwarding into pods) and iptables (the CNI portmap plugin), and the guest
-#   kernel's source (linux-source-6.12, from bookworm-security) with what building it needs.
+#   protoc (the CRI client in the tests), the CNI plugins (CRI pod networking), nftables (the
+#   port-forwarding tests read the shim's rule with `nft`) and iptables (the CNI portmap
+#   plugin), and the guest kernel's source (linux-source-6.12, from bookworm-security) with
+#   what building it needs.
 # - virtiofsd, built with `cargo install` into /usr/local/bin (the vsock device, hako-vsock, is
 #   hako's own and built with it).
 # - containerd 1.7 (Debian 13) and 2.x (Debian unstable) unpacked side by side under

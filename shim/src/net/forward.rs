@@ -3,18 +3,19 @@
 //! listens: the pod's processes run in the VM. One nftables rule in that namespace redirects
 //! every TCP connection to 127.0.0.1 onto a listener the shim holds there
 //! (`LISTEN_PORT`), which reads the port asked for from the connection's original destination.
+//! The rule is made over nf_tables netlink (`nftables`), in-process.
 
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use nix::sys::socket::{
     bind, getsockopt, listen, setsockopt, sockopt, Backlog, SockType, SockaddrIn,
 };
 
 use super::namespace::socket_in;
+use super::nftables::expr::{self, Base, Cmp};
+use super::nftables::{self, Batch, Kind, NFPROTO_IPV4, NLM_F_APPEND, NLM_F_CREATE};
 use super::NetError;
 
 /// The shim's listener in the pod's namespace. Nothing of the pod listens on the host side, so
@@ -22,6 +23,14 @@ use super::NetError;
 pub const LISTEN_PORT: u16 = 1;
 /// hako's nftables table in the pod's namespace.
 const TABLE: &str = "hako_portforward";
+const CHAIN: &str = "output";
+/// The output hook (NF_INET_LOCAL_OUT): containerd's connections start in the namespace.
+const NF_INET_LOCAL_OUT: u32 = 3;
+/// Where `nft`'s `priority -100` (dstnat) puts a nat chain.
+const NAT_PRIORITY: i32 = -100;
+/// IPv4's offset of the destination address, TCP's of the destination port.
+const IP_DADDR: u32 = 16;
+const TCP_DPORT: u32 = 2;
 
 /// A listening socket on 127.0.0.1:`LISTEN_PORT` that belongs to `netns` (a thread that
 /// entered the namespace makes it; a socket stays in the namespace it was made in). It binds
@@ -42,52 +51,88 @@ pub fn listen_in(netns: &Path) -> Result<std::net::TcpListener, NetError> {
     Ok(std::net::TcpListener::from(fd))
 }
 
-/// Redirects TCP to 127.0.0.1, on any port, onto the listener (`nft`, in `netns`).
+/// Redirects TCP to 127.0.0.1, on any port, onto the listener, in `netns`: what this `nft`
+/// script did, once for all however often it runs (the table is made if missing, then made
+/// anew in the same atomic batch, so a namespace that outlived an earlier sandbox keeps one
+/// rule):
+///
+/// ```text
+/// table ip hako_portforward {
+///     chain output {
+///         type nat hook output priority -100; policy accept;
+///         ip daddr 127.0.0.1 tcp dport != 1 redirect to :1
+///     }
+/// }
+/// ```
 pub fn redirect_loopback(netns: &Path) -> Result<(), NetError> {
-    let rules = format!(
-        "table ip {TABLE} {{\n\
-         \tchain output {{\n\
-         \t\ttype nat hook output priority -100; policy accept;\n\
-         \t\tip daddr 127.0.0.1 tcp dport != {LISTEN_PORT} redirect to :{LISTEN_PORT}\n\
-         \t}}\n\
-         }}\n"
+    let port = LISTEN_PORT.to_be_bytes();
+    // The rule as `nft` compiles it (`nft --debug=netlink`).
+    let rule = vec![
+        expr::payload(Base::Network, IP_DADDR, 4),
+        expr::cmp(Cmp::Eq, &Ipv4Addr::LOCALHOST.octets()),
+        expr::l4proto(),
+        expr::cmp(Cmp::Eq, &[libc::IPPROTO_TCP as u8]),
+        expr::payload(Base::Transport, TCP_DPORT, 2),
+        expr::cmp(Cmp::Neq, &port),
+        expr::immediate(&port),
+        expr::redirect_to_port(),
+    ];
+    let mut batch = Batch::new(NFPROTO_IPV4);
+    let table = || nftables::table(TABLE);
+    batch.push(
+        Kind::NewTable,
+        NLM_F_CREATE,
+        table(),
+        format!("adding table ip {TABLE}"),
     );
-    nft_in(netns, &rules)
+    batch.push(
+        Kind::DelTable,
+        0,
+        table(),
+        format!("emptying table ip {TABLE}"),
+    );
+    batch.push(
+        Kind::NewTable,
+        NLM_F_CREATE,
+        table(),
+        format!("adding table ip {TABLE}"),
+    );
+    let chain = nftables::base_chain(TABLE, CHAIN, "nat", NF_INET_LOCAL_OUT, NAT_PRIORITY);
+    batch.push(
+        Kind::NewChain,
+        NLM_F_CREATE,
+        chain,
+        format!("adding nat chain {CHAIN} to table ip {TABLE}"),
+    );
+    batch.push(
+        Kind::NewRule,
+        NLM_F_CREATE | NLM_F_APPEND,
+        nftables::rule(TABLE, CHAIN, rule),
+        format!("adding the loopback redirect to port {LISTEN_PORT} in table ip {TABLE}"),
+    );
+    nftables::apply_in(netns, batch).map_err(|e| in_namespace(netns, e))
 }
 
 /// Removes the redirect, when the namespace outlives the sandbox.
 pub fn remove_redirect(netns: &Path) -> Result<(), NetError> {
-    nft_in(netns, &format!("delete table ip {TABLE}\n"))
+    let mut batch = Batch::new(NFPROTO_IPV4);
+    batch.push(
+        Kind::DelTable,
+        0,
+        nftables::table(TABLE),
+        format!("deleting table ip {TABLE}"),
+    );
+    nftables::apply_in(netns, batch).map_err(|e| in_namespace(netns, e))
 }
 
-fn nft_in(netns: &Path, script: &str) -> Result<(), NetError> {
-    let shown = || format!("nft -f - (in {})", netns.display());
-    let failed = |message: String| NetError::Command {
-        command: shown(),
-        message,
-    };
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| failed(format!("{e} (is nftables installed?)")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| failed(e.to_string()))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| failed(e.to_string()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
+/// Says which namespace a netlink error happened in; the caller only logs it.
+fn in_namespace(netns: &Path, error: NetError) -> NetError {
+    match error {
+        NetError::Netlink { operation, reason } => NetError::Netlink {
+            operation: format!("{operation} (in {})", netns.display()),
+            reason,
+        },
+        other => other,
     }
 }
 
@@ -99,3 +144,6 @@ pub fn original_port(stream: &impl AsFd) -> u16 {
         Err(_) => LISTEN_PORT,
     }
 }
+
+#[cfg(test)]
+mod tests;

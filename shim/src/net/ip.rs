@@ -1,86 +1,33 @@
-//! What the pod's network namespace holds, read with `ip -j` inside it: its ethernet links with
-//! their addresses and permanent neighbours, and the routes through a gateway on them.
+//! What the pod's network namespace holds, read over rtnetlink inside it: its ethernet links
+//! with their addresses and permanent neighbours, and the routes through a gateway on them. The
+//! results are what `ip -j` showed when the shim read them with it.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
-use std::process::Command;
 
 use hako_protocol as pb;
-use serde::Deserialize;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::Handle;
 
+use super::rtnl::{self, dump};
 use super::{plain_name, NetError, TAP_SUFFIX};
 
-/// Runs `program args` inside the network namespace `netns`.
-pub fn run_in(netns: &Path, program: &str, args: &[&str]) -> Result<String, NetError> {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", netns.display()))
-        .arg(program)
-        .args(args);
-    let shown = format!("{program} {}", args.join(" "));
-    let out = cmd.output().map_err(|e| NetError::Command {
-        command: shown.clone(),
-        message: e.to_string(),
-    })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(NetError::Command {
-            command: shown,
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
-}
-
-#[derive(Deserialize)]
-struct IpLink {
-    #[serde(default)]
-    ifindex: u32,
-    ifname: String,
-    #[serde(default)]
-    address: String,
-    #[serde(default)]
-    mtu: u32,
-    #[serde(default)]
-    link_type: String,
-    #[serde(default)]
-    addr_info: Vec<IpAddr>,
-}
-
-#[derive(Deserialize)]
-struct IpAddr {
-    family: String,
-    local: String,
-    prefixlen: u32,
-    #[serde(default)]
-    scope: String,
-}
-
-#[derive(Deserialize)]
-struct IpNeigh {
-    dst: String,
-    #[serde(default)]
-    dev: String,
-    #[serde(default)]
-    lladdr: String,
-    #[serde(default)]
-    state: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct IpRoute {
-    dst: String,
-    #[serde(default)]
-    gateway: Option<String>,
-    #[serde(default)]
-    dev: String,
-}
+/// `ip route show` lists the main table only; the local table's routes are the kernel's own.
+const RT_TABLE_MAIN: u32 = 254;
+const NUD_PERMANENT: u16 = 0x80;
 
 /// The name link `index` has now in `netns`: a link keeps its index when it is renamed, as
 /// Docker renames a veth once it has moved it into the namespace.
 pub fn name_of(netns: &Path, index: u32) -> Option<String> {
-    let json = run_in(netns, "ip", &["-j", "link", "show"]).ok()?;
-    let links: Vec<IpLink> = serde_json::from_str(&json).ok()?;
-    let link = links.into_iter().find(|l| l.ifindex == index)?;
-    link.ifname.split('@').next().map(str::to_string)
+    rtnl::run_in(netns, "finding a link", move |handle| async move {
+        rtnl::name_of(&handle, index).await
+    })
+    .ok()
+    .flatten()
 }
 
 /// An ethernet link of the pod, as the namespace shows it.
@@ -105,148 +52,179 @@ pub struct Scan {
 
 /// Reads the namespace: links, their neighbours, the routes on them.
 pub fn scan(netns: &Path) -> Result<Scan, NetError> {
-    let mut links = parse_links(&run_in(netns, "ip", &["-j", "addr", "show"])?)?;
+    rtnl::run_in(netns, "reading the pod's network", |handle| async move {
+        read(&handle).await
+    })
+}
+
+async fn read(handle: &Handle) -> Result<Scan, NetError> {
+    let mut links = Vec::new();
+    for message in dump(handle.link().get().execute(), "listing links").await? {
+        links.extend(found_link(&message)?);
+    }
     if links.is_empty() {
-        // Nothing for the VM to take over (a fresh namespace, `--network none`): neighbours
-        // and routes only ever belong to a link.
-        return Ok(Scan {
-            links,
-            routes: Vec::new(),
-        });
+        // Nothing for the VM to take over (a fresh namespace, `--network none`): addresses,
+        // neighbours and routes only ever belong to a link.
+        return Ok(Scan::default());
     }
-    let neighbours = run_in(netns, "ip", &["-j", "neigh", "show"])?;
-    for link in &mut links {
-        link.neighbours = parse_neighbours(&neighbours, &link.name);
+    let addresses = dump(handle.address().get().execute(), "listing addresses").await?;
+    for (index, address) in addresses.iter().filter_map(global_address) {
+        if let Some(link) = links.iter_mut().find(|l| l.index == index) {
+            link.addresses.push(address);
+        }
     }
-    let devs: Vec<String> = links.iter().map(|l| l.name.clone()).collect();
-    let mut routes = parse_routes(
-        &run_in(netns, "ip", &["-j", "-4", "route", "show"])?,
-        &devs,
-        false,
-    );
-    routes.extend(parse_routes(
-        &run_in(netns, "ip", &["-j", "-6", "route", "show"])?,
-        &devs,
-        true,
-    ));
+    let neighbours = dump(handle.neighbours().get().execute(), "listing neighbours").await?;
+    for (index, entry) in neighbours.iter().filter_map(permanent_neighbour) {
+        if let Some(link) = links.iter_mut().find(|l| l.index == index) {
+            link.neighbours.push(entry);
+        }
+    }
+    let indices: Vec<u32> = links.iter().map(|l| l.index).collect();
+    let mut routes = Vec::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut request = RouteMessage::default();
+        request.header.address_family = family;
+        let listed = dump(handle.route().get(request).execute(), "listing routes").await?;
+        routes.extend(listed.iter().filter_map(|r| gateway_route(r, &indices)));
+    }
     Ok(Scan { links, routes })
 }
 
-/// Parses `ip -j addr show`: the ethernet links with their global addresses (loopback and
-/// hako's own taps left out).
-pub fn parse_links(json: &str) -> Result<Vec<FoundLink>, NetError> {
-    let links: Vec<IpLink> = serde_json::from_str(json).map_err(|e| NetError::Command {
-        command: "ip -j addr show".to_string(),
-        message: e.to_string(),
-    })?;
-    let mut out = Vec::new();
-    for link in links {
-        if link.link_type != "ether" || link.ifname.ends_with(TAP_SUFFIX) {
-            continue;
-        }
-        // "eth0@if12": the part before '@' is the name.
-        let name = link
-            .ifname
-            .split('@')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        plain_name(&name)?;
-        let addresses = link
-            .addr_info
-            .iter()
-            .filter(|a| a.scope == "global" && (a.family == "inet" || a.family == "inet6"))
-            .map(|a| format!("{}/{}", a.local, a.prefixlen))
-            .collect();
-        out.push(FoundLink {
-            index: link.ifindex,
-            name,
-            mac: link.address.to_ascii_lowercase(),
-            mtu: link.mtu,
-            addresses,
-            neighbours: Vec::new(),
-        });
+/// The link, if it is one the VM takes over: ethernet, and not loopback nor one of hako's taps.
+fn found_link(message: &LinkMessage) -> Result<Option<FoundLink>, NetError> {
+    if message.header.link_layer_type != LinkLayerType::Ether {
+        return Ok(None);
     }
-    Ok(out)
+    let mut name = None;
+    let mut mac = String::new();
+    let mut mtu = 0;
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::Address(bytes) => mac = hex_mac(bytes),
+            LinkAttribute::Mtu(m) => mtu = *m,
+            _ => {}
+        }
+    }
+    let Some(name) = name.filter(|n| !n.ends_with(TAP_SUFFIX)) else {
+        return Ok(None);
+    };
+    plain_name(&name)?;
+    Ok(Some(FoundLink {
+        index: message.header.index,
+        name,
+        mac,
+        mtu,
+        addresses: Vec::new(),
+        neighbours: Vec::new(),
+    }))
 }
 
-/// Parses `ip -j neigh show`: the permanent entries on `dev` (what a plugin set on purpose;
-/// learnt entries the guest learns again itself).
-pub fn parse_neighbours(json: &str, dev: &str) -> Vec<(String, String)> {
-    let entries: Vec<IpNeigh> = serde_json::from_str(json).unwrap_or_default();
-    entries
-        .into_iter()
-        .filter(|n| n.dev == dev && !n.lladdr.is_empty())
-        .filter(|n| n.state.iter().any(|s| s == "PERMANENT"))
-        .map(|n| (n.dst, n.lladdr))
-        .collect()
+/// A global (not link- or host-scoped) address as "addr/prefix", with its link's index. The
+/// local address where there is one: on a point-to-point link IFA_ADDRESS is the peer's.
+fn global_address(message: &AddressMessage) -> Option<(u32, String)> {
+    if message.header.scope != AddressScope::Universe {
+        return None;
+    }
+    let mut address = None;
+    for attribute in &message.attributes {
+        match attribute {
+            AddressAttribute::Local(ip) => address = Some(*ip),
+            AddressAttribute::Address(ip) if address.is_none() => address = Some(*ip),
+            _ => {}
+        }
+    }
+    let address = address?;
+    Some((
+        message.header.index,
+        format!("{address}/{}", message.header.prefix_len),
+    ))
 }
 
-/// Parses `ip -j route show`: the routes through a gateway on one of `devs`.
-pub fn parse_routes(json: &str, devs: &[String], ipv6: bool) -> Vec<pb::Route> {
-    let routes: Vec<IpRoute> = serde_json::from_str(json).unwrap_or_default();
-    routes
-        .into_iter()
-        .filter(|r| devs.contains(&r.dev))
-        .filter_map(|r| {
-            Some(pb::Route {
-                destination: r.dst,
-                gateway: r.gateway?,
-                ipv6,
-                ..Default::default()
-            })
-        })
-        .collect()
+/// A permanent neighbour entry (what a plugin set on purpose; learnt entries the guest learns
+/// again itself) as (address, MAC), with its link's index.
+fn permanent_neighbour(message: &NeighbourMessage) -> Option<(u32, (String, String))> {
+    if u16::from(message.header.state) & NUD_PERMANENT == 0 {
+        return None;
+    }
+    let mut address = None;
+    let mut mac = None;
+    for attribute in &message.attributes {
+        match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                address = Some(ip.to_string())
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                address = Some(ip.to_string())
+            }
+            NeighbourAttribute::LinkLayerAddress(bytes) if !bytes.is_empty() => {
+                mac = Some(hex_mac(bytes))
+            }
+            _ => {}
+        }
+    }
+    Some((message.header.ifindex, (address?, mac?)))
+}
+
+/// A route of the main table through a gateway on one of `links` (by index). A multipath route
+/// has its gateways in nexthops, not in one RTA_GATEWAY, and is left out, as it always was.
+fn gateway_route(message: &RouteMessage, links: &[u32]) -> Option<pb::Route> {
+    let header = &message.header;
+    let ipv6 = match header.address_family {
+        AddressFamily::Inet => false,
+        AddressFamily::Inet6 => true,
+        _ => return None,
+    };
+    let mut table = u32::from(header.table);
+    let (mut destination, mut gateway, mut oif) = (None, None, None);
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(address) => destination = ip_of(address),
+            RouteAttribute::Gateway(address) => gateway = ip_of(address),
+            RouteAttribute::Oif(index) => oif = Some(*index),
+            _ => {}
+        }
+    }
+    if table != RT_TABLE_MAIN || !oif.is_some_and(|i| links.contains(&i)) {
+        return None;
+    }
+    let length = header.destination_prefix_length;
+    let destination = if length == 0 {
+        // As `ip` prints 0.0.0.0/0 and ::/0, and as the agent reads them.
+        "default".to_string()
+    } else {
+        let unspecified = if ipv6 {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        };
+        format!("{}/{length}", destination.unwrap_or(unspecified))
+    };
+    Some(pb::Route {
+        destination,
+        gateway: gateway?.to_string(),
+        ipv6,
+        ..Default::default()
+    })
+}
+
+fn ip_of(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    }
+}
+
+/// "02:42:0a:58:00:02", as `ip` prints a hardware address.
+fn hex_mac(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn links_neighbours_and_routes_are_read_from_ip_json() {
-        let links = r#"[
-          {"ifindex":1,"ifname":"lo","link_type":"loopback","address":"00:00:00:00:00:00","mtu":65536,"addr_info":[]},
-          {"ifindex":7,"ifname":"eth0@if7","link_type":"ether","address":"02:42:0A:58:00:02","mtu":1450,
-           "addr_info":[{"family":"inet","local":"10.88.0.2","prefixlen":16,"scope":"global"},
-                        {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"},
-                        {"family":"inet6","local":"fd00::2","prefixlen":64,"scope":"global"}]},
-          {"ifindex":9,"ifname":"tap0_hk","link_type":"ether","address":"aa:aa:aa:aa:aa:aa","mtu":1500,"addr_info":[]}]"#;
-        let parsed = parse_links(links).expect("parsed");
-        assert_eq!(
-            parsed,
-            [FoundLink {
-                index: 7,
-                name: "eth0".into(),
-                mac: "02:42:0a:58:00:02".into(),
-                mtu: 1450,
-                addresses: vec!["10.88.0.2/16".into(), "fd00::2/64".into()],
-                neighbours: Vec::new(),
-            }]
-        );
-        assert!(parse_links("not json").is_err());
-        let odd =
-            r#"[{"ifindex":2,"ifname":"-x","link_type":"ether","address":"02:00:00:00:00:01"}]"#;
-        assert!(matches!(parse_links(odd), Err(NetError::BadName(_))));
-
-        let neighbours = r#"[{"dst":"10.88.0.1","dev":"eth0","lladdr":"ee:ee:ee:ee:ee:ee","state":["PERMANENT"]},
-                             {"dst":"10.88.0.9","dev":"eth0","lladdr":"02:00:00:00:00:09","state":["REACHABLE"]},
-                             {"dst":"fd00::1","dev":"eth0","lladdr":"ee:ee:ee:ee:ee:01","state":["PERMANENT"]},
-                             {"dst":"10.1.0.1","dev":"other","lladdr":"ee:ee:ee:ee:ee:02","state":["PERMANENT"]}]"#;
-        assert_eq!(
-            parse_neighbours(neighbours, "eth0"),
-            [
-                ("10.88.0.1".to_string(), "ee:ee:ee:ee:ee:ee".to_string()),
-                ("fd00::1".to_string(), "ee:ee:ee:ee:ee:01".to_string())
-            ]
-        );
-
-        let routes = r#"[{"dst":"default","gateway":"10.88.0.1","dev":"eth0"},
-                         {"dst":"10.88.0.0/16","dev":"eth0","scope":"link"},
-                         {"dst":"default","gateway":"192.168.1.1","dev":"other"}]"#;
-        let parsed = parse_routes(routes, &["eth0".to_string()], false);
-        assert_eq!(parsed.len(), 1);
-        assert_eq!(parsed[0].destination, "default");
-        assert_eq!(parsed[0].gateway, "10.88.0.1");
-    }
-}
+mod tests;

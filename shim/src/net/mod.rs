@@ -1,13 +1,17 @@
 //! Pod networking on the host. The VM runs inside the pod's network namespace and takes its
 //! interfaces over: for each veth there, a tap device beside it, joined by tc redirects
 //! (`tap`), and a guest NIC with the veth's MAC, MTU, addresses and permanent neighbours, so to
-//! the network plugin the VM is the veth. What the namespace holds is read with `ip` (`ip`);
-//! it can change while the pod runs (Docker 28 configures it after Create; `docker network
-//! connect`), which `watch` notices, and `PodNetwork::plan` says what the VM must gain or lose.
+//! the network plugin the VM is the veth. What the namespace holds is read over rtnetlink
+//! (`ip`); it can change while the pod runs (Docker 28 configures it after Create; `docker
+//! network connect`), which `watch` notices, and `PodNetwork::plan` says what the VM must gain
+//! or lose. All of it is done in-process, over netlink sockets made inside the namespace
+//! (`rtnl`, `nftables`): a pod start spawns no helper process for its network.
 
 pub mod forward;
 pub mod ip;
 pub mod namespace;
+pub mod nftables;
+pub mod rtnl;
 pub mod tap;
 pub mod watch;
 
@@ -32,9 +36,9 @@ pub enum NetError {
     /// The network namespace could not be used.
     #[error("network namespace {path}: {reason}")]
     Namespace { path: PathBuf, reason: String },
-    /// An `ip` or `tc` command failed.
-    #[error("{command}: {message}")]
-    Command { command: String, message: String },
+    /// A netlink request (rtnetlink or nf_tables) in the pod's namespace failed.
+    #[error("{operation}: {reason}")]
+    Netlink { operation: String, reason: String },
     /// The tap device could not be created.
     #[error("creating tap {name}: {source}")]
     Tap {
@@ -81,7 +85,8 @@ pub const TAP_SUFFIX: &str = "_hk";
 /// Most queue pairs a NIC gets, whatever the vCPU count.
 pub const MAX_QUEUES: u32 = 8;
 
-/// Interface names reach `ip`/`tc` argv: the kernel's own rules, but refuse anything odd.
+/// Interface names reach the guest's picture and `net.json`: the kernel's own rules, but refuse
+/// anything odd.
 pub fn plain_name(name: &str) -> Result<&str, NetError> {
     let ok = !name.is_empty()
         && name.len() <= 15

@@ -35,29 +35,50 @@ pub fn refuse_host(path: &Path) -> Result<(), NetError> {
     Ok(())
 }
 
-/// A non-blocking IPv4 socket that belongs to the namespace at `netns`: a thread of its own
-/// enters the namespace and makes it (a socket stays in the namespace it was made in, and the
-/// thread ends there, so no other work ever runs in the pod's namespace by accident).
-pub fn socket_in(netns: &Path, kind: SockType) -> Result<OwnedFd, NetError> {
+/// Runs `work` on a thread of its own that entered the namespace at `netns`, and waits for it.
+/// Namespaces are per thread: the shim's other threads stay where they are, and this one ends
+/// with the work, so nothing else ever runs in the pod's namespace by accident. What it makes
+/// there stays there: a socket (netlink or IP) or a tap belongs to the namespace it was made in.
+/// `what` names the work in errors.
+pub fn on_thread_in<T: Send + 'static>(
+    netns: &Path,
+    what: &str,
+    work: impl FnOnce() -> Result<T, NetError> + Send + 'static,
+) -> Result<T, NetError> {
     let path = netns.to_path_buf();
     let fail = |reason: String| NetError::Namespace {
         path: netns.to_path_buf(),
-        reason: format!("making a socket there: {reason}"),
+        reason: format!("{what}: {reason}"),
     };
-    let made = std::thread::spawn(move || -> nix::Result<OwnedFd> {
-        let ns = fs::File::open(&path)
-            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-        setns(&ns, CloneFlags::CLONE_NEWNET)?;
+    let thread = std::thread::Builder::new()
+        .name("netns-work".to_string())
+        .spawn(move || -> Result<Result<T, NetError>, String> {
+            let ns = fs::File::open(&path).map_err(|e| e.to_string())?;
+            setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
+            Ok(work())
+        })
+        .map_err(|e| fail(format!("starting a thread: {e}")))?;
+    thread
+        .join()
+        .map_err(|_| fail("the namespace thread panicked".to_string()))?
+        .map_err(fail)?
+}
+
+/// A non-blocking IPv4 socket that belongs to the namespace at `netns`.
+pub fn socket_in(netns: &Path, kind: SockType) -> Result<OwnedFd, NetError> {
+    let path = netns.to_path_buf();
+    on_thread_in(netns, "making a socket there", move || {
         socket(
             AddressFamily::Inet,
             kind,
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             None,
         )
-    });
-    made.join()
-        .map_err(|_| fail("the thread panicked".to_string()))?
-        .map_err(|e| fail(e.to_string()))
+        .map_err(|e| NetError::Namespace {
+            path,
+            reason: format!("making a socket there: {e}"),
+        })
+    })
 }
 
 /// A thread of the shim parked in a network namespace. Hooks get its id as the container's
@@ -195,5 +216,26 @@ impl Drop for TestBindPoint {
         if self.0.exists() {
             let _ = self.release();
         }
+    }
+}
+
+/// Runs `program args` inside the namespace at `netns`, for tests that make or inspect
+/// fixtures with `ip`, `tc` or `nft` (the shim itself never spawns these).
+#[cfg(test)]
+pub(crate) fn command_in(netns: &Path, program: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }

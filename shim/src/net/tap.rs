@@ -1,46 +1,42 @@
 //! A tap device beside a pod veth, in the pod's network namespace, joined to the veth by tc
 //! ingress redirects both ways: what the veth receives goes to the VM, what the VM sends leaves
-//! through the veth. The VMM reads and writes the guest's packets through the tap's queues.
+//! through the veth. The VMM reads and writes the guest's packets through the tap's queues. All
+//! of it over rtnetlink and /dev/net/tun, from one thread inside the namespace.
 
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
-use nix::sched::{setns, CloneFlags};
+use netlink_packet_route::tc::{TcAttribute, TcHandle};
+use rtnetlink::{Handle, LinkUnspec};
 
-use super::ip::run_in;
+use super::namespace::on_thread_in;
+use super::rtnl::{self, failed};
 use super::NetError;
 
-/// Opens a tap device named `name` inside `netns`, with `queues` queues (a multiqueue tap when
-/// more than one). The taps carry virtio-net headers, so checksum and segmentation offloads
-/// reach the guest instead of every packet being cut to the MTU on the host. The namespace
-/// switch happens on a thread of its own, so no other thread of the shim changes namespace.
-fn open_tap(netns: &Path, name: &str, queues: u32) -> Result<Vec<OwnedFd>, NetError> {
-    let netns = netns.to_path_buf();
-    let name = name.to_string();
-    let tap_err = |source| NetError::Tap {
-        name: name.clone(),
-        source,
-    };
-    let thread_name = name.clone();
-    let result = std::thread::spawn(move || -> std::io::Result<Vec<OwnedFd>> {
-        let ns = fs::File::open(&netns)?;
-        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
-        if queues > 1 {
-            flags |= libc::IFF_MULTI_QUEUE;
-        }
-        (0..queues.max(1))
-            .map(|_| open_queue(&thread_name, flags as libc::c_short))
-            .collect()
-    })
-    .join();
-    match result {
-        Ok(fds) => fds.map_err(tap_err),
-        Err(_) => Err(tap_err(std::io::Error::other(
-            "the namespace thread panicked",
-        ))),
+/// `protocol all` in tc's terms: ETH_P_ALL, which a filter carries in network byte order.
+const ETH_P_ALL: u16 = 0x0003;
+/// The ingress qdisc's handle (`ffff:`), the parent its filters hang from.
+const INGRESS_HANDLE: u32 = 0xffff_0000;
+/// The least MTU an IPv4 link may have.
+const MIN_MTU: u32 = 68;
+
+/// Opens a tap device named `name` in this thread's namespace, with `queues` queues (a
+/// multiqueue tap when more than one). The taps carry virtio-net headers, so checksum and
+/// segmentation offloads reach the guest instead of every packet being cut to the MTU on the
+/// host.
+fn open_tap(name: &str, queues: u32) -> Result<Vec<OwnedFd>, NetError> {
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    if queues > 1 {
+        flags |= libc::IFF_MULTI_QUEUE;
     }
+    (0..queues.max(1))
+        .map(|_| open_queue(name, flags as libc::c_short))
+        .collect::<std::io::Result<_>>()
+        .map_err(|source| NetError::Tap {
+            name: name.to_string(),
+            source,
+        })
 }
 
 /// One queue of the tap `name`: the first call creates the device, later ones attach to it.
@@ -96,74 +92,75 @@ fn try_attach(
     mtu: u32,
     queues: u32,
 ) -> Result<Vec<OwnedFd>, NetError> {
-    let fds = open_tap(netns, tap, queues)?;
-    let mtu = mtu.max(68).to_string();
-    run_in(netns, "ip", &["link", "set", "dev", tap, "mtu", &mtu, "up"])?;
-    for dev in [veth, tap] {
-        run_in(netns, "tc", &["qdisc", "add", "dev", dev, "ingress"])?;
+    let (veth, tap) = (veth.to_string(), tap.to_string());
+    on_thread_in(netns, "attaching a tap", move || {
+        let fds = open_tap(&tap, queues)?;
+        rtnl::run_here(|handle| async move { join(&handle, &veth, &tap, mtu).await })?;
+        Ok(fds)
+    })
+}
+
+/// Sets the tap up with the veth's MTU and redirects each one's ingress to the other's egress
+/// (`tc filter ... u32 match u8 0 0 action mirred egress redirect`): the two become one wire.
+async fn join(handle: &Handle, veth: &str, tap: &str, mtu: u32) -> Result<(), NetError> {
+    let veth_index = rtnl::index_of(handle, veth).await?;
+    let tap_index = rtnl::index_of(handle, tap).await?;
+    let mtu = mtu.max(MIN_MTU);
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(tap_index).mtu(mtu).up().build())
+        .execute()
+        .await
+        .map_err(|e| failed(format!("setting {tap} up with MTU {mtu}"), e))?;
+    for (dev, index) in [(veth, veth_index), (tap, tap_index)] {
+        handle
+            .qdisc()
+            .add(index as i32)
+            .ingress()
+            .execute()
+            .await
+            .map_err(|e| failed(format!("adding an ingress qdisc to {dev}"), e))?;
     }
-    for (from, to) in [(veth, tap), (tap, veth)] {
-        run_in(
-            netns,
-            "tc",
-            &[
-                "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
-                "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
-            ],
-        )?;
+    for ((from, from_index), (to, to_index)) in [
+        ((veth, veth_index), (tap, tap_index)),
+        ((tap, tap_index), (veth, veth_index)),
+    ] {
+        let operation = || format!("redirecting {from}'s ingress to {to}");
+        handle
+            .traffic_filter(from_index as i32)
+            .add()
+            .parent(INGRESS_HANDLE)
+            .protocol(ETH_P_ALL.to_be())
+            .redirect(to_index)
+            .map_err(|e| failed(operation(), e))?
+            .execute()
+            .await
+            .map_err(|e| failed(operation(), e))?;
     }
-    Ok(fds)
+    Ok(())
 }
 
 /// Removes the veth's ingress qdisc (and with it the filter) and the tap; the veth stays as the
 /// network plugin made it. Missing pieces are fine.
 pub fn detach(netns: &Path, veth: &str, tap: &str) {
-    let _ = run_in(netns, "tc", &["qdisc", "del", "dev", veth, "ingress"]);
-    let _ = run_in(netns, "ip", &["link", "del", "dev", tap]);
+    let (veth, tap) = (veth.to_string(), tap.to_string());
+    let _ = rtnl::run_in(netns, "detaching a tap", |handle| async move {
+        if let Ok(index) = rtnl::index_of(&handle, &veth).await {
+            let mut request = handle.qdisc().del(index as i32);
+            let message = request.message_mut();
+            message.header.parent = TcHandle::INGRESS;
+            message.header.handle = TcHandle::from(INGRESS_HANDLE);
+            message
+                .attributes
+                .push(TcAttribute::Kind("ingress".to_string()));
+            let _ = request.execute().await;
+        }
+        if let Ok(index) = rtnl::index_of(&handle, &tap).await {
+            let _ = handle.link().del(index).execute().await;
+        }
+        Ok(())
+    });
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::net::NetnsHolder;
-
-    /// Docker renames its veth once it is in the namespace; an attach that raced the rename
-    /// fails, and must leave the veth (by its new name) without a redirect, or the next attach
-    /// finds the ingress taken.
-    #[test]
-    fn a_failed_attach_cleans_a_veth_renamed_meanwhile() {
-        // Never a silent pass: hako's tests run as root (scripts/test.sh).
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test needs root: run the unit tests as root, as scripts/test.sh does"
-        );
-        let bind_point = crate::net::namespace::TestBindPoint::new("tap");
-        let bind_at = bind_point.0.clone();
-        let holder = NetnsHolder::create(&bind_at).expect("namespace");
-        let ip = |args: &[&str]| run_in(&bind_at, "ip", args).expect("ip");
-        ip(&[
-            "link", "add", "vtmp", "type", "veth", "peer", "name", "vpeer",
-        ]);
-        let index = ip(&["-o", "link", "show", "vtmp"])
-            .split(':')
-            .next()
-            .and_then(|n| n.trim().parse::<u32>().ok())
-            .expect("index");
-        // What an attach that raced the rename had made on the veth, then the rename.
-        run_in(&bind_at, "tc", &["qdisc", "add", "dev", "vtmp", "ingress"]).expect("qdisc");
-        ip(&["link", "set", "vtmp", "name", "eth0"]);
-
-        let stale = attach(&bind_at, "vtmp", index, "tap0_hk", 1500, 1);
-        assert!(stale.is_err(), "the old name is gone");
-        let qdiscs = run_in(&bind_at, "tc", &["qdisc", "show", "dev", "eth0"]).expect("tc");
-        assert!(!qdiscs.contains("ingress"), "left on the veth: {qdiscs}");
-        assert!(!ip(&["-o", "link", "show"]).contains("tap0_hk"), "tap left");
-
-        let fds = attach(&bind_at, "eth0", index, "tap1_hk", 1500, 1).expect("attach again");
-        assert_eq!(fds.len(), 1);
-        drop(fds);
-        detach(&bind_at, "eth0", "tap1_hk");
-        drop(holder);
-        bind_point.release().expect("unmount and remove");
-    }
-}
+mod tests;

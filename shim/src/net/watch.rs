@@ -4,17 +4,16 @@
 //! plugin makes several changes in a row) becomes one notice, once the namespace has been quiet
 //! for `QUIET`, and never later than `MAX_DELAY` after the burst began.
 
-use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sched::{setns, CloneFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
+use super::namespace::on_thread_in;
 use super::{NetError, TAP_SUFFIX};
 
 const QUIET: Duration = Duration::from_millis(100);
@@ -187,53 +186,51 @@ fn link_name(payload: &[u8]) -> String {
 /// stays in the namespace it was made in).
 fn open_in(netns: &Path) -> Result<OwnedFd, NetError> {
     let path = netns.to_path_buf();
-    let fail = |reason: String| NetError::Namespace {
-        path: netns.to_path_buf(),
-        reason: format!("watching: {reason}"),
-    };
-    let made = std::thread::spawn(move || -> std::io::Result<OwnedFd> {
-        let ns = fs::File::open(&path)?;
-        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-        // SAFETY: a plain socket(2) call; the result is checked and owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_nl is plain data; zeroed is a valid value for it.
-        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        address.nl_family = libc::AF_NETLINK as u16;
-        address.nl_groups = RTMGRP_LINK
-            | RTMGRP_NEIGH
-            | RTMGRP_IPV4_IFADDR
-            | RTMGRP_IPV4_ROUTE
-            | RTMGRP_IPV6_IFADDR
-            | RTMGRP_IPV6_ROUTE;
-        // SAFETY: binds with a live, correctly sized sockaddr_nl.
-        let rc = unsafe {
-            libc::bind(
-                socket.as_raw_fd(),
-                (&address as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(socket)
+    on_thread_in(netns, "watching", move || {
+        subscribed_socket().map_err(|e| NetError::Namespace {
+            path,
+            reason: format!("watching: {e}"),
+        })
     })
-    .join();
-    match made {
-        Ok(result) => result.map_err(|e| fail(e.to_string())),
-        Err(_) => Err(fail("the namespace thread panicked".to_string())),
+}
+
+/// A non-blocking rtnetlink socket of this thread's namespace, subscribed to the groups whose
+/// events `relevant` reads.
+fn subscribed_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: a plain socket(2) call; the result is checked and owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_nl is plain data; zeroed is a valid value for it.
+    let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    address.nl_family = libc::AF_NETLINK as u16;
+    address.nl_groups = RTMGRP_LINK
+        | RTMGRP_NEIGH
+        | RTMGRP_IPV4_IFADDR
+        | RTMGRP_IPV4_ROUTE
+        | RTMGRP_IPV6_IFADDR
+        | RTMGRP_IPV6_ROUTE;
+    // SAFETY: binds with a live, correctly sized sockaddr_nl.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&address as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(socket)
 }
 
 #[cfg(test)]

@@ -28,8 +28,9 @@ pub struct PortForward {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The listener and redirect being made in a namespace while the VM boots (`nsenter nft`
-/// blocks). Dropped unused (the boot failed), it removes the redirect again once it is made.
+/// The listener and redirect being made in a namespace while the VM boots (each waits for a
+/// thread that enters the namespace, so off the runtime). Dropped unused (the boot failed), it
+/// removes the redirect again once it is made.
 pub struct Preparing {
     netns: PathBuf,
     made: Option<tokio::task::JoinHandle<Result<std::net::TcpListener, NetError>>>,
