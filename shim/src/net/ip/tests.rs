@@ -150,26 +150,3 @@ fn a_missing_namespace_is_an_error_that_names_it() {
     let error = scan(Path::new("/nonexistent/netns")).expect_err("no namespace");
     assert!(error.to_string().contains("/nonexistent/netns"), "{error}");
 }
-
-#[test]
-fn zz_timing() {
-    let mut first = Vec::new();
-    let mut remove = Vec::new();
-    let mut listen = Vec::new();
-    for i in 0..10 {
-        let point = TestBindPoint::new(&format!("timing{i}"));
-        let holder = NetnsHolder::create(&point.0).expect("ns");
-        let s = std::time::Instant::now();
-        let l = crate::net::forward::listen_in(&point.0).expect("listen");
-        listen.push(s.elapsed().as_micros());
-        let s = std::time::Instant::now();
-        crate::net::forward::redirect_loopback(&point.0).expect("redirect");
-        first.push(s.elapsed().as_micros());
-        let s = std::time::Instant::now();
-        crate::net::forward::remove_redirect(&point.0).expect("remove");
-        remove.push(s.elapsed().as_micros());
-        drop((l, holder));
-        point.release().expect("release");
-    }
-    eprintln!("listen {listen:?}\nfirst redirect {first:?}\nremove {remove:?}");
-}
