@@ -11,6 +11,7 @@ pub mod cri;
 pub mod docker;
 pub mod payload;
 pub mod portforward;
+pub mod runc;
 
 use std::collections::BTreeSet;
 use std::fs;

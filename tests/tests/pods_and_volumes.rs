@@ -425,3 +425,112 @@ fn a_virtio_9p_share_carries_the_root_filesystem_without_virtiofsd() {
     });
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A directory that is a shared mount of its own, as a volume's source is on a host whose root
+/// is shared (systemd's default): mounts made below it later propagate to its slaves.
+struct SharedSource(std::path::PathBuf);
+
+impl SharedSource {
+    fn new(name: &str) -> SharedSource {
+        let dir = std::env::temp_dir().join(format!("hako-{name}-{}", std::process::id()));
+        fs::create_dir_all(dir.join("later")).unwrap();
+        let d = dir.display().to_string();
+        mount_cmd(&["--bind", &d, &d]);
+        mount_cmd(&["--make-shared", &d]);
+        SharedSource(dir)
+    }
+}
+
+impl Drop for SharedSource {
+    fn drop(&mut self) {
+        for m in mounts_under(&self.0).into_iter().rev() {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mount_cmd(args: &[&str]) {
+    let r = Command::new("mount").args(args).output().unwrap();
+    assert!(r.status.success(), "mount {args:?}: {r:?}");
+}
+
+/// Propagation from the host as runc gives it, for the same container under both: a tmpfs the
+/// host mounts below a volume's source after the container started shows inside through an
+/// `rslave` volume (Kubernetes' HostToContainer) and one with no propagation option (runc's
+/// default), not through an `rprivate` one; unmounted on the host, it is gone inside again.
+/// Through hako it travels the share: a slave copy under the sandbox, seen by virtiofsd.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn host_mounts_made_later_reach_slave_volumes_as_under_runc() {
+    use hako_tests::runc;
+    let source = SharedSource::new("propagation");
+    let later = source.0.join("later");
+    let volumes: Vec<String> = [
+        ("slave", ":rslave"),
+        ("private", ":rprivate"),
+        ("default", ""),
+    ]
+    .iter()
+    .map(|(dst, option)| {
+        format!(
+            "--mount=type=bind,src={},dst=/{dst},options=rbind{option}",
+            source.0.display()
+        )
+    })
+    .collect();
+    let look = "for d in slave private default; do \
+                echo $d: $(cat /$d/later/marker 2>/dev/null || echo none); done";
+    for_each_containerd(|c| {
+        let runtimes = [(runc::RUNC, "prop-runc"), (RUNTIME, "prop-hako")];
+        for (runtime, id) in runtimes {
+            let mut args = vec!["run", "-d", "--runtime", runtime];
+            args.extend(volumes.iter().map(String::as_str));
+            let cgroup = runc::cgroup(id);
+            if runtime == runc::RUNC {
+                args.extend(cgroup.iter().map(String::as_str));
+            }
+            args.extend([IMAGE, id, "sleep", "1000"]);
+            let r = c.ctr(&args);
+            assert_eq!(r.code, 0, "{runtime}: {r:?}");
+        }
+        let seen = |exec_id: &str| -> Vec<Run> {
+            runtimes
+                .iter()
+                .map(|(_, id)| c.exec(id, exec_id, &[], &["sh", "-c", look]))
+                .collect()
+        };
+
+        mount_cmd(&["-t", "tmpfs", "hostlater", &later.display().to_string()]);
+        fs::write(later.join("marker"), "from the host\n").unwrap();
+        let [under_runc, under_hako] = <[Run; 2]>::try_from(seen("mounted")).unwrap();
+        assert_eq!(
+            under_runc.stdout, "slave: from the host\nprivate: none\ndefault: from the host\n",
+            "runc: {under_runc:?}"
+        );
+        assert_eq!(
+            (under_hako.stdout.as_str(), under_hako.code),
+            (under_runc.stdout.as_str(), under_runc.code),
+            "hako as runc: {under_hako:?}"
+        );
+
+        let r = nix::mount::umount(&later);
+        assert!(
+            r.is_ok(),
+            "the host unmounts its own mount as under runc: {r:?}"
+        );
+        let [under_runc, under_hako] = <[Run; 2]>::try_from(seen("unmounted")).unwrap();
+        assert_eq!(
+            under_runc.stdout, "slave: none\nprivate: none\ndefault: none\n",
+            "runc: {under_runc:?}"
+        );
+        assert_eq!(under_hako.stdout, under_runc.stdout, "{under_hako:?}");
+
+        for (_, id) in runtimes {
+            c.remove_task(id);
+        }
+        runc::remove_parent();
+    });
+    drop(source);
+    assert_no_leaks("after the propagation test");
+}

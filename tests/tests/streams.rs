@@ -14,27 +14,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use hako_tests::payload::{first_difference, from_a_terminal, payload, payload_dir, script, SIZES};
+use hako_tests::runc::{cgroup as runc_cgroup, remove_parent as remove_runc_parent, RUNC};
 use hako_tests::*;
-
-const RUNC: &str = "io.containerd.runc.v2";
-/// runc leaves the parent of the cgroups it makes (ctr's `/default`) behind: its containers go
-/// under a parent of the test's own, removed with `remove_runc_parent`.
-const RUNC_PARENT: &str = "hako-e2e-runc";
-
-/// `ctr` arguments that put a runc container's cgroup under `RUNC_PARENT`.
-fn runc_cgroup(id: &str) -> [String; 2] {
-    ["--cgroup".to_string(), format!("/{RUNC_PARENT}/{id}")]
-}
-
-/// Removes `RUNC_PARENT` from every hierarchy (its containers are gone by now).
-fn remove_runc_parent() {
-    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
-        let parent = hierarchy.path().join(RUNC_PARENT);
-        if parent.exists() {
-            std::fs::remove_dir(&parent).unwrap_or_else(|e| panic!("{}: {e}", parent.display()));
-        }
-    }
-}
 
 fn bind(size: usize) -> String {
     format!(

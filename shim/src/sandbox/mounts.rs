@@ -144,13 +144,18 @@ pub struct Restrict {
     pub readonly: bool,
     /// Every level read-only (`rro`).
     pub recursive_readonly: bool,
+    /// A slave of the source's peer group (`rslave`): mounts the host makes or removes below
+    /// the source later reach every copy, and nothing flows back. Otherwise private.
+    pub follows_host: bool,
 }
 
 /// Binds `source` (and what is mounted below it) at `target` with nosuid and nodev on every
 /// level, so nothing the guest plants works on the host, and read-only as `how` says. A bind
-/// copies a mount's flags but a remount does not propagate, so the flags are set on a private
-/// bind in `staging` first; the bind under `rw/` then carries them into every copy (`ro/`,
-/// virtiofsd's namespace).
+/// copies a mount's flags but a remount does not propagate, so the flags are set on a bind in
+/// `staging` first, cut off from the source's peer group (private, or a slave that only
+/// receives); the bind under `rw/` then carries flags and propagation into every copy (`ro/`,
+/// virtiofsd's namespace). A mount the host adds below a followed source later has the host's
+/// own flags, in the copies as at the source: the host made it.
 pub fn bind_restricted(
     source: &Path,
     target: &Path,
@@ -176,7 +181,12 @@ pub fn bind_restricted(
     })?;
     let result = (|| {
         bind(source, staging, false)?;
-        set_propagation(staging, MsFlags::MS_PRIVATE | MsFlags::MS_REC)?;
+        let cut_off = if how.follows_host {
+            MsFlags::MS_SLAVE
+        } else {
+            MsFlags::MS_PRIVATE
+        };
+        set_propagation(staging, cut_off | MsFlags::MS_REC)?;
         use hako_protocol::mount_options as mo;
         let mut every_level = mo::MOUNT_ATTR_NOSUID | mo::MOUNT_ATTR_NODEV;
         if how.recursive_readonly {

@@ -16,6 +16,8 @@ pub struct SharedBind {
     pub readonly: bool,
     /// Read-only on every level (`rro`).
     pub recursive_readonly: bool,
+    /// Mounts the host makes below the source later reach the container (`rslave`).
+    pub follows_host: bool,
     /// Where the container sees it.
     pub destination: PathBuf,
 }
@@ -66,6 +68,22 @@ pub fn host_submounts(dir: &Path) -> Vec<PathBuf> {
         .filter_map(|p| p.strip_prefix(&dir).ok().map(Path::to_path_buf))
         .filter(|rel| !rel.as_os_str().is_empty())
         .collect()
+}
+
+/// Whether mounts the host makes below a bind's source later reach the container: the last
+/// propagation option says (`slave`/`rslave` yes; `private`, `rprivate` and the unbindable
+/// ones no). With none, yes, as under runc, whose container root is `rslave` and whose binds
+/// inherit that (Docker and Kubernetes always say, `rprivate` unless asked otherwise).
+fn follows_host(options: &[String]) -> bool {
+    options
+        .iter()
+        .rev()
+        .find_map(|o| match o.as_str() {
+            "slave" | "rslave" => Some(true),
+            "private" | "rprivate" | "unbindable" | "runbindable" => Some(false),
+            _ => None,
+        })
+        .unwrap_or(true)
 }
 
 fn is_bind(m: &Mount) -> bool {
@@ -188,6 +206,7 @@ pub fn to_guest(
             .find(|o| *o == "ro" || *o == "rw")
             .is_some_and(|o| o == "ro");
         let recursive_readonly = mount_options::recursively_readonly(&options);
+        let follows_host = follows_host(&options);
         let guest_source = container_dir.join("mounts").join(&name);
         m.set_source(Some(guest_source.clone()));
         mounts.push(m);
@@ -206,6 +225,7 @@ pub fn to_guest(
             name,
             readonly,
             recursive_readonly,
+            follows_host,
             destination: dest.clone(),
         });
     }
@@ -310,6 +330,7 @@ mod tests {
                 name: "1-hosts".into(),
                 readonly: true,
                 recursive_readonly: false,
+                follows_host: true,
                 destination: "/etc/hosts".into(),
             }]
         );
@@ -457,6 +478,25 @@ mod tests {
         }
         let json = BASE.replace(r#"["rbind", "ro"]"#, r#"["rbind", "rslave"]"#);
         assert!(to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).is_ok());
+    }
+
+    #[test]
+    fn the_last_propagation_option_says_whether_host_mounts_follow() {
+        for (options, follows) in [
+            (r#"["rbind", "rslave"]"#, true),
+            (r#"["rbind", "slave"]"#, true),
+            (r#"["rbind"]"#, true),
+            (r#"["rbind", "rprivate"]"#, false),
+            (r#"["rbind", "private", "ro"]"#, false),
+            (r#"["rbind", "rslave", "rprivate"]"#, false),
+            (r#"["rbind", "rprivate", "rslave"]"#, true),
+            (r#"["rbind", "runbindable"]"#, false),
+        ] {
+            let json = BASE.replace(r#"["rbind", "ro"]"#, options);
+            let (_, binds) =
+                to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).expect(options);
+            assert_eq!(binds[0].follows_host, follows, "{options}");
+        }
     }
 
     #[test]

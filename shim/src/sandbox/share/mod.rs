@@ -129,6 +129,7 @@ impl Sandbox {
         let restrict = mounts::Restrict {
             readonly: rootfs.readonly,
             recursive_readonly: false,
+            follows_host: false,
         };
         mounts::bind_restricted(bundle_rootfs, &target, &staging, restrict)?;
         if binds.is_empty() {
@@ -153,6 +154,7 @@ impl Sandbox {
             let restrict = mounts::Restrict {
                 readonly: b.readonly,
                 recursive_readonly: b.recursive_readonly,
+                follows_host: b.follows_host,
             };
             mounts::bind_restricted(&proc_fd(fd), &target, &staging, restrict)?;
         }
