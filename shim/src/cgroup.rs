@@ -559,6 +559,7 @@ mod tests {
             .insert(hierarchy.join("cpuset.mems"), String::new());
         let registry = std::env::temp_dir().join(format!("hako-cg-empty-{}", std::process::id()));
         let err = make(&tree, hierarchy, Path::new("pod"), &registry).expect_err("refused");
+        let _ = fs::remove_dir_all(&registry);
         let msg = err.to_string();
         assert!(
             msg.contains("/fake/cpuset/pod") && msg.contains("cpuset.mems"),
