@@ -147,9 +147,14 @@ fn ten_first_starts_at_once_make_one_template_and_all_run() {
                 });
             }
         });
-        assert_eq!(store.templates().len(), 1);
-        let made = c.log().matches("made template").count();
-        assert_eq!(made, 1, "templates made: {made}");
+        let log = c.log();
+        let about: Vec<&str> = log.lines().filter(|l| l.contains("template")).collect();
+        assert_eq!(store.templates().len(), 1, "the shims said: {about:#?}");
+        let made = log.matches("made template").count();
+        assert_eq!(
+            made, 1,
+            "templates made: {made}; the shims said: {about:#?}"
+        );
         for id in &ids {
             assert!(c.restored(id), "{id}");
         }

@@ -80,8 +80,9 @@ impl CloudHypervisor {
             .await?;
         let started = Instant::now();
         if let Err(e) = self.restore(spec, &template).await {
-            // Whatever went wrong, this template is not trusted again.
-            store.remove(&template.key);
+            if e.is_the_templates_fault() {
+                store.remove(&template.key);
+            }
             self.kill_vmm().await;
             return Err(e);
         }
@@ -153,13 +154,21 @@ impl CloudHypervisor {
     async fn restore(&mut self, spec: &VmSpec, template: &Template) -> Result<(), SnapshotError> {
         let dir = write_restore_dir(spec, template)?;
         let loaded = async {
-            self.spawn_vmm(spec).await?;
+            if let Err(e) = self.spawn_vmm(spec).await {
+                return Err(SnapshotError::VmmStart(e.to_string()));
+            }
             let api = self.api.as_ref().ok_or(VmmError::NotRunning)?;
             load(&api.with_call_timeout(SNAPSHOT_TIMEOUT), spec, &dir).await
         }
         .await;
         let _ = std::fs::remove_dir_all(&dir);
-        loaded.map_err(|e| SnapshotError::Restore(format!("{e}; log: {}", self.log_tail())))
+        let log = self.log_tail();
+        loaded.map_err(|e| match e {
+            SnapshotError::Restore(reason) => {
+                SnapshotError::Restore(format!("{reason}; log: {log}"))
+            }
+            other => SnapshotError::VmmStart(format!("{other}; log: {log}")),
+        })
     }
 }
 

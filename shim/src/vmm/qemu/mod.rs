@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use super::qmp::Qmp;
+use super::qmp::{Qmp, QmpError};
 use super::{choose_accel, AccelChoice, Hypervisor, NetDevice, StartKind, VmSpec, VmmError};
 use crate::config::{HypervisorConfig, VsockConfig};
 use crate::daemon::{resolve_binary, Daemon};
@@ -81,6 +81,29 @@ impl Qemu {
                 message: format!("no QMP greeting within {QMP_TIMEOUT:?}"),
             })?
             .map_err(Into::into)
+    }
+
+    /// QMP on a QEMU that has just started. QEMU makes its socket file before it listens on it,
+    /// and a connect in between is refused (ten QEMUs starting at once on two CPUs meet that
+    /// window): connect again until one is taken, QEMU exits, or READY_TIMEOUT passes.
+    async fn qmp_when_listening(&self, socket: &Path) -> Result<Qmp, VmmError> {
+        let vmm = self.vmm.as_ref().ok_or(VmmError::NotRunning)?;
+        let started = std::time::Instant::now();
+        loop {
+            let left = READY_TIMEOUT.saturating_sub(started.elapsed());
+            vmm.wait_for_socket(socket, left).await?;
+            match self.qmp().await {
+                Err(VmmError::Qmp(QmpError::Connect { source, .. }))
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused
+                        && started.elapsed() < READY_TIMEOUT =>
+                {
+                    // Look again in a moment, or at once if QEMU exits (wait_for_socket then
+                    // says how it ended).
+                    let _ = tokio::time::timeout(Duration::from_millis(2), vmm.wait()).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn qmp_quit(&self) -> Result<(), VmmError> {
@@ -315,5 +338,90 @@ impl Hypervisor for Qemu {
 
     async fn remove_nic(&mut self, id: &str, timeout: Duration) -> Result<(), VmmError> {
         self.unplug(id, timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    use super::*;
+    use crate::vmm::qemu::args::HostOptions;
+
+    /// QEMU makes its QMP socket file a moment before it listens on it; a restore connects at
+    /// once, and was refused when ten started together. It now connects once QEMU listens.
+    #[tokio::test]
+    async fn qmp_is_reached_on_a_socket_made_before_qemu_listens() {
+        let dir = std::env::temp_dir().join(format!("hako-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("qmp.sock");
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let vmm = Daemon::spawn("qemu", cmd, &dir.join("log"), 1 << 16, &dir.join("pid"))
+            .expect("a stand-in for QEMU");
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &nix::sys::socket::UnixAddr::new(&path).expect("address"),
+        )
+        .expect("bind");
+        let refused = std::os::unix::net::UnixStream::connect(&path).expect_err("not listening");
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+
+        let qemu = Qemu {
+            config: HypervisorConfig::default(),
+            vsock_config: VsockConfig::default(),
+            accel: AccelChoice {
+                kvm: false,
+                reason: "test".into(),
+            },
+            host: HostOptions::default(),
+            vsock: None,
+            vmm: Some(vmm),
+            qmp_socket: Some(path.clone()),
+            ports: Vec::new(),
+            sandbox_root: dir.clone(),
+            started: StartKind::Cold,
+        };
+        let server = tokio::spawn(async move {
+            // The window QEMU leaves, made wide.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            listen(&fd, Backlog::new(1).expect("backlog")).expect("listen");
+            let listener = UnixListener::from(fd);
+            listener.set_nonblocking(true).expect("non-blocking");
+            let listener = tokio::net::UnixListener::from_std(listener).expect("listener");
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            write
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .expect("greet");
+            let mut command = String::new();
+            BufReader::new(read)
+                .read_line(&mut command)
+                .await
+                .expect("qmp_capabilities");
+            write
+                .write_all(b"{\"return\": {}}\n")
+                .await
+                .expect("answer");
+            command
+        });
+        let reached = qemu.qmp_when_listening(&path).await;
+        assert!(reached.is_ok(), "{:?}", reached.err());
+        assert!(server.await.expect("server").contains("qmp_capabilities"));
+        if let Some(vmm) = &qemu.vmm {
+            vmm.stop(Duration::from_secs(1)).await;
+        }
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

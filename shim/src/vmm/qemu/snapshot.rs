@@ -75,8 +75,9 @@ impl Qemu {
             .await?;
         let started = Instant::now();
         if let Err(e) = self.restore(spec, &qemu, &template).await {
-            // Whatever went wrong, this template is not trusted again.
-            store.remove(&template.key);
+            if e.is_the_templates_fault() {
+                store.remove(&template.key);
+            }
             return Err(e);
         }
         let restore = started.elapsed();
@@ -171,12 +172,7 @@ impl Qemu {
         self.spawn_vmm(spec, qemu, args, &fds).await?;
         drop(mem);
         let loaded = async {
-            if let Some(vmm) = &self.vmm {
-                vmm.wait_for_socket(&spec.files.control_socket, super::READY_TIMEOUT)
-                    .await
-                    .map_err(VmmError::from)?;
-            }
-            let mut qmp = self.qmp().await?;
+            let mut qmp = self.qmp_when_listening(&spec.files.control_socket).await?;
             migration_capabilities(&mut qmp).await?;
             qmp.send_fd("template", std::os::fd::AsRawFd::as_raw_fd(&state))
                 .await
@@ -184,7 +180,10 @@ impl Qemu {
             qmp.execute("migrate-incoming", Some(json!({ "uri": "fd:template" })))
                 .await
                 .map_err(VmmError::from)?;
-            migration_done(&mut qmp).await?;
+            // Only here does the saved state itself meet QEMU.
+            migration_done(&mut qmp)
+                .await
+                .map_err(|e| SnapshotError::Restore(e.to_string()))?;
             // The template was saved stopped, and a VM keeps its run state across a migration.
             qmp.execute("cont", None).await.map_err(VmmError::from)?;
             Ok::<(), SnapshotError>(())
@@ -193,7 +192,12 @@ impl Qemu {
         if let Err(e) = loaded {
             let log = self.log_tail();
             self.kill_vmm().await;
-            return Err(SnapshotError::Restore(format!("{e}; qemu: {log}")));
+            return Err(match e {
+                SnapshotError::Restore(reason) => {
+                    SnapshotError::Restore(format!("{reason}; qemu: {log}"))
+                }
+                other => SnapshotError::VmmStart(format!("{other}; qemu: {log}")),
+            });
         }
         Ok(())
     }

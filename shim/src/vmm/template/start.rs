@@ -44,9 +44,22 @@ pub enum SnapshotError {
     /// The VMM could not save the template VM.
     #[error("saving the template VM failed: {0}")]
     Save(String),
-    /// The VMM could not load the saved VM.
+    /// The VMM could not load the saved VM: the template is at fault.
     #[error("loading the saved VM failed: {0}")]
     Restore(String),
+    /// The VMM that was to load the saved VM could not be started or reached: this says nothing
+    /// of the template.
+    #[error("starting the VMM for the saved VM failed: {0}")]
+    VmmStart(String),
+}
+
+impl SnapshotError {
+    /// Whether the template itself failed, so that it is not used again. A VMM that did not come
+    /// up (under load, say) is no reason to throw away a good template and make every pod of
+    /// its shape boot until the next one is made.
+    pub fn is_the_templates_fault(&self) -> bool {
+        matches!(self, SnapshotError::Restore(_))
+    }
 }
 
 /// The template of `shape` (with the files `names`), made first by `save` (which fills the
