@@ -239,3 +239,14 @@ pub(crate) fn command_in(netns: &Path, program: &str, args: &[&str]) -> Result<S
         ))
     }
 }
+
+/// The kernel's index of the link `name` in the namespace at `netns`, as `ip` shows it.
+#[cfg(test)]
+pub(crate) fn link_index(netns: &Path, name: &str) -> u32 {
+    command_in(netns, "ip", &["-o", "link", "show", name])
+        .expect("ip link show")
+        .split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("index")
+}

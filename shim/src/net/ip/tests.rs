@@ -1,15 +1,6 @@
 use super::*;
-use crate::net::namespace::{command_in, TestBindPoint};
+use crate::net::namespace::{command_in, link_index, TestBindPoint};
 use crate::net::NetnsHolder;
-
-fn index_of(netns: &Path, name: &str) -> u32 {
-    command_in(netns, "ip", &["-o", "link", "show", name])
-        .expect("ip link show")
-        .split(':')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .expect("index")
-}
 
 fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
     v.sort();
@@ -84,7 +75,7 @@ fn a_scan_sees_the_pods_veth_addresses_neighbours_and_gateway_routes() {
         "100",
     ]);
     ip(&["tuntap", "add", "tap7_hk", "mode", "tap"]);
-    let index = index_of(&netns, "eth0");
+    let index = link_index(&netns, "eth0");
 
     let mut found = scan(&netns).expect("scan");
     let route = |destination: &str, gateway: &str, ipv6: bool| pb::Route {

@@ -7,7 +7,7 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::*;
-use crate::net::namespace::{command_in, TestBindPoint};
+use crate::net::namespace::{command_in, link_index, TestBindPoint};
 use crate::net::NetnsHolder;
 
 fn must_be_root() {
@@ -16,15 +16,6 @@ fn must_be_root() {
         nix::unistd::geteuid().is_root(),
         "this test needs root: run the unit tests as root, as scripts/test.sh does"
     );
-}
-
-fn index_of(netns: &Path, name: &str) -> u32 {
-    command_in(netns, "ip", &["-o", "link", "show", name])
-        .expect("ip link show")
-        .split(':')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .expect("index")
 }
 
 /// Docker renames its veth once it is in the namespace; an attach that raced the rename
@@ -40,7 +31,7 @@ fn a_failed_attach_cleans_a_veth_renamed_meanwhile() {
     ip(&[
         "link", "add", "vtmp", "type", "veth", "peer", "name", "vpeer",
     ]);
-    let index = index_of(&bind_at, "vtmp");
+    let index = link_index(&bind_at, "vtmp");
     // What an attach that raced the rename had made on the veth, then the rename.
     command_in(&bind_at, "tc", &["qdisc", "add", "dev", "vtmp", "ingress"]).expect("qdisc");
     ip(&["link", "set", "vtmp", "name", "eth0"]);
@@ -144,7 +135,7 @@ fn an_attached_tap_and_veth_are_one_wire() {
     run("ip", &["addr", "add", "10.200.0.2/24", "dev", "vpeer"]);
     run("ip", &["link", "set", "vpeer", "up"]);
     run("ip", &["link", "set", "eth0", "up"]);
-    let index = index_of(&netns, "eth0");
+    let index = link_index(&netns, "eth0");
 
     let fds = attach(&netns, "eth0", index, "tap0_hk", 1400, 2).expect("attach");
     assert_eq!(fds.len(), 2, "a queue pair per queue asked for");

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use self::api::{ApiClient, ApiError};
 use super::{kvm_usable, Hypervisor, NetDevice, Share, StartKind, VmSpec, VmmError};
 use crate::daemon::{resolve_binary, Daemon};
+use crate::vmm::template::start;
 pub use config::{fs_config, net_config, template_config, vm_config, vsock_config};
 
 /// Overrides `hypervisor.cloud_hypervisor_path` (for tests and by-hand checks).
@@ -290,25 +291,16 @@ impl Hypervisor for CloudHypervisor {
         Self::check(spec)?;
         self.started = StartKind::Cold;
         if self.templates.is_some() {
-            match self.start_from_template(spec).await {
-                Ok(restored) => {
-                    self.started = StartKind::Restored(restored);
-                    return Ok(());
-                }
-                // A start from a template that went wrong before the devices were plugged
-                // leaves nothing behind: the VM boots as it would without templates.
-                Err(e) if self.vmm.is_none() => log::warn!(
-                    "sandbox {}: not starting from a template ({e}); booting",
-                    spec.sandbox_id
-                ),
-                Err(e) => {
-                    return Err(VmmError::Control {
-                        vmm: "cloud-hypervisor",
-                        message: format!(
-                            "a VM restored from a template could not take its devices: {e}"
-                        ),
-                    })
-                }
+            let attempt = self.start_from_template(spec).await;
+            let vmm_left_running = self.vmm.is_some();
+            if let Some(restored) = start::settle(
+                attempt,
+                vmm_left_running,
+                "cloud-hypervisor",
+                &spec.sandbox_id,
+            )? {
+                self.started = StartKind::Restored(restored);
+                return Ok(());
             }
         }
         self.spawn_vmm(spec).await?;

@@ -100,27 +100,11 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::config::{HypervisorConfig, VsockConfig};
-    use crate::vmm::qemu::args::HostOptions;
-    use crate::vmm::{AccelChoice, Hypervisor};
+    use crate::vmm::Hypervisor;
 
     /// A Qemu whose QMP socket is a fake monitor's, with `ports` root ports.
     fn driven(socket: &Path, ports: Vec<Option<String>>) -> Qemu {
-        Qemu {
-            config: HypervisorConfig::default(),
-            vsock_config: VsockConfig::default(),
-            accel: AccelChoice {
-                kvm: false,
-                reason: "test".into(),
-            },
-            host: HostOptions::default(),
-            vsock: None,
-            vmm: None,
-            qmp_socket: Some(socket.to_path_buf()),
-            ports,
-            sandbox_root: socket.parent().unwrap_or(Path::new("/")).to_path_buf(),
-            started: crate::vmm::StartKind::Cold,
-        }
+        crate::vmm::qemu::on_socket(socket, ports, None)
     }
 
     #[tokio::test]

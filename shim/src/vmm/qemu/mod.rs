@@ -17,6 +17,7 @@ use super::qmp::{Qmp, QmpError};
 use super::{choose_accel, AccelChoice, Hypervisor, NetDevice, StartKind, VmSpec, VmmError};
 use crate::config::{HypervisorConfig, VsockConfig};
 use crate::daemon::{resolve_binary, Daemon};
+use crate::vmm::template::start;
 use args::{command_line, vsock_args, HostOptions, FIRST_NET_FD};
 
 /// How long a helper may take to create its socket.
@@ -254,25 +255,13 @@ impl Hypervisor for Qemu {
         }
         self.started = StartKind::Cold;
         if self.config.templates_on() {
-            match self.start_from_template(spec).await {
-                Ok(restored) => {
-                    self.started = StartKind::Restored(restored);
-                    return Ok(());
-                }
-                // A start from a template that went wrong before the devices were plugged
-                // leaves nothing behind: the VM boots as it would without templates.
-                Err(e) if self.vmm.is_none() => log::warn!(
-                    "sandbox {}: not starting from a template ({e}); booting",
-                    spec.sandbox_id
-                ),
-                Err(e) => {
-                    return Err(VmmError::Control {
-                        vmm: "qemu",
-                        message: format!(
-                            "a VM restored from a template could not take its devices: {e}"
-                        ),
-                    })
-                }
+            let attempt = self.start_from_template(spec).await;
+            let vmm_left_running = self.vmm.is_some();
+            if let Some(restored) =
+                start::settle(attempt, vmm_left_running, "qemu", &spec.sandbox_id)?
+            {
+                self.started = StartKind::Restored(restored);
+                return Ok(());
             }
         }
         // In the order `args` numbers them: each NIC's taps, then its vhost descriptors.
@@ -341,6 +330,27 @@ impl Hypervisor for Qemu {
     }
 }
 
+/// A Qemu that drives the QMP socket at `socket` (a fake monitor's), with `ports` root ports
+/// and `vmm` as its process, for this backend's tests.
+#[cfg(test)]
+fn on_socket(socket: &Path, ports: Vec<Option<String>>, vmm: Option<Daemon>) -> Qemu {
+    Qemu {
+        config: HypervisorConfig::default(),
+        vsock_config: VsockConfig::default(),
+        accel: AccelChoice {
+            kvm: false,
+            reason: "test".into(),
+        },
+        host: HostOptions::default(),
+        vsock: None,
+        vmm,
+        qmp_socket: Some(socket.to_path_buf()),
+        ports,
+        sandbox_root: socket.parent().unwrap_or(Path::new("/")).to_path_buf(),
+        started: StartKind::Cold,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixListener;
@@ -349,7 +359,6 @@ mod tests {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
     use super::*;
-    use crate::vmm::qemu::args::HostOptions;
 
     /// QEMU makes its QMP socket file a moment before it listens on it; a restore connects at
     /// once, and was refused when ten started together. It now connects once QEMU listens.
@@ -377,21 +386,7 @@ mod tests {
         let refused = std::os::unix::net::UnixStream::connect(&path).expect_err("not listening");
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
 
-        let qemu = Qemu {
-            config: HypervisorConfig::default(),
-            vsock_config: VsockConfig::default(),
-            accel: AccelChoice {
-                kvm: false,
-                reason: "test".into(),
-            },
-            host: HostOptions::default(),
-            vsock: None,
-            vmm: Some(vmm),
-            qmp_socket: Some(path.clone()),
-            ports: Vec::new(),
-            sandbox_root: dir.clone(),
-            started: StartKind::Cold,
-        };
+        let qemu = on_socket(&path, Vec::new(), Some(vmm));
         let server = tokio::spawn(async move {
             // The window QEMU leaves, made wide.
             tokio::time::sleep(Duration::from_millis(200)).await;

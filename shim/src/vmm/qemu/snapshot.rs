@@ -365,10 +365,7 @@ async fn migration_done(qmp: &mut Qmp) -> Result<(), SnapshotError> {
 mod tests {
     use std::path::Path;
 
-    use super::*;
-    use crate::config::{HypervisorConfig, VsockConfig};
-    use crate::vmm::qemu::args::HostOptions;
-    use crate::vmm::{AccelChoice, NetDevice};
+    use crate::vmm::NetDevice;
 
     #[tokio::test]
     async fn a_restored_vm_gets_its_vsock_device_share_and_nics_in_their_ports() {
@@ -379,21 +376,7 @@ mod tests {
         // plug_devices' own connection, then the NIC's.
         let server =
             crate::vmm::qmp::fake::qemu_sessions(&socket, vec![vec![ok; 5], vec![ok; 4]]).await;
-        let mut qemu = Qemu {
-            config: HypervisorConfig::default(),
-            vsock_config: VsockConfig::default(),
-            accel: AccelChoice {
-                kvm: false,
-                reason: "test".into(),
-            },
-            host: HostOptions::default(),
-            vsock: None,
-            vmm: None,
-            qmp_socket: Some(socket.clone()),
-            ports: Vec::new(),
-            sandbox_root: dir.clone(),
-            started: crate::vmm::StartKind::Cold,
-        };
+        let mut qemu = crate::vmm::qemu::on_socket(&socket, Vec::new(), None);
         let tap = std::fs::File::open("/dev/null").expect("a stand-in for a tap queue");
         let mut spec = crate::vmm::test_spec(Path::new("/run/hako/default/sb1"));
         spec.hotplug_slots = 2;

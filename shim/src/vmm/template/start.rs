@@ -62,6 +62,29 @@ impl SnapshotError {
     }
 }
 
+/// What a backend's start makes of its attempt to start from a template: `Some` when the VM
+/// was restored; `None` when the attempt went wrong before any VMM was left running, which
+/// leaves nothing behind, so the VM boots as it would without templates (said once in the
+/// log); an error when a restored VM could not take its devices.
+pub fn settle(
+    attempt: Result<Restored, SnapshotError>,
+    vmm_left_running: bool,
+    vmm: &'static str,
+    sandbox_id: &str,
+) -> Result<Option<Restored>, VmmError> {
+    match attempt {
+        Ok(restored) => Ok(Some(restored)),
+        Err(e) if !vmm_left_running => {
+            log::warn!("sandbox {sandbox_id}: not starting from a template ({e}); booting");
+            Ok(None)
+        }
+        Err(e) => Err(VmmError::Control {
+            vmm,
+            message: format!("a VM restored from a template could not take its devices: {e}"),
+        }),
+    }
+}
+
 /// The template of `shape` (with the files `names`), made first by `save` (which fills the
 /// scratch directory it is given) if there is none. Returns it, and how long making it took.
 /// A template that cannot be used is removed, so that the next start makes a fresh one.
