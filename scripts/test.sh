@@ -41,10 +41,11 @@ cargo test --locked --no-fail-fast -p hako-tests "${e2e[@]}" -- --ignored --test
 # only where what it needs is present, and is reported as SKIPPED, not passed, elsewhere.
 echo "test: Cloud Hypervisor"
 ch="${HAKO_CLOUD_HYPERVISOR:-$(command -v cloud-hypervisor || true)}"
-# The API test needs only the binary; saving a VM needs the vCPUs' state, which only hardware
-# KVM gives (kvm-pvm answers GetNestedState with EINVAL), so the template tests go with the
-# container tests.
-api_tests=(a_real_cloud_hypervisor_takes_the_vm_hako_defines)
+# The API tests need only the binary; saving a VM needs the vCPUs' state, which only hardware
+# KVM gives (kvm-pvm answers GetNestedState with EINVAL), so the save-and-restore test goes
+# with the container tests.
+api_tests=(a_real_cloud_hypervisor_takes_the_vm_hako_defines
+    a_real_cloud_hypervisor_runs_the_template_vm_and_a_save_it_refuses_leaves_nothing)
 container_tests=(a_container_runs_on_cloud_hypervisor
     a_real_cloud_hypervisor_saves_a_template_vm_and_restores_it_with_the_pods_devices
     a_container_starts_from_a_template_on_cloud_hypervisor)
