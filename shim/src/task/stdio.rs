@@ -199,14 +199,16 @@ async fn copy_output(
         match agent.read_output(&cid, &exec_id, is_stderr).await {
             Ok(Some(data)) => {
                 if let Err(e) = fifo.write_all(&data).await {
-                    log::debug!("{cid}: writing output fifo: {e}");
+                    log::warn!("{cid} {exec_id:?}: writing the output fifo: {e}");
                     return;
                 }
                 progress.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             Ok(None) => return,
             Err(e) => {
-                log::debug!("{cid}: output copy stopped: {e}");
+                // Whatever the guest still had for this stream is lost: say so.
+                let which = if is_stderr { "stderr" } else { "stdout" };
+                log::warn!("{cid} {exec_id:?}: the {which} copy stopped: {e}");
                 return;
             }
         }
