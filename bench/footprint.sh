@@ -2,7 +2,7 @@
 # Footprint, idle CPU and teardown of idle pods, hako beside runc and gVisor: for each pod
 # count, starts that many idle pods (`sleep`) one after another, lets them settle, then reports
 # per pod
-#   - RSS and PSS of each host process of a pod (shim, virtiofsd, vhost-device-vsock, QEMU;
+#   - RSS and PSS of each host process of a pod (shim, virtiofsd, hako-vsock, QEMU;
 #     for runc its shim and the container's process; for gVisor its shim (containerd's runc
 #     shim) and runsc's two processes, runsc-gofer and runsc-sandbox, the latter with the
 #     systrap stub processes the application runs in);
@@ -46,7 +46,7 @@ measure() { # runtime pods
     declare -A groups=()
     if [[ $runtime == hako ]]; then
         groups=([shim]="$(hako_shims)" [virtiofsd]="$(pids_of virtiofsd)"
-            [vhost-device-vsock]="$(pids_of vhost-device-vs)" [qemu]="$(pids_of qemu-system-x86)")
+            [hako-vsock]="$(pids_of hako-vsock)" [qemu]="$(pids_of qemu-system-x86)")
     elif [[ $runtime == gvisor ]]; then
         # Below each pod's shim: runsc-gofer, and runsc-sandbox (the Sentry) with its systrap
         # stubs (no argv, the application's address spaces). runsc's processes are all "exe" to
@@ -108,13 +108,13 @@ value() { # runtime pods what column(4 rss, 5 pss)
 {
     echo "### Footprint of idle pods"
     echo
-    echo "Conditions: $(conditions). Idle pods running \`sleep\`, measured 5 s after the last started, CPU over ${idle} s idle; figures per pod. Host helpers: hako's shim, virtiofsd and vhost-device-vsock; gVisor's shim and runsc-gofer (runsc-sandbox, the Sentry with the application's systrap stubs, stands where hako's QEMU does)."
+    echo "Conditions: $(conditions). Idle pods running \`sleep\`, measured 5 s after the last started, CPU over ${idle} s idle; figures per pod. Host helpers: hako's shim, virtiofsd and hako-vsock; gVisor's shim and runsc-gofer (runsc-sandbox, the Sentry with the application's systrap stubs, stands where hako's QEMU does)."
     echo
     printf '| process |'
     for pods in "${counts[@]}"; do printf ' RSS MiB, %s pod(s) | PSS MiB, %s pod(s) |' "$pods" "$pods"; done
     echo
     printf '|---|'; for _ in "${counts[@]}"; do printf -- '---:|---:|'; done; echo
-    for row in "hako:shim" "hako:virtiofsd" "hako:vhost-device-vsock" "hako:host helpers" "hako:qemu" "hako:all" \
+    for row in "hako:shim" "hako:virtiofsd" "hako:hako-vsock" "hako:host helpers" "hako:qemu" "hako:all" \
         "gvisor:shim" "gvisor:runsc-gofer" "gvisor:host helpers" "gvisor:runsc-sandbox" "gvisor:all" \
         "runc:shim" "runc:container" "runc:all"; do
         printf '| %s %s |' "${row%%:*}" "${row#*:}"
@@ -153,7 +153,7 @@ value() { # runtime pods what column(4 rss, 5 pss)
         printf 'gvisor-%s %s 0 %s %s 0 0 0\n' "$pods" "$(value gvisor "$pods" shim 5)" "$(value gvisor "$pods" runsc-gofer 5)" \
             "$(value gvisor "$pods" runsc-sandbox 5)"
         printf 'hako-%s %s 0 0 0 %s %s %s\n' "$pods" "$(value hako "$pods" shim 5)" "$(value hako "$pods" virtiofsd 5)" \
-            "$(value hako "$pods" vhost-device-vsock 5)" "$(value hako "$pods" qemu 5)"
+            "$(value hako "$pods" hako-vsock 5)" "$(value hako "$pods" qemu 5)"
     done
 } >"$out/footprint.dat"
 cat >"$out/footprint.gp" <<GP
@@ -162,6 +162,6 @@ set style data histograms; set style histogram rowstacked; set style fill solid 
 set boxwidth 0.6; set key outside right; set grid ytics; set ylabel 'MiB'; set xlabel 'runtime-pods'
 plot 'footprint.dat' using 2:xtic(1) title 'shim', '' using 3 title 'container (runc)', \
     '' using 4 title 'runsc-gofer (gVisor)', '' using 5 title 'runsc-sandbox (gVisor, application included)', \
-    '' using 6 title 'virtiofsd', '' using 7 title 'vhost-device-vsock', '' using 8 title 'QEMU (guest memory included)'
+    '' using 6 title 'virtiofsd', '' using 7 title 'hako-vsock', '' using 8 title 'QEMU (guest memory included)'
 GP
 plot footprint
