@@ -174,7 +174,7 @@ for v in "${variants[@]}"; do [[ ${v#*=} == runc || ${v#*=} == gvisor ]] || hako
     done >"$out/cold-start-phases.dat"
     printf "plot 'cold-start-phases.dat' using 1:xtic(9) title 'sandbox prepare' lc rgb '#1b9e77'"
     col=2
-    for what in "virtiofsd ready:#d95f02" "VMM start or restore:#7570b3" "guest boot or device hot-plug, until the agent is ready:#66a61e" \
+    for what in "virtiofsd ready:#d95f02" "VMM start or restore:#7570b3" "boot or hot-plug to agent:#66a61e" \
         "agent connect:#a6761d" "container create:#666666" "process start:#1f78b4" "teardown:#b2df8a"; do
         printf ", '' using %d title '%s' lc rgb '%s'" "$col" "${what%:*}" "${what##*:}"
         col=$((col + 1))
