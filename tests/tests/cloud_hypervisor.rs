@@ -367,21 +367,13 @@ async fn a_real_cloud_hypervisor_saves_a_template_vm_and_restores_it_with_the_po
 #[ignore = "needs cloud-hypervisor and hardware KVM: run through scripts/test.sh"]
 fn a_container_runs_on_cloud_hypervisor() {
     let binary = binary();
-    let dir = std::env::temp_dir().join(format!("hako-ch-config-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("configuration.toml");
-    fs::write(
-        &config,
-        format!(
-            "[hypervisor]\nkind = \"cloud-hypervisor\"\ncloud_hypervisor_path = \"{}\"\n",
-            binary.display()
-        ),
-    )
-    .unwrap();
-    let config = config.display().to_string();
+    let config = HakoConfig::new(&format!(
+        "[hypervisor]\nkind = \"cloud-hypervisor\"\ncloud_hypervisor_path = \"{}\"\n",
+        binary.display()
+    ));
     for install in containerd_versions() {
         assert_no_leaks("before the test");
-        let c = Containerd::start_with_env(&install, &[("HAKO_CONFIG", &config)]);
+        let c = Containerd::start_with_env(&install, &config.env());
         let r = c.run_rm(
             "ch1",
             &[
@@ -408,7 +400,6 @@ fn a_container_runs_on_cloud_hypervisor() {
         drop(c);
         assert_no_leaks(&format!("containerd {}", install.display()));
     }
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Cloud Hypervisor with templates on (`hypervisor.templates = true`; they are off by default on
@@ -418,23 +409,16 @@ fn a_container_runs_on_cloud_hypervisor() {
 #[ignore = "needs cloud-hypervisor and hardware KVM: run through scripts/test.sh"]
 fn a_container_starts_from_a_template_on_cloud_hypervisor() {
     let binary = binary();
-    let dir = std::env::temp_dir().join(format!("hako-ch-templates-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("configuration.toml");
-    fs::write(
-        &config,
-        format!(
-            "[hypervisor]\nkind = \"cloud-hypervisor\"\ncloud_hypervisor_path = \"{}\"\n\
-             templates = true\ntemplate_dir = \"{}\"\n",
-            binary.display(),
-            dir.join("templates").display()
-        ),
-    )
-    .unwrap();
-    let config = config.display().to_string();
+    let templates = std::env::temp_dir().join(format!("hako-ch-templates-{}", std::process::id()));
+    let config = HakoConfig::new(&format!(
+        "[hypervisor]\nkind = \"cloud-hypervisor\"\ncloud_hypervisor_path = \"{}\"\n\
+         templates = true\ntemplate_dir = \"{}\"\n",
+        binary.display(),
+        templates.display()
+    ));
     let install = &containerd_versions()[0];
     assert_no_leaks("before the test");
-    let c = Containerd::start_with_env(install, &[("HAKO_CONFIG", &config)]);
+    let c = Containerd::start_with_env(install, &config.env());
     for id in ["cht1", "cht2"] {
         let r = c.run_rm(id, &["sh", "-c", "echo from-template; ls /sys/class/net"]);
         assert_eq!(r.code, 0, "{r:?}\n{}", c.log());
@@ -450,7 +434,7 @@ fn a_container_starts_from_a_template_on_cloud_hypervisor() {
             .contains("vmm_started.template_build="),
         "the first start made the template"
     );
-    let kept: Vec<_> = fs::read_dir(dir.join("templates"))
+    let kept: Vec<_> = fs::read_dir(&templates)
         .unwrap()
         .flatten()
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
@@ -458,5 +442,5 @@ fn a_container_starts_from_a_template_on_cloud_hypervisor() {
     assert_eq!(kept.len(), 1, "one template: {kept:?}");
     drop(c);
     assert_no_leaks("cloud-hypervisor templates");
-    fs::remove_dir_all(&dir).unwrap();
+    fs::remove_dir_all(&templates).unwrap();
 }
