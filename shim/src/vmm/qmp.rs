@@ -233,7 +233,9 @@ pub mod fake {
         })
     }
 
-    async fn session(listener: &UnixListener, replies: Vec<&'static str>) -> Vec<String> {
+    /// One client of `listener`: greeted, answered `replies` in turn; what it sent, once it
+    /// has gone.
+    pub async fn session(listener: &UnixListener, replies: Vec<&'static str>) -> Vec<String> {
         {
             let (stream, _) = listener.accept().await.expect("accept");
             let (read, mut write) = stream.into_split();

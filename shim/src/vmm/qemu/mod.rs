@@ -356,7 +356,6 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
     use super::*;
 
@@ -394,26 +393,13 @@ mod tests {
             let listener = UnixListener::from(fd);
             listener.set_nonblocking(true).expect("non-blocking");
             let listener = tokio::net::UnixListener::from_std(listener).expect("listener");
-            let (stream, _) = listener.accept().await.expect("accept");
-            let (read, mut write) = stream.into_split();
-            write
-                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                .await
-                .expect("greet");
-            let mut command = String::new();
-            BufReader::new(read)
-                .read_line(&mut command)
-                .await
-                .expect("qmp_capabilities");
-            write
-                .write_all(b"{\"return\": {}}\n")
-                .await
-                .expect("answer");
-            command
+            crate::vmm::qmp::fake::session(&listener, vec!["{\"return\": {}}\n"]).await
         });
         let reached = qemu.qmp_when_listening(&path).await;
         assert!(reached.is_ok(), "{:?}", reached.err());
-        assert!(server.await.expect("server").contains("qmp_capabilities"));
+        drop(reached);
+        let seen = server.await.expect("server");
+        assert!(seen[0].contains("qmp_capabilities"), "{seen:?}");
         if let Some(vmm) = &qemu.vmm {
             vmm.stop(Duration::from_secs(1)).await;
         }
