@@ -192,6 +192,20 @@ async fn vmm(binary: &Path, dir: &Path, name: &str) -> (Daemon, ApiClient) {
     (vmm, ApiClient::new(&socket).unwrap())
 }
 
+/// A fresh `dir` and, in a VMM of its own, the template VM of the spec for it (no NIC, no share,
+/// no vsock device) created and booted.
+async fn running_template_vm(dir: &Path) -> (VmSpec, Daemon, ApiClient) {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).unwrap();
+    let mut spec = spec(dir, -1);
+    spec.net.clear();
+    let (vmm, api) = vmm(&binary(), dir, "template").await;
+    api.create(&template_config(&spec)).await.unwrap();
+    api.boot().await.unwrap();
+    assert_eq!(api.info().await.unwrap().state, VmState::Running);
+    (spec, vmm, api)
+}
+
 async fn shut_down(vmm: Daemon, api: &ApiClient) {
     api.vmm_shutdown().await.unwrap();
     let code = tokio::time::timeout(Duration::from_secs(10), vmm.wait())
@@ -209,16 +223,8 @@ async fn shut_down(vmm: Daemon, api: &ApiClient) {
 #[tokio::test]
 #[ignore = "needs a cloud-hypervisor binary: run through scripts/test.sh"]
 async fn a_real_cloud_hypervisor_runs_the_template_vm_and_a_save_it_refuses_leaves_nothing() {
-    let binary = binary();
     let dir = std::env::temp_dir().join(format!("hako-ch-save-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    let mut spec = spec(&dir, -1);
-    spec.net.clear();
-    let (template_vmm, api) = vmm(&binary, &dir, "template").await;
-    api.create(&template_config(&spec)).await.unwrap();
-    api.boot().await.unwrap();
-    assert_eq!(api.info().await.unwrap().state, VmState::Running);
+    let (spec, template_vmm, api) = running_template_vm(&dir).await;
     api.pause().await.unwrap();
     assert_eq!(api.info().await.unwrap().state, VmState::Paused);
     api.resume().await.unwrap();
@@ -267,16 +273,9 @@ async fn a_real_cloud_hypervisor_runs_the_template_vm_and_a_save_it_refuses_leav
 async fn a_real_cloud_hypervisor_saves_a_template_vm_and_restores_it_with_the_pods_devices() {
     let binary = binary();
     let dir = std::env::temp_dir().join(format!("hako-ch-template-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(dir.join("shared")).unwrap();
-    let mut spec = spec(&dir, -1);
-    spec.net.clear();
-
     // The template VM: defined without share or vsock device, booted, saved.
-    let (template_vmm, api) = vmm(&binary, &dir, "template").await;
-    api.create(&template_config(&spec)).await.unwrap();
-    api.boot().await.unwrap();
-    assert_eq!(api.info().await.unwrap().state, VmState::Running);
+    let (spec, template_vmm, api) = running_template_vm(&dir).await;
+    fs::create_dir_all(dir.join("shared")).unwrap();
     let store = Store::new(&dir.join("templates"), &dir.join("run"));
     let scratch = store.scratch("k1").unwrap();
     snapshot::save(&api, &spec, &scratch).await.unwrap();
