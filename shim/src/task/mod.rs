@@ -12,6 +12,7 @@ mod create;
 mod delete;
 mod error;
 pub mod events;
+mod fifo;
 mod process;
 mod service;
 mod state;

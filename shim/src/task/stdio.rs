@@ -8,6 +8,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::fifo::OutputFifo;
 use crate::agent_client::{AgentClient, GuestStdio};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -99,11 +100,7 @@ pub fn attach(
         if path.is_empty() {
             continue;
         }
-        // Read-write: opening never blocks waiting for containerd's reader.
-        let fifo = pipe::OpenOptions::new()
-            .read_write(true)
-            .open_sender(path)
-            .map_err(open_err(which, path))?;
+        let fifo = OutputFifo::at(path).map_err(open_err(which, path))?;
         outputs.push((fifo, is_stderr));
     }
 
@@ -191,10 +188,18 @@ async fn copy_output(
     agent: Arc<dyn AgentClient>,
     cid: String,
     exec_id: String,
-    mut fifo: pipe::Sender,
+    fifo: OutputFifo,
     is_stderr: bool,
     progress: Arc<AtomicU64>,
 ) {
+    let which = if is_stderr { "stderr" } else { "stdout" };
+    let mut fifo = match fifo.writer().await {
+        Ok(fifo) => fifo,
+        Err(e) => {
+            log::warn!("{cid} {exec_id:?}: cannot open the {which} fifo for writing: {e}");
+            return;
+        }
+    };
     loop {
         match agent.read_output(&cid, &exec_id, is_stderr).await {
             Ok(Some(data)) => {
@@ -207,7 +212,6 @@ async fn copy_output(
             Ok(None) => return,
             Err(e) => {
                 // Whatever the guest still had for this stream is lost: say so.
-                let which = if is_stderr { "stderr" } else { "stdout" };
                 log::warn!("{cid} {exec_id:?}: the {which} copy stopped: {e}");
                 return;
             }

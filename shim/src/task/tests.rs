@@ -40,6 +40,8 @@ struct FakeAgent {
     /// Holds CreateContainer until notified.
     create_gate: Option<Arc<tokio::sync::Notify>>,
     exits: StdMutex<HashMap<String, watch::Sender<Option<u32>>>>,
+    /// What every process writes to stdout, served once.
+    output: StdMutex<Option<Vec<u8>>>,
 }
 
 impl FakeAgent {
@@ -161,8 +163,16 @@ impl AgentClient for FakeAgent {
     async fn close_stdin(&self, _: &str, _: &str) -> Result<(), AgentError> {
         Ok(())
     }
-    async fn read_output(&self, _: &str, _: &str, _: bool) -> Result<Option<Vec<u8>>, AgentError> {
-        Ok(None)
+    async fn read_output(
+        &self,
+        _: &str,
+        _: &str,
+        stderr: bool,
+    ) -> Result<Option<Vec<u8>>, AgentError> {
+        if stderr {
+            return Ok(None);
+        }
+        Ok(self.output.lock().expect("output").take())
     }
 }
 
@@ -546,4 +556,35 @@ async fn sigkill_ends_the_vm_when_the_agent_is_silent() {
     );
     b.delete("mute").await.expect("delete");
     assert!(!b.sandbox_dir("mute").exists());
+}
+
+/// Issue 27: Go's fifo package (ctr, dockerd, containerd's CRI) opens the client's end of an
+/// output FIFO in the background, so a fast process can write, exit and have its stream ended
+/// before that open arrives. Its output must still reach the client, as under runc.
+#[tokio::test]
+async fn output_written_before_the_client_opens_its_fifo_still_reaches_it() {
+    let b = Bench::new(FakeAgent {
+        output: StdMutex::new(Some(b"all of it\n".to_vec())),
+        ..Default::default()
+    });
+    let fifo = b.dir.join("late-stdout");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let mut req = b.create_request("late", None);
+    req.stdout = fifo.display().to_string();
+    b.service.create(&ctx(), req).await.expect("create");
+    b.start("late").await.expect("start");
+    b.kill("late", 15).await.expect("kill");
+    b.events_until("/tasks/exit").await;
+    // Only now does the client's end open.
+    let mut reader = tokio::net::unix::pipe::OpenOptions::new()
+        .open_receiver(&fifo)
+        .expect("reader");
+    let mut got = Vec::new();
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(PATIENCE, reader.read_to_end(&mut got))
+        .await
+        .expect("the output and its end arrive")
+        .expect("read");
+    assert_eq!(String::from_utf8_lossy(&got), "all of it\n");
+    b.delete("late").await.expect("delete");
 }
