@@ -72,6 +72,8 @@ pub struct Confinement {
     pub cgroups: Vec<RawFd>,
     /// A network namespace (an open nsfs file) it enters: the pod's, for the VMM.
     pub netns: Option<RawFd>,
+    /// A mount namespace (an open nsfs file) it enters: the share's, for what serves it.
+    pub mountns: Option<RawFd>,
     /// A new, empty network namespace of its own: for helpers that need no network (the vsock
     /// device), so that one taken over reaches nothing, not even the host's loopback.
     pub empty_netns: bool,
@@ -96,6 +98,11 @@ pub fn confine(cmd: &mut Command, how: Confinement) {
             // ("0" moves the writer itself).
             for fd in &how.cgroups {
                 if libc::write(*fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return fail();
+                }
+            }
+            if let Some(fd) = how.mountns {
+                if libc::setns(fd, libc::CLONE_NEWNS) < 0 {
                     return fail();
                 }
             }

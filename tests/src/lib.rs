@@ -376,15 +376,39 @@ pub fn remove_daemon_leftovers(dir: &Path, netns: Option<&str>) {
     }
 }
 
-/// Mount points at or below `dir`.
+/// Mount points at or below `dir`, in the host's (the test's) mount namespace.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    fs::read_to_string("/proc/self/mountinfo")
+    mounts_in(Path::new("/proc/self/mountinfo"), dir)
+}
+
+fn mounts_in(mountinfo: &Path, dir: &Path) -> Vec<PathBuf> {
+    fs::read_to_string(mountinfo)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(|p| PathBuf::from(p.replace("\\040", " ")))
         .filter(|p| p.starts_with(dir))
         .collect()
+}
+
+/// Mount points at or below `dir` in every mount namespace a process is in (hako's share has
+/// one of its own), each with the pid of a process in that namespace.
+pub fn mounts_anywhere_under(dir: &Path) -> Vec<(u32, PathBuf)> {
+    let mut seen = BTreeSet::new();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(ns) = fs::read_link(entry.path().join("ns/mnt")) else {
+            continue;
+        };
+        if seen.insert(ns) {
+            let mounts = mounts_in(&entry.path().join("mountinfo"), dir);
+            found.extend(mounts.into_iter().map(|m| (pid, m)));
+        }
+    }
+    found
 }
 
 /// Pids and names of live hako processes (zombies included: they are leaks too). A helper is
@@ -415,6 +439,43 @@ pub fn hako_processes() -> BTreeSet<(u32, String)> {
         }
     }
     found
+}
+
+/// The share's mount namespace of sandbox `namespace/sandbox` (ADR 15), as a path `nsenter
+/// --mount=` takes: the descriptor by which its shim holds it. (virtiofsd's own namespace is a
+/// copy it pivoted into the share; the host's tree is not in it.)
+pub fn share_namespace(namespace: &str, sandbox: &str) -> PathBuf {
+    let host = fs::read_link("/proc/self/ns/mnt").unwrap();
+    let wanted = format!("-namespace {namespace} -id {sandbox} ");
+    let shim = hako_processes()
+        .into_iter()
+        .filter(|(_, comm)| comm == "containerd-shim")
+        .map(|(pid, _)| pid)
+        .find(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&wanted)
+        })
+        .unwrap_or_else(|| panic!("no shim serves {namespace}/{sandbox}"));
+    fs::read_dir(format!("/proc/{shim}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|fd| fd.path())
+        .find(|fd| {
+            fs::read_link(fd).is_ok_and(|l| l != host && l.to_string_lossy().starts_with("mnt:["))
+        })
+        .unwrap_or_else(|| panic!("the shim of {namespace}/{sandbox} holds no mount namespace"))
+}
+
+/// Runs `command` in the mount namespace at `ns` (`share_namespace`).
+pub fn in_namespace(ns: &Path, command: &[&str]) -> Run {
+    let out = Command::new("nsenter")
+        .arg(format!("--mount={}", ns.display()))
+        .arg("--")
+        .args(command)
+        .output()
+        .unwrap();
+    out.into()
 }
 
 /// A process's parent pid.
@@ -545,7 +606,8 @@ pub fn assert_host_unchanged(before: &HostState, context: &str) {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Leftovers {
     pub processes: BTreeSet<(u32, String)>,
-    pub mounts: Vec<PathBuf>,
+    /// In any mount namespace, with a pid that is in it.
+    pub mounts: Vec<(u32, PathBuf)>,
     pub sandbox_dirs: Vec<PathBuf>,
     pub records: Vec<PathBuf>,
 }
@@ -554,7 +616,7 @@ impl Leftovers {
     pub fn now() -> Self {
         Leftovers {
             processes: hako_processes(),
-            mounts: mounts_under(Path::new(SANDBOX_ROOT)),
+            mounts: mounts_anywhere_under(Path::new(SANDBOX_ROOT)),
             sandbox_dirs: sandbox_dirs(),
             records: sandbox_records(),
         }

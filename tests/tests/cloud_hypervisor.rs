@@ -63,6 +63,7 @@ fn spec(dir: &Path, tap_fd: i32) -> VmSpec {
             mac: "02:42:0a:58:00:02".into(),
         }],
         netns: None,
+        share_ns: None,
         hotplug_slots: 0,
         user: None,
         cgroups: Vec::new(),

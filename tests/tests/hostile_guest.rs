@@ -405,9 +405,10 @@ fn devices_and_setuid_programs_the_guest_plants_do_nothing_on_the_host() {
         assert!(r.stdout.contains("Operation not permitted"), "{r:?}");
         assert!(r.stdout.contains("planted"), "{r:?}");
         assert!(!vol.join("null").exists());
-        // The host's binds of the volume carry nosuid and nodev.
+        // The share's binds of the volume carry nosuid and nodev: seen in its namespace.
         let share = std::path::Path::new(SANDBOX_ROOT).join("default/planter");
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let ns = share_namespace("default", "planter");
+        let info = in_namespace(&ns, &["cat", "/proc/self/mountinfo"]).stdout;
         let binds: Vec<&str> = info
             .lines()
             .filter(|l| l.contains(&format!("{}/", share.display())) && l.contains("/mounts/"))
@@ -421,12 +422,14 @@ fn devices_and_setuid_programs_the_guest_plants_do_nothing_on_the_host() {
             );
         }
         let as_nobody = |path: &std::path::Path| {
-            let out = std::process::Command::new("setpriv")
-                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-                .arg(path)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
+            let path = path.display().to_string();
+            let nobody = [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ];
+            in_namespace(&ns, &[&nobody[..], &[path.as_str()]].concat()).stdout
         };
         // The planted program is setuid-root (run from the directory the operator lent, it
         // is root)...
@@ -435,13 +438,9 @@ fn devices_and_setuid_programs_the_guest_plants_do_nothing_on_the_host() {
             "the plant did not work"
         );
         // ...but not through hako's binds.
-        let bound = fs::read_dir(share.join("rw/planter/mounts"))
-            .unwrap()
-            .flatten()
-            .next()
-            .unwrap()
-            .path()
-            .join("id");
+        let mounts = share.join("rw/planter/mounts");
+        let listed = in_namespace(&ns, &["ls", &mounts.display().to_string()]).stdout;
+        let bound = mounts.join(listed.lines().next().unwrap()).join("id");
         let out = as_nobody(&bound);
         assert!(
             out.starts_with("uid=65534") && !out.contains("euid=0"),

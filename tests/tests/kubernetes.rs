@@ -441,32 +441,117 @@ fn a_pod_whose_vm_died_is_removed_as_kubelet_removes_it() {
                 )
                 .unwrap();
             }
-            let started = Instant::now();
-            // As kubelet does, each call is retried until it succeeds. containerd 2.x handles
-            // the exits of every container of a dead VM at once (hako reports them the moment
-            // the VM is gone): handling the pause container's, it closes the pod's shim
-            // connection, which fails a Kill it has in flight ("ttrpc: closed") and delays its
-            // own handling of the other containers' exits ("container is still running").
-            let retried = |what: &str, call: &dyn Fn() -> Result<(), tonic::Status>| {
-                let mut last = call();
-                while let Err(e) = &last {
-                    assert!(
-                        started.elapsed() < Duration::from_secs(20),
-                        "{death}: {what}: {e:?}"
-                    );
-                    std::thread::sleep(Duration::from_millis(500));
-                    last = call();
-                }
-            };
-            retried("StopPodSandbox", &|| c.client.stop_pod_sandbox(&pod));
-            retried("RemovePodSandbox", &|| c.client.remove_pod_sandbox(&pod));
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "{death}: stop and remove took {:?}",
-                started.elapsed()
-            );
-            assert!(c.client.list_pod_sandbox().unwrap().is_empty(), "{death}");
+            remove_as_kubelet_does(c, &pod, death);
             assert_no_leaks(death);
         }
+    });
+}
+
+/// Stops and removes a pod whose VM or shim died, as kubelet does: each call retried until it
+/// succeeds, all within 20 s. containerd 2.x handles the exits of every container of a dead VM
+/// at once (hako reports them the moment the VM is gone): handling the pause container's, it
+/// closes the pod's shim connection, which fails a Kill it has in flight ("ttrpc: closed") and
+/// delays its own handling of the other containers' exits ("container is still running").
+fn remove_as_kubelet_does(c: &CriContainerd, pod: &str, context: &str) {
+    let started = Instant::now();
+    let retried = |what: &str, call: &dyn Fn() -> Result<(), tonic::Status>| {
+        let mut last = call();
+        while let Err(e) = &last {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{context}: {what}: {e:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            last = call();
+        }
+    };
+    retried("StopPodSandbox", &|| c.client.stop_pod_sandbox(pod));
+    retried("RemovePodSandbox", &|| c.client.remove_pod_sandbox(pod));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{context}: stop and remove took {:?}",
+        started.elapsed()
+    );
+    assert!(c.client.list_pod_sandbox().unwrap().is_empty(), "{context}");
+}
+
+/// Issue 23: hako's share (the pod's root filesystems and volumes, bound for virtiofsd) lives
+/// in a mount namespace of the sandbox's, as runc's copies live in the container's: the host's
+/// own mount table has none of it while the pod runs, and the host can unmount and remove a
+/// volume's source as critest's cleanup does (a plain `umount` of a tmpfs below it, then
+/// `rm -r`), which failed with EBUSY while hako's copy of the tmpfs was a mount in the host's
+/// namespace. A killed shim leaves no namespace holding any of it once the pod is removed.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn the_share_stays_off_the_hosts_mounts_and_a_volume_can_be_cleaned_up_under_it() {
+    for_each_cri_containerd(|c| {
+        let source = std::env::temp_dir().join(format!("hako-k8s-cleanup-{}", std::process::id()));
+        fs::create_dir_all(source.join("tmpfs")).unwrap();
+        // Whatever happens, nothing of it is left.
+        let _cleanup = Volume(source.clone());
+        let tmpfs = source.join("tmpfs");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(&tmpfs)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs");
+
+        let uid = "7a41-hako-k8s-cleanup";
+        let log_dir = c.pod_log_directory("cleanup", uid, &["app"]);
+        let pod_config = pod_sandbox_config("cleanup", uid, &log_dir);
+        let pod = c.client.run_pod_sandbox(&pod_config, HANDLER).unwrap();
+        let mut config = container_config(&pod_config, "app", &image_id(c), &["sleep", "inf"], 0);
+        // critest's "non-recursive readonly mounts": the mount itself read-only, the tmpfs
+        // below it as the host mounted it.
+        config.mounts = vec![mount(&source, "/vol", true, false)];
+        let app = start(c, &pod, &config, &pod_config);
+        let r = exec(
+            c,
+            &app,
+            "touch /vol/top; echo top=$?; touch /vol/tmpfs/x && echo tmpfs=ok",
+        );
+        assert!(
+            r.stdout.contains("top=1") && r.stdout.contains("tmpfs=ok"),
+            "{r:?}"
+        );
+        assert_eq!(
+            mounts_under(Path::new(SANDBOX_ROOT)),
+            Vec::<PathBuf>::new(),
+            "the host's mount namespace has none of the share"
+        );
+        let inside = in_namespace(
+            &share_namespace(K8S_NAMESPACE, &pod),
+            &["cat", "/proc/self/mountinfo"],
+        );
+        let share = format!("{SANDBOX_ROOT}/{K8S_NAMESPACE}/{pod}/rw/{app}/rootfs ");
+        assert!(
+            inside.stdout.contains(&share),
+            "the share's own namespace has it: {inside:?}"
+        );
+
+        let umount = Command::new("umount").arg(&tmpfs).output().unwrap();
+        assert!(
+            umount.status.success(),
+            "the host unmounts its tmpfs: {}",
+            String::from_utf8_lossy(&umount.stderr)
+        );
+        fs::remove_dir_all(&source).expect("the host removes its own directory");
+        assert_eq!(exec(c, &app, "echo alive").stdout, "alive\n");
+
+        let shims: Vec<u32> = hako_processes()
+            .into_iter()
+            .filter(|(_, comm)| comm == "containerd-shim")
+            .map(|(pid, _)| pid)
+            .collect();
+        assert_eq!(shims.len(), 1, "one shim serves the pod: {shims:?}");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shims[0] as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        remove_as_kubelet_does(c, &pod, "a killed shim");
+        // Every mount namespace included.
+        assert_no_leaks("after the shim was killed");
     });
 }

@@ -39,6 +39,9 @@ impl Sandbox {
                 .map(nic_of)
                 .collect(),
             netns: self.netns.clone(),
+            share_ns: matches!(share, Share::Virtio9p { .. })
+                .then(|| self.share_ns_fd())
+                .flatten(),
             user: self.vmm_user().cloned(),
             cgroups: self.cgroup.iter().flat_map(PodCgroup::procs).collect(),
             ..VmSpec::from_config(&self.config, &self.id, files, share)
@@ -109,6 +112,7 @@ impl Sandbox {
                     log_max: self.config.runtime.log_max_bytes,
                     pid_file: &self.paths.virtiofsd_pid,
                     cgroups: &spec.cgroups,
+                    mountns: self.share_ns_fd(),
                 },
             )?;
             self.fs = Some(Box::new(fs));

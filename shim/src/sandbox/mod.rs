@@ -47,6 +47,8 @@ pub enum SandboxError {
     #[error(transparent)]
     Mount(#[from] MountError),
     #[error(transparent)]
+    ShareNamespace(#[from] share::namespace::NamespaceError),
+    #[error(transparent)]
     Daemon(#[from] DaemonError),
     #[error(transparent)]
     Vmm(#[from] VmmError),
@@ -132,6 +134,8 @@ pub struct Sandbox {
     guest_writable: Vec<resolve::Identity>,
     /// The containers attached to the share, by id.
     containers: BTreeSet<String>,
+    /// Where the share's mounts live (`share::namespace`): made with the share.
+    share_ns: Option<share::namespace::ShareNamespace>,
     pub timings: Timings,
 }
 
@@ -173,10 +177,12 @@ impl Sandbox {
             vmm_user: None,
             guest_writable: Vec::new(),
             containers: BTreeSet::new(),
+            share_ns: None,
             timings: Timings::new(),
         };
         let mut sandbox = sandbox;
         if let Err(e) = sandbox.make_dirs(cgroups_path) {
+            let _ = sandbox.unmount_share();
             sandbox.release_host_resources().await;
             let _ = remove_sandbox_dir(&sandbox.paths.dir);
             return Err(e);
@@ -315,6 +321,7 @@ impl Sandbox {
             network.teardown();
         }
         self.release_host_resources().await;
+        self.unmount_share()?;
         mounts::unmount_all_under(&self.paths.dir)?;
         remove_sandbox_dir(&self.paths.dir)
     }

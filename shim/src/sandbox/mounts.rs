@@ -4,6 +4,8 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -149,26 +151,89 @@ pub struct Restrict {
     pub follows_host: bool,
 }
 
-/// Binds `source` (and what is mounted below it) at `target` with nosuid and nodev on every
-/// level, so nothing the guest plants works on the host, and read-only as `how` says. A bind
-/// copies a mount's flags but a remount does not propagate, so the flags are set on a bind in
-/// `staging` first, cut off from the source's peer group (private, or a slave that only
-/// receives); the bind under `rw/` then carries flags and propagation into every copy (`ro/`,
-/// virtiofsd's namespace). A mount the host adds below a followed source later has the host's
-/// own flags, in the copies as at the source: the host made it.
+/// A detached copy of the mount tree at `source` (what is mounted below it included), made in
+/// the calling thread's mount namespace: the host's, where the source is. It keeps the source's
+/// peer group, so `bind_restricted` can still make it a slave of it.
+pub fn clone_tree(source: &Path) -> Result<OwnedFd, MountError> {
+    let path =
+        std::ffi::CString::new(source.as_os_str().as_bytes()).map_err(|_| MountError::Mount {
+            what: "clone of a path with a NUL".to_string(),
+            target: source.to_path_buf(),
+            source: Errno::EINVAL,
+        })?;
+    // SAFETY: open_tree(2) reads the NUL-terminated path; the descriptor it returns is ours.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(MountError::Mount {
+            what: "clone".to_string(),
+            target: source.to_path_buf(),
+            source: Errno::last(),
+        });
+    }
+    // SAFETY: a new descriptor, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// Attaches a detached tree (`clone_tree`) at `target`, in the calling thread's namespace.
+fn attach_tree(tree: &OwnedFd, target: &Path) -> Result<(), MountError> {
+    let to =
+        std::ffi::CString::new(target.as_os_str().as_bytes()).map_err(|_| MountError::Mount {
+            what: "attach on a path with a NUL".to_string(),
+            target: target.to_path_buf(),
+            source: Errno::EINVAL,
+        })?;
+    // SAFETY: move_mount(2) reads the two NUL-terminated paths; it takes no ownership.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if done < 0 {
+        return Err(MountError::Mount {
+            what: "attach of a cloned tree".to_string(),
+            target: target.to_path_buf(),
+            source: Errno::last(),
+        });
+    }
+    Ok(())
+}
+
+/// Attaches `tree` (a `clone_tree` of a bind's source) at `target` with nosuid and nodev on
+/// every level, so nothing the guest plants works on the host, and read-only as `how` says. A
+/// bind copies a mount's flags but a remount does not propagate, so the flags are set on the
+/// tree attached in `staging` first, cut off from the source's peer group (private, or a slave
+/// that only receives); the bind under `rw/` then carries flags and propagation into every copy
+/// (`ro/`, virtiofsd's namespace). A mount the host adds below a followed source later has the
+/// host's own flags, in the copies as at the source: the host made it. Runs in the share's
+/// namespace.
 pub fn bind_restricted(
-    source: &Path,
+    tree: &OwnedFd,
     target: &Path,
     staging: &Path,
     how: Restrict,
 ) -> Result<(), MountError> {
-    let is_dir = fs::metadata(source)
-        .map_err(|source_err| MountError::Dir {
+    let is_dir = nix::sys::stat::fstat(tree)
+        .map_err(|e| MountError::Dir {
             what: "bind source",
-            path: source.to_path_buf(),
-            source: source_err,
-        })?
-        .is_dir();
+            path: target.to_path_buf(),
+            source: e.into(),
+        })
+        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)?;
     let made = if is_dir {
         fs::create_dir_all(staging)
     } else {
@@ -180,7 +245,7 @@ pub fn bind_restricted(
         source: e,
     })?;
     let result = (|| {
-        bind(source, staging, false)?;
+        attach_tree(tree, staging)?;
         let cut_off = if how.follows_host {
             MsFlags::MS_SLAVE
         } else {
@@ -254,9 +319,10 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Every mount point of the shim's mount namespace, in the order they were mounted.
+/// Every mount point of the calling thread's mount namespace (the host's, or the share's), in
+/// the order they were mounted.
 pub fn mount_points() -> Vec<PathBuf> {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(info) = fs::read_to_string("/proc/thread-self/mountinfo") else {
         return Vec::new();
     };
     info.lines()

@@ -313,7 +313,7 @@ impl Bench {
         let spec = format!(
             r#"{{"ociVersion":"1.0.2","process":{{"args":["sh"],"cwd":"/","user":{{"uid":0,"gid":0}}}},
                 "root":{{"path":"rootfs"}},
-                "linux":{{"namespaces":[{{"type":"mount"}},{{"type":"pid"}},{{"type":"ipc"}},{{"type":"network"}}]}}{annotations}}}"#
+                "linux":{{"namespaces":[{{"type":"mount"}},{{"type":"pid"}},{{"type":"ipc"}},{{"type":"uts"}},{{"type":"network"}}]}}{annotations}}}"#
         );
         std::fs::write(bundle.join("config.json"), spec).expect("spec");
         // runtimeoptions.v1.Options { config_path }: field 2, as containerd sends ConfigPath.
@@ -425,6 +425,36 @@ fn is_mount_point(path: &Path) -> bool {
         .any(|l| l.split_whitespace().nth(4) == Some(wanted.as_str()))
 }
 
+/// Whether `path` is a mount point in a share's namespace: one this process holds open other
+/// than its own (`sandbox::share::namespace`). Tests running at once may hold several.
+fn is_share_mount_point(path: &Path) -> bool {
+    use nix::sched::{setns, unshare, CloneFlags};
+    let own = std::fs::read_link("/proc/thread-self/ns/mnt").expect("own namespace");
+    let wanted = path.display().to_string();
+    std::fs::read_dir("/proc/self/fd")
+        .expect("fds")
+        .flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| l != own && l.to_string_lossy().starts_with("mnt:["))
+        })
+        .filter_map(|fd| std::fs::File::open(fd.path()).ok())
+        .any(|ns| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    unshare(CloneFlags::CLONE_FS).expect("unshare");
+                    setns(&ns, CloneFlags::CLONE_NEWNS).expect("setns");
+                    std::fs::read_to_string("/proc/thread-self/mountinfo")
+                        .expect("mountinfo")
+                        .lines()
+                        .any(|l| l.split_whitespace().nth(4) == Some(wanted.as_str()))
+                })
+                .join()
+                .expect("look inside")
+            })
+        })
+}
+
 #[tokio::test]
 async fn a_container_life_publishes_events_in_containerds_order_and_the_last_delete_tears_down() {
     let b = Bench::new(FakeAgent::default());
@@ -524,9 +554,10 @@ async fn a_racing_duplicate_create_leaves_the_first_container_whole() {
     );
     let share = b.sandbox_dir("twin").join("rw/twin/rootfs");
     assert!(
-        is_mount_point(&share),
+        is_share_mount_point(&share),
         "the first container's share is still mounted"
     );
+    assert!(!is_mount_point(&share), "in the share's namespace only");
     assert!(!b.vm_exited(0));
     b.kill("twin", 9).await.expect("kill");
     b.wait("twin").await;

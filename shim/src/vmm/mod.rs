@@ -93,6 +93,9 @@ pub struct VmSpec {
     /// The pod's network namespace: the VMM process runs in it, so the pid containerd and
     /// Docker see names the pod's namespace, never the host's.
     pub netns: Option<PathBuf>,
+    /// The share's mount namespace (an open nsfs descriptor of the shim's), which the VMM
+    /// enters when it serves the share itself (virtio-9p).
+    pub share_ns: Option<std::os::fd::RawFd>,
     /// NICs that can be hot-plugged while the VM runs, beyond those it boots with.
     pub hotplug_slots: u32,
     /// The unprivileged user the VMM and the vsock backend run as; `None`: root.
@@ -124,6 +127,7 @@ impl VmSpec {
             fs_tag: hako_protocol::SHARED_FS_TAG.to_string(),
             net: Vec::new(),
             netns: None,
+            share_ns: None,
             hotplug_slots: h.hotplug_slots,
             user: None,
             cgroups: Vec::new(),
@@ -224,6 +228,9 @@ pub fn confinement(
             })?;
         how.cgroups.push(file.as_raw_fd());
         files.push(file);
+    }
+    if in_netns {
+        how.mountns = spec.share_ns;
     }
     if let (true, Some(path)) = (in_netns, &spec.netns) {
         let file = open_netns(path)?;
@@ -507,6 +514,7 @@ pub fn test_spec(dir: &Path) -> VmSpec {
             mac: "02:42:0a:58:00:02".into(),
         }],
         netns: None,
+        share_ns: None,
         hotplug_slots: 2,
         user: None,
         cgroups: Vec::new(),

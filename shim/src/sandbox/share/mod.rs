@@ -3,6 +3,7 @@
 //! filesystem and volumes bound into `rw/` with the protections their spec asks for, and the
 //! daemon that serves `ro/` (`virtiofsd`).
 
+pub mod namespace;
 pub mod virtiofsd;
 
 use std::fs;
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 
-use super::mounts::{self, RootfsMount};
+use super::mounts::{self, MountError, RootfsMount};
 use super::spec::SharedBind;
 use super::{io_err, resolve, Sandbox, SandboxError};
 use crate::ids::validate;
@@ -27,7 +28,7 @@ pub struct ContainerRootfs<'a> {
 }
 
 impl Sandbox {
-    pub(super) fn make_share(&self) -> Result<(), SandboxError> {
+    pub(super) fn make_share(&mut self) -> Result<(), SandboxError> {
         let p = &self.paths;
         if let Some(parent) = p.dir.parent() {
             fs::DirBuilder::new()
@@ -53,12 +54,40 @@ impl Sandbox {
         // rw/ gets a peer group of its own (private first, so nothing leaks to the host's
         // groups), ro/ is a read-only slave copy of it: mounts added under rw/ later show up in
         // ro/ and in virtiofsd's namespace, but nothing propagates back.
-        mounts::bind(&p.rw, &p.rw, false)?;
-        mounts::set_propagation(&p.rw, MsFlags::MS_PRIVATE)?;
-        mounts::set_propagation(&p.rw, MsFlags::MS_SHARED)?;
-        mounts::bind(&p.rw, &p.ro, true)?;
-        mounts::set_propagation(&p.ro, MsFlags::MS_SLAVE)?;
+        let ns = self.share_ns.insert(namespace::ShareNamespace::new()?);
+        let p = &self.paths;
+        ns.run(|| -> Result<(), MountError> {
+            mounts::bind(&p.rw, &p.rw, false)?;
+            mounts::set_propagation(&p.rw, MsFlags::MS_PRIVATE)?;
+            mounts::set_propagation(&p.rw, MsFlags::MS_SHARED)?;
+            mounts::bind(&p.rw, &p.ro, true)?;
+            mounts::set_propagation(&p.ro, MsFlags::MS_SLAVE)
+        })??;
         Ok(())
+    }
+
+    fn share_ns(&self) -> Result<&namespace::ShareNamespace, SandboxError> {
+        self.share_ns.as_ref().ok_or_else(|| {
+            SandboxError::ShareNamespace(namespace::NamespaceError::Enter(std::io::Error::other(
+                "the share has no namespace yet",
+            )))
+        })
+    }
+
+    /// Unmounts everything of the share, in its namespace.
+    pub(super) fn unmount_share(&self) -> Result<(), SandboxError> {
+        let Some(ns) = &self.share_ns else {
+            return Ok(());
+        };
+        ns.run(|| mounts::unmount_all_under(&self.paths.dir))??;
+        Ok(())
+    }
+
+    /// The share's namespace, for the daemons that serve it.
+    pub fn share_ns_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.share_ns
+            .as_ref()
+            .map(namespace::ShareNamespace::raw_fd)
     }
 
     /// Mounts a container's rootfs (containerd's `rootfs` mounts on `bundle_rootfs`, or nothing
@@ -123,41 +152,52 @@ impl Sandbox {
             let root = fs::File::open(bundle_rootfs).map_err(io_err("opening", bundle_rootfs))?;
             self.note_guest_writable(&root);
         }
-        let target = dir.join("rootfs");
-        fs::create_dir_all(&target).map_err(io_err("creating", &target))?;
-        let staging = self.paths.staging.join(format!("{container_id}-rootfs"));
-        let restrict = mounts::Restrict {
-            readonly: rootfs.readonly,
-            recursive_readonly: false,
-            follows_host: false,
-        };
-        mounts::bind_restricted(bundle_rootfs, &target, &staging, restrict)?;
-        if binds.is_empty() {
-            return Ok(());
-        }
+        // Each source is cloned here, in the host's namespace where it is, and the clones
+        // attached in the share's.
+        let mut attach = Vec::with_capacity(1 + binds.len());
+        attach.push((
+            mounts::clone_tree(bundle_rootfs)?,
+            dir.join("rootfs"),
+            true,
+            format!("{container_id}-rootfs"),
+            mounts::Restrict {
+                readonly: rootfs.readonly,
+                recursive_readonly: false,
+                follows_host: false,
+            },
+        ));
         let mounts_dir = dir.join("mounts");
-        fs::create_dir_all(&mounts_dir).map_err(io_err("creating", &mounts_dir))?;
         for (b, (fd, is_dir)) in binds.iter().zip(&sources) {
-            let target = mounts_dir.join(&b.name);
-            if *is_dir {
-                fs::create_dir(&target).map_err(io_err("creating", &target))?;
-            } else {
-                fs::File::create(&target).map_err(io_err("creating", &target))?;
-            }
             if !b.readonly && !b.recursive_readonly && *is_dir {
                 self.note_guest_writable(fd);
             }
-            let staging = self
-                .paths
-                .staging
-                .join(format!("{container_id}-{}", b.name));
-            let restrict = mounts::Restrict {
-                readonly: b.readonly,
-                recursive_readonly: b.recursive_readonly,
-                follows_host: b.follows_host,
-            };
-            mounts::bind_restricted(&proc_fd(fd), &target, &staging, restrict)?;
+            attach.push((
+                mounts::clone_tree(&proc_fd(fd))?,
+                mounts_dir.join(&b.name),
+                *is_dir,
+                format!("{container_id}-{}", b.name),
+                mounts::Restrict {
+                    readonly: b.readonly,
+                    recursive_readonly: b.recursive_readonly,
+                    follows_host: b.follows_host,
+                },
+            ));
         }
+        let staging_dir = &self.paths.staging;
+        self.share_ns()?.run(|| -> Result<(), SandboxError> {
+            for (tree, target, is_dir, staging, restrict) in &attach {
+                if let Some(parent) = target.parent() {
+                    fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+                }
+                if *is_dir {
+                    fs::create_dir(target).map_err(io_err("creating", target))?;
+                } else {
+                    fs::File::create(target).map_err(io_err("creating", target))?;
+                }
+                mounts::bind_restricted(tree, target, &staging_dir.join(staging), *restrict)?;
+            }
+            Ok(())
+        })??;
         Ok(())
     }
 
@@ -179,10 +219,14 @@ impl Sandbox {
     ) {
         self.containers.remove(container_id);
         let dir = self.paths.container_dir(container_id);
-        if let Err(e) = mounts::unmount_all_under(&dir) {
+        let in_share = |f: &(dyn Fn() -> Result<(), MountError> + Sync)| match &self.share_ns {
+            Some(ns) => ns.run(f).map_err(SandboxError::from).and_then(|r| Ok(r?)),
+            None => Ok(f()?),
+        };
+        if let Err(e) = in_share(&|| mounts::unmount_all_under(&dir)) {
             log::error!("container {container_id}: {e}");
         }
-        if let Err(e) = mounts::remove_tree(&dir) {
+        if let Err(e) = in_share(&|| mounts::remove_tree(&dir)) {
             log::error!("container {container_id}: {e}");
         }
         if rootfs_mounted {

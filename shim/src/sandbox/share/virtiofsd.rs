@@ -38,6 +38,8 @@ pub struct FsPaths<'a> {
     pub pid_file: &'a Path,
     /// `cgroup.procs` files of the pod's cgroups.
     pub cgroups: &'a [PathBuf],
+    /// The share's mount namespace, where the tree it serves is mounted.
+    pub mountns: Option<std::os::fd::RawFd>,
 }
 
 impl Virtiofsd {
@@ -91,6 +93,7 @@ impl Virtiofsd {
                     .iter()
                     .map(std::os::fd::AsRawFd::as_raw_fd)
                     .collect(),
+                mountns: paths.mountns,
                 ..Default::default()
             },
         );
