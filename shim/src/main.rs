@@ -2,10 +2,55 @@
 
 use hako_shim::shim::{serve, shim_config, HakoShim, RUNTIME_ID};
 
+/// What the binary says to a person who runs it by hand.
+const ABOUT: &str =
+    "containerd-shim-hako-v2: the shim of hako's containerd runtime, io.containerd.hako.v2,
+which runs every pod in a lightweight VM.
+
+containerd starts it; it is not run by hand. To run a container in a VM:
+  ctr run --runtime io.containerd.hako.v2 IMAGE ID COMMAND
+  docker run --runtime io.containerd.hako.v2 IMAGE COMMAND
+and for Kubernetes a RuntimeClass with handler hako (scripts/install.sh --print-config).
+The operator's tool is `hako`: hako check, hako logs, hako --help.
+
+containerd calls it as:
+  containerd-shim-hako-v2 -namespace NS -id ID -address ADDRESS [start | delete]
+  containerd-shim-hako-v2 -v      the version
+  containerd-shim-hako-v2 -info   the runtime's features (protobuf, for containerd)";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let flags = containerd_shim::parse(&args[1..])?;
+    let asks_help = args
+        .iter()
+        .skip(1)
+        .any(|a| matches!(a.to_str(), Some("-h" | "--help" | "-help" | "help")));
+    if asks_help {
+        println!("{ABOUT}");
+        return Ok(());
+    }
+    let flags = match containerd_shim::parse(&args[1..]) {
+        Ok(flags) => flags,
+        Err(e) => {
+            eprintln!("containerd-shim-hako-v2: {e}\n\n{ABOUT}");
+            std::process::exit(2);
+        }
+    };
+    if flags.version {
+        // As containerd's own shims print it.
+        println!(
+            "containerd-shim-hako-v2:\n  Version:  {}\n  Runtime:  {RUNTIME_ID}",
+            env!("CARGO_PKG_VERSION")
+        );
+        return Ok(());
+    }
+    // Only containerd sets TTRPC_ADDRESS: without it the server could not publish a single
+    // event, and the person who ran it by hand gets told what the binary is.
+    let by_hand = std::env::var_os("TTRPC_ADDRESS").is_none();
+    if by_hand && flags.action.is_empty() && !flags.info {
+        eprintln!("{ABOUT}");
+        std::process::exit(2);
+    }
     if flags.info {
         // What hako supports, for containerd (the shim crate's own answer is runc's).
         let mut options = Vec::new();

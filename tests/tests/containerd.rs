@@ -373,8 +373,9 @@ fn hako_logs_shows_the_guest_console_of_a_running_sandbox() {
     for_each_containerd(|c| {
         let r = c.run_detached("logged", &[], &["sleep", "600"]);
         assert_eq!(r.code, 0, "{r:?}");
+        // A unique prefix of the id is enough, and every namespace is searched.
         let mut cmd = std::process::Command::new("/usr/local/bin/hako");
-        cmd.args(["logs", "logged"]);
+        cmd.args(["logs", "logge"]);
         let logs = run_with_timeout(cmd, None, std::time::Duration::from_secs(30));
         assert_eq!(logs.code, 0, "{logs:?}");
         // The agent's own lines on the guest console, and the VMM's log.
@@ -440,7 +441,7 @@ fn bad_specs_are_refused_clearly_and_leave_nothing() {
 fn task_api_inputs_containerd_never_sends_are_refused_and_leave_nothing() {
     let dir = std::env::temp_dir().join(format!("hako-bad-bundles-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let pod = r#""annotations": {"io.kubernetes.cri.sandbox-id": "anchor"}, "linux": {"namespaces": [{"type": "ipc"}]}"#;
+    let pod = r#""annotations": {"io.kubernetes.cri.sandbox-id": "anchor"}, "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}]}"#;
     let process = r#""process": {"args": ["/bin/sh", "-c", "true"], "cwd": "/", "user": {"uid": 0, "gid": 0}"#;
     let big_env = format!("\"BIG={}\"", "x".repeat(5 << 20));
     let cases: Vec<(&str, String, &str)> = vec![

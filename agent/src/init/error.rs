@@ -40,11 +40,16 @@ pub enum InitError {
     /// Capabilities could not be set.
     #[error("capabilities: {0}")]
     Caps(String),
+    // The three below are worded as runc words them: Docker reads the wording to choose the
+    // exit code it reports (127 for a missing command, 126 for one it cannot run).
+    /// The command's path names nothing.
+    #[error("exec: {0:?}: stat {0}: no such file or directory")]
+    Missing(String),
     /// The command's path is not an executable file.
-    #[error("{0}: no such executable file in the container")]
+    #[error("exec: {0:?}: permission denied")]
     NotExecutable(String),
     /// The command was not found in the container.
-    #[error("executable {0:?} not found in $PATH")]
+    #[error("exec: {0:?}: executable file not found in $PATH")]
     NotFound(String),
     /// A sysctl could not be set, or may not be.
     #[error("sysctl: {0}")]

@@ -31,6 +31,7 @@ pub fn run(
         .filter(|a| !a.is_empty())
         .ok_or(InitError::NoArgs)?;
     let env = env_entries(process.env().as_deref().unwrap_or_default())?;
+    let env = with_home(env, process.user().uid(), read_passwd().as_deref());
     if config.terminal {
         nix::unistd::setsid().map_err(sys("setsid"))?;
         // SAFETY: TIOCSCTTY on our own stdin (the pty slave) with arg 0; no memory is passed.
@@ -115,11 +116,13 @@ pub fn run(
         // As late as possible, so the filter only has to allow execve itself.
         seccomp::install(&filters)?;
     }
-    let e = execve(&c_program, &c_args, &c_env).map_err(sys(format!("exec {}", args[0])));
-    match e {
-        Ok(never) => match never {},
-        Err(e) => Err(e),
-    }
+    // Worded as runc words them, for Docker's exit codes (see InitError::Missing).
+    let Err(errno) = execve(&c_program, &c_args, &c_env);
+    Err(match errno {
+        nix::errno::Errno::ENOENT => InitError::Missing(args[0].clone()),
+        nix::errno::Errno::EACCES => InitError::NotExecutable(args[0].clone()),
+        other => sys(format!("exec {}", args[0]))(other),
+    })
 }
 
 fn set_rlimit(rlimit: &PosixRlimit) -> Result<(), InitError> {
@@ -169,6 +172,38 @@ pub fn env_entries(env: &[String]) -> Result<Vec<String>, InitError> {
         .collect()
 }
 
+/// The most of the container's /etc/passwd read for `with_home`.
+const MAX_PASSWD: u64 = 1 << 20;
+
+/// The container's /etc/passwd (the root is the container's by now), if it has one.
+fn read_passwd() -> Option<String> {
+    let mut text = String::new();
+    File::open("/etc/passwd")
+        .ok()?
+        .take(MAX_PASSWD)
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
+
+/// runc's rule: a process whose environment has no HOME gets the home directory of its uid in
+/// the container's /etc/passwd, or `/` when the uid has no entry there.
+fn with_home(mut env: Vec<String>, uid: u32, passwd: Option<&str>) -> Vec<String> {
+    if env.iter().any(|e| e.starts_with("HOME=")) {
+        return env;
+    }
+    let home = passwd
+        .into_iter()
+        .flat_map(str::lines)
+        .map(|line| line.split(':').collect::<Vec<_>>())
+        .find(|fields| fields.len() >= 6 && fields[2].parse() == Ok(uid))
+        .map(|fields| fields[5])
+        .filter(|home| !home.is_empty())
+        .unwrap_or("/");
+    env.push(format!("HOME={home}"));
+    env
+}
+
 fn is_executable(path: &Path) -> bool {
     nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok() && path.is_file()
 }
@@ -178,7 +213,11 @@ fn find_program(arg0: &str, env: &[String]) -> Result<PathBuf, InitError> {
         return if is_executable(Path::new(arg0)) {
             Ok(PathBuf::from(arg0))
         } else {
-            Err(InitError::NotExecutable(arg0.to_string()))
+            Err(if Path::new(arg0).exists() {
+                InitError::NotExecutable(arg0.to_string())
+            } else {
+                InitError::Missing(arg0.to_string())
+            })
         };
     }
     if arg0.contains('/') {
@@ -199,6 +238,27 @@ fn find_program(arg0: &str, env: &[String]) -> Result<PathBuf, InitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn home_comes_from_the_containers_passwd_as_runc_sets_it() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\nbad line\n";
+        let home = |env: &[&str], uid| {
+            let env = env.iter().map(|e| e.to_string()).collect();
+            with_home(env, uid, Some(passwd))
+                .into_iter()
+                .find(|e| e.starts_with("HOME="))
+        };
+        assert_eq!(home(&[], 0).as_deref(), Some("HOME=/root"));
+        assert_eq!(home(&[], 65534).as_deref(), Some("HOME=/home"));
+        assert_eq!(home(&[], 1000).as_deref(), Some("HOME=/"), "no entry");
+        assert_eq!(
+            home(&["HOME=/mine"], 0).as_deref(),
+            Some("HOME=/mine"),
+            "kept"
+        );
+        let env = with_home(Vec::new(), 0, None);
+        assert_eq!(env, ["HOME=/"], "no passwd at all");
+    }
 
     #[test]
     fn env_entries_reject_bad_keys() {
@@ -226,7 +286,16 @@ mod tests {
         let err = find_program("/no/such/binary", &[]).expect_err("missing");
         assert_eq!(
             err.to_string(),
-            "/no/such/binary: no such executable file in the container"
+            "exec: \"/no/such/binary\": stat /no/such/binary: no such file or directory"
+        );
+        let plain = std::env::temp_dir().join(format!("hako-plain-{}", std::process::id()));
+        fs::write(&plain, "not a program").expect("write");
+        let shown = plain.display().to_string();
+        let err = find_program(&shown, &[]).expect_err("not executable");
+        fs::remove_file(&plain).expect("cleanup");
+        assert_eq!(
+            err.to_string(),
+            format!("exec: {shown:?}: permission denied")
         );
     }
 
@@ -236,7 +305,7 @@ mod tests {
             .expect_err("must not be found");
         assert_eq!(
             err.to_string(),
-            "executable \"no-such-program-hako\" not found in $PATH"
+            "exec: \"no-such-program-hako\": executable file not found in $PATH"
         );
     }
 }

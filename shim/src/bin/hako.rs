@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use anyhow::Context;
+use clap::{Parser, Subcommand};
 use hako_shim::config::{Config, HypervisorKind};
 use hako_shim::daemon::resolve_binary;
 use hako_shim::ids::validate;
@@ -16,7 +17,7 @@ use hako_shim::vmm::choose_accel;
 use hako_shim::vmm::cloud_hypervisor::CloudHypervisor;
 
 const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
-const USAGE: &str = "usage: hako check | hako env [--json] | hako logs [-n NAMESPACE] SANDBOX | hako template list|build|rm | hako --version";
+const DOCKER_CONFIG: &str = "/etc/docker/daemon.json";
 /// The logs of a sandbox, in the order they are worth reading.
 const LOGS: [&str; 5] = [
     "console.log",
@@ -26,28 +27,58 @@ const LOGS: [&str; 5] = [
     "template.log",
 ];
 
+/// hako runs every pod in a lightweight VM, as containerd's `io.containerd.hako.v2` runtime.
+/// This is the operator's tool; containerd starts the runtime itself
+/// (`containerd-shim-hako-v2`).
+#[derive(Parser)]
+#[command(name = "hako", version, disable_help_subcommand = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Checks that this host can run hako pods: every required part, what is optional, and
+    /// what a VM refuses by its nature. Exits 1 when a required part fails.
+    Check,
+    /// Prints the effective configuration and the file it came from.
+    Env {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prints a running sandbox's logs: the guest console (kernel and agent), the VMM's,
+    /// virtiofsd's and the vsock device's, with the guest's control characters escaped.
+    Logs {
+        /// The containerd namespace (`default` for ctr, `moby` for Docker, `k8s.io` for
+        /// Kubernetes); every namespace is searched when not given.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// The sandbox's id (the pod's, or the container's outside Kubernetes), or a prefix
+        /// that names one sandbox only.
+        sandbox: String,
+    },
+    /// Manages the saved VMs pods start from (ADR 14).
+    Template {
+        #[command(subcommand)]
+        action: template::Action,
+    },
+    /// Prints hako's version (as --version).
+    Version,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["--version"] | ["version"] => {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Version => {
             println!("hako {}", env!("CARGO_PKG_VERSION"));
             Ok(true)
         }
-        ["env"] => env(false),
-        ["env", "--json"] => env(true),
-        ["check"] => check(),
-        ["logs", sandbox] => logs("default", sandbox),
-        ["logs", "-n" | "--namespace", namespace, sandbox] => logs(namespace, sandbox),
-        ["template", rest @ ..] => template::command(rest),
-        _ => {
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
+        Cmd::Env { json } => env(json),
+        Cmd::Check => check(),
+        Cmd::Logs { namespace, sandbox } => logs(namespace.as_deref(), &sandbox),
+        Cmd::Template { action } => template::command(action),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -80,17 +111,13 @@ fn env(json: bool) -> anyhow::Result<bool> {
 }
 
 /// Prints the guest console (kernel and agent) and the helpers' logs of a running sandbox.
-fn logs(namespace: &str, sandbox: &str) -> anyhow::Result<bool> {
-    validate("namespace", namespace)?;
+fn logs(namespace: Option<&str>, sandbox: &str) -> anyhow::Result<bool> {
+    if let Some(namespace) = namespace {
+        validate("namespace", namespace)?;
+    }
     validate("sandbox id", sandbox)?;
     let config = Config::load(None)?.config;
-    let dir = config.runtime.sandbox_root.join(namespace).join(sandbox);
-    if !dir.is_dir() {
-        anyhow::bail!(
-            "no sandbox {sandbox} in namespace {namespace} ({} does not exist); logs live there while the sandbox runs, and containerd's log keeps the shim's",
-            dir.display()
-        );
-    }
+    let dir = find_sandbox(&config.runtime.sandbox_root, namespace, sandbox)?;
     // What the guest wrote reaches a terminal here: escaped. A rotated log comes first.
     for name in LOGS {
         let current = dir.join(name);
@@ -108,6 +135,70 @@ fn logs(namespace: &str, sandbox: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// The directory of the one sandbox whose id is `wanted` or starts with it, in `namespace` or
+/// in any namespace (hako's own records under the root start with a dot and are skipped).
+fn find_sandbox(
+    root: &Path,
+    namespace: Option<&str>,
+    wanted: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let namespaces: Vec<std::path::PathBuf> = match namespace {
+        Some(ns) => vec![root.join(ns)],
+        None => std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .collect(),
+    };
+    let mut found: Vec<std::path::PathBuf> = namespaces
+        .iter()
+        .flat_map(|ns| std::fs::read_dir(ns).into_iter().flatten().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(wanted))
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    // An exact id wins over the longer ids it is a prefix of.
+    if let Some(exact) = found
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n == wanted))
+    {
+        if found
+            .iter()
+            .filter(|p| p.file_name().is_some_and(|n| n == wanted))
+            .count()
+            == 1
+        {
+            return Ok(exact.clone());
+        }
+    }
+    let where_ = match namespace {
+        Some(ns) => format!("namespace {ns}"),
+        None => "any namespace".to_string(),
+    };
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => anyhow::bail!(
+            "no running sandbox {wanted:?} in {where_} under {} (logs live there while a sandbox runs; containerd's log keeps the shim's)",
+            root.display()
+        ),
+        _ => {
+            found.sort();
+            let names: Vec<String> = found
+                .iter()
+                .filter_map(|p| p.strip_prefix(root).ok())
+                .map(|p| p.display().to_string())
+                .collect();
+            anyhow::bail!(
+                "{wanted:?} names {} sandboxes in {where_}: {}; give more of the id, or -n NAMESPACE",
+                names.len(),
+                names.join(", ")
+            )
+        }
+    }
+}
+
 fn version_of(binary: &Path) -> String {
     Command::new(binary)
         .arg("--version")
@@ -120,6 +211,41 @@ fn version_of(binary: &Path) -> String {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "version unknown".to_string())
+}
+
+/// Whether Docker's daemon.json gives the runtime a short name (`--runtime hako`); nothing when
+/// the host has no daemon.json.
+fn docker_status(config: &Path) -> Option<(bool, String)> {
+    let text = std::fs::read_to_string(config).ok()?;
+    let named = serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|e| format!("{} is not JSON: {e}", config.display()))
+        .map(|json| {
+            json["runtimes"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, r)| r["runtimeType"] == "io.containerd.hako.v2")
+                .map(|(name, _)| name.clone())
+                .collect::<Vec<_>>()
+        });
+    Some(match named {
+        Ok(names) if !names.is_empty() => (
+            true,
+            format!(
+                "{} names io.containerd.hako.v2 as --runtime {}",
+                config.display(),
+                names.join(", ")
+            ),
+        ),
+        Ok(_) => (
+            false,
+            format!(
+                "{} gives io.containerd.hako.v2 no short name (docker run --runtime io.containerd.hako.v2 works; for --runtime hako: scripts/install.sh --configure)",
+                config.display()
+            ),
+        ),
+        Err(e) => (false, e),
+    })
 }
 
 /// The containerd in $PATH, its version, and whether its configuration names the runtime.
@@ -352,6 +478,9 @@ fn check() -> anyhow::Result<bool> {
     report(true, false, "host cgroups", cgroup.to_string());
     let (found, detail) = containerd_status();
     report(found, false, "containerd", detail);
+    if let Some((found, detail)) = docker_status(Path::new(DOCKER_CONFIG)) {
+        report(found, false, "docker", detail);
+    }
     // What a VM cannot share with the host, whatever this host has (README, Kubernetes).
     for (what, detail) in LIMITS {
         report(false, false, what, detail.to_string());
@@ -360,7 +489,7 @@ fn check() -> anyhow::Result<bool> {
 }
 
 /// What a VM sandbox refuses or cannot provide, by its nature.
-const LIMITS: [(&str, &str); 3] = [
+const LIMITS: [(&str, &str); 5] = [
     (
         "host network",
         "refused: a pod's network is the VM's (hostNetwork, --network host)",
@@ -368,6 +497,14 @@ const LIMITS: [(&str, &str); 3] = [
     (
         "host IPC",
         "refused: the VM's IPC namespace is its own (hostIPC, --ipc host)",
+    ),
+    (
+        "host PID",
+        "refused: the only processes a VM can show are its own (hostPID, --pid host)",
+    ),
+    (
+        "host UTS",
+        "refused: the VM's hostname is its own (--uts host)",
     ),
     (
         "rshared mounts",
@@ -388,5 +525,96 @@ fn guest_kernel(kernel: &Path) -> String {
             release.trim()
         ),
         Err(_) => format!("release unknown ({} missing)", release_file.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_command_has_its_help_and_bad_use_is_a_usage_error() {
+        Cli::command().debug_assert();
+        for args in [
+            vec!["hako", "--help"],
+            vec!["hako", "logs", "--help"],
+            vec!["hako", "template", "rm", "--help"],
+        ] {
+            let err = Cli::try_parse_from(&args).err().expect("help");
+            assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp, "{args:?}");
+        }
+        for args in [
+            vec!["hako", "logs"],
+            vec!["hako", "template", "rm"],
+            vec!["hako", "nonsense"],
+        ] {
+            let err = Cli::try_parse_from(&args).err().expect("refused");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn dockers_daemon_json_is_read_for_the_runtimes_short_name() {
+        let file = std::env::temp_dir().join(format!("hako-daemon-{}.json", std::process::id()));
+        let status = |json: &str| {
+            std::fs::write(&file, json).expect("write");
+            docker_status(&file).expect("a daemon.json")
+        };
+        let (ok, detail) =
+            status(r#"{"runtimes": {"hako": {"runtimeType": "io.containerd.hako.v2"}}}"#);
+        assert!(ok && detail.ends_with("as --runtime hako"), "{detail}");
+        let (ok, detail) = status(r#"{"log-level": "info"}"#);
+        assert!(!ok && detail.contains("no short name"), "{detail}");
+        let (ok, detail) = status("{not json");
+        assert!(!ok && detail.contains("is not JSON"), "{detail}");
+        std::fs::remove_file(&file).expect("cleanup");
+        assert_eq!(docker_status(&file), None, "no daemon.json, no line");
+    }
+
+    #[test]
+    fn a_sandbox_is_found_by_a_unique_prefix_in_any_namespace() {
+        let root = std::env::temp_dir().join(format!("hako-cli-{}", std::process::id()));
+        for dir in [
+            "default/abc123",
+            "default/abc1234",
+            "default/abd999",
+            "moby/ffff",
+            ".vmm-uids/x",
+        ] {
+            std::fs::create_dir_all(root.join(dir)).expect("mkdir");
+        }
+        let found = |ns: Option<&str>, wanted: &str| {
+            find_sandbox(&root, ns, wanted)
+                .map(|p| {
+                    p.strip_prefix(&root)
+                        .expect("under root")
+                        .display()
+                        .to_string()
+                })
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(found(None, "ff"), Ok("moby/ffff".into()));
+        assert_eq!(
+            found(None, "abc123"),
+            Ok("default/abc123".into()),
+            "an exact id wins"
+        );
+        assert_eq!(found(Some("default"), "abd"), Ok("default/abd999".into()));
+        let ambiguous = found(None, "ab").expect_err("three match");
+        assert!(
+            ambiguous.contains("default/abc123, default/abc1234, default/abd999"),
+            "{ambiguous}"
+        );
+        let none = found(Some("moby"), "abc").expect_err("not in moby");
+        assert!(
+            none.contains("no running sandbox \"abc\" in namespace moby"),
+            "{none}"
+        );
+        assert!(
+            found(None, "x").is_err(),
+            "hako's records are not sandboxes"
+        );
+        std::fs::remove_dir_all(&root).expect("cleanup");
     }
 }

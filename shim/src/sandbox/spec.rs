@@ -45,6 +45,12 @@ pub enum SpecError {
     /// The spec shares the host's IPC namespace, which a VM cannot.
     #[error("the container asks for the host's IPC namespace (hostIPC, --ipc host), which a pod in a VM cannot share: its IPC namespace is the VM's")]
     HostIpc,
+    /// The spec shares the host's PID namespace, which a VM cannot.
+    #[error("the container asks for the host's PID namespace (hostPID, --pid host), which a pod in a VM cannot share: the only processes it could see are the VM's")]
+    HostPid,
+    /// The spec shares the host's UTS namespace, which a VM cannot.
+    #[error("the container asks for the host's UTS namespace (--uts host), which a pod in a VM cannot share: its hostname would be the VM's")]
+    HostUts,
     /// A sysctl the container may not set (runc's rules).
     #[error(transparent)]
     Sysctl(#[from] hako_protocol::sysctl::SysctlError),
@@ -142,13 +148,22 @@ pub fn to_guest(
     }
     check_env(process.env().as_deref().unwrap_or_default())?;
 
-    let has_ipc = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .is_some_and(|n| n.iter().any(|n| n.typ() == LinuxNamespaceType::Ipc));
-    if !has_ipc {
+    // A namespace the spec does not list is the host's under runc. A VM has only its own to
+    // give, so asking for the host's is refused, never quietly answered with the VM's.
+    let has = |typ| {
+        spec.linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|n| n.iter().any(|n| n.typ() == typ))
+    };
+    if !has(LinuxNamespaceType::Ipc) {
         return Err(SpecError::HostIpc);
+    }
+    if !has(LinuxNamespaceType::Pid) {
+        return Err(SpecError::HostPid);
+    }
+    if !has(LinuxNamespaceType::Uts) {
+        return Err(SpecError::HostUts);
     }
 
     let container_dir = guest_share.join(container_id);
@@ -300,7 +315,7 @@ mod tests {
             {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "ro"]}
         ],
         "hooks": {"prestart": [{"path": "/usr/bin/true"}]},
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "network", "path": "/var/run/netns/x"}],
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "network", "path": "/var/run/netns/x"}],
                   "cgroupsPath": "/default/t1"}
     }"#;
 
@@ -421,7 +436,7 @@ mod tests {
     #[test]
     fn pod_members_join_the_sandbox_containers_namespaces() {
         let json = BASE.replace(
-            r#"[{"type": "pid"}, {"type": "ipc"}, {"type": "network", "path": "/var/run/netns/x"}]"#,
+            r#"[{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "network", "path": "/var/run/netns/x"}]"#,
             r#"[{"type": "pid"}, {"type": "ipc", "path": "/proc/99/ns/ipc"},
                {"type": "uts", "path": "/proc/99/ns/uts"}, {"type": "network", "path": "/var/run/netns/x"}]"#,
         );
@@ -508,6 +523,18 @@ mod tests {
     }
 
     #[test]
+    fn the_hosts_pid_and_uts_namespaces_are_refused() {
+        let json = BASE.replace(r#"{"type": "pid"}, "#, "");
+        let err = to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).expect_err("host PID");
+        assert_eq!(err, SpecError::HostPid);
+        assert!(err.to_string().contains("--pid host"), "{err}");
+        let json = BASE.replace(r#"{"type": "uts"}, "#, "");
+        let err = to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).expect_err("host UTS");
+        assert_eq!(err, SpecError::HostUts);
+        assert!(err.to_string().contains("--uts host"), "{err}");
+    }
+
+    #[test]
     fn sysctls_follow_runcs_rules_before_anything_is_made() {
         let with = |sysctls: &str| {
             BASE.replace(
@@ -515,8 +542,8 @@ mod tests {
                 &format!(r#""cgroupsPath": "/default/t1", "sysctl": {sysctls}"#),
             )
         };
-        // BASE has network and IPC namespaces but no UTS one.
-        let ok = with(r#"{"net.ipv4.ip_forward": "1"}"#);
+        // BASE has network, IPC and UTS namespaces of the container's own.
+        let ok = with(r#"{"net.ipv4.ip_forward": "1", "kernel.domainname": "x"}"#);
         let (guest, _) = to_guest(&spec(&ok), "t1", Path::new("/s"), None, &none).expect("net.*");
         let sysctls = guest.linux().as_ref().and_then(|l| l.sysctl().clone());
         assert_eq!(
@@ -525,10 +552,6 @@ mod tests {
             "the guest gets them to apply"
         );
         for (sysctls, want) in [
-            (
-                r#"{"kernel.domainname": "x"}"#,
-                "not allowed in the host's UTS namespace",
-            ),
             (
                 r#"{"vm.swappiness": "1"}"#,
                 "not in a separate kernel namespace",
@@ -613,7 +636,7 @@ mod tests {
                     "root": {"path": "rootfs"},
                     "mounts": mounts,
                     "hooks": {"prestart": [{"path": "/bin/true"}]},
-                    "linux": {"cgroupsPath": "/x", "namespaces": [{"type": "ipc"}, {"type": "network", "path": "/run/netns/p"}]}
+                    "linux": {"cgroupsPath": "/x", "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "network", "path": "/run/netns/p"}]}
                 });
                 // Every generated spec is valid JSON for the schema: what is tested is what
                 // to_guest does with it.

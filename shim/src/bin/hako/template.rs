@@ -4,40 +4,49 @@ use anyhow::Context;
 use hako_shim::config::Config;
 use hako_shim::vmm::template::{Meta, Store};
 
-pub const USAGE: &str = "usage: hako template list | hako template build | hako template rm KEY | hako template rm --all
+/// What `hako template` does. Templates let pods start from a saved VM of their shape instead
+/// of booting one.
+#[derive(clap::Subcommand)]
+pub enum Action {
+    /// Lists the templates in hypervisor.template_dir, with their shape and size.
+    List,
+    /// (Re)makes the template of the configuration's shape now, so that the next pod need not.
+    Build,
+    /// Removes one template, or all; the next start of that shape makes it again.
+    Rm {
+        /// The template's key, as `list` shows it.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        key: Option<String>,
+        /// Every template.
+        #[arg(long)]
+        all: bool,
+    },
+}
 
-Templates let pods start from a saved VM of their shape instead of booting one (ADR 14).
-  list    the templates in hypervisor.template_dir, with their shape and size
-  build   (re)makes the template of the configuration's shape now, so the next pod need not
-  rm      removes one template, or all; the next start of that shape makes it again";
-
-pub fn command(args: &[&str]) -> anyhow::Result<bool> {
+pub fn command(action: Action) -> anyhow::Result<bool> {
     let config = Config::load(None)?.config;
     let store = Store::new(
         &config.hypervisor.template_dir,
         &config.runtime.sandbox_root,
     );
-    match args {
-        ["list"] => list(&store),
-        ["build"] => build(&config),
-        ["rm", "--all"] => {
+    match action {
+        Action::List => list(&store),
+        Action::Build => build(&config),
+        Action::Rm { all: true, .. } => {
             for (key, _) in store.list() {
                 store.remove(&key);
                 println!("removed {key}");
             }
             Ok(true)
         }
-        ["rm", key] => {
-            if !store.list().iter().any(|(k, _)| k == key) {
+        Action::Rm { key, .. } => {
+            let key = key.unwrap_or_default();
+            if !store.list().iter().any(|(k, _)| *k == key) {
                 anyhow::bail!("no template {key:?} in {}", store.dir.display());
             }
-            store.remove(key);
+            store.remove(&key);
             println!("removed {key}");
             Ok(true)
-        }
-        _ => {
-            eprintln!("{USAGE}");
-            Ok(false)
         }
     }
 }
