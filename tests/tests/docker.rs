@@ -576,18 +576,11 @@ fn home_is_set_as_under_runc_and_host_pid_and_uts_are_refused() {
         let homes = |runtime: &str| -> Vec<String> {
             let mut seen = Vec::new();
             for user in ["0", "65534", "1000"] {
-                let r = d.docker(&[
-                    "run",
-                    "--rm",
-                    "--runtime",
+                let r = docker_run(
+                    d,
                     runtime,
-                    "-u",
-                    user,
-                    IMAGE,
-                    "sh",
-                    "-c",
-                    "echo $HOME",
-                ]);
+                    &["--rm", "-u", user, IMAGE, "sh", "-c", "echo $HOME"],
+                );
                 assert_eq!(r.code, 0, "{runtime} -u {user}: {r:?}");
                 seen.push(r.stdout);
             }
@@ -605,30 +598,13 @@ fn home_is_set_as_under_runc_and_host_pid_and_uts_are_refused() {
         assert_eq!(homes("hako"), under_runc, "hako as runc");
 
         for flag in ["--pid", "--uts"] {
-            let r = d.docker(&[
-                "run",
-                "--rm",
-                "--runtime",
-                "runc",
-                flag,
-                "host",
-                IMAGE,
-                "true",
-            ]);
+            let r = docker_run(d, "runc", &["--rm", flag, "host", IMAGE, "true"]);
             assert_eq!(r.code, 0, "runc gives the host's: {r:?}");
-            let r = d.docker(&[
-                "run",
-                "--rm",
-                "--runtime",
-                "hako",
-                flag,
-                "host",
-                IMAGE,
-                "true",
-            ]);
+            let r = docker_run(d, "hako", &["--rm", flag, "host", IMAGE, "true"]);
             assert_ne!(r.code, 0, "{flag} host: {r:?}");
             assert!(r.stderr.contains(&format!("{flag} host")), "{r:?}");
         }
+        hako_tests::runc::remove_parent();
     });
 }
 
@@ -643,7 +619,7 @@ fn commands_that_cannot_run_exit_as_under_runc() {
         let codes = |runtime: &str| -> Vec<(String, i32)> {
             let mut seen = Vec::new();
             for command in commands {
-                let r = d.docker(&["run", "--rm", "--runtime", runtime, IMAGE, command]);
+                let r = docker_run(d, runtime, &["--rm", IMAGE, command]);
                 seen.push((format!("run {command}"), r.code));
             }
             with_running(d, runtime, "codes", |name| {
@@ -663,24 +639,27 @@ fn commands_that_cannot_run_exit_as_under_runc() {
             "runc: {under_runc:?}"
         );
         assert_eq!(codes("hako"), under_runc, "hako as runc");
+        hako_tests::runc::remove_parent();
     });
+}
+
+/// `docker run --runtime <runtime> <args>`; runc's containers go under the tests' own cgroup
+/// parent (`runc::PARENT`, removed after), not Docker's `/docker`, which runc leaves behind.
+fn docker_run(d: &hako_tests::docker::Docker, runtime: &str, args: &[&str]) -> Run {
+    let parent = format!("/{}", hako_tests::runc::PARENT);
+    let mut all = vec!["run", "--runtime", runtime];
+    if runtime == "runc" {
+        all.extend(["--cgroup-parent", parent.as_str()]);
+    }
+    all.extend_from_slice(args);
+    d.docker(&all)
 }
 
 /// Runs `sleep` in a container named `<name>-<runtime>` under `runtime`, hands its name to
 /// `f`, then removes it.
 fn with_running(d: &hako_tests::docker::Docker, runtime: &str, name: &str, f: impl FnOnce(&str)) {
     let name = format!("{name}-{runtime}");
-    let r = d.docker(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--runtime",
-        runtime,
-        IMAGE,
-        "sleep",
-        "600",
-    ]);
+    let r = docker_run(d, runtime, &["-d", "--name", &name, IMAGE, "sleep", "600"]);
     assert_eq!(r.code, 0, "{runtime}: {r:?}");
     f(&name);
     let r = d.docker(&["rm", "-f", &name]);
