@@ -355,7 +355,7 @@ fn handler_offers_rro(c: &CriContainerd) -> bool {
 
 #[test]
 #[ignore = "needs root and containerd under /opt/hako: run through scripts/test.sh"]
-fn host_network_and_host_ipc_are_refused_with_the_reason() {
+fn host_network_ipc_and_pid_are_refused_with_the_reason() {
     for_each_cri_containerd(|c| {
         for (name, namespaces, reason) in [
             (
@@ -377,6 +377,16 @@ fn host_network_and_host_ipc_are_refused_with_the_reason() {
                     ..Default::default()
                 },
                 "hostIPC",
+            ),
+            (
+                "hostpid",
+                k8s::NamespaceOption {
+                    network: k8s::NamespaceMode::Pod as i32,
+                    pid: k8s::NamespaceMode::Node as i32,
+                    ipc: k8s::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                },
+                "hostPID",
             ),
         ] {
             let uid = format!("0a4b-hako-k8s-{name}");

@@ -162,7 +162,9 @@ pub fn to_guest(
     if !has(LinuxNamespaceType::Pid) {
         return Err(SpecError::HostPid);
     }
-    if !has(LinuxNamespaceType::Uts) {
+    // Host networking brings the host's UTS namespace with it (CRI's hostNetwork): that pod
+    // is refused for its network, with that reason, when its network is chosen.
+    if !has(LinuxNamespaceType::Uts) && has(LinuxNamespaceType::Network) {
         return Err(SpecError::HostUts);
     }
 
@@ -532,6 +534,9 @@ mod tests {
         let err = to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).expect_err("host UTS");
         assert_eq!(err, SpecError::HostUts);
         assert!(err.to_string().contains("--uts host"), "{err}");
+        // With the host's network too (hostNetwork), the network's refusal speaks, later.
+        let json = json.replace(r#", {"type": "network", "path": "/var/run/netns/x"}"#, "");
+        assert!(to_guest(&spec(&json), "t1", Path::new("/s"), None, &none).is_ok());
     }
 
     #[test]
