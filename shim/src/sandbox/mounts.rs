@@ -155,12 +155,7 @@ pub struct Restrict {
 /// the calling thread's mount namespace: the host's, where the source is. It keeps the source's
 /// peer group, so `bind_restricted` can still make it a slave of it.
 pub fn clone_tree(source: &Path) -> Result<OwnedFd, MountError> {
-    let path =
-        std::ffi::CString::new(source.as_os_str().as_bytes()).map_err(|_| MountError::Mount {
-            what: "clone of a path with a NUL".to_string(),
-            target: source.to_path_buf(),
-            source: Errno::EINVAL,
-        })?;
+    let path = c_path(source, "clone")?;
     // SAFETY: open_tree(2) reads the NUL-terminated path; the descriptor it returns is ours.
     let fd = unsafe {
         libc::syscall(
@@ -181,17 +176,21 @@ pub fn clone_tree(source: &Path) -> Result<OwnedFd, MountError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// `path` for a system call; a path with a NUL in it is refused as `what` on it.
+fn c_path(path: &Path, what: &str) -> Result<std::ffi::CString, MountError> {
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| MountError::Mount {
+        what: format!("{what} of a path with a NUL"),
+        target: path.to_path_buf(),
+        source: Errno::EINVAL,
+    })
+}
+
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 /// Attaches a detached tree (`clone_tree`) at `target`, in the calling thread's namespace.
 fn attach_tree(tree: &OwnedFd, target: &Path) -> Result<(), MountError> {
-    let to =
-        std::ffi::CString::new(target.as_os_str().as_bytes()).map_err(|_| MountError::Mount {
-            what: "attach on a path with a NUL".to_string(),
-            target: target.to_path_buf(),
-            source: Errno::EINVAL,
-        })?;
+    let to = c_path(target, "attach")?;
     // SAFETY: move_mount(2) reads the two NUL-terminated paths; it takes no ownership.
     let done = unsafe {
         libc::syscall(
