@@ -31,7 +31,7 @@ pub fn run(
         .filter(|a| !a.is_empty())
         .ok_or(InitError::NoArgs)?;
     let env = env_entries(process.env().as_deref().unwrap_or_default())?;
-    let env = with_home(env, process.user().uid(), read_passwd().as_deref());
+    let env = with_home(env, process.user().uid(), read_passwd);
     if config.terminal {
         nix::unistd::setsid().map_err(sys("setsid"))?;
         // SAFETY: TIOCSCTTY on our own stdin (the pty slave) with arg 0; no memory is passed.
@@ -188,11 +188,19 @@ fn read_passwd() -> Option<String> {
 
 /// runc's rule: a process whose environment has no HOME gets the home directory of its uid in
 /// the container's /etc/passwd, or `/` when the uid has no entry there.
-fn with_home(mut env: Vec<String>, uid: u32, passwd: Option<&str>) -> Vec<String> {
+/// `passwd` is only read when HOME is missing: most specs (Docker's, CRI's) carry one, and every
+/// read is a round trip through the share at container start.
+fn with_home(
+    mut env: Vec<String>,
+    uid: u32,
+    passwd: impl FnOnce() -> Option<String>,
+) -> Vec<String> {
     if env.iter().any(|e| e.starts_with("HOME=")) {
         return env;
     }
+    let passwd = passwd();
     let home = passwd
+        .as_deref()
         .into_iter()
         .flat_map(str::lines)
         .map(|line| line.split(':').collect::<Vec<_>>())
@@ -244,7 +252,7 @@ mod tests {
         let passwd = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\nbad line\n";
         let home = |env: &[&str], uid| {
             let env = env.iter().map(|e| e.to_string()).collect();
-            with_home(env, uid, Some(passwd))
+            with_home(env, uid, || Some(passwd.to_string()))
                 .into_iter()
                 .find(|e| e.starts_with("HOME="))
         };
@@ -256,7 +264,9 @@ mod tests {
             Some("HOME=/mine"),
             "kept"
         );
-        let env = with_home(Vec::new(), 0, None);
+        let kept = with_home(vec!["HOME=/x".into()], 0, || panic!("passwd read"));
+        assert_eq!(kept, ["HOME=/x"], "no read when HOME is given");
+        let env = with_home(Vec::new(), 0, || None);
         assert_eq!(env, ["HOME=/"], "no passwd at all");
     }
 

@@ -160,18 +160,12 @@ fn find_sandbox(
         .filter(|p| p.is_dir())
         .collect();
     // An exact id wins over the longer ids it is a prefix of.
-    if let Some(exact) = found
+    let exact: Vec<&std::path::PathBuf> = found
         .iter()
-        .find(|p| p.file_name().is_some_and(|n| n == wanted))
-    {
-        if found
-            .iter()
-            .filter(|p| p.file_name().is_some_and(|n| n == wanted))
-            .count()
-            == 1
-        {
-            return Ok(exact.clone());
-        }
+        .filter(|p| p.file_name().is_some_and(|n| n == wanted))
+        .collect();
+    if let [only] = exact[..] {
+        return Ok(only.clone());
     }
     let where_ = match namespace {
         Some(ns) => format!("namespace {ns}"),
