@@ -391,8 +391,10 @@ fn mounts_in(mountinfo: &Path, dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Mount points at or below `dir` in every mount namespace a process is in (hako's share has
-/// one of its own), each with the pid of a process in that namespace.
+/// Mount points at or below `dir` in every mount namespace a process is in, each with the pid
+/// of a process in that namespace. (No process is in hako's share namespace itself: the shim
+/// holds it by descriptor and virtiofsd pivots into a copy; a leftover of it shows as a live
+/// shim or virtiofsd in `hako_processes`.)
 pub fn mounts_anywhere_under(dir: &Path) -> Vec<(u32, PathBuf)> {
     let mut seen = BTreeSet::new();
     let mut found = Vec::new();

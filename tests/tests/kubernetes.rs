@@ -246,6 +246,17 @@ impl Drop for Volume {
     }
 }
 
+/// In container `id`, `/vol` (a `readOnly` volume) refuses a write and its submount `sub`, which
+/// the host mounted below the source, takes one: `ro` is the mount itself, as under runc.
+fn assert_read_only_above_a_writable_submount(c: &CriContainerd, id: &str, sub: &str) {
+    let script = format!("touch /vol/top; echo top=$?; touch /vol/{sub}/x && echo sub=ok");
+    let r = exec(c, id, &script);
+    assert!(
+        r.stdout.contains("top=1") && r.stdout.contains("sub=ok"),
+        "{r:?}"
+    );
+}
+
 fn mount(volume: &Path, at: &str, readonly: bool, recursive: bool) -> k8s::Mount {
     k8s::Mount {
         container_path: at.to_string(),
@@ -271,15 +282,7 @@ fn read_only_volumes_behave_as_with_runc_and_bidirectional_propagation_is_refuse
         let mut config = container_config(&pod_config, "ro", &image, &["sleep", "inf"], 0);
         config.mounts = vec![mount(&volume.0, "/vol", true, false)];
         let ro = start(c, &pod, &config, &pod_config);
-        let r = exec(
-            c,
-            &ro,
-            "touch /vol/top; echo top=$?; touch /vol/sub/x && echo sub=ok",
-        );
-        assert!(
-            r.stdout.contains("top=1") && r.stdout.contains("sub=ok"),
-            "{r:?}"
-        );
+        assert_read_only_above_a_writable_submount(c, &ro, "sub");
 
         // `rro`: read-only on every level. hako tells containerd it can (the runtime features
         // containerd asks for), and kubelet sends `rro` only where CRI's Status says the handler
@@ -516,15 +519,7 @@ fn the_share_stays_off_the_hosts_mounts_and_a_volume_can_be_cleaned_up_under_it(
         // below it as the host mounted it.
         config.mounts = vec![mount(&source, "/vol", true, false)];
         let app = start(c, &pod, &config, &pod_config);
-        let r = exec(
-            c,
-            &app,
-            "touch /vol/top; echo top=$?; touch /vol/tmpfs/x && echo tmpfs=ok",
-        );
-        assert!(
-            r.stdout.contains("top=1") && r.stdout.contains("tmpfs=ok"),
-            "{r:?}"
-        );
+        assert_read_only_above_a_writable_submount(c, &app, "tmpfs");
         assert_eq!(
             mounts_under(Path::new(SANDBOX_ROOT)),
             Vec::<PathBuf>::new(),
@@ -561,7 +556,8 @@ fn the_share_stays_off_the_hosts_mounts_and_a_volume_can_be_cleaned_up_under_it(
         )
         .unwrap();
         remove_as_kubelet_does(c, &pod, "a killed shim");
-        // Every mount namespace included.
+        // No hako process is left to hold the share's namespace (the shim held it, virtiofsd
+        // a copy), and no process's namespace has anything under the sandbox root.
         assert_no_leaks("after the shim was killed");
     });
 }

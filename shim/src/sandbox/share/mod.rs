@@ -54,15 +54,16 @@ impl Sandbox {
         // rw/ gets a peer group of its own (private first, so nothing leaks to the host's
         // groups), ro/ is a read-only slave copy of it: mounts added under rw/ later show up in
         // ro/ and in virtiofsd's namespace, but nothing propagates back.
-        let ns = self.share_ns.insert(namespace::ShareNamespace::new()?);
-        let p = &self.paths;
-        ns.run(|| -> Result<(), MountError> {
+        let (ns, made) = namespace::ShareNamespace::new_with(|| -> Result<(), MountError> {
             mounts::bind(&p.rw, &p.rw, false)?;
             mounts::set_propagation(&p.rw, MsFlags::MS_PRIVATE)?;
             mounts::set_propagation(&p.rw, MsFlags::MS_SHARED)?;
             mounts::bind(&p.rw, &p.ro, true)?;
             mounts::set_propagation(&p.ro, MsFlags::MS_SLAVE)
-        })??;
+        })?;
+        // Kept even if the binds failed: the teardown unmounts what was made in it.
+        self.share_ns = Some(ns);
+        made?;
         Ok(())
     }
 
@@ -155,46 +156,48 @@ impl Sandbox {
         // Each source is cloned here, in the host's namespace where it is, and the clones
         // attached in the share's.
         let mut attach = Vec::with_capacity(1 + binds.len());
-        attach.push((
-            mounts::clone_tree(bundle_rootfs)?,
-            dir.join("rootfs"),
-            true,
-            format!("{container_id}-rootfs"),
-            mounts::Restrict {
+        attach.push(Attach {
+            tree: mounts::clone_tree(bundle_rootfs)?,
+            target: dir.join("rootfs"),
+            is_dir: true,
+            staging: self.paths.staging.join(format!("{container_id}-rootfs")),
+            restrict: mounts::Restrict {
                 readonly: rootfs.readonly,
                 recursive_readonly: false,
                 follows_host: false,
             },
-        ));
+        });
         let mounts_dir = dir.join("mounts");
         for (b, (fd, is_dir)) in binds.iter().zip(&sources) {
             if !b.readonly && !b.recursive_readonly && *is_dir {
                 self.note_guest_writable(fd);
             }
-            attach.push((
-                mounts::clone_tree(&proc_fd(fd))?,
-                mounts_dir.join(&b.name),
-                *is_dir,
-                format!("{container_id}-{}", b.name),
-                mounts::Restrict {
+            attach.push(Attach {
+                tree: mounts::clone_tree(&proc_fd(fd))?,
+                target: mounts_dir.join(&b.name),
+                is_dir: *is_dir,
+                staging: self
+                    .paths
+                    .staging
+                    .join(format!("{container_id}-{}", b.name)),
+                restrict: mounts::Restrict {
                     readonly: b.readonly,
                     recursive_readonly: b.recursive_readonly,
                     follows_host: b.follows_host,
                 },
-            ));
+            });
         }
-        let staging_dir = &self.paths.staging;
         self.share_ns()?.run(|| -> Result<(), SandboxError> {
-            for (tree, target, is_dir, staging, restrict) in &attach {
-                if let Some(parent) = target.parent() {
+            for a in &attach {
+                if let Some(parent) = a.target.parent() {
                     fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
                 }
-                if *is_dir {
-                    fs::create_dir(target).map_err(io_err("creating", target))?;
+                if a.is_dir {
+                    fs::create_dir(&a.target).map_err(io_err("creating", &a.target))?;
                 } else {
-                    fs::File::create(target).map_err(io_err("creating", target))?;
+                    fs::File::create(&a.target).map_err(io_err("creating", &a.target))?;
                 }
-                mounts::bind_restricted(tree, target, &staging_dir.join(staging), *restrict)?;
+                mounts::bind_restricted(&a.tree, &a.target, &a.staging, a.restrict)?;
             }
             Ok(())
         })??;
@@ -235,6 +238,16 @@ impl Sandbox {
             }
         }
     }
+}
+
+/// One bind into the share: a source cloned in the host's namespace, attached at `target` in
+/// the share's through `staging` (`mounts::bind_restricted`).
+struct Attach {
+    tree: std::os::fd::OwnedFd,
+    target: PathBuf,
+    is_dir: bool,
+    staging: PathBuf,
+    restrict: mounts::Restrict,
 }
 
 /// The path that names an open descriptor: mounting it mounts exactly what was opened.

@@ -37,9 +37,18 @@ pub struct ShareNamespace {
 impl ShareNamespace {
     /// A new mount namespace, a copy of the shim's in which every mount is a slave: mounts the
     /// host shares reach it, nothing made in it reaches the host.
+    #[cfg(test)]
     pub fn new() -> Result<Self, NamespaceError> {
+        Self::new_with(|| ()).map(|(ns, ())| ns)
+    }
+
+    /// `new`, with `first` run in the namespace by the thread that made it (a thread spawn
+    /// fewer on every pod's start than `new` then `run`).
+    pub fn new_with<T: Send>(
+        first: impl FnOnce() -> T + Send,
+    ) -> Result<(Self, T), NamespaceError> {
         let made = std::thread::scope(|s| {
-            s.spawn(|| -> Result<OwnedFd, NamespaceError> {
+            s.spawn(|| -> Result<(OwnedFd, T), NamespaceError> {
                 let make = |what| {
                     move |e: nix::Error| NamespaceError::Make {
                         what,
@@ -56,20 +65,19 @@ impl ShareNamespace {
                     None::<&str>,
                 )
                 .map_err(make("making / a slave"))?;
-                File::open("/proc/thread-self/ns/mnt")
+                let ns = File::open("/proc/thread-self/ns/mnt")
                     .map(OwnedFd::from)
                     .map_err(|source| NamespaceError::Make {
                         what: "opening /proc/thread-self/ns/mnt",
                         source,
-                    })
+                    })?;
+                Ok((ns, first()))
             })
             .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         });
-        let ns = made.map_err(|_| NamespaceError::Make {
-            what: "its thread",
-            source: std::io::Error::other("panicked"),
-        })??;
-        Ok(Self { ns })
+        let (ns, first) = made?;
+        Ok((Self { ns }, first))
     }
 
     /// Runs `f` in the namespace, on a thread of its own, and returns what it returns.
