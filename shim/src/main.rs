@@ -21,10 +21,12 @@ containerd calls it as:
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let asks_help = args
-        .iter()
-        .skip(1)
-        .any(|a| matches!(a.to_str(), Some("-h" | "--help" | "-help" | "help")));
+    // Only as the first argument: containerd's calls begin with a flag, and a container may
+    // well be called "help" (`-id help`).
+    let asks_help = matches!(
+        args.get(1).and_then(|a| a.to_str()),
+        Some("-h" | "--help" | "-help" | "help")
+    );
     if asks_help {
         println!("{ABOUT}");
         return Ok(());
