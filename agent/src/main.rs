@@ -17,6 +17,7 @@ mod logger;
 mod mounts;
 mod net;
 mod oom;
+mod pod;
 mod reaper;
 mod rtnl;
 mod server;
@@ -30,6 +31,12 @@ use hako_protocol::{AGENT_VSOCK_PORT, GUEST_SHARED_DIR, READY_VSOCK_PORT, SHARED
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if pod::is_pod_init(&args) {
+        pod::pause_main();
+    }
+    if args.get(1).map(String::as_str) == Some(pod::POD_INIT_ARG) {
+        pod::helper_main(&args[2..]);
+    }
     if args.get(1).map(String::as_str) == Some(init::HELPER_ARG) {
         let Some(config) = args.get(2) else {
             eprintln!("usage: hako-agent {} <config>", init::HELPER_ARG);

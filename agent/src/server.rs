@@ -92,7 +92,7 @@ impl pb::AgentService for Agent {
         &self,
         _ctx: &TtrpcContext,
         req: pb::CreateSandboxRequest,
-    ) -> ttrpc::Result<pb::Empty> {
+    ) -> ttrpc::Result<pb::CreateSandboxResponse> {
         crate::boot::take_host_clock_and_entropy(req.now_unix_ns, &req.entropy)
             .map_err(|e| get_rpc_status(Code::INVALID_ARGUMENT, e))?;
         if !req.hostname.is_empty() {
@@ -100,8 +100,24 @@ impl pb::AgentService for Agent {
                 .map_err(|e| get_rpc_status(Code::INVALID_ARGUMENT, format!("sethostname: {e}")))?;
         }
         configure_network(req.interfaces, req.routes).await?;
+        let mut response = pb::CreateSandboxResponse::default();
+        if let Some(pod) = req.pod_init.into_option() {
+            let hostname = req.hostname;
+            response.pod_init_pid =
+                tokio::task::spawn_blocking(move || crate::pod::start(&hostname, &pod))
+                    .await
+                    .map_err(|e| get_rpc_status(Code::INTERNAL, format!("pod init: {e}")))?
+                    .map_err(|e| {
+                        let code = match e {
+                            crate::pod::PodError::Invalid(_) => Code::INVALID_ARGUMENT,
+                            crate::pod::PodError::Io { .. } => Code::INTERNAL,
+                        };
+                        get_rpc_status(code, e.to_string())
+                    })?;
+            log::info!("pod init started, pid {}", response.pod_init_pid);
+        }
         log::info!("sandbox {} ready", req.sandbox_id);
-        Ok(pb::Empty::default())
+        Ok(response)
     }
 
     async fn update_interfaces(

@@ -49,6 +49,14 @@ pub const TEMPLATE_POINT: &str = "hako-agent: waiting for the host's devices";
 /// The most entropy the host sends in CreateSandbox, in bytes.
 pub const MAX_ENTROPY: usize = 512;
 
+/// The largest pod file (`PodInit.hosts`, `PodInit.resolv_conf`) the agent accepts, in bytes.
+pub const MAX_POD_FILE: usize = 64 * 1024;
+/// Where the agent keeps a pod init's files in the guest: `hostname`, `hosts`, `resolv.conf`
+/// and the pod's `shm` mount. Containers bind them from here.
+pub const GUEST_POD_DIR: &str = "/run/hako/pod";
+/// The pod init's name as the pod's processes see it (`/proc/1/cmdline`): runc's pause.
+pub const POD_INIT_NAME: &str = "/pause";
+
 /// The readiness message for `health`.
 pub fn ready_message(health: &HealthResponse) -> Result<Vec<u8>, protobuf::Error> {
     use protobuf::Message;

@@ -15,6 +15,7 @@ pub mod logs;
 pub mod net;
 pub mod rate_limit;
 pub mod sandbox;
+pub mod sandboxer;
 pub mod shim;
 pub mod task;
 pub mod timing;

@@ -11,11 +11,13 @@ use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::shim_async::create_task;
 use containerd_shim::{api, Config as ShimConfig, Error as ShimError, Flags, StartOpts};
+use containerd_shim_protos::sandbox_async::create_sandbox;
 
 use crate::config::Config;
 use crate::ids::validate;
 use crate::sandbox::pod::sandbox_id_for;
 use crate::sandbox::{cleanup_on_disk, holding_netns, mounts, SandboxPaths};
+use crate::sandboxer::SandboxService;
 use crate::task::events::ContainerdEvents;
 use crate::task::{timestamp, TaskService, UNKNOWN_EXIT_STATUS};
 
@@ -154,11 +156,13 @@ pub async fn serve(flags: &Flags) -> Result<(), ShimError> {
     });
     let service = Arc::new(TaskService::new(&flags.namespace, events, exit.clone()));
     service.exit_if_never_used(UNUSED_SHIM_PATIENCE);
-    let task: Arc<dyn containerd_shim::protos::shim_async::Task + Send + Sync> = service;
+    let task: Arc<dyn containerd_shim::protos::shim_async::Task + Send + Sync> = service.clone();
     let mut services = create_task(task.clone());
     if let Some(v2) = create_task(task).remove(TASK_V2) {
         services.insert(TASK_V3.to_string(), v2);
     }
+    // containerd 2.x's shim sandboxer asks for the pod itself through the Sandbox API.
+    services.extend(create_sandbox(Arc::new(SandboxService::new(service))));
     let listener = ttrpc::r#async::transport::Listener::try_from(listener)
         .map_err(|e| ShimError::Other(format!("listener: {e}")))?;
     let mut server = ttrpc::r#async::Server::new()
@@ -166,7 +170,10 @@ pub async fn serve(flags: &Flags) -> Result<(), ShimError> {
         .register_service(services);
     server.start().await?;
     signal_server_started();
-    log::info!("shim serving {} ({TASK_V2} and {TASK_V3})", flags.socket);
+    log::info!(
+        "shim serving {} ({TASK_V2}, {TASK_V3} and {SANDBOX_V1})",
+        flags.socket
+    );
 
     // containerd does not signal shims; a stray SIGTERM must not orphan the VM.
     if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -185,6 +192,7 @@ pub async fn serve(flags: &Flags) -> Result<(), ShimError> {
 
 const TASK_V2: &str = "containerd.task.v2.Task";
 const TASK_V3: &str = "containerd.task.v3.Task";
+const SANDBOX_V1: &str = "containerd.runtime.sandbox.v1.Sandbox";
 
 /// Binds the shim socket; `None` when a live shim already serves it.
 fn bind_socket(path: &str) -> Result<Option<std::os::unix::net::UnixListener>, ShimError> {

@@ -33,6 +33,9 @@ use crate::{
 
 /// The runtime handler (kubelet's RuntimeClass handler) the CRI config maps to hako.
 pub const HANDLER: &str = "hako";
+/// The handler for hako through containerd 2.x's Sandbox API (`sandboxer = "shim"`): the pod
+/// is the VM itself, with no pause container.
+pub const SANDBOX_HANDLER: &str = "hako-sandbox";
 /// The sandbox image: busybox sleeping until the pod is stopped.
 pub const PAUSE_IMAGE: &str = "hako.local/pause:1";
 /// The containerd namespace CRI keeps its images, containers and pods in.
@@ -502,6 +505,16 @@ impl CriContainerd {
         self.dir.join("containerd.sock")
     }
 
+    /// The handlers this containerd maps to hako: both ways of making a pod on 2.x (a pause
+    /// container, the Sandbox API), the pause container on 1.7.
+    pub fn handlers(&self) -> &'static [&'static str] {
+        if self.version.starts_with("1.") {
+            &[HANDLER]
+        } else {
+            &[HANDLER, SANDBOX_HANDLER]
+        }
+    }
+
     fn wait_ready(&mut self) {
         let started = Instant::now();
         loop {
@@ -754,6 +767,10 @@ state = "{d}/state"
     runtime_type = "{runtime}"
     sandboxer = "podsandbox"
     pod_annotations = ["io.hako.*"]
+
+  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{SANDBOX_HANDLER}]
+    runtime_type = "{runtime}"
+    sandboxer = "shim"
 
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["{CNI_BIN_DIR}"]

@@ -112,7 +112,8 @@ pub trait AgentClient: Send + Sync {
         hostname: &str,
         interfaces: Vec<pb::Interface>,
         routes: Vec<pb::Route>,
-    ) -> Result<(), AgentError>;
+        pod_init: Option<pb::PodInit>,
+    ) -> Result<u32, AgentError>;
     /// Makes the guest's network the given picture (it waits for hot-plugged NICs).
     async fn update_interfaces(
         &self,
@@ -258,7 +259,8 @@ impl AgentClient for TtrpcAgent {
         hostname: &str,
         interfaces: Vec<pb::Interface>,
         routes: Vec<pb::Route>,
-    ) -> Result<(), AgentError> {
+        pod_init: Option<pb::PodInit>,
+    ) -> Result<u32, AgentError> {
         let req = pb::CreateSandboxRequest {
             sandbox_id: sandbox_id.to_string(),
             hostname: hostname.to_string(),
@@ -266,6 +268,7 @@ impl AgentClient for TtrpcAgent {
             routes,
             now_unix_ns: unix_now_ns(),
             entropy: host_entropy(),
+            pod_init: pod_init.into(),
             ..Default::default()
         };
         self.timed(
@@ -273,7 +276,7 @@ impl AgentClient for TtrpcAgent {
             self.client.create_sandbox(self.ctx(), &req),
         )
         .await
-        .map(drop)
+        .map(|r| r.pod_init_pid)
     }
 
     async fn update_interfaces(

@@ -200,8 +200,14 @@ impl Sandbox {
             None => (Vec::new(), Vec::new()),
         };
         let called = std::time::Instant::now();
-        agent
-            .create_sandbox(&self.id, hostname, interfaces, routes)
+        self.pod_init_pid = agent
+            .create_sandbox(
+                &self.id,
+                hostname,
+                interfaces,
+                routes,
+                self.pod_init.clone(),
+            )
             .await?;
         self.timings
             .detail("guest.create_sandbox", called.elapsed());

@@ -11,6 +11,7 @@ pub mod pod;
 pub mod resolve;
 pub mod share;
 pub mod spec;
+pub mod standalone;
 pub mod user;
 
 use std::collections::BTreeSet;
@@ -136,6 +137,11 @@ pub struct Sandbox {
     containers: BTreeSet<String>,
     /// Where the share's mounts live (`share::namespace`): made with the share.
     share_ns: Option<share::namespace::ShareNamespace>,
+    /// For a pod without a sandbox container (`standalone`): what the guest makes in its place,
+    /// sent at boot; and the pid of the pod init it started, which containers join.
+    pod_init: Option<hako_protocol::PodInit>,
+    pod_init_pid: u32,
+    pod_hostname: String,
     pub timings: Timings,
 }
 
@@ -178,6 +184,9 @@ impl Sandbox {
             guest_writable: Vec::new(),
             containers: BTreeSet::new(),
             share_ns: None,
+            pod_init: None,
+            pod_init_pid: 0,
+            pod_hostname: String::new(),
             timings: Timings::new(),
         };
         let mut sandbox = sandbox;

@@ -7,7 +7,7 @@
 //! container tears the sandbox down.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Instant;
 
@@ -143,13 +143,16 @@ pub struct AddedContainer {
 }
 
 pub struct Pod {
-    namespace: String,
-    boot: Arc<dyn Boot>,
+    pub(super) namespace: String,
+    pub(super) boot: Arc<dyn Boot>,
     /// Held across boot, network changes and teardown only.
-    sandbox: Arc<Mutex<Option<Sandbox>>>,
+    pub(super) sandbox: Arc<Mutex<Option<Sandbox>>>,
     running: StdMutex<Option<Running>>,
-    /// Guest pid of the sandbox's first container, whose namespaces pod members join.
-    init_pid: AtomicU32,
+    /// Guest pid of the sandbox's first container (or of the pod init, `standalone`), whose
+    /// namespaces pod members join.
+    pub(super) init_pid: AtomicU32,
+    /// Made through the Sandbox API (`standalone`): the pod outlives its containers.
+    pub(super) standalone: AtomicBool,
 }
 
 impl Pod {
@@ -164,6 +167,7 @@ impl Pod {
             sandbox: Arc::new(Mutex::new(None)),
             running: StdMutex::new(None),
             init_pid: AtomicU32::new(0),
+            standalone: AtomicBool::new(false),
         }
     }
 
@@ -175,7 +179,7 @@ impl Pod {
             .clone()
     }
 
-    fn set_running(&self, running: Option<Running>) {
+    pub(super) fn set_running(&self, running: Option<Running>) {
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = running;
     }
 
@@ -214,13 +218,18 @@ impl Pod {
         let join = (sandbox_id != new.id)
             .then(|| self.init_pid.load(Ordering::SeqCst))
             .filter(|pid| *pid != 0);
-        let (guest_spec, binds) = to_guest(
+        let (mut guest_spec, binds) = to_guest(
             new.spec,
             new.id,
             Path::new(hako_protocol::GUEST_SHARED_DIR),
             join,
             &host_submounts,
         )?;
+        let pod_files = if self.is_standalone() {
+            super::standalone::bind_pod_files(&mut guest_spec, new.spec)
+        } else {
+            Vec::new()
+        };
         let guest_spec_json = serde_json::to_vec(&guest_spec)
             .map_err(|e| SandboxError::SpecTooLarge(format!("cannot encode it: {e}")))?;
         if guest_spec_json.len() > MAX_GUEST_SPEC {
@@ -231,6 +240,10 @@ impl Pod {
         }
         let network = crate::net::mode(new.spec);
         let booting = slot.is_none();
+        if booting && self.is_standalone() {
+            // The Sandbox API's pod is booted by StartSandbox; once stopped it stays stopped.
+            return Err(SandboxError::NotBooted);
+        }
         if booting {
             if network == NetworkMode::Host {
                 return Err(NetError::HostNetwork.into());
@@ -266,7 +279,13 @@ impl Pod {
                 .and_then(|r| r.readonly())
                 .unwrap_or(false),
         };
-        let targets = plain_mount_points(&guest_spec, &binds);
+        let targets: Vec<(PathBuf, bool)> = plain_mount_points(&guest_spec, &binds)
+            .into_iter()
+            .map(|t| {
+                let is_dir = !pod_files.contains(&t);
+                (t, is_dir)
+            })
+            .collect();
         let attached = sandbox.attach_container(new.id, &rootfs, &binds, &targets);
         let created = match attached {
             // attach_container undoes its own work.
@@ -351,7 +370,7 @@ impl Pod {
     /// Keeps the VM's network in step with the pod's namespace while the pod runs: each burst
     /// of changes there (`docker network connect`, a plugin re-addressing) is synced under the
     /// sandbox's lock.
-    fn follow_network(&self, sandbox: &mut Sandbox) -> Result<(), SandboxError> {
+    pub(super) fn follow_network(&self, sandbox: &mut Sandbox) -> Result<(), SandboxError> {
         let Some(mut watch) = sandbox.watch_network()? else {
             return Ok(());
         };
@@ -415,7 +434,7 @@ impl Pod {
             return Ok(());
         };
         sandbox.detach_container(id, rootfs, rootfs_mounted);
-        if sandbox.has_containers() {
+        if sandbox.has_containers() || self.is_standalone() {
             return Ok(());
         }
         if let Some(mut sandbox) = slot.take() {

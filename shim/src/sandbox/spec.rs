@@ -51,6 +51,9 @@ pub enum SpecError {
     /// The spec shares the host's UTS namespace, which a VM cannot.
     #[error("the container asks for the host's UTS namespace (--uts host), which a pod in a VM cannot share: its hostname would be the VM's")]
     HostUts,
+    /// A file the pod gets in the guest would be too large.
+    #[error("the pod's {0} would be larger than {max} bytes", max = hako_protocol::MAX_POD_FILE)]
+    PodFile(&'static str),
     /// A sysctl the container may not set (runc's rules).
     #[error(transparent)]
     Sysctl(#[from] hako_protocol::sysctl::SysctlError),

@@ -30,7 +30,7 @@ use containerd_shim::ExitSignal;
 use crate::sandbox::pod::{Pod, Running};
 use container::Container;
 pub use convert::timestamp;
-pub use error::TaskError;
+pub use error::{to_ttrpc, TaskError};
 use events::EventSender;
 
 /// Exit status reported when the real one is unknown: the VM died under a process, or the
@@ -71,11 +71,24 @@ impl TaskService {
             let Some(service) = service.upgrade() else {
                 return;
             };
-            if service.pod.is_empty().await && service.containers().is_empty() {
+            if !service.pod.is_standalone()
+                && service.pod.is_empty().await
+                && service.containers().is_empty()
+            {
                 log::warn!("no container came within {patience:?} of the shim's start; exiting");
                 service.exit_signal.signal();
             }
         });
+    }
+
+    /// The pod this shim serves, for the Sandbox API (`sandboxer`).
+    pub fn pod(&self) -> &Pod {
+        &self.pod
+    }
+
+    /// Ends the shim: its server stops serving and the process exits.
+    pub fn exit(&self) {
+        self.exit_signal.signal();
     }
 
     fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {

@@ -167,7 +167,8 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         _req: api::ShutdownRequest,
     ) -> ttrpc::Result<api::Empty> {
-        if !self.containers().is_empty() {
+        // A pod made through the Sandbox API ends with ShutdownSandbox only.
+        if !self.containers().is_empty() || self.pod.is_standalone() {
             return Ok(api::Empty::default());
         }
         self.pod.shutdown().await;

@@ -71,8 +71,9 @@ impl AgentClient for FakeAgent {
         _: &str,
         _: Vec<pb::Interface>,
         _: Vec<pb::Route>,
-    ) -> Result<(), AgentError> {
-        Ok(())
+        _: Option<pb::PodInit>,
+    ) -> Result<u32, AgentError> {
+        Ok(0)
     }
     async fn update_interfaces(
         &self,

@@ -113,7 +113,7 @@ impl TaskService {
     /// agent is the guest's: an id that is not one of this sandbox's containers is refused (a
     /// guest must not mark another pod's container OOM-killed), ids are quoted in logs, and the
     /// loop takes at most `OOM_EVENTS_PER_SECOND`, however fast the guest answers.
-    pub(super) fn spawn_oom_watcher(&self, running: Running) {
+    pub(crate) fn spawn_oom_watcher(&self, running: Running) {
         let events = self.events.clone();
         let containers = self.containers.clone();
         tokio::spawn(async move {

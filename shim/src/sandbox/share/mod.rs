@@ -103,7 +103,7 @@ impl Sandbox {
         container_id: &str,
         rootfs: &ContainerRootfs<'_>,
         binds: &[SharedBind],
-        targets: &[PathBuf],
+        targets: &[(PathBuf, bool)],
     ) -> Result<(), SandboxError> {
         validate("container id", container_id)?;
         if self.containers.contains(container_id) {
@@ -122,7 +122,7 @@ impl Sandbox {
         container_id: &str,
         rootfs: &ContainerRootfs<'_>,
         binds: &[SharedBind],
-        targets: &[PathBuf],
+        targets: &[(PathBuf, bool)],
     ) -> Result<(), SandboxError> {
         let bundle_rootfs = rootfs.dir;
         if !rootfs.mounts.is_empty() {
@@ -140,8 +140,7 @@ impl Sandbox {
             sources.push((fd, is_dir));
         }
         if rootfs.readonly {
-            let mut needed: Vec<(PathBuf, bool)> =
-                targets.iter().map(|t| (t.clone(), true)).collect();
+            let mut needed: Vec<(PathBuf, bool)> = targets.to_vec();
             needed.extend(
                 binds
                     .iter()
