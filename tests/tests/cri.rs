@@ -297,3 +297,138 @@ fn two_containers_in_one_vm(
         assert_no_leaks("after RemovePodSandbox");
     }
 }
+
+/// What containers of a pod share, as each handler gives it: one `Shared` per handler, which
+/// must be equal (the pause container's way is runc's, through CRI).
+#[derive(Debug, PartialEq)]
+struct Shared {
+    hostname: Vec<String>,
+    etc_hostname: String,
+    resolv_conf: String,
+    hosts: String,
+    shm_seen_by_the_other: String,
+    same_ipc_uts_pid: bool,
+    readonly_root_resolv_conf: (String, i32),
+}
+
+/// containerd 2.x's Sandbox API (`hako-sandbox`): the pod is the VM and no pause container is
+/// made. What pause holds for a pod, the pod init and the guest hold instead: containers of a
+/// pod share PID (shareProcessNamespace), IPC and UTS namespaces and /dev/shm, and get the
+/// pod's hostname, resolv.conf (from its DNS config) and hosts, exactly as through the pause
+/// container's handler.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_sandbox_api_pod_has_no_pause_container_and_shares_what_pause_would() {
+    for_each_cri_containerd(|c| {
+        if !c.handlers().contains(&SANDBOX_HANDLER) {
+            eprintln!(
+                "SKIPPED: containerd {} has no Sandbox API (2.x only)",
+                c.version
+            );
+            return;
+        }
+        let image = c.client.image_status(IMAGE).unwrap().unwrap().id;
+        let mut seen = Vec::new();
+        for handler in c.handlers() {
+            eprintln!("--- handler {handler}");
+            let uid = format!("9e2f-hako-cri-shared-{handler}");
+            let log_dir = c.pod_log_directory("shared", &uid, &["a", "b", "ro"]);
+            let mut pod_config = pod_sandbox_config("shared", &uid, &log_dir);
+            pod_config.dns_config = Some(k8s_cri::v1::DnsConfig {
+                servers: vec!["192.0.2.53".to_string()],
+                searches: vec!["example.test".to_string()],
+                options: vec!["ndots:2".to_string()],
+            });
+            let share_pids = |config: &mut k8s_cri::v1::ContainerConfig| {
+                config
+                    .linux
+                    .as_mut()
+                    .and_then(|l| l.security_context.as_mut())
+                    .and_then(|s| s.namespace_options.as_mut())
+                    .unwrap()
+                    .pid = k8s_cri::v1::NamespaceMode::Pod as i32;
+            };
+            pod_config
+                .linux
+                .as_mut()
+                .and_then(|l| l.security_context.as_mut())
+                .and_then(|s| s.namespace_options.as_mut())
+                .unwrap()
+                .pid = k8s_cri::v1::NamespaceMode::Pod as i32;
+            let cri = &c.client;
+            let pod = cri.run_pod_sandbox(&pod_config, handler).unwrap();
+
+            // Only a pause-container pod has a container of the pod's own id.
+            let r = c.ctr(&["-n", K8S_NAMESPACE, "containers", "ls", "-q"]);
+            assert_eq!(r.code, 0, "{r:?}");
+            let has_pause = r.stdout.lines().any(|id| id == pod);
+            assert_eq!(has_pause, *handler == HANDLER, "{handler}: {r:?}");
+
+            let mut ids = Vec::new();
+            for name in ["a", "b", "ro"] {
+                let mut config = container_config(&pod_config, name, &image, &["sleep", "inf"], 0);
+                share_pids(&mut config);
+                if name == "ro" {
+                    config
+                        .linux
+                        .as_mut()
+                        .and_then(|l| l.security_context.as_mut())
+                        .unwrap()
+                        .readonly_rootfs = true;
+                }
+                let id = cri.create_container(&pod, &config, &pod_config).unwrap();
+                cri.start_container(&id).unwrap();
+                ids.push(id);
+            }
+            let run = |id: &str, script: &str| {
+                let r = cri.exec_sync(id, &["sh", "-c", script]).unwrap();
+                (r.stdout, r.code)
+            };
+            let out = |id: &str, script: &str| {
+                let (stdout, code) = run(id, script);
+                assert_eq!(code, 0, "{script} in {id}");
+                stdout
+            };
+            let (a, b, ro) = (ids[0].as_str(), ids[1].as_str(), ids[2].as_str());
+
+            if *handler == SANDBOX_HANDLER {
+                // PID 1 of the pod's shared PID namespace is the pod init, named as pause.
+                let init = out(a, "tr '\\0' ' ' < /proc/1/cmdline");
+                assert_eq!(init.trim(), "/pause", "{handler}");
+            }
+            let namespaces = "for n in ipc uts pid; do readlink /proc/self/ns/$n; done";
+            out(a, "echo from-a > /dev/shm/note");
+            seen.push(Shared {
+                hostname: ids.iter().map(|id| out(id, "hostname")).collect(),
+                etc_hostname: out(b, "cat /etc/hostname"),
+                resolv_conf: out(b, "cat /etc/resolv.conf"),
+                hosts: out(b, "cat /etc/hosts"),
+                shm_seen_by_the_other: out(b, "cat /dev/shm/note"),
+                same_ipc_uts_pid: out(a, namespaces) == out(b, namespaces),
+                readonly_root_resolv_conf: run(
+                    ro,
+                    "cat /etc/resolv.conf > /dev/null && echo x >> /etc/resolv.conf; echo $?",
+                ),
+            });
+            cri.stop_pod_sandbox(&pod).unwrap();
+            cri.remove_pod_sandbox(&pod).unwrap();
+            assert!(cri.list_pod_sandbox().unwrap().is_empty());
+            assert_no_leaks(&format!("after the {handler} pod"));
+        }
+        let expected = Shared {
+            hostname: vec!["shared\n".to_string(); 3],
+            etc_hostname: "shared\n".to_string(),
+            resolv_conf: "search example.test\nnameserver 192.0.2.53\noptions ndots:2\n"
+                .to_string(),
+            hosts: fs::read_to_string("/etc/hosts").unwrap(),
+            shm_seen_by_the_other: "from-a\n".to_string(),
+            same_ipc_uts_pid: true,
+            readonly_root_resolv_conf: ("1\n".to_string(), 0),
+        };
+        assert_eq!(seen[0], expected, "through the pause container ({HANDLER})");
+        assert_eq!(
+            seen[1], expected,
+            "through the Sandbox API ({SANDBOX_HANDLER})"
+        );
+    });
+}

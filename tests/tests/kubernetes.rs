@@ -74,28 +74,30 @@ fn stop_and_remove(c: &CriContainerd, pod: &str) {
 #[ignore = "boots VMs: run through scripts/test.sh"]
 fn port_forward_host_ports_and_sysctls_reach_the_pod_in_its_vm() {
     for_each_cri_containerd(|c| {
-        let uid = "7c1d-hako-k8s-web";
-        let log_dir = c.pod_log_directory("web", uid, &["server"]);
-        let mut pod_config = pod_sandbox_config("web", uid, &log_dir);
-        pod_config.port_mappings = vec![k8s::PortMapping {
-            protocol: k8s::Protocol::Tcp as i32,
-            container_port: i32::from(WEB_PORT),
-            host_port: HOST_PORT,
-            ..Default::default()
-        }];
-        // A safe sysctl (kubelet allows it by default) and an unsafe one (an operator must
-        // allow it), both in the pod's IPC namespace, and one of its network namespace.
-        let linux = pod_config.linux.as_mut().unwrap();
-        linux.sysctls = HashMap::from([
-            ("kernel.shm_rmid_forced".to_string(), "1".to_string()),
-            ("fs.mqueue.msg_max".to_string(), "100".to_string()),
-            (
-                "net.ipv4.ip_unprivileged_port_start".to_string(),
-                "0".to_string(),
-            ),
-        ]);
-        let pod = c.client.run_pod_sandbox(&pod_config, HANDLER).unwrap();
-        let server = start(
+        for handler in c.handlers() {
+            eprintln!("--- handler {handler}");
+            let uid = "7c1d-hako-k8s-web";
+            let log_dir = c.pod_log_directory("web", uid, &["server"]);
+            let mut pod_config = pod_sandbox_config("web", uid, &log_dir);
+            pod_config.port_mappings = vec![k8s::PortMapping {
+                protocol: k8s::Protocol::Tcp as i32,
+                container_port: i32::from(WEB_PORT),
+                host_port: HOST_PORT,
+                ..Default::default()
+            }];
+            // A safe sysctl (kubelet allows it by default) and an unsafe one (an operator must
+            // allow it), both in the pod's IPC namespace, and one of its network namespace.
+            let linux = pod_config.linux.as_mut().unwrap();
+            linux.sysctls = HashMap::from([
+                ("kernel.shm_rmid_forced".to_string(), "1".to_string()),
+                ("fs.mqueue.msg_max".to_string(), "100".to_string()),
+                (
+                    "net.ipv4.ip_unprivileged_port_start".to_string(),
+                    "0".to_string(),
+                ),
+            ]);
+            let pod = c.client.run_pod_sandbox(&pod_config, handler).unwrap();
+            let server = start(
             c,
             &pod,
             &container_config(
@@ -111,44 +113,46 @@ fn port_forward_host_ports_and_sysctls_reach_the_pod_in_its_vm() {
             ),
             &pod_config,
         );
-        wait_until(
-            c,
-            &server,
-            &format!("wget -q -O - http://127.0.0.1:{WEB_PORT}/"),
-        );
+            wait_until(
+                c,
+                &server,
+                &format!("wget -q -O - http://127.0.0.1:{WEB_PORT}/"),
+            );
 
-        // Pod sysctls, read back in the container.
-        for (file, want) in [
-            ("kernel/shm_rmid_forced", "1"),
-            ("fs/mqueue/msg_max", "100"),
-            ("net/ipv4/ip_unprivileged_port_start", "0"),
-        ] {
-            let r = exec(c, &server, &format!("cat /proc/sys/{file}"));
-            assert_eq!((r.code, r.stdout.trim()), (0, want), "{file}: {r:?}");
+            // Pod sysctls, read back in the container.
+            for (file, want) in [
+                ("kernel/shm_rmid_forced", "1"),
+                ("fs/mqueue/msg_max", "100"),
+                ("net/ipv4/ip_unprivileged_port_start", "0"),
+            ] {
+                let r = exec(c, &server, &format!("cat /proc/sys/{file}"));
+                assert_eq!((r.code, r.stdout.trim()), (0, want), "{file}: {r:?}");
+            }
+
+            // kubectl port-forward: PortForward's URL, bytes up (the request) and down (the page).
+            let url = c.client.port_forward(&pod, &[i32::from(WEB_PORT)]).unwrap();
+            let got =
+                portforward::exchange(&c.netns, &url, WEB_PORT, b"GET / HTTP/1.0\r\n\r\n", PAGE);
+            let text = String::from_utf8_lossy(&got.data);
+            assert!(
+                text.starts_with("HTTP/1.") && text.contains(PAGE),
+                "{got:?}"
+            );
+            assert!(got.error.is_empty(), "{got:?}");
+            // A port nothing listens on: no bytes, and the connection ends. (A URL serves once.)
+            let url = c.client.port_forward(&pod, &[8081]).unwrap();
+            let got = portforward::exchange(&c.netns, &url, 8081, b"GET / HTTP/1.0\r\n\r\n", "");
+            assert!(got.data.is_empty(), "{got:?}");
+
+            // hostPort: the node's address, through the portmap plugin's DNAT, reaches the VM.
+            let r = c.on_node(&format!(
+                "busybox wget -q -O - http://{POD_GATEWAY}:{HOST_PORT}/"
+            ));
+            assert_eq!((r.code, r.stdout.trim()), (0, PAGE), "{r:?}");
+
+            stop_and_remove(c, &pod);
+            assert_no_leaks("after the web pod");
         }
-
-        // kubectl port-forward: PortForward's URL, bytes up (the request) and down (the page).
-        let url = c.client.port_forward(&pod, &[i32::from(WEB_PORT)]).unwrap();
-        let got = portforward::exchange(&c.netns, &url, WEB_PORT, b"GET / HTTP/1.0\r\n\r\n", PAGE);
-        let text = String::from_utf8_lossy(&got.data);
-        assert!(
-            text.starts_with("HTTP/1.") && text.contains(PAGE),
-            "{got:?}"
-        );
-        assert!(got.error.is_empty(), "{got:?}");
-        // A port nothing listens on: no bytes, and the connection ends. (A URL serves once.)
-        let url = c.client.port_forward(&pod, &[8081]).unwrap();
-        let got = portforward::exchange(&c.netns, &url, 8081, b"GET / HTTP/1.0\r\n\r\n", "");
-        assert!(got.data.is_empty(), "{got:?}");
-
-        // hostPort: the node's address, through the portmap plugin's DNAT, reaches the VM.
-        let r = c.on_node(&format!(
-            "busybox wget -q -O - http://{POD_GATEWAY}:{HOST_PORT}/"
-        ));
-        assert_eq!((r.code, r.stdout.trim()), (0, PAGE), "{r:?}");
-
-        stop_and_remove(c, &pod);
-        assert_no_leaks("after the web pod");
     });
 }
 
@@ -156,63 +160,66 @@ fn port_forward_host_ports_and_sysctls_reach_the_pod_in_its_vm() {
 #[ignore = "boots VMs: run through scripts/test.sh"]
 fn privileged_and_net_admin_containers_make_bridges_in_the_guest_and_others_cannot() {
     for_each_cri_containerd(|c| {
-        let uid = "8d2e-hako-k8s-priv";
-        let log_dir = c.pod_log_directory("priv", uid, &["privileged", "netadmin", "plain"]);
-        let mut pod_config = pod_sandbox_config("priv", uid, &log_dir);
-        // A privileged container needs a privileged pod.
-        let security = pod_config
-            .linux
-            .as_mut()
-            .and_then(|l| l.security_context.as_mut())
-            .unwrap();
-        security.privileged = true;
-        let pod = c.client.run_pod_sandbox(&pod_config, HANDLER).unwrap();
-        let image = image_id(c);
-        let mut ids = Vec::new();
-        for name in ["privileged", "netadmin", "plain"] {
-            let mut config = container_config(&pod_config, name, &image, &["sleep", "inf"], 0);
-            let security = config
+        for handler in c.handlers() {
+            eprintln!("--- handler {handler}");
+            let uid = "8d2e-hako-k8s-priv";
+            let log_dir = c.pod_log_directory("priv", uid, &["privileged", "netadmin", "plain"]);
+            let mut pod_config = pod_sandbox_config("priv", uid, &log_dir);
+            // A privileged container needs a privileged pod.
+            let security = pod_config
                 .linux
                 .as_mut()
                 .and_then(|l| l.security_context.as_mut())
                 .unwrap();
-            match name {
-                "privileged" => security.privileged = true,
-                "netadmin" => {
-                    security.capabilities = Some(k8s::Capability {
-                        add_capabilities: vec!["NET_ADMIN".to_string()],
-                        ..Default::default()
-                    })
+            security.privileged = true;
+            let pod = c.client.run_pod_sandbox(&pod_config, handler).unwrap();
+            let image = image_id(c);
+            let mut ids = Vec::new();
+            for name in ["privileged", "netadmin", "plain"] {
+                let mut config = container_config(&pod_config, name, &image, &["sleep", "inf"], 0);
+                let security = config
+                    .linux
+                    .as_mut()
+                    .and_then(|l| l.security_context.as_mut())
+                    .unwrap();
+                match name {
+                    "privileged" => security.privileged = true,
+                    "netadmin" => {
+                        security.capabilities = Some(k8s::Capability {
+                            add_capabilities: vec!["NET_ADMIN".to_string()],
+                            ..Default::default()
+                        })
+                    }
+                    _ => {}
                 }
-                _ => {}
+                ids.push(start(c, &pod, &config, &pod_config));
             }
-            ids.push(start(c, &pod, &config, &pod_config));
-        }
-        // critest's check: `brctl addbr`, which needs the guest kernel's bridge support.
-        for (id, bridge) in [(&ids[0], "foobar"), (&ids[1], "foobaz")] {
+            // critest's check: `brctl addbr`, which needs the guest kernel's bridge support.
+            for (id, bridge) in [(&ids[0], "foobar"), (&ids[1], "foobaz")] {
+                let r = exec(
+                    c,
+                    id,
+                    &format!("brctl addbr {bridge} && ip -o link show {bridge}"),
+                );
+                assert_eq!(r.code, 0, "{bridge}: {r:?}");
+                assert!(r.stdout.contains(bridge), "{r:?}");
+            }
+            // A veth pair on the bridge, as a CNI plugin in a privileged pod makes them.
             let r = exec(
                 c,
-                id,
-                &format!("brctl addbr {bridge} && ip -o link show {bridge}"),
+                &ids[0],
+                "ip link add hkv0 type veth && brctl addif foobar hkv0 && ip -o link show hkv0",
             );
-            assert_eq!(r.code, 0, "{bridge}: {r:?}");
-            assert!(r.stdout.contains(bridge), "{r:?}");
+            assert!(r.code == 0 && r.stdout.contains("master foobar"), "{r:?}");
+            let r = exec(c, &ids[2], "brctl addbr foobax");
+            assert_ne!(r.code, 0, "an unprivileged container may not: {r:?}");
+            assert!(
+                r.stderr.contains("not permitted"),
+                "the guest refuses it for want of the capability: {r:?}"
+            );
+            stop_and_remove(c, &pod);
+            assert_no_leaks("after the privileged pod");
         }
-        // A veth pair on the bridge, as a CNI plugin in a privileged pod makes them.
-        let r = exec(
-            c,
-            &ids[0],
-            "ip link add hkv0 type veth && brctl addif foobar hkv0 && ip -o link show hkv0",
-        );
-        assert!(r.code == 0 && r.stdout.contains("master foobar"), "{r:?}");
-        let r = exec(c, &ids[2], "brctl addbr foobax");
-        assert_ne!(r.code, 0, "an unprivileged container may not: {r:?}");
-        assert!(
-            r.stderr.contains("not permitted"),
-            "the guest refuses it for want of the capability: {r:?}"
-        );
-        stop_and_remove(c, &pod);
-        assert_no_leaks("after the privileged pod");
     });
 }
 
@@ -272,143 +279,171 @@ fn mount(volume: &Path, at: &str, readonly: bool, recursive: bool) -> k8s::Mount
 fn read_only_volumes_behave_as_with_runc_and_bidirectional_propagation_is_refused() {
     let volume = Volume::new("ro");
     for_each_cri_containerd(|c| {
-        let uid = "9e3f-hako-k8s-ro";
-        let log_dir = c.pod_log_directory("ro", uid, &["ro", "rro", "shared"]);
-        let pod_config = pod_sandbox_config("ro", uid, &log_dir);
-        let pod = c.client.run_pod_sandbox(&pod_config, HANDLER).unwrap();
-        let image = image_id(c);
+        for handler in c.handlers() {
+            eprintln!("--- handler {handler}");
+            let uid = "9e3f-hako-k8s-ro";
+            let log_dir = c.pod_log_directory("ro", uid, &["ro", "rro", "shared"]);
+            let pod_config = pod_sandbox_config("ro", uid, &log_dir);
+            let pod = c.client.run_pod_sandbox(&pod_config, handler).unwrap();
+            let image = image_id(c);
 
-        // `ro` is the mount itself: what the host mounted below it keeps its own flags.
-        let mut config = container_config(&pod_config, "ro", &image, &["sleep", "inf"], 0);
-        config.mounts = vec![mount(&volume.0, "/vol", true, false)];
-        let ro = start(c, &pod, &config, &pod_config);
-        assert_read_only_above_a_writable_submount(c, &ro, "sub");
+            // `ro` is the mount itself: what the host mounted below it keeps its own flags.
+            let mut config = container_config(&pod_config, "ro", &image, &["sleep", "inf"], 0);
+            config.mounts = vec![mount(&volume.0, "/vol", true, false)];
+            let ro = start(c, &pod, &config, &pod_config);
+            assert_read_only_above_a_writable_submount(c, &ro, "sub");
 
-        // `rro`: read-only on every level. hako tells containerd it can (the runtime features
-        // containerd asks for), and kubelet sends `rro` only where CRI's Status says the handler
-        // has it: containerd before 2.2.7 and 2.3.4 asks only runc-type runtimes for their
-        // features, so there kubelet refuses such pods for the hako handler instead.
-        if c.version.starts_with('2') {
-            let r = c.ctr(&[
-                "plugins",
-                "inspect-runtime",
-                "--runtime",
-                "io.containerd.hako.v2",
-            ]);
-            assert_eq!(r.code, 0, "{r:?}");
-            let info: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-            let options = &info["Features"]["mountOptions"];
-            assert!(
-                options.as_array().unwrap().contains(&"rro".into()),
-                "{options}"
-            );
-        }
-        if handler_offers_rro(c) {
-            let mut config = container_config(&pod_config, "rro", &image, &["sleep", "inf"], 0);
-            config.mounts = vec![mount(&volume.0, "/vol", true, true)];
-            let rro = start(c, &pod, &config, &pod_config);
-            let r = exec(c, &rro, "touch /vol/sub/y; echo sub=$?");
-            assert!(r.stdout.contains("sub=1"), "{r:?}");
-            assert!(r.stderr.contains("Read-only file system"), "{r:?}");
-        } else {
-            println!(
+            // `rro`: read-only on every level. hako tells containerd it can (the runtime features
+            // containerd asks for), and kubelet sends `rro` only where CRI's Status says the handler
+            // has it: containerd before 2.2.7 and 2.3.4 asks only runc-type runtimes for their
+            // features, so there kubelet refuses such pods for the hako handler instead.
+            if c.version.starts_with('2') {
+                let r = c.ctr(&[
+                    "plugins",
+                    "inspect-runtime",
+                    "--runtime",
+                    "io.containerd.hako.v2",
+                ]);
+                assert_eq!(r.code, 0, "{r:?}");
+                let info: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+                let options = &info["Features"]["mountOptions"];
+                assert!(
+                    options.as_array().unwrap().contains(&"rro".into()),
+                    "{options}"
+                );
+            }
+            if handler_offers_rro(c, handler) {
+                let mut config = container_config(&pod_config, "rro", &image, &["sleep", "inf"], 0);
+                config.mounts = vec![mount(&volume.0, "/vol", true, true)];
+                let rro = start(c, &pod, &config, &pod_config);
+                let r = exec(c, &rro, "touch /vol/sub/y; echo sub=$?");
+                assert!(r.stdout.contains("sub=1"), "{r:?}");
+                assert!(r.stderr.contains("Read-only file system"), "{r:?}");
+            } else {
+                println!(
                 "SKIPPED rro through CRI on containerd {}: its Status does not offer recursive \
-                 read-only mounts for the {HANDLER} handler (containerd before 2.2.7/2.3.4 asks \
+                 read-only mounts for the {handler} handler (containerd before 2.2.7/2.3.4 asks \
                  only runc-type runtimes; kubelet refuses such pods); pods_and_volumes tests \
                  rro through ctr",
                 c.version
             );
+            }
+
+            // Bidirectional propagation would need mounts made in the VM to reach the host. CRI's
+            // CreateContainer only records the container; the runtime sees it at StartContainer.
+            let mut config = container_config(&pod_config, "shared", &image, &["sleep", "inf"], 0);
+            let mut shared = mount(&volume.0, "/vol", false, false);
+            shared.propagation = k8s::MountPropagation::PropagationBidirectional as i32;
+            config.mounts = vec![shared];
+            let id = c
+                .client
+                .create_container(&pod, &config, &pod_config)
+                .unwrap();
+            let err = c
+                .client
+                .start_container(&id)
+                .expect_err("Bidirectional propagation is refused");
+            assert!(err.message().contains("Bidirectional"), "{err:?}");
+            // The pod is untouched: its other containers still run.
+            let r = exec(c, &ro, "echo alive");
+            assert_eq!(r.stdout, "alive\n", "{r:?}");
+
+            stop_and_remove(c, &pod);
+            assert_no_leaks("after the volumes pod");
         }
-
-        // Bidirectional propagation would need mounts made in the VM to reach the host. CRI's
-        // CreateContainer only records the container; the runtime sees it at StartContainer.
-        let mut config = container_config(&pod_config, "shared", &image, &["sleep", "inf"], 0);
-        let mut shared = mount(&volume.0, "/vol", false, false);
-        shared.propagation = k8s::MountPropagation::PropagationBidirectional as i32;
-        config.mounts = vec![shared];
-        let id = c
-            .client
-            .create_container(&pod, &config, &pod_config)
-            .unwrap();
-        let err = c
-            .client
-            .start_container(&id)
-            .expect_err("Bidirectional propagation is refused");
-        assert!(err.message().contains("Bidirectional"), "{err:?}");
-        // The pod is untouched: its other containers still run.
-        let r = exec(c, &ro, "echo alive");
-        assert_eq!(r.stdout, "alive\n", "{r:?}");
-
-        stop_and_remove(c, &pod);
-        assert_no_leaks("after the volumes pod");
     });
 }
 
-/// What containerd's CRI tells kubelet about the hako handler: whether a pod may ask for `rro`.
-fn handler_offers_rro(c: &CriContainerd) -> bool {
+/// What containerd's CRI tells kubelet about a hako handler: whether a pod may ask for `rro`.
+fn handler_offers_rro(c: &CriContainerd, handler: &str) -> bool {
     c.client
         .status(false)
         .unwrap()
         .runtime_handlers
         .iter()
-        .find(|h| h.name == HANDLER)
+        .find(|h| h.name == handler)
         .and_then(|h| h.features.as_ref())
         .is_some_and(|f| f.recursive_read_only_mounts)
+}
+
+/// Whether this containerd survives a hostNetwork pod through a shim sandboxer: 2.3.0 and
+/// later (containerd commit b32cecd: a nil spec in NewBundle).
+fn shim_sandboxer_takes_host_network(c: &CriContainerd) -> bool {
+    let mut parts = c.version.split(['.', '+', '~', '-']);
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (2, 3)
 }
 
 #[test]
 #[ignore = "needs root and containerd under /opt/hako: run through scripts/test.sh"]
 fn host_network_ipc_and_pid_are_refused_with_the_reason() {
     for_each_cri_containerd(|c| {
-        for (name, namespaces, reason) in [
-            (
-                "hostnet",
-                k8s::NamespaceOption {
-                    network: k8s::NamespaceMode::Node as i32,
-                    pid: k8s::NamespaceMode::Container as i32,
-                    ipc: k8s::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                },
-                "host networking is not possible",
-            ),
-            (
-                "hostipc",
-                k8s::NamespaceOption {
-                    network: k8s::NamespaceMode::Pod as i32,
-                    pid: k8s::NamespaceMode::Container as i32,
-                    ipc: k8s::NamespaceMode::Node as i32,
-                    ..Default::default()
-                },
-                "hostIPC",
-            ),
-            (
-                "hostpid",
-                k8s::NamespaceOption {
-                    network: k8s::NamespaceMode::Pod as i32,
-                    pid: k8s::NamespaceMode::Node as i32,
-                    ipc: k8s::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                },
-                "hostPID",
-            ),
-        ] {
-            let uid = format!("0a4b-hako-k8s-{name}");
-            let log_dir = c.pod_log_directory(name, &uid, &[]);
-            let mut pod_config = pod_sandbox_config(name, &uid, &log_dir);
-            pod_config
-                .linux
-                .as_mut()
-                .and_then(|l| l.security_context.as_mut())
-                .unwrap()
-                .namespace_options = Some(namespaces);
-            let err = c
-                .client
-                .run_pod_sandbox(&pod_config, HANDLER)
-                .expect_err(name);
-            assert!(err.message().contains(reason), "{name}: {err:?}");
+        for handler in c.handlers() {
+            eprintln!("--- handler {handler}");
+            for (name, namespaces, reason) in [
+                (
+                    "hostnet",
+                    k8s::NamespaceOption {
+                        network: k8s::NamespaceMode::Node as i32,
+                        pid: k8s::NamespaceMode::Container as i32,
+                        ipc: k8s::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    },
+                    "host networking is not possible",
+                ),
+                (
+                    "hostipc",
+                    k8s::NamespaceOption {
+                        network: k8s::NamespaceMode::Pod as i32,
+                        pid: k8s::NamespaceMode::Container as i32,
+                        ipc: k8s::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    },
+                    "hostIPC",
+                ),
+                (
+                    "hostpid",
+                    k8s::NamespaceOption {
+                        network: k8s::NamespaceMode::Pod as i32,
+                        pid: k8s::NamespaceMode::Node as i32,
+                        ipc: k8s::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    },
+                    "hostPID",
+                ),
+            ] {
+                if name == "hostnet"
+                    && *handler == SANDBOX_HANDLER
+                    && !shim_sandboxer_takes_host_network(c)
+                {
+                    eprintln!(
+                        "SKIPPED: hostNetwork through {handler} on containerd {}: containerd before \
+                         2.3.0 crashes on a hostNetwork pod with any shim sandboxer, before the \
+                         shim is asked (containerd commit b32cecd); hako's refusal is tested in \
+                         sandbox::standalone's unit tests",
+                        c.version
+                    );
+                    continue;
+                }
+                let uid = format!("0a4b-hako-k8s-{name}");
+                let log_dir = c.pod_log_directory(name, &uid, &[]);
+                let mut pod_config = pod_sandbox_config(name, &uid, &log_dir);
+                pod_config
+                    .linux
+                    .as_mut()
+                    .and_then(|l| l.security_context.as_mut())
+                    .unwrap()
+                    .namespace_options = Some(namespaces);
+                let err = c
+                    .client
+                    .run_pod_sandbox(&pod_config, handler)
+                    .expect_err(name);
+                assert!(err.message().contains(reason), "{name}: {err:?}");
+            }
+            assert!(c.client.list_pod_sandbox().unwrap().is_empty());
+            assert_no_leaks("after the refused pods");
         }
-        assert!(c.client.list_pod_sandbox().unwrap().is_empty());
-        assert_no_leaks("after the refused pods");
     });
 }
 
@@ -419,43 +454,47 @@ fn host_network_ipc_and_pid_are_refused_with_the_reason() {
 #[ignore = "boots VMs: run through scripts/test.sh"]
 fn a_pod_whose_vm_died_is_removed_as_kubelet_removes_it() {
     for_each_cri_containerd(|c| {
-        for death in ["poweroff", "vmm-killed"] {
-            let uid = format!("5c1d-hako-k8s-{death}");
-            let log_dir = c.pod_log_directory(death, &uid, &["app"]);
-            let mut pod_config = pod_sandbox_config(death, &uid, &log_dir);
-            pod_config
-                .linux
-                .as_mut()
-                .and_then(|l| l.security_context.as_mut())
-                .unwrap()
-                .privileged = true;
-            let pod = c.client.run_pod_sandbox(&pod_config, HANDLER).unwrap();
-            let mut config =
-                container_config(&pod_config, "app", &image_id(c), &["sleep", "inf"], 0);
-            config
-                .linux
-                .as_mut()
-                .and_then(|l| l.security_context.as_mut())
-                .unwrap()
-                .privileged = true;
-            let app = start(c, &pod, &config, &pod_config);
-            if death == "poweroff" {
-                // The exec dies with the guest; its answer is not the point.
-                let _ = c
-                    .client
-                    .exec_sync(&app, &["sh", "-c", "echo o > /proc/sysrq-trigger"]);
-            } else {
-                let status = c.client.pod_sandbox_status(&pod).unwrap();
-                let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
-                let pid = info["pid"].as_u64().unwrap() as i32;
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                )
-                .unwrap();
+        for handler in c.handlers() {
+            eprintln!("--- handler {handler}");
+            for death in ["poweroff", "vmm-killed"] {
+                let uid = format!("5c1d-hako-k8s-{death}");
+                let log_dir = c.pod_log_directory(death, &uid, &["app"]);
+                let mut pod_config = pod_sandbox_config(death, &uid, &log_dir);
+                pod_config
+                    .linux
+                    .as_mut()
+                    .and_then(|l| l.security_context.as_mut())
+                    .unwrap()
+                    .privileged = true;
+                let pod = c.client.run_pod_sandbox(&pod_config, handler).unwrap();
+                let mut config =
+                    container_config(&pod_config, "app", &image_id(c), &["sleep", "inf"], 0);
+                config
+                    .linux
+                    .as_mut()
+                    .and_then(|l| l.security_context.as_mut())
+                    .unwrap()
+                    .privileged = true;
+                let app = start(c, &pod, &config, &pod_config);
+                if death == "poweroff" {
+                    // The exec dies with the guest; its answer is not the point.
+                    let _ = c
+                        .client
+                        .exec_sync(&app, &["sh", "-c", "echo o > /proc/sysrq-trigger"]);
+                } else {
+                    let status = c.client.pod_sandbox_status(&pod).unwrap();
+                    let info: serde_json::Value =
+                        serde_json::from_str(&status.info["info"]).unwrap();
+                    let pid = info["pid"].as_u64().unwrap() as i32;
+                    nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    )
+                    .unwrap();
+                }
+                remove_as_kubelet_does(c, &pod, death);
+                assert_no_leaks(death);
             }
-            remove_as_kubelet_does(c, &pod, death);
-            assert_no_leaks(death);
         }
     });
 }
@@ -498,66 +537,71 @@ fn remove_as_kubelet_does(c: &CriContainerd, pod: &str, context: &str) {
 #[ignore = "boots VMs: run through scripts/test.sh"]
 fn the_share_stays_off_the_hosts_mounts_and_a_volume_can_be_cleaned_up_under_it() {
     for_each_cri_containerd(|c| {
-        let source = std::env::temp_dir().join(format!("hako-k8s-cleanup-{}", std::process::id()));
-        fs::create_dir_all(source.join("tmpfs")).unwrap();
-        // Whatever happens, nothing of it is left.
-        let _cleanup = Volume(source.clone());
-        let tmpfs = source.join("tmpfs");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "tmpfs"])
-            .arg(&tmpfs)
-            .status()
+        for handler in c.handlers() {
+            eprintln!("--- handler {handler}");
+            let source =
+                std::env::temp_dir().join(format!("hako-k8s-cleanup-{}", std::process::id()));
+            fs::create_dir_all(source.join("tmpfs")).unwrap();
+            // Whatever happens, nothing of it is left.
+            let _cleanup = Volume(source.clone());
+            let tmpfs = source.join("tmpfs");
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "tmpfs"])
+                .arg(&tmpfs)
+                .status()
+                .unwrap();
+            assert!(status.success(), "mount tmpfs");
+
+            let uid = "7a41-hako-k8s-cleanup";
+            let log_dir = c.pod_log_directory("cleanup", uid, &["app"]);
+            let pod_config = pod_sandbox_config("cleanup", uid, &log_dir);
+            let pod = c.client.run_pod_sandbox(&pod_config, handler).unwrap();
+            let mut config =
+                container_config(&pod_config, "app", &image_id(c), &["sleep", "inf"], 0);
+            // critest's "non-recursive readonly mounts": the mount itself read-only, the tmpfs
+            // below it as the host mounted it.
+            config.mounts = vec![mount(&source, "/vol", true, false)];
+            let app = start(c, &pod, &config, &pod_config);
+            assert_read_only_above_a_writable_submount(c, &app, "tmpfs");
+            assert_eq!(
+                mounts_under(Path::new(SANDBOX_ROOT)),
+                Vec::<PathBuf>::new(),
+                "the host's mount namespace has none of the share"
+            );
+            let inside = in_namespace(
+                &share_namespace(K8S_NAMESPACE, &pod),
+                &["cat", "/proc/self/mountinfo"],
+            );
+            let share = format!("{SANDBOX_ROOT}/{K8S_NAMESPACE}/{pod}/rw/{app}/rootfs ");
+            assert!(
+                inside.stdout.contains(&share),
+                "the share's own namespace has it: {inside:?}"
+            );
+
+            let umount = Command::new("umount").arg(&tmpfs).output().unwrap();
+            assert!(
+                umount.status.success(),
+                "the host unmounts its tmpfs: {}",
+                String::from_utf8_lossy(&umount.stderr)
+            );
+            fs::remove_dir_all(&source).expect("the host removes its own directory");
+            assert_eq!(exec(c, &app, "echo alive").stdout, "alive\n");
+
+            let shims: Vec<u32> = hako_processes()
+                .into_iter()
+                .filter(|(_, comm)| comm == "containerd-shim")
+                .map(|(pid, _)| pid)
+                .collect();
+            assert_eq!(shims.len(), 1, "one shim serves the pod: {shims:?}");
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(shims[0] as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
             .unwrap();
-        assert!(status.success(), "mount tmpfs");
-
-        let uid = "7a41-hako-k8s-cleanup";
-        let log_dir = c.pod_log_directory("cleanup", uid, &["app"]);
-        let pod_config = pod_sandbox_config("cleanup", uid, &log_dir);
-        let pod = c.client.run_pod_sandbox(&pod_config, HANDLER).unwrap();
-        let mut config = container_config(&pod_config, "app", &image_id(c), &["sleep", "inf"], 0);
-        // critest's "non-recursive readonly mounts": the mount itself read-only, the tmpfs
-        // below it as the host mounted it.
-        config.mounts = vec![mount(&source, "/vol", true, false)];
-        let app = start(c, &pod, &config, &pod_config);
-        assert_read_only_above_a_writable_submount(c, &app, "tmpfs");
-        assert_eq!(
-            mounts_under(Path::new(SANDBOX_ROOT)),
-            Vec::<PathBuf>::new(),
-            "the host's mount namespace has none of the share"
-        );
-        let inside = in_namespace(
-            &share_namespace(K8S_NAMESPACE, &pod),
-            &["cat", "/proc/self/mountinfo"],
-        );
-        let share = format!("{SANDBOX_ROOT}/{K8S_NAMESPACE}/{pod}/rw/{app}/rootfs ");
-        assert!(
-            inside.stdout.contains(&share),
-            "the share's own namespace has it: {inside:?}"
-        );
-
-        let umount = Command::new("umount").arg(&tmpfs).output().unwrap();
-        assert!(
-            umount.status.success(),
-            "the host unmounts its tmpfs: {}",
-            String::from_utf8_lossy(&umount.stderr)
-        );
-        fs::remove_dir_all(&source).expect("the host removes its own directory");
-        assert_eq!(exec(c, &app, "echo alive").stdout, "alive\n");
-
-        let shims: Vec<u32> = hako_processes()
-            .into_iter()
-            .filter(|(_, comm)| comm == "containerd-shim")
-            .map(|(pid, _)| pid)
-            .collect();
-        assert_eq!(shims.len(), 1, "one shim serves the pod: {shims:?}");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(shims[0] as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        remove_as_kubelet_does(c, &pod, "a killed shim");
-        // No hako process is left to hold the share's namespace (the shim held it, virtiofsd
-        // a copy), and no process's namespace has anything under the sandbox root.
-        assert_no_leaks("after the shim was killed");
+            remove_as_kubelet_does(c, &pod, "a killed shim");
+            // No hako process is left to hold the share's namespace (the shim held it, virtiofsd
+            // a copy), and no process's namespace has anything under the sandbox root.
+            assert_no_leaks("after the shim was killed");
+        }
     });
 }

@@ -28,6 +28,7 @@ const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
 const HOST_HOSTS: &str = "/etc/hosts";
 
 /// What containerd's CreateSandbox says of the pod.
+#[derive(Clone)]
 pub struct StandalonePod<'a> {
     pub id: &'a str,
     /// The pod's network namespace; empty for a pod on the host's network.
@@ -237,6 +238,68 @@ fn guest_bind(name: &str, dest: &str, options: Vec<String>) -> Mount {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    #[tokio::test]
+    async fn what_a_vm_cannot_share_is_refused_before_anything_is_made() {
+        let pod = Pod::new("default");
+        let none = BTreeMap::new();
+        let bad_sysctl = BTreeMap::from([("kernel.panic".to_string(), "1".to_string())]);
+        let base = StandalonePod {
+            id: "p1",
+            netns: "/run/netns/p1",
+            hostname: "p1",
+            resolv_conf: None,
+            annotations: &none,
+            cgroup_parent: "",
+            sysctls: &none,
+            host_pid: false,
+            host_ipc: false,
+        };
+        let cases = [
+            (
+                StandalonePod {
+                    netns: "",
+                    ..base.clone()
+                },
+                "host networking is not possible",
+            ),
+            (
+                StandalonePod {
+                    host_pid: true,
+                    ..base.clone()
+                },
+                "hostPID",
+            ),
+            (
+                StandalonePod {
+                    host_ipc: true,
+                    ..base.clone()
+                },
+                "hostIPC",
+            ),
+            (
+                StandalonePod {
+                    sysctls: &bad_sysctl,
+                    ..base.clone()
+                },
+                "kernel.panic",
+            ),
+            (
+                StandalonePod {
+                    id: "../p1",
+                    ..base.clone()
+                },
+                "sandbox id",
+            ),
+        ];
+        for (request, reason) in cases {
+            let err = pod.create_standalone(&request).await.expect_err(reason);
+            assert!(err.to_string().contains(reason), "{reason}: {err}");
+        }
+        assert!(pod.is_empty().await);
+        assert!(!pod.is_standalone());
+    }
 
     #[test]
     fn the_pod_cgroup_is_named_as_cri_names_the_pause_containers() {
