@@ -559,10 +559,26 @@ fn the_share_stays_off_the_hosts_mounts_and_a_volume_can_be_cleaned_up_under_it(
             let mut config =
                 container_config(&pod_config, "app", &image_id(c), &["sleep", "inf"], 0);
             // critest's "non-recursive readonly mounts": the mount itself read-only, the tmpfs
-            // below it as the host mounted it.
-            config.mounts = vec![mount(&source, "/vol", true, false)];
+            // below it as the host mounted it. And a HostToContainer (rslave) volume.
+            let slave = Volume::new("slave");
+            fs::create_dir_all(slave.0.join("later")).unwrap();
+            let mut follows = mount(&slave.0, "/slave", false, false);
+            follows.propagation = k8s::MountPropagation::PropagationHostToContainer as i32;
+            config.mounts = vec![mount(&source, "/vol", true, false), follows];
             let app = start(c, &pod, &config, &pod_config);
             assert_read_only_above_a_writable_submount(c, &app, "tmpfs");
+            // A tmpfs the host mounts under the rslave volume once the container runs shows
+            // in it, as under runc.
+            let later = slave.0.join("later");
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "tmpfs"])
+                .arg(&later)
+                .status()
+                .unwrap();
+            assert!(status.success(), "mount tmpfs later");
+            fs::write(later.join("note"), "mounted-later").unwrap();
+            let r = exec(c, &app, "cat /slave/later/note");
+            assert_eq!((r.code, r.stdout.as_str()), (0, "mounted-later"), "{r:?}");
             assert_eq!(
                 mounts_under(Path::new(SANDBOX_ROOT)),
                 Vec::<PathBuf>::new(),
