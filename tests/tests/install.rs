@@ -87,6 +87,12 @@ fn install_configure_and_uninstall_leave_a_clean_root() {
             dump.stdout.contains("/etc/hako/configuration.toml"),
             "{dump:?}"
         );
+        // 2.x gets the Sandbox API's handler too.
+        let sandboxer = dump
+            .stdout
+            .lines()
+            .any(|l| l.contains("sandboxer") && l.contains("shim"));
+        assert_eq!(sandboxer, !v2, "{dump:?}");
 
         let daemon: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(root.join("etc/docker/daemon.json")).unwrap())
