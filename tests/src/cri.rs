@@ -436,6 +436,12 @@ impl CriContainerd {
     /// Starts containerd `install` with CRI and imports the busybox and pause images into
     /// `k8s.io`; returns once CRI reports the runtime and the network ready.
     pub fn start(install: &Path) -> CriContainerd {
+        Self::start_with(install, "")
+    }
+
+    /// `start`, with `extra` appended to containerd's configuration (the benchmarks add runc
+    /// and gVisor handlers).
+    pub fn start_with(install: &Path, extra: &str) -> CriContainerd {
         let version = install.file_name().unwrap().to_string_lossy().into_owned();
         let major: u32 = version
             .split('.')
@@ -456,7 +462,11 @@ impl CriContainerd {
             cni_conflist(&network, &bridge, &dir.join("cni-ipam")),
         )
         .unwrap();
-        fs::write(dir.join("config.toml"), containerd_config(major, &dir)).unwrap();
+        fs::write(
+            dir.join("config.toml"),
+            containerd_config(major, &dir) + extra,
+        )
+        .unwrap();
         must(&format!(
             "ip netns add {netns} && ip -n {netns} link set lo up"
         ));

@@ -282,7 +282,10 @@ impl SandboxApi for SandboxService {
         _ctx: &TtrpcContext,
         req: api::ShutdownSandboxRequest,
     ) -> ttrpc::Result<api::ShutdownSandboxResponse> {
-        self.check_id(&req.sandbox_id).map_err(to_ttrpc)?;
+        // containerd shuts down a shim whose CreateSandbox failed too: it has no pod then.
+        if self.state().id.is_some() {
+            self.check_id(&req.sandbox_id).map_err(to_ttrpc)?;
+        }
         self.tasks.pod().shutdown().await;
         self.mark_exited(0);
         log::info!("sandbox {} shut down; the shim exits", req.sandbox_id);
