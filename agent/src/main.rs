@@ -34,9 +34,6 @@ fn main() {
     if pod::is_pod_init(&args) {
         pod::pause_main();
     }
-    if args.get(1).map(String::as_str) == Some(pod::POD_INIT_ARG) {
-        pod::helper_main(&args[2..]);
-    }
     if args.get(1).map(String::as_str) == Some(init::HELPER_ARG) {
         let Some(config) = args.get(2) else {
             eprintln!("usage: hako-agent {} <config>", init::HELPER_ARG);

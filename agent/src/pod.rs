@@ -4,27 +4,23 @@
 //! pod's /etc/hostname, /etc/hosts, /etc/resolv.conf and /dev/shm are kept in the guest
 //! (`GUEST_POD_DIR`), so nothing a container writes there reaches the host.
 //!
-//! The agent execs itself as `pod-init <hostname> [name=value...]` in the new IPC and UTS
-//! namespaces with new children's PID namespace; that helper sets the hostname and sysctls,
-//! forks the pod init (re-exec'd as `/pause`), prints its pid and exits.
+//! The agent clones the pod init straight into its namespaces and execs itself there as
+//! `/pause` (`spawn`).
 
 use std::ffi::CString;
 use std::fs;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use hako_protocol::{sysctl, GUEST_POD_DIR, MAX_POD_FILE, POD_INIT_NAME};
 use nix::mount::{mount, MsFlags};
-use nix::sched::{unshare, CloneFlags};
+use nix::sched::{clone, CloneFlags};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::Pid;
 
-/// The agent's argument that runs the helper.
-pub const POD_INIT_ARG: &str = "pod-init";
 /// Most sysctls a pod may set.
 const MAX_SYSCTLS: usize = 128;
 /// The pod's /dev/shm when the host asks for none: CRI's default.
@@ -109,86 +105,87 @@ fn check(hostname: &str, pod: &hako_protocol::PodInit) -> Result<(), PodError> {
     Ok(())
 }
 
+/// Starts the pod init with one `clone` and one exec: the child is made in new PID, IPC and UTS
+/// namespaces (PID 1 of its own), sets the hostname and sysctls there and execs the agent as
+/// `/pause`. Under emulation every exec of the agent costs tens of milliseconds, so there is no
+/// helper in between. A failure before the exec comes back through a close-on-exec pipe (the
+/// step and its errno); a successful exec closes the pipe with nothing written.
 fn spawn(hostname: &str, pod: &hako_protocol::PodInit) -> Result<u32, PodError> {
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg(POD_INIT_ARG).arg(hostname);
-    for (name, value) in &pod.sysctls {
-        cmd.arg(format!("{name}={value}"));
+    let cstr =
+        |s: &str| CString::new(s).map_err(|_| PodError::Invalid(format!("{s:?} holds a NUL")));
+    // Everything the child needs is made here: between clone and exec it only makes system
+    // calls (the agent has other threads; the child must not allocate or take a lock).
+    let exe = cstr("/proc/self/exe")?;
+    let name = cstr(POD_INIT_NAME)?;
+    let devnull = cstr("/dev/null")?;
+    let argv = [name.as_ptr(), std::ptr::null()];
+    let host = hostname.as_bytes().to_vec();
+    let mut sysctls = Vec::with_capacity(pod.sysctls.len());
+    for (key, value) in &pod.sysctls {
+        let path = cstr(&sysctl::proc_path(key).to_string_lossy())?;
+        sysctls.push((path, value.as_bytes().to_vec()));
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: unshare is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
-                .map_err(std::io::Error::from)
-        });
-    }
-    // The helper is never waited on through Child: the agent's reaper collects it.
-    let mut child = cmd.spawn().map_err(io("starting the pod init"))?;
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        stdout
-            .read_to_string(&mut out)
-            .map_err(io("reading the pod init's pid"))?;
-    }
-    if let Some(stderr) = child.stderr.take() {
-        let _ = stderr.take(4096).read_to_string(&mut err);
-    }
-    out.trim()
-        .parse::<u32>()
-        .ok()
-        .filter(|pid| *pid > 1)
-        .ok_or_else(|| PodError::Invalid(format!("the helper failed: {}", err.trim())))
-}
-
-/// The helper, in the pod's IPC and UTS namespaces: never returns.
-pub fn helper_main(args: &[String]) -> ! {
-    match helper(args) {
-        Ok(pid) => {
-            println!("{pid}");
-            std::process::exit(0);
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(1);
-        }
-    }
-}
-
-fn helper(args: &[String]) -> Result<i32, String> {
-    let hostname = args.first().ok_or("no hostname")?;
-    if !hostname.is_empty() {
-        nix::unistd::sethostname(hostname).map_err(|e| format!("sethostname: {e}"))?;
-    }
-    for pair in &args[1..] {
-        let (name, value) = pair.split_once('=').ok_or("a sysctl without '='")?;
-        fs::write(sysctl::proc_path(name), value).map_err(|e| format!("sysctl {name}: {e}"))?;
-    }
-    let exe = CString::new("/proc/self/exe").map_err(|e| e.to_string())?;
-    let name = CString::new(POD_INIT_NAME).map_err(|e| e.to_string())?;
-    // SAFETY: this process is single-threaded (just exec'd); the child only execs.
-    match unsafe { fork() } {
-        Ok(ForkResult::Parent { child }) => Ok(child.as_raw()),
-        Ok(ForkResult::Child) => {
-            // The pod init must not hold the pipes the agent reads to their end.
-            // SAFETY: open and dup2 on this process's own descriptors.
-            unsafe {
-                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-                if null >= 0 {
-                    for fd in 0..3 {
-                        libc::dup2(null, fd);
-                    }
+    let (report_r, report_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| PodError::Io {
+            what: "pipe".into(),
+            source: e.into(),
+        })?;
+    let report = report_w.as_raw_fd();
+    let mut stack = vec![0u8; 64 * 1024];
+    let child = Box::new(|| -> isize {
+        // SAFETY: system calls on memory prepared before clone; nothing allocates.
+        unsafe {
+            let fail = |step: u8| -> isize {
+                let errno = *libc::__errno_location();
+                let msg = [step, (errno & 0xff) as u8, ((errno >> 8) & 0xff) as u8];
+                libc::write(report, msg.as_ptr().cast(), msg.len());
+                libc::_exit(127)
+            };
+            if !host.is_empty() && libc::sethostname(host.as_ptr().cast(), host.len()) != 0 {
+                return fail(0);
+            }
+            for (path, value) in &sysctls {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, value.as_ptr().cast(), value.len()) < 0 {
+                    return fail(1);
+                }
+                libc::close(fd);
+            }
+            // The pod init holds no descriptor of the agent's (the others are close-on-exec).
+            let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
+            if null >= 0 {
+                for fd in 0..3 {
+                    libc::dup2(null, fd);
                 }
             }
-            let _ = nix::unistd::execv(&exe, &[name]);
-            // SAFETY: leaving the failed child without running the parent's exit handlers.
-            unsafe { libc::_exit(127) }
+            libc::execv(exe.as_ptr(), argv.as_ptr());
+            fail(2)
         }
-        Err(e) => Err(format!("fork: {e}")),
+    });
+    let flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    // SAFETY: the child runs only the closure above, which makes system calls and execs.
+    let pid = unsafe { clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }.map_err(|e| {
+        PodError::Io {
+            what: "clone".into(),
+            source: e.into(),
+        }
+    })?;
+    drop(report_w);
+    let mut msg = Vec::new();
+    let _ = std::fs::File::from(report_r).read_to_end(&mut msg);
+    if let [step, lo, hi] = msg[..] {
+        let source = std::io::Error::from_raw_os_error(i32::from(lo) | (i32::from(hi) << 8));
+        let what = match step {
+            0 => "sethostname",
+            1 => "writing a sysctl",
+            _ => "exec",
+        };
+        return Err(PodError::Io {
+            what: what.into(),
+            source,
+        });
     }
+    u32::try_from(pid.as_raw()).map_err(|_| PodError::Invalid(format!("clone gave pid {pid}")))
 }
 
 /// Whether this process is the pod init: PID 1 of its namespace, run as `/pause` alone.

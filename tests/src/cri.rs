@@ -417,6 +417,15 @@ pub fn container_config(
     }
 }
 
+/// What a caller adds to `CriContainerd`'s configuration (`start_with`).
+#[derive(Debug, Default)]
+pub struct ConfigExtra {
+    /// Lines for the CRI runtime plugin's own table.
+    pub keys: String,
+    /// Whole tables, appended.
+    pub tables: String,
+}
+
 /// A private containerd with CRI, in a network namespace of its own (the node), stopped on
 /// drop after every pod it still has is stopped and removed.
 pub struct CriContainerd {
@@ -436,12 +445,13 @@ impl CriContainerd {
     /// Starts containerd `install` with CRI and imports the busybox and pause images into
     /// `k8s.io`; returns once CRI reports the runtime and the network ready.
     pub fn start(install: &Path) -> CriContainerd {
-        Self::start_with(install, "")
+        Self::start_with(install, &ConfigExtra::default())
     }
 
-    /// `start`, with `extra` appended to containerd's configuration (the benchmarks add runc
-    /// and gVisor handlers).
-    pub fn start_with(install: &Path, extra: &str) -> CriContainerd {
+    /// `start`, with `extra` in containerd's configuration: `keys` in the CRI runtime plugin's
+    /// table, `tables` after it (the benchmarks add runc and gVisor handlers, and restrict
+    /// oom_score_adj where the host does not let runc lower it).
+    pub fn start_with(install: &Path, extra: &ConfigExtra) -> CriContainerd {
         let version = install.file_name().unwrap().to_string_lossy().into_owned();
         let major: u32 = version
             .split('.')
@@ -462,11 +472,11 @@ impl CriContainerd {
             cni_conflist(&network, &bridge, &dir.join("cni-ipam")),
         )
         .unwrap();
-        fs::write(
-            dir.join("config.toml"),
-            containerd_config(major, &dir) + extra,
-        )
-        .unwrap();
+        let config = containerd_config(major, &dir).replace(
+            "  netns_mounts_under_state_dir = true\n",
+            &format!("  netns_mounts_under_state_dir = true\n{}", extra.keys),
+        ) + &extra.tables;
+        fs::write(dir.join("config.toml"), config).unwrap();
         must(&format!(
             "ip netns add {netns} && ip -n {netns} link set lo up"
         ));

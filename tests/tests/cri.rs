@@ -415,6 +415,27 @@ fn a_sandbox_api_pod_has_no_pause_container_and_shares_what_pause_would() {
             assert!(cri.list_pod_sandbox().unwrap().is_empty());
             assert_no_leaks(&format!("after the {handler} pod"));
         }
+        // A pod sysctl the guest's kernel rejects fails the pod with the reason, through both,
+        // and leaves nothing.
+        for handler in c.handlers() {
+            let uid = format!("9e2f-hako-cri-badsysctl-{handler}");
+            let log_dir = c.pod_log_directory("badsysctl", &uid, &[]);
+            let mut pod_config = pod_sandbox_config("badsysctl", &uid, &log_dir);
+            pod_config.linux.as_mut().unwrap().sysctls = std::collections::HashMap::from([(
+                "kernel.shm_rmid_forced".to_string(),
+                "not-a-number".to_string(),
+            )]);
+            let err = c
+                .client
+                .run_pod_sandbox(&pod_config, handler)
+                .expect_err("a sysctl the kernel rejects");
+            assert!(
+                err.message().contains("Invalid argument"),
+                "{handler}: {err:?}"
+            );
+            assert!(c.client.list_pod_sandbox().unwrap().is_empty(), "{handler}");
+            assert_no_leaks(&format!("after the {handler} pod with a bad sysctl"));
+        }
         let expected = Shared {
             hostname: vec!["shared\n".to_string(); 3],
             etc_hostname: "shared\n".to_string(),

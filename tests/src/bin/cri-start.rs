@@ -5,7 +5,7 @@
 //! handler, run, pod_ms (RunPodSandbox), container_ms (Create and Start), total_ms, teardown_ms.
 //! `bench/cri-start.sh` runs it and makes the tables.
 //!
-//!   cri-start CONTAINERD_INSTALL RUNS HANDLER[,HANDLER...] [EXTRA_CONFIG_TOML]
+//!   cri-start CONTAINERD_INSTALL RUNS HANDLER[,HANDLER...] [EXTRA_TABLES_TOML [EXTRA_KEYS]]
 //!
 //! With `CRI_START_LOG` set, containerd's log (the shims' lines in it) is copied there at the
 //! end.
@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use hako_tests::cri::{container_config, pod_sandbox_config, CriContainerd};
+use hako_tests::cri::{container_config, pod_sandbox_config, ConfigExtra, CriContainerd};
 use hako_tests::IMAGE;
 
 fn ms(since: Instant) -> String {
@@ -32,10 +32,13 @@ fn main() {
     }
     let runs: usize = args[2].parse().expect("RUNS is a number");
     let handlers: Vec<&str> = args[3].split(',').collect();
-    let extra = args
-        .get(4)
-        .map(|p| std::fs::read_to_string(p).expect("the extra configuration"))
-        .unwrap_or_default();
+    let extra = ConfigExtra {
+        tables: args
+            .get(4)
+            .map(|p| std::fs::read_to_string(p).expect("the extra configuration"))
+            .unwrap_or_default(),
+        keys: args.get(5).map(|k| format!("  {k}\n")).unwrap_or_default(),
+    };
     let c = CriContainerd::start_with(Path::new(&args[1]), &extra);
     let image = c.client.image_status(IMAGE).unwrap().expect("busybox").id;
     println!("handler\trun\tpod_ms\tcontainer_ms\ttotal_ms\tteardown_ms");
@@ -57,8 +60,10 @@ fn main() {
             let id = c
                 .client
                 .create_container(&pod, &config, &pod_config)
-                .unwrap();
-            c.client.start_container(&id).unwrap();
+                .unwrap_or_else(|e| panic!("{handler}: CreateContainer: {e:?}"));
+            c.client
+                .start_container(&id)
+                .unwrap_or_else(|e| panic!("{handler}: StartContainer: {e:?}"));
             let container_ms = ms(created);
             let total_ms = ms(started);
             let stopping = Instant::now();
