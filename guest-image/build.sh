@@ -89,7 +89,7 @@ if [[ -z "$agent" ]]; then
     (cd "$repo" && CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
         cargo build --release --locked -q -p hako-agent --target x86_64-unknown-linux-gnu) ||
         fail "building hako-agent failed (see the cargo output above)"
-    agent="$repo/target/x86_64-unknown-linux-gnu/release/hako-agent"
+    agent="${CARGO_TARGET_DIR:-$repo/target}/x86_64-unknown-linux-gnu/release/hako-agent"
 fi
 [[ -x "$agent" ]] || fail "agent binary $agent is missing"
 if file "$agent" 2>/dev/null | grep -q 'dynamically linked'; then

@@ -125,9 +125,11 @@ if ((build)); then
     "$repo/guest-image/build.sh" "$repo/build/guest"
 fi
 
-install -D -m 0755 "$repo/target/release/containerd-shim-hako-v2" "$BIN/containerd-shim-hako-v2"
-install -D -m 0755 "$repo/target/release/hako" "$BIN/hako"
-install -D -m 0755 "$repo/target/release/hako-vsock" "$BIN/hako-vsock"
+# cargo's output directory: CARGO_TARGET_DIR when set (a second checkout building apart).
+target="${CARGO_TARGET_DIR:-$repo/target}"
+install -D -m 0755 "$target/release/containerd-shim-hako-v2" "$BIN/containerd-shim-hako-v2"
+install -D -m 0755 "$target/release/hako" "$BIN/hako"
+install -D -m 0755 "$target/release/hako-vsock" "$BIN/hako-vsock"
 install -D -m 0644 "$repo/build/guest/vmlinuz" "$GUEST/vmlinuz"
 install -D -m 0644 "$repo/build/guest/vmlinux" "$GUEST/vmlinux"
 install -D -m 0644 "$repo/build/guest/initramfs.cpio" "$GUEST/initramfs.cpio"
