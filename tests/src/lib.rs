@@ -44,6 +44,25 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where tests record what they could not check here; `scripts/test.sh` prints it after the
+/// end-to-end tests, since a passing test's own output is not shown.
+pub const SKIPPED_RECORD: &str = "target/e2e-skipped.txt";
+
+/// Reports part of a test as skipped, with the reason: printed, and recorded for
+/// `scripts/test.sh` (never counted as passed).
+pub fn report_skip(what: &str) {
+    use std::io::Write;
+    eprintln!("SKIPPED {what}");
+    let record = repo_root().join(SKIPPED_RECORD);
+    if let Ok(mut file) = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&record)
+    {
+        let _ = writeln!(file, "SKIPPED {what}");
+    }
+}
+
 /// The containerd builds to test against: every version under /opt/hako/containerd, or the
 /// ones named (comma-separated prefixes) in HAKO_CONTAINERD_VERSIONS.
 pub fn containerd_versions() -> Vec<PathBuf> {

@@ -321,10 +321,10 @@ struct Shared {
 fn a_sandbox_api_pod_has_no_pause_container_and_shares_what_pause_would() {
     for_each_cri_containerd(|c| {
         if !c.handlers().contains(&SANDBOX_HANDLER) {
-            eprintln!(
-                "SKIPPED: containerd {} has no Sandbox API (2.x only)",
+            report_skip(&format!(
+                "cri: the Sandbox API on containerd {}, which has none (2.x only)",
                 c.version
-            );
+            ));
             return;
         }
         let image = c.client.image_status(IMAGE).unwrap().unwrap().id;

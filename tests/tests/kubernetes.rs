@@ -320,13 +320,13 @@ fn read_only_volumes_behave_as_with_runc_and_bidirectional_propagation_is_refuse
                 assert!(r.stdout.contains("sub=1"), "{r:?}");
                 assert!(r.stderr.contains("Read-only file system"), "{r:?}");
             } else {
-                println!(
-                "SKIPPED rro through CRI on containerd {}: its Status does not offer recursive \
-                 read-only mounts for the {handler} handler (containerd before 2.2.7/2.3.4 asks \
-                 only runc-type runtimes; kubelet refuses such pods); pods_and_volumes tests \
-                 rro through ctr",
-                c.version
-            );
+                report_skip(&format!(
+                    "kubernetes: rro through CRI on containerd {}: its Status does not offer \
+                     recursive read-only mounts for the {handler} handler (containerd before \
+                     2.2.7/2.3.4 asks only runc-type runtimes; kubelet refuses such pods); \
+                     pods_and_volumes tests rro through ctr",
+                    c.version
+                ));
             }
 
             // Bidirectional propagation would need mounts made in the VM to reach the host. CRI's
@@ -417,13 +417,13 @@ fn host_network_ipc_and_pid_are_refused_with_the_reason() {
                     && *handler == SANDBOX_HANDLER
                     && !shim_sandboxer_takes_host_network(c)
                 {
-                    eprintln!(
-                        "SKIPPED: hostNetwork through {handler} on containerd {}: containerd before \
-                         2.3.0 crashes on a hostNetwork pod with any shim sandboxer, before the \
-                         shim is asked (containerd commit b32cecd); hako's refusal is tested in \
-                         sandbox::standalone's unit tests",
+                    report_skip(&format!(
+                        "kubernetes: hostNetwork through {handler} on containerd {}: containerd \
+                         before 2.3.0 crashes on a hostNetwork pod with any shim sandboxer, \
+                         before the shim is asked (containerd commit b32cecd); hako's refusal \
+                         is tested in sandbox::standalone's unit tests",
                         c.version
-                    );
+                    ));
                     continue;
                 }
                 let uid = format!("0a4b-hako-k8s-{name}");
