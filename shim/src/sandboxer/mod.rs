@@ -65,13 +65,7 @@ impl SandboxService {
     }
 
     fn mark_exited(&self, status: u32) {
-        self.exit.send_if_modified(|exit| {
-            if exit.is_some() {
-                return false;
-            }
-            *exit = Some((status, SystemTime::now()));
-            true
-        });
+        record_exit(&self.exit, status);
     }
 
     async fn create(&self, req: &api::CreateSandboxRequest) -> Result<(), TaskError> {
@@ -90,9 +84,15 @@ impl SandboxService {
             }
             state.id = Some(req.sandbox_id.clone());
         }
+        // CRI gives a hostNetwork pod no namespace; the pod is refused for that.
+        let netns = if config.host_network {
+            ""
+        } else {
+            req.netns_path.as_str()
+        };
         let pod = StandalonePod {
             id: &req.sandbox_id,
-            netns: &req.netns_path,
+            netns,
             hostname: &config.hostname,
             resolv_conf: config
                 .dns
@@ -104,11 +104,6 @@ impl SandboxService {
             sysctls: &config.sysctls,
             host_pid: config.host_pid,
             host_ipc: config.host_ipc,
-        };
-        let pod = if config.host_network {
-            StandalonePod { netns: "", ..pod }
-        } else {
-            pod
         };
         if let Err(e) = self.tasks.pod().create_standalone(&pod).await {
             self.state().id = None;
@@ -133,13 +128,7 @@ impl SandboxService {
         let exit = self.exit.clone();
         tokio::spawn(async move {
             running.vm_gone().await;
-            exit.send_if_modified(|e| {
-                if e.is_some() {
-                    return false;
-                }
-                *e = Some((UNKNOWN_EXIT_STATUS, SystemTime::now()));
-                true
-            });
+            record_exit(&exit, UNKNOWN_EXIT_STATUS);
         });
         Ok((pid, created_at))
     }
@@ -170,6 +159,17 @@ impl SandboxService {
             ..Default::default()
         }
     }
+}
+
+/// Records how the pod ended, once: the first end (a stop, or the VM's own) is the one told.
+fn record_exit(exit: &watch::Sender<Exit>, status: u32) {
+    exit.send_if_modified(|ended| {
+        if ended.is_some() {
+            return false;
+        }
+        *ended = Some((status, SystemTime::now()));
+        true
+    });
 }
 
 /// The platform containerd pulls images for: the guest's, which is the host's architecture.
