@@ -11,7 +11,7 @@ use oci_spec::runtime::LinuxResources;
 
 pub const ROOT: &str = "/sys/fs/cgroup";
 pub const PARENT: &str = "/sys/fs/cgroup/hako";
-const CONTROLLERS: [&str; 4] = ["cpu", "memory", "pids", "io"];
+const CONTROLLERS: [&str; 5] = ["cpu", "cpuset", "memory", "pids", "io"];
 /// Default cpu.max period when a quota comes without one.
 const DEFAULT_PERIOD: u64 = 100_000;
 
@@ -135,7 +135,9 @@ impl Cgroup {
         let events = keyed(&fs::read_to_string(self.dir.join("memory.events")).unwrap_or_default());
         Stats {
             memory_usage: one("memory.current").unwrap_or(0),
-            memory_limit: limit("memory.max"),
+            // No limit, or one above the VM, is the VM's memory (Docker shows the host's
+            // when the cgroup has none).
+            memory_limit: limit("memory.max").min(guest_memory()),
             memory_swap_usage: one("memory.swap.current").unwrap_or(0),
             memory_stat: keyed(
                 &fs::read_to_string(self.dir.join("memory.stat")).unwrap_or_default(),
@@ -152,6 +154,20 @@ impl Cgroup {
             pids_limit: limit("pids.max"),
         }
     }
+}
+
+/// The guest's memory in bytes (`MemTotal`), or no bound if /proc/meminfo cannot say.
+fn guest_memory() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| mem_total(&text))
+        .unwrap_or(u64::MAX)
+}
+
+fn mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -230,6 +246,12 @@ pub fn resource_files(r: &LinuxResources) -> Vec<(&'static str, String)> {
             let period = cpu.period().unwrap_or(DEFAULT_PERIOD);
             files.push(("cpu.max", format!("{quota} {period}")));
         }
+        // The shim has checked that they name the VM's own vCPUs and node.
+        for (file, list) in [("cpuset.cpus", cpu.cpus()), ("cpuset.mems", cpu.mems())] {
+            if let Some(list) = list.as_deref().filter(|l| !l.trim().is_empty()) {
+                files.push((file, list.to_string()));
+            }
+        }
     }
     if let Some(pids) = r.pids() {
         let limit = pids.limit();
@@ -266,6 +288,27 @@ mod tests {
         assert!(files.contains(&("cpu.max", "50000 100000".to_string())));
         assert!(files.contains(&("cpu.weight", "39".to_string())));
         assert!(files.contains(&("pids.max", "64".to_string())));
+    }
+
+    #[test]
+    fn cpusets_go_to_their_files() {
+        let files = resource_files(&resources(r#"{"cpu": {"cpus": "1", "mems": "0"}}"#));
+        assert!(
+            files.contains(&("cpuset.cpus", "1".to_string())),
+            "{files:?}"
+        );
+        assert!(
+            files.contains(&("cpuset.mems", "0".to_string())),
+            "{files:?}"
+        );
+        assert!(!files.iter().any(|(f, _)| *f == "cpu.max"), "{files:?}");
+    }
+
+    #[test]
+    fn mem_total_is_read_in_bytes() {
+        let meminfo = "MemTotal:         482472 kB\nMemFree:          400000 kB\n";
+        assert_eq!(mem_total(meminfo), Some(482_472 * 1024));
+        assert_eq!(mem_total("MemFree: 1 kB\n"), None);
     }
 
     #[test]

@@ -84,6 +84,11 @@ impl Rules {
         }
     }
 
+    /// Whether every device is allowed (a privileged container).
+    pub fn allows_every_device(&self) -> bool {
+        self.default_allow && self.exceptions.is_empty()
+    }
+
     /// The spec's rules in order, then the default allow-list.
     pub fn from_spec(rules: &[LinuxDeviceCgroup]) -> Result<Rules, DeviceError> {
         let mut out = Rules::default();

@@ -44,12 +44,17 @@ pub fn docker_installs() -> Vec<PathBuf> {
 /// namespace; after the test, that namespace's interfaces, addresses and routes must be what
 /// they were once dockerd was up, and the real host must be unchanged and leak-free.
 pub fn for_each_docker(test: impl Fn(&Docker)) {
+    for_each_docker_with(&[], test)
+}
+
+/// `for_each_docker`, with containerd (and so the shims it starts) given `env`.
+pub fn for_each_docker_with(env: &[(&str, &str)], test: impl Fn(&Docker)) {
     for containerd in containerd_versions() {
         for docker in docker_installs() {
             assert_no_leaks("before the test");
             let host_state = HostState::now();
             let host = HostNetns::create();
-            let c = Containerd::start_in(&containerd, &[], Some(&host.path()));
+            let c = Containerd::start_in(&containerd, env, Some(&host.path()));
             let d = Docker::start(&c, &docker, &host);
             eprintln!("--- docker {} on containerd {}", d.version, c.version);
             let before = host.snapshot();

@@ -643,6 +643,170 @@ fn commands_that_cannot_run_exit_as_under_runc() {
     });
 }
 
+/// Issue 24, item 4, beside runc in the same run: the devices every kernel numbers alike are
+/// made in the container as runc makes them, under any name; a host device, which the guest
+/// would resolve to its own or to nothing, is refused naming it; and a privileged container
+/// gets the guest's devices.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn devices_are_made_as_under_runc_and_a_host_device_is_refused() {
+    let host_block = fs::read_dir("/dev")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            use std::os::unix::fs::FileTypeExt;
+            fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+        })
+        .expect("this host has a block device node in /dev");
+    let host_block = host_block.display().to_string();
+    let script = "stat -c '%n %F %t:%T %a' /dev/h4null /dev/fuse && echo x > /dev/h4null && \
+                  test ! -s /dev/h4null && echo written";
+    for_each_docker(|d| {
+        let made = |runtime: &str| {
+            let r = docker_run(
+                d,
+                runtime,
+                &[
+                    "--rm",
+                    "--device",
+                    "/dev/null:/dev/h4null",
+                    "--device",
+                    "/dev/fuse",
+                    IMAGE,
+                    "sh",
+                    "-c",
+                    script,
+                ],
+            );
+            assert_eq!(r.code, 0, "{runtime}: {r:?}");
+            r.stdout
+        };
+        let under_runc = made("runc");
+        assert!(
+            under_runc.contains("/dev/h4null character special file 1:3"),
+            "runc: {under_runc}"
+        );
+        assert_eq!(made("hako"), under_runc, "hako as runc");
+
+        let device = format!("{host_block}:/dev/hostdisk");
+        let args = ["--rm", "--device", device.as_str(), IMAGE, "true"];
+        let r = docker_run(d, "runc", &args);
+        assert_eq!(r.code, 0, "runc gives the host's disk: {r:?}");
+        let r = docker_run(d, "hako", &args);
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(
+            r.stderr.contains(&format!("device {host_block} (block"))
+                && r.stderr.contains("cannot be given to a container in a VM"),
+            "{r:?}"
+        );
+
+        // The guest's own devices, where runc gives the host's: fuse and tun among them, and
+        // more than the few every container has.
+        let r = docker_run(
+            d,
+            "hako",
+            &[
+                "--rm",
+                "--privileged",
+                IMAGE,
+                "sh",
+                "-c",
+                "test -c /dev/fuse && test -c /dev/net/tun && test -c /dev/full && ls /dev | wc -l",
+            ],
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+        let entries: usize = r.stdout.trim().parse().unwrap();
+        assert!(
+            entries > 20,
+            "a privileged /dev of {entries} entries: {r:?}"
+        );
+        hako_tests::runc::remove_parent();
+    });
+}
+
+/// Issue 24, items 2 and 3: a limit above the VM's size, as Docker users set them. With the
+/// default configuration (the VM may not grow) `--memory`, `--cpus` and `--cpuset-cpus` past
+/// the VM are refused naming the setting, as is `docker update` past it, and `docker stats`
+/// shows the VM's memory as the limit, not the host's.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn limits_past_the_vm_are_refused_naming_the_setting() {
+    for_each_docker(|d| {
+        for (flag, value, setting) in [
+            ("--memory", "1g", "max_memory_mib"),
+            ("--cpus", "2", "max_vcpus"),
+            ("--cpuset-cpus", "1", "max_vcpus"),
+        ] {
+            let args = ["--rm", flag, value, IMAGE, "true"];
+            let r = docker_run(d, "runc", &args);
+            assert_eq!(r.code, 0, "runc {flag} {value}: {r:?}");
+            let r = docker_run(d, "hako", &args);
+            assert_eq!(r.code, 125, "hako {flag} {value}: {r:?}");
+            assert!(r.stderr.contains(setting), "{flag} {value}: {r:?}");
+        }
+        with_running(d, "hako", "limits", |name| {
+            let r = d.docker(&["stats", "--no-stream", "--format", "{{.MemUsage}}", name]);
+            assert_eq!(r.code, 0, "{r:?}");
+            // "1.2MiB / 480MiB": the VM's 512 MiB less what its kernel keeps.
+            let limit = r.stdout.trim().rsplit(" / ").next().unwrap_or_default();
+            let mib: f64 = limit
+                .strip_suffix("MiB")
+                .unwrap_or("0")
+                .parse()
+                .unwrap_or(0.0);
+            assert!(mib > 256.0 && mib <= 512.0, "stats: {r:?}");
+            let r = d.docker(&["update", "--memory", "900m", "--memory-swap", "900m", name]);
+            assert_ne!(r.code, 0, "{r:?}");
+            assert!(r.stderr.contains("io.hako.memory_mib"), "{r:?}");
+        });
+        hako_tests::runc::remove_parent();
+    });
+}
+
+/// Issue 24, items 2 and 3, beside runc in the same run: where the configuration lets a VM
+/// grow, a container's limits size the VM it boots. Under `--memory 1g` a container fills
+/// 700 MiB, past the VM's configured 512, and is not killed; `--cpus 2` gets two CPUs; a
+/// cpuset is applied inside the guest.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn limits_past_the_configured_vm_grow_it_as_runc_gives_them() {
+    let config = HakoConfig::new("[hypervisor]\nmax_vcpus = 2\nmax_memory_mib = 2048\n");
+    hako_tests::docker::for_each_docker_with(&config.env(), |d| {
+        let runs = |runtime: &str| -> Vec<String> {
+            let fill = "dd if=/dev/zero of=/big/x bs=1M count=700 2>/dev/null; echo dd=$?; nproc";
+            let pinned = "nproc; cat /sys/fs/cgroup/cpuset.cpus.effective";
+            [
+                vec![
+                    "--memory",
+                    "1g",
+                    "--cpus",
+                    "2",
+                    "--tmpfs",
+                    "/big:size=900m",
+                    IMAGE,
+                    "sh",
+                    "-c",
+                    fill,
+                ],
+                vec!["--cpuset-cpus", "1", IMAGE, "sh", "-c", pinned],
+            ]
+            .iter()
+            .map(|args| {
+                let mut all = vec!["--rm"];
+                all.extend(args);
+                let r = docker_run(d, runtime, &all);
+                assert_eq!(r.code, 0, "{runtime} {args:?}: {r:?}");
+                r.stdout
+            })
+            .collect()
+        };
+        let under_runc = runs("runc");
+        assert_eq!(under_runc, ["dd=0\n2\n", "1\n1\n"], "runc");
+        assert_eq!(runs("hako"), under_runc, "hako as runc");
+        hako_tests::runc::remove_parent();
+    });
+}
+
 /// `docker run --runtime <runtime> <args>`; runc's containers go under the tests' own cgroup
 /// parent (`runc::PARENT`, removed after), not Docker's `/docker`, which runc leaves behind.
 fn docker_run(d: &hako_tests::docker::Docker, runtime: &str, args: &[&str]) -> Run {

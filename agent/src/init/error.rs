@@ -54,6 +54,9 @@ pub enum InitError {
     /// A sysctl could not be set, or may not be.
     #[error("sysctl: {0}")]
     Sysctl(String),
+    /// A device node could not be made as the spec asks.
+    #[error("device: {0}")]
+    Device(String),
     /// A bind mount carries options hako does not know.
     #[error("bind mount {destination}: unknown mount options {option:?}")]
     MountOption { destination: String, option: String },

@@ -13,6 +13,7 @@
 //! This process is single-threaded from start to finish, so fork() here is safe.
 
 mod caps;
+mod devnodes;
 mod error;
 mod process;
 mod rootfs;

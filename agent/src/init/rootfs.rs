@@ -12,6 +12,7 @@ use nix::sys::statvfs::{statvfs, FsFlags};
 use nix::unistd::{chdir, pivot_root, sethostname};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
+use super::devnodes;
 use super::error::{io, sys, InitError};
 use crate::mounts::{parse_options, resolve_in_root};
 use hako_protocol::sysctl;
@@ -74,10 +75,16 @@ pub fn enter(spec: &Spec) -> Result<(), InitError> {
     for m in mounts {
         mount_one(&root_path, m)?;
     }
-    if mounts.iter().any(|m| m.destination() == Path::new("/dev")) {
+    // The guest's devices go only into a /dev the spec mounts afresh, never into an image's.
+    let fresh_dev = mounts.iter().any(|m| m.destination() == Path::new("/dev"));
+    if fresh_dev {
         populate_dev(&root_path)?;
     }
     if let Some(linux) = spec.linux() {
+        devnodes::create(&root_path, linux.devices().as_deref().unwrap_or_default())?;
+        if fresh_dev && allows_every_device(linux) {
+            devnodes::add_guest_devices(&root_path)?;
+        }
         // Before the read-only paths: /proc/sys is one of them.
         let namespaces = sysctl::Namespaces {
             ipc: namespaces
@@ -109,6 +116,16 @@ pub fn enter(spec: &Spec) -> Result<(), InitError> {
         remount_readonly(Path::new("/"))?;
     }
     Ok(())
+}
+
+/// A privileged container: its device rules allow every device.
+fn allows_every_device(linux: &oci_spec::runtime::Linux) -> bool {
+    let rules = linux
+        .resources()
+        .as_ref()
+        .and_then(|r| r.devices().as_deref())
+        .unwrap_or_default();
+    crate::devices::Rules::from_spec(rules).is_ok_and(|r| r.allows_every_device())
 }
 
 /// Sets the spec's sysctls, as runc does, through the container's own /proc: the writes act on

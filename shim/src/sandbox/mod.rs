@@ -2,6 +2,7 @@
 //! network, cgroup and the VMM's user.
 
 mod boot;
+pub mod devices;
 mod dns;
 mod forward;
 pub mod mounts;
@@ -10,6 +11,7 @@ pub mod paths;
 pub mod pod;
 pub mod resolve;
 pub mod share;
+pub mod sizing;
 pub mod spec;
 pub mod standalone;
 pub mod user;
@@ -69,6 +71,8 @@ pub enum SandboxError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Sizing(#[from] sizing::SizingError),
     /// The container's spec, as the guest would get it, is unusable.
     #[error("the container's OCI spec cannot go to the guest: {0}")]
     SpecTooLarge(String),
@@ -253,6 +257,12 @@ impl Sandbox {
     pub fn install(&mut self, vmm: Box<dyn Hypervisor>, agent: Arc<dyn AgentClient>) {
         self.vmm = Some(vmm);
         self.agent = Some(agent);
+    }
+
+    /// Whether a container's limits fit this sandbox's running VM (`sizing`).
+    pub fn check_fits(&self, needs: &sizing::Needs) -> Result<(), SandboxError> {
+        let hv = &self.config.hypervisor;
+        Ok(sizing::check(hv.vcpus, hv.memory_mib, needs)?)
     }
 
     pub fn has_container(&self, id: &str) -> bool {

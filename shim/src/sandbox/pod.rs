@@ -16,6 +16,7 @@ use oci_spec::runtime::Spec;
 use tokio::sync::{watch, Mutex};
 
 use super::mounts::RootfsMount;
+use super::sizing::{self, Needs};
 use super::spec::{host_submounts, plain_mount_points, to_guest};
 use super::{ContainerRootfs, Sandbox, SandboxError};
 use crate::agent_client::{AgentClient, GuestStdio};
@@ -183,6 +184,14 @@ impl Pod {
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = running;
     }
 
+    /// Whether new limits for a container fit the VM it runs in (an Update).
+    pub async fn check_fits(&self, needs: &Needs) -> Result<(), SandboxError> {
+        match self.sandbox.lock().await.as_ref() {
+            Some(sandbox) => sandbox.check_fits(needs),
+            None => Err(SandboxError::NotBooted),
+        }
+    }
+
     /// Whether no sandbox exists (none was booted, or the last one is torn down).
     pub async fn is_empty(&self) -> bool {
         self.sandbox.lock().await.is_none()
@@ -215,6 +224,12 @@ impl Pod {
                 return Err(SandboxError::Exists(new.id.to_string()));
             }
         }
+        let needs = Needs::of(
+            new.spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.resources().as_ref()),
+        )?;
         let join = (sandbox_id != new.id)
             .then(|| self.init_pid.load(Ordering::SeqCst))
             .filter(|pid| *pid != 0);
@@ -248,7 +263,10 @@ impl Pod {
             if network == NetworkMode::Host {
                 return Err(NetError::HostNetwork.into());
             }
-            let config = load_config(new.config_path, new.spec)?;
+            let mut config = load_config(new.config_path, new.spec)?;
+            sizing::grow(&mut config.hypervisor, &needs)?;
+            let pod_needs = Needs::of_pod(new.spec.annotations().iter().flatten());
+            sizing::grow_towards(&mut config.hypervisor, &pod_needs);
             let cgroups_path = new
                 .spec
                 .linux()
@@ -267,6 +285,9 @@ impl Pod {
         let Some(sandbox) = slot.as_mut() else {
             return Err(SandboxError::NotBooted);
         };
+        if !booting {
+            sandbox.check_fits(&needs)?;
+        }
 
         let rootfs_dir = host_rootfs(new.bundle, new.spec, !new.rootfs.is_empty());
         let rootfs = ContainerRootfs {

@@ -54,6 +54,9 @@ pub enum SpecError {
     /// A file the pod gets in the guest would be too large.
     #[error("the pod's {0} would be larger than {max} bytes", max = hako_protocol::MAX_POD_FILE)]
     PodFile(&'static str),
+    /// A device the guest cannot have.
+    #[error(transparent)]
+    Device(#[from] super::devices::DeviceError),
     /// A sysctl the container may not set (runc's rules).
     #[error(transparent)]
     Sysctl(#[from] hako_protocol::sysctl::SysctlError),
@@ -278,6 +281,14 @@ pub fn to_guest(
             linux.set_namespaces(Some(cleaned));
         }
         linux.set_cgroups_path(None);
+        if let Some(devices) = linux.devices() {
+            let rules = linux
+                .resources()
+                .as_ref()
+                .and_then(|r| r.devices().as_deref())
+                .unwrap_or_default();
+            linux.set_devices(Some(super::devices::for_guest(devices, rules)?));
+        }
         out.set_linux(Some(linux));
     }
     Ok((out, binds))

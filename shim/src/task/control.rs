@@ -9,6 +9,8 @@ use containerd_shim::protos::topics;
 use super::convert::{v2_metrics, METRICS_V2_TYPE};
 use super::state::{StateError, Status};
 use super::{TaskError, TaskService};
+use crate::sandbox::sizing::Needs;
+use crate::sandbox::SandboxError;
 
 impl TaskService {
     pub(super) async fn do_pause(&self, id: &str, paused: bool) -> Result<(), TaskError> {
@@ -81,8 +83,10 @@ impl TaskService {
             .map(|any| any.value.clone())
             .ok_or_else(|| TaskError::Invalid("update without resources".to_string()))?;
         // Refuse what the guest could not parse before sending it.
-        serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources)
+        let parsed = serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources)
             .map_err(|e| TaskError::Invalid(format!("resources: {e}")))?;
+        let needs = Needs::of(Some(&parsed)).map_err(SandboxError::from)?;
+        self.pod.check_fits(&needs).await?;
         self.running()?.agent.update(&req.id, resources).await?;
         Ok(())
     }

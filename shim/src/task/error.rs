@@ -72,6 +72,7 @@ fn sandbox_code(e: &SandboxError) -> Code {
         SandboxError::Id(_)
         | SandboxError::Config(_)
         | SandboxError::Spec(_)
+        | SandboxError::Sizing(_)
         | SandboxError::SpecTooLarge(_) => Code::INVALID_ARGUMENT,
         SandboxError::Exists(_) => Code::ALREADY_EXISTS,
         SandboxError::Foreign { .. } => Code::FAILED_PRECONDITION,
