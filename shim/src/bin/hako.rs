@@ -483,7 +483,7 @@ fn check() -> anyhow::Result<bool> {
 }
 
 /// What a VM sandbox refuses or cannot provide, by its nature.
-const LIMITS: [(&str, &str); 5] = [
+const LIMITS: [(&str, &str); 7] = [
     (
         "host network",
         "refused: a pod's network is the VM's (hostNetwork, --network host)",
@@ -503,6 +503,14 @@ const LIMITS: [(&str, &str); 5] = [
     (
         "rshared mounts",
         "refused: a mount made in a VM cannot reach the host (Bidirectional propagation)",
+    ),
+    (
+        "host devices",
+        "refused: a device number opens the guest's device (--device, but null, tun, fuse...)",
+    ),
+    (
+        "limits above the VM",
+        "grow it up to max_vcpus/max_memory_mib, else refused (--memory, --cpus, cpuset)",
     ),
 ];
 
