@@ -690,6 +690,7 @@ fn docker_top_shows_only_the_vm_and_hako_ps_the_guests_processes() {
             cmd.args(["ps", &id[..12]]);
             let ps = run_with_timeout(cmd, None, Duration::from_secs(60));
             assert_eq!(ps.code, 0, "{ps:?}");
+            eprintln!("hako ps {}:\n{}", &id[..12], ps.stdout);
             let row = |command: &str| -> Vec<String> {
                 let line = ps.stdout.lines().find(|l| l.ends_with(command));
                 let line = line.unwrap_or_else(|| panic!("no {command:?}: {ps:?}"));
