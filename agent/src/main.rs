@@ -18,6 +18,7 @@ mod mounts;
 mod net;
 mod oom;
 mod pod;
+mod ps;
 mod reaper;
 mod rtnl;
 mod server;

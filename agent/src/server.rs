@@ -244,10 +244,9 @@ impl pb::AgentService for Agent {
             .pids(&req.container_id)
             .await
             .map_err(to_status)?;
-        Ok(pb::ListProcessesResponse {
-            pids,
-            ..Default::default()
-        })
+        tokio::task::spawn_blocking(move || crate::ps::list(std::path::Path::new("/proc"), &pids))
+            .await
+            .map_err(|e| get_rpc_status(Code::INTERNAL, format!("listing processes: {e}")))
     }
 
     async fn pause_container(

@@ -51,6 +51,17 @@ pub const MAX_ENTROPY: usize = 512;
 
 /// The largest pod file (`PodInit.hosts`, `PodInit.resolv_conf`) the agent accepts, in bytes.
 pub const MAX_POD_FILE: usize = 64 * 1024;
+/// The most processes one ListProcesses answer lists; the host cuts a longer list as well.
+pub const MAX_LISTED_PROCESSES: usize = 4096;
+/// The most bytes of one process's command line a ListProcesses answer carries.
+pub const MAX_CMDLINE: usize = 4096;
+/// The most command-line bytes one ListProcesses answer carries in all: with every process's
+/// other fields it stays well inside ttrpc's 4 MiB message, which 4096 full command lines
+/// would not.
+pub const MAX_CMDLINES_TOTAL: usize = 1 << 20;
+/// The longest process name (/proc/PID/comm) the host takes; the kernel's are 15 bytes.
+pub const MAX_COMM: usize = 64;
+
 /// Where the agent keeps a pod init's files in the guest: `hostname`, `hosts`, `resolv.conf`
 /// and the pod's `shm` mount. Containers bind them from here.
 pub const GUEST_POD_DIR: &str = "/run/hako/pod";

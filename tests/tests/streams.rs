@@ -174,8 +174,8 @@ fn a_reader_that_stops_reading_holds_back_only_its_own_output() {
         // The shim answers on that very sandbox, promptly, however long the stall lasts.
         for round in 0..3 {
             let started = Instant::now();
-            let ps = c.ctr(&["task", "ps", "stalled"]);
-            assert_eq!(ps.code, 0, "round {round}: {ps:?}");
+            let metrics = c.ctr(&["task", "metrics", "stalled"]);
+            assert_eq!(metrics.code, 0, "round {round}: {metrics:?}");
             let exec = c.exec(
                 "stalled",
                 &format!("hi{round}"),

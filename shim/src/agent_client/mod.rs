@@ -2,6 +2,7 @@
 //! timeout on every call that is not a wait or a read.
 
 mod dial;
+mod ps;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use hako_protocol as pb;
 use tokio::net::UnixStream;
 
 pub use dial::{connect, dial, read_line, ReadyListener};
+pub use ps::{GuestProcess, ProcessList};
 
 /// Largest stdout/stderr chunk asked for in one read: what the agent has queued, up to this,
 /// comes in one answer.
@@ -44,6 +46,9 @@ pub enum AgentError {
     /// The connection broke.
     #[error("agent call {call} failed: connection error: {message}")]
     Transport { call: &'static str, message: String },
+    /// The answer is not one the call can have.
+    #[error("agent call {call} failed: a malformed answer: {reason}")]
+    Malformed { call: &'static str, reason: String },
 }
 
 impl AgentError {
@@ -132,7 +137,6 @@ pub trait AgentClient: Send + Sync {
         width: u32,
         height: u32,
     ) -> Result<(), AgentError>;
-    async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, AgentError>;
     async fn set_paused(&self, container_id: &str, paused: bool) -> Result<(), AgentError>;
     async fn stats(&self, container_id: &str) -> Result<pb::StatsContainerResponse, AgentError>;
     async fn update(&self, container_id: &str, resources_json: Vec<u8>) -> Result<(), AgentError>;
@@ -166,15 +170,18 @@ pub trait AgentClient: Send + Sync {
 
 pub struct TtrpcAgent {
     client: pb::AgentServiceClient,
+    /// The same connection, for an answer decoded by hand (`ps`).
+    raw: ttrpc::r#async::Client,
     call_timeout: Duration,
 }
 
 impl TtrpcAgent {
     pub fn new(stream: UnixStream, call_timeout: Duration) -> Self {
         let socket = ttrpc::r#async::transport::Socket::from(stream);
-        let client = ttrpc::r#async::Client::new(socket);
+        let raw = ttrpc::r#async::Client::new(socket);
         Self {
-            client: pb::AgentServiceClient::new(client),
+            client: pb::AgentServiceClient::new(raw.clone()),
+            raw,
             call_timeout,
         }
     }
@@ -367,19 +374,6 @@ impl AgentClient for TtrpcAgent {
         self.timed("ResizePty", self.client.resize_pty(self.ctx(), &req))
             .await
             .map(drop)
-    }
-
-    async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, AgentError> {
-        let req = pb::ListProcessesRequest {
-            container_id: container_id.to_string(),
-            ..Default::default()
-        };
-        self.timed(
-            "ListProcesses",
-            self.client.list_processes(self.ctx(), &req),
-        )
-        .await
-        .map(|r| r.pids)
     }
 
     async fn set_paused(&self, container_id: &str, paused: bool) -> Result<(), AgentError> {

@@ -1,6 +1,11 @@
 //! The `hako` CLI: `hako check` checks the host, `hako env` prints the effective configuration,
-//! `hako logs` prints a running sandbox's logs, `hako template` manages templates.
+//! `hako logs` prints a running sandbox's logs, `hako ps` a container's processes in the guest,
+//! `hako template` manages templates.
 
+#[path = "hako/find.rs"]
+mod find;
+#[path = "hako/ps.rs"]
+mod ps;
 #[path = "hako/template.rs"]
 mod template;
 
@@ -59,6 +64,19 @@ enum Cmd {
         /// that names one sandbox only.
         sandbox: String,
     },
+    /// Lists a running container's processes as the guest sees them (PID in the container,
+    /// its parent, the guest's pid, uid, state, CPU time, command line). `docker top` and `ctr
+    /// task ps` show the VM's host process instead: the container's processes are not the
+    /// host's.
+    Ps {
+        /// The containerd namespace (`default` for ctr, `moby` for Docker, `k8s.io` for
+        /// Kubernetes); every namespace is searched when not given.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// The container's id (for Docker, `docker inspect -f '{{.Id}}' NAME`), or a prefix
+        /// that names one container only.
+        container: String,
+    },
     /// Manages the saved VMs pods start from (ADR 14).
     Template {
         #[command(subcommand)]
@@ -78,6 +96,10 @@ fn main() -> ExitCode {
         Cmd::Env { json } => env(json),
         Cmd::Check => check(),
         Cmd::Logs { namespace, sandbox } => logs(namespace.as_deref(), &sandbox),
+        Cmd::Ps {
+            namespace,
+            container,
+        } => ps::command(namespace.as_deref(), &container),
         Cmd::Template { action } => template::command(action),
     };
     match result {
@@ -117,7 +139,7 @@ fn logs(namespace: Option<&str>, sandbox: &str) -> anyhow::Result<bool> {
     }
     validate("sandbox id", sandbox)?;
     let config = Config::load(None)?.config;
-    let dir = find_sandbox(&config.runtime.sandbox_root, namespace, sandbox)?;
+    let dir = find::sandbox(&config.runtime.sandbox_root, namespace, sandbox)?;
     // What the guest wrote reaches a terminal here: escaped. A rotated log comes first.
     for name in LOGS {
         let current = dir.join(name);
@@ -133,64 +155,6 @@ fn logs(namespace: Option<&str>, sandbox: &str) -> anyhow::Result<bool> {
         }
     }
     Ok(true)
-}
-
-/// The directory of the one sandbox whose id is `wanted` or starts with it, in `namespace` or
-/// in any namespace (hako's own records under the root start with a dot and are skipped).
-fn find_sandbox(
-    root: &Path,
-    namespace: Option<&str>,
-    wanted: &str,
-) -> anyhow::Result<std::path::PathBuf> {
-    let namespaces: Vec<std::path::PathBuf> = match namespace {
-        Some(ns) => vec![root.join(ns)],
-        None => std::fs::read_dir(root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .map(|e| e.path())
-            .collect(),
-    };
-    let mut found: Vec<std::path::PathBuf> = namespaces
-        .iter()
-        .flat_map(|ns| std::fs::read_dir(ns).into_iter().flatten().flatten())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(wanted))
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    // An exact id wins over the longer ids it is a prefix of.
-    let exact: Vec<&std::path::PathBuf> = found
-        .iter()
-        .filter(|p| p.file_name().is_some_and(|n| n == wanted))
-        .collect();
-    if let [only] = exact[..] {
-        return Ok(only.clone());
-    }
-    let where_ = match namespace {
-        Some(ns) => format!("namespace {ns}"),
-        None => "any namespace".to_string(),
-    };
-    match found.len() {
-        1 => Ok(found.remove(0)),
-        0 => anyhow::bail!(
-            "no running sandbox {wanted:?} in {where_} under {} (logs live there while a sandbox runs; containerd's log keeps the shim's)",
-            root.display()
-        ),
-        _ => {
-            found.sort();
-            let names: Vec<String> = found
-                .iter()
-                .filter_map(|p| p.strip_prefix(root).ok())
-                .map(|p| p.display().to_string())
-                .collect();
-            anyhow::bail!(
-                "{wanted:?} names {} sandboxes in {where_}: {}; give more of the id, or -n NAMESPACE",
-                names.len(),
-                names.join(", ")
-            )
-        }
-    }
 }
 
 fn version_of(binary: &Path) -> String {
@@ -541,6 +505,7 @@ mod tests {
         for args in [
             vec!["hako", "--help"],
             vec!["hako", "logs", "--help"],
+            vec!["hako", "ps", "--help"],
             vec!["hako", "template", "rm", "--help"],
         ] {
             let err = Cli::try_parse_from(&args).err().expect("help");
@@ -548,6 +513,7 @@ mod tests {
         }
         for args in [
             vec!["hako", "logs"],
+            vec!["hako", "ps"],
             vec!["hako", "template", "rm"],
             vec!["hako", "nonsense"],
         ] {
@@ -572,51 +538,5 @@ mod tests {
         assert!(!ok && detail.contains("is not JSON"), "{detail}");
         std::fs::remove_file(&file).expect("cleanup");
         assert_eq!(docker_status(&file), None, "no daemon.json, no line");
-    }
-
-    #[test]
-    fn a_sandbox_is_found_by_a_unique_prefix_in_any_namespace() {
-        let root = std::env::temp_dir().join(format!("hako-cli-{}", std::process::id()));
-        for dir in [
-            "default/abc123",
-            "default/abc1234",
-            "default/abd999",
-            "moby/ffff",
-            ".vmm-uids/x",
-        ] {
-            std::fs::create_dir_all(root.join(dir)).expect("mkdir");
-        }
-        let found = |ns: Option<&str>, wanted: &str| {
-            find_sandbox(&root, ns, wanted)
-                .map(|p| {
-                    p.strip_prefix(&root)
-                        .expect("under root")
-                        .display()
-                        .to_string()
-                })
-                .map_err(|e| e.to_string())
-        };
-        assert_eq!(found(None, "ff"), Ok("moby/ffff".into()));
-        assert_eq!(
-            found(None, "abc123"),
-            Ok("default/abc123".into()),
-            "an exact id wins"
-        );
-        assert_eq!(found(Some("default"), "abd"), Ok("default/abd999".into()));
-        let ambiguous = found(None, "ab").expect_err("three match");
-        assert!(
-            ambiguous.contains("default/abc123, default/abc1234, default/abd999"),
-            "{ambiguous}"
-        );
-        let none = found(Some("moby"), "abc").expect_err("not in moby");
-        assert!(
-            none.contains("no running sandbox \"abc\" in namespace moby"),
-            "{none}"
-        );
-        assert!(
-            found(None, "x").is_err(),
-            "hako's records are not sandboxes"
-        );
-        std::fs::remove_dir_all(&root).expect("cleanup");
     }
 }

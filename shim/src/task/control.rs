@@ -43,16 +43,21 @@ impl TaskService {
         Ok(())
     }
 
+    /// The container's processes as containerd's clients can look them up: the VMM's host
+    /// process, one for every container of the pod while its init has not exited. The
+    /// container's own processes live in the guest, whose pids name unrelated processes on
+    /// the host (`docker top` looks each up in the host's `ps`); `hako ps` lists those.
     pub(super) async fn do_pids(&self, id: &str) -> Result<api::PidsResponse, TaskError> {
-        self.container(id)?;
-        let pids = self.running()?.agent.list_processes(id).await?;
+        let container = self.container(id)?;
+        let exited = container.init.state().status() == Status::Stopped;
+        let vmm = self.pod.running().filter(|r| r.vm_alive() && !exited);
         Ok(api::PidsResponse {
-            processes: pids
-                .into_iter()
-                .map(|pid| containerd_shim::protos::types::task::ProcessInfo {
-                    pid,
+            processes: vmm
+                .map(|r| containerd_shim::protos::types::task::ProcessInfo {
+                    pid: r.vmm_pid,
                     ..Default::default()
                 })
+                .into_iter()
                 .collect(),
             ..Default::default()
         })

@@ -113,9 +113,6 @@ impl AgentClient for FakeAgent {
     async fn resize_pty(&self, _: &str, _: &str, _: u32, _: u32) -> Result<(), AgentError> {
         Ok(())
     }
-    async fn list_processes(&self, _: &str) -> Result<Vec<u32>, AgentError> {
-        Ok(vec![7])
-    }
     async fn set_paused(&self, _: &str, _: bool) -> Result<(), AgentError> {
         Ok(())
     }
@@ -619,4 +616,41 @@ async fn output_written_before_the_client_opens_its_fifo_still_reaches_it() {
         .expect("read");
     assert_eq!(String::from_utf8_lossy(&got), "all of it\n");
     b.delete("late").await.expect("delete");
+}
+
+/// Issue 24: Pids answers the VMM's host pid, the one process of the host a container's
+/// processes run in, for every container of the pod, never a guest pid (which names some
+/// other host process).
+#[tokio::test]
+async fn pids_answers_the_vmms_host_pid_for_every_container_of_the_pod() {
+    let b = Bench::new(FakeAgent::default());
+    let pids = |id: &str| {
+        let req = api::PidsRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        let service = &b.service;
+        async move {
+            let r = service.pids(&ctx(), req).await.expect("pids");
+            r.processes.iter().map(|p| p.pid).collect::<Vec<u32>>()
+        }
+    };
+    let vmm = b.create("pod", Some("pod")).await.expect("create pod");
+    b.create("member", Some("pod"))
+        .await
+        .expect("create member");
+    b.start("pod").await.expect("start");
+    assert_eq!(pids("pod").await, [vmm]);
+    assert_eq!(pids("member").await, [vmm], "the same VM");
+    b.kill("member", 9).await.expect("kill");
+    assert_eq!(b.wait("member").await, 137);
+    assert!(
+        pids("member").await.is_empty(),
+        "an exited container has none"
+    );
+    assert_eq!(pids("pod").await, [vmm]);
+    b.kill("pod", 9).await.expect("kill");
+    b.wait("pod").await;
+    b.delete("member").await.expect("delete member");
+    b.delete("pod").await.expect("delete pod");
 }
