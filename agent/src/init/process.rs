@@ -5,24 +5,26 @@
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::unistd::{chdir, execve, setgid, setgroups, setuid, Gid, Uid};
 use oci_spec::runtime::{PosixRlimit, Process};
 
+use super::console::Pty;
 use super::error::{io, sys, InitError};
 use super::sync::{report, set_cloexec, START_FD};
 use super::{caps, seccomp, InitConfig};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The part init and exec share: terminal, "created", wait for start, then credentials,
-/// limits, capabilities and exec.
+/// The part init and exec share: terminal (`pty`, made by the caller, sent to the agent here),
+/// "created", wait for start, then credentials, limits, capabilities and exec.
 pub fn run(
     config: &InitConfig,
     process: &Process,
+    pty: Option<(Pty, OwnedFd)>,
     sync: &mut File,
 ) -> Result<std::convert::Infallible, InitError> {
     let args = process
@@ -32,14 +34,8 @@ pub fn run(
         .ok_or(InitError::NoArgs)?;
     let env = env_entries(process.env().as_deref().unwrap_or_default())?;
     let env = with_home(env, process.user().uid(), read_passwd);
-    if config.terminal {
-        nix::unistd::setsid().map_err(sys("setsid"))?;
-        // SAFETY: TIOCSCTTY on our own stdin (the pty slave) with arg 0; no memory is passed.
-        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
-            return Err(sys("making the terminal the controlling tty")(
-                nix::errno::Errno::last(),
-            ));
-        }
+    if let Some((pty, socket)) = pty {
+        pty.attach(process.user().uid(), socket)?;
     }
     // Resolve the command and compile the filter now, so mistakes fail Create, not Start.
     let program = find_program(&args[0], &env)?;
