@@ -3,6 +3,7 @@
 
 mod boot;
 mod dns;
+pub mod exec_limits;
 mod forward;
 pub mod mounts;
 mod network;
