@@ -299,13 +299,22 @@ impl Docker {
             .unwrap_or(0)
     }
 
-    /// `docker <args>` against this daemon.
-    pub fn docker(&self, args: &[&str]) -> Run {
+    fn docker_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(self.bin.join("bin/docker"));
         cmd.arg("--host")
             .arg(format!("unix://{}", self.dir.join("docker.sock").display()))
             .args(args);
-        run_with_timeout(cmd, None, Duration::from_secs(120))
+        cmd
+    }
+
+    /// `docker <args>` against this daemon.
+    pub fn docker(&self, args: &[&str]) -> Run {
+        run_with_timeout(self.docker_command(args), None, Duration::from_secs(120))
+    }
+
+    /// `docker <args>` on a terminal of `cols` x `rows`, as at a user's terminal.
+    pub fn docker_on_tty(&self, args: &[&str], cols: u16, rows: u16) -> Run {
+        crate::on_tty(self.docker_command(args), cols, rows)
     }
 
     /// A shell command in dockerd's network namespace: "the host" as Docker sees it.

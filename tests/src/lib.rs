@@ -932,39 +932,44 @@ impl Containerd {
 
     /// Runs `ctr <args>` on a terminal (under `script`), the terminal sized `cols`x`rows`.
     pub fn ctr_on_tty(&self, args: &[&str], cols: u16, rows: u16) -> Run {
-        let ctr = self.ctr_command(args);
-        let mut line = format!("stty cols {cols} rows {rows}; {:?}", ctr.get_program());
-        for a in ctr.get_args() {
-            line.push_str(&format!(
-                " '{}'",
-                a.to_string_lossy().replace('\'', "'\\''")
-            ));
-        }
-        let mut cmd = Command::new("script");
-        cmd.args(["-qec", &line, "/dev/null"]);
-        // A stdin that stays open: `script` forwards EOF into the terminal otherwise.
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let stdin = child.stdin.take();
-        let pid = child.id();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        let output = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                panic!("{line} did not finish");
-            });
-        drop(stdin);
-        output.unwrap().into()
+        on_tty(self.ctr_command(args), cols, rows)
     }
+}
+
+/// Runs `cmd` on a terminal of `cols` x `rows` (through `script`), as a user at a terminal
+/// would, and returns what it printed there.
+pub fn on_tty(cmd: Command, cols: u16, rows: u16) -> Run {
+    let mut line = format!("stty cols {cols} rows {rows}; {:?}", cmd.get_program());
+    for a in cmd.get_args() {
+        line.push_str(&format!(
+            " '{}'",
+            a.to_string_lossy().replace('\'', "'\\''")
+        ));
+    }
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"]);
+    // A stdin that stays open: `script` forwards EOF into the terminal otherwise.
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdin = child.stdin.take();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = rx
+        .recv_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("{line} did not finish");
+        });
+    drop(stdin);
+    output.unwrap().into()
 }
 
 /// `ctr events` running in the background.

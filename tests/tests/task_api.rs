@@ -64,7 +64,8 @@ fn exec_runs_in_the_container_with_its_exit_code_and_events() {
 #[ignore = "boots VMs: run through scripts/test.sh"]
 fn terminals_are_real_and_sized() {
     for_each_containerd(|c| {
-        let script = "[ -t 0 ] && [ -t 1 ] && echo isatty; stty size";
+        // As under runc, the terminal is one of the container's own devpts and its console.
+        let script = "[ -t 0 ] && [ -t 1 ] && echo isatty; stty size; tty; test -e /dev/console && echo console";
         let r = c.ctr_on_tty(
             &[
                 "run",
@@ -84,6 +85,8 @@ fn terminals_are_real_and_sized() {
         assert_eq!(r.code, 0, "{r:?}");
         assert!(r.stdout.contains("isatty"), "{r:?}");
         assert!(r.stdout.contains("30 100"), "{r:?}");
+        let lines = r.stdout.replace('\r', "");
+        assert!(lines.contains("\n/dev/pts/0\nconsole\n"), "{r:?}");
 
         let r = c.run_detached("tty2", &[], &["sleep", "1000"]);
         assert_eq!(r.code, 0, "{r:?}");
@@ -97,7 +100,7 @@ fn terminals_are_real_and_sized() {
                 "tty2",
                 "sh",
                 "-c",
-                "[ -t 1 ] && echo exec-tty; stty size; exit 3",
+                "[ -t 1 ] && echo exec-tty; stty size; tty; exit 3",
             ],
             90,
             20,
@@ -105,6 +108,11 @@ fn terminals_are_real_and_sized() {
         assert_eq!(r.code, 3, "{r:?}");
         assert!(r.stdout.contains("exec-tty"), "{r:?}");
         assert!(r.stdout.contains("20 90"), "{r:?}");
+        // The container has no terminal of its own: the exec's is the first of its devpts.
+        assert!(
+            r.stdout.replace('\r', "").contains("\n/dev/pts/0\n"),
+            "{r:?}"
+        );
         c.remove_task("tty2");
     });
 }

@@ -1,16 +1,17 @@
-//! Starting a process through the init helper (`crate::init`): its pipes or terminal, the
-//! sync and start pipes on fd 3 and 4, a new pid namespace for a container's init, and the
-//! wait for "created".
+//! Starting a process through the init helper (`crate::init`): its pipes, or the socket on fd 5
+//! its terminal's master comes back on, the sync and start pipes on fd 3 and 4, a new pid
+//! namespace for a container's init, and the wait for "created".
 
 use std::fs;
 use std::io::BufReader;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use nix::sched::{unshare, CloneFlags};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::pipe2;
 use tokio::net::unix::pipe;
 use tokio::sync::{watch, Mutex};
@@ -18,6 +19,7 @@ use tokio::sync::{watch, Mutex};
 use super::stdio::{spawn_output_reader, StdioPlan};
 use super::{io_err, ContainerError, Containers, Proc, Status};
 use crate::cgroup::Cgroup;
+use crate::init::console::{receive_master, CONSOLE_FD};
 use crate::init::sync::read_until_created;
 use crate::init::{InitConfig, HELPER_ARG, START_FD, SYNC_FD};
 
@@ -56,8 +58,12 @@ impl Containers {
 
         // The helper always answers or exits (EOF); the shim's call timeout bounds the rest.
         let mut sync_read = BufReader::new(fs::File::from(spawned.sync));
+        let console = spawned.console;
         let outcome = tokio::task::spawn_blocking(move || {
-            let result = read_until_created(&mut sync_read);
+            let result = read_until_created(&mut sync_read).and_then(|pid| {
+                let master = console.as_ref().map(receive_master).transpose()?;
+                Ok((pid, master))
+            });
             (result, sync_read)
         })
         .await;
@@ -66,8 +72,8 @@ impl Containers {
         } else {
             format!("{id}/{exec_id}")
         };
-        let (pid, sync_read) = match outcome {
-            Ok((Ok(pid), reader)) => (pid, reader),
+        let ((pid, master), sync_read) = match outcome {
+            Ok((Ok(created), reader)) => (created, reader),
             Ok((Err(reason), _)) => return Err(ContainerError::Init { id: shown, reason }),
             Err(join) => {
                 return Err(ContainerError::Init {
@@ -76,6 +82,21 @@ impl Containers {
                 })
             }
         };
+
+        let (mut stdin, mut stdout, mut pty) = (spawned.stdin, spawned.stdout, None);
+        if let Some(master) = master {
+            // One terminal for all three streams: the host writes to and reads from the master,
+            // from the runtime's threads, so it must never block them.
+            super::stdio::set_nonblocking(&master)
+                .map_err(|e| io_err(id, "the terminal")(e.into()))?;
+            let clone = |fd: &OwnedFd| fd.try_clone().map_err(io_err(id, "the terminal"));
+            stdin = Some(
+                pipe::Sender::from_owned_fd_unchecked(clone(&master)?)
+                    .map_err(io_err(id, "the terminal"))?,
+            );
+            stdout = Some(clone(&master)?);
+            pty = Some(master);
+        }
 
         let (exit_tx, exit_rx) = watch::channel(None);
         let exit_watch = self.reaper.watch(pid);
@@ -97,10 +118,10 @@ impl Containers {
             exit: exit_rx,
             start_pipe: Some(spawned.start),
             sync_pipe: Some(sync_read),
-            stdin: spawned.stdin.map(|s| Arc::new(Mutex::new(Some(s)))),
-            stdout: spawned.stdout.map(spawn_output_reader),
+            stdin: stdin.map(|s| Arc::new(Mutex::new(Some(s)))),
+            stdout: stdout.map(spawn_output_reader),
             stderr: spawned.stderr.map(spawn_output_reader),
-            pty: spawned.pty.map(Arc::new),
+            pty: pty.map(Arc::new),
         })
     }
 }
@@ -111,7 +132,8 @@ struct Spawned {
     stdin: Option<pipe::Sender>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
-    pty: Option<OwnedFd>,
+    /// With a terminal: the agent's end of the socket its master comes back on.
+    console: Option<OwnedFd>,
 }
 
 fn spawn_helper(
@@ -131,26 +153,23 @@ fn spawn_helper(
         stdin: None,
         stdout: None,
         stderr: None,
-        pty: None,
+        console: None,
     };
+    let mut console = None;
     if stdio.terminal {
-        // One terminal for all three streams: the host writes to and reads from the master.
-        let pty = nix::pty::openpty(None, None).map_err(std::io::Error::from)?;
-        nix::fcntl::fcntl(
-            pty.master.as_fd(),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(std::io::Error::from)?;
-        cmd.stdin(Stdio::from(pty.slave.try_clone()?))
-            .stdout(Stdio::from(pty.slave.try_clone()?))
-            .stderr(Stdio::from(pty.slave));
-        // The master is written and read from the runtime's threads: never blocking them.
-        super::stdio::set_nonblocking(&pty.master).map_err(std::io::Error::from)?;
-        spawned.stdin = Some(pipe::Sender::from_owned_fd_unchecked(
-            pty.master.try_clone()?,
-        )?);
-        spawned.stdout = Some(pty.master.try_clone()?);
-        spawned.pty = Some(pty.master);
+        // The helper makes the terminal inside the container (`crate::init::console`) and
+        // sends its master back on this socket; until then it has nothing to say on stdio.
+        let (agent_end, helper_end) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        spawned.console = Some(agent_end);
+        console = Some(helper_end);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
     } else {
         if stdio.stdin {
             let (r, w) = pipe2(cloexec)?;
@@ -177,6 +196,7 @@ fn spawn_helper(
 
     let sync_raw = sync_w.as_raw_fd();
     let start_raw = start_r.as_raw_fd();
+    let console_raw = console.as_ref().map(|c| c.as_raw_fd());
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
     // system calls (unshare, fcntl, dup2).
     unsafe {
@@ -184,15 +204,21 @@ fn spawn_helper(
             if new_pid_ns {
                 unshare(CloneFlags::CLONE_NEWPID)?;
             }
-            // Copy to close-on-exec fds out of the way first so the two dup2s cannot clobber
-            // each other and nothing but fds 3 and 4 reaches the container.
+            // Copy to close-on-exec fds out of the way first so the dup2s cannot clobber each
+            // other and nothing but fds 3, 4 (and 5) reaches the helper.
             let sync_tmp = libc::fcntl(sync_raw, libc::F_DUPFD_CLOEXEC, 10);
             let start_tmp = libc::fcntl(start_raw, libc::F_DUPFD_CLOEXEC, 10);
-            if sync_tmp < 0 || start_tmp < 0 {
+            let console_tmp = console_raw.map(|fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10));
+            if sync_tmp < 0 || start_tmp < 0 || console_tmp.is_some_and(|fd| fd < 0) {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::dup2(sync_tmp, SYNC_FD) < 0 || libc::dup2(start_tmp, START_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = console_tmp {
+                if libc::dup2(fd, CONSOLE_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -201,5 +227,7 @@ fn spawn_helper(
     let _child = cmd.spawn()?;
     drop(sync_w);
     drop(start_r);
+    // Only the helper's copy left: its end reads as closed once the helper is gone.
+    drop(console);
     Ok(spawned)
 }

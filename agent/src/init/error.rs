@@ -57,6 +57,15 @@ pub enum InitError {
     /// A device node could not be made as the spec asks.
     #[error("device: {0}")]
     Device(String),
+    /// A terminal was asked for and the container's ptmx cannot give one.
+    #[error("the container has no usable {ptmx} for its terminal: {source}")]
+    Terminal {
+        ptmx: String,
+        source: nix::errno::Errno,
+    },
+    /// The terminal could not be made the container's console.
+    #[error("the container's console: {0}")]
+    Console(String),
     /// A bind mount carries options hako does not know.
     #[error("bind mount {destination}: unknown mount options {option:?}")]
     MountOption { destination: String, option: String },

@@ -3,9 +3,9 @@
 //! The agent spawns this helper inside a fresh pid namespace (it unshares CLONE_NEWPID before the
 //! exec), so the helper's one child is PID 1 there. The helper reports that child's pid (in the
 //! agent's namespace) and exits; the child is reparented to the agent, which reaps it and so
-//! sees its real exit status. The child builds the container (`rootfs`), says "created" and
-//! blocks until Start, then runs the process (`process`); `sync` is the pipe protocol between
-//! them and the agent.
+//! sees its real exit status. The child builds the container (`rootfs`), makes its terminal if
+//! it has one (`console`), says "created" and blocks until Start, then runs the process
+//! (`process`); `sync` is the pipe protocol between them and the agent.
 //!
 //! An exec (`Mode::Exec`) takes the same path but joins the namespaces and cgroup of the
 //! container's init process instead of making new ones.
@@ -13,6 +13,7 @@
 //! This process is single-threaded from start to finish, so fork() here is safe.
 
 mod caps;
+pub mod console;
 mod devnodes;
 mod error;
 mod process;
@@ -21,7 +22,7 @@ mod seccomp;
 pub mod sync;
 
 use std::fs::{self, File};
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use nix::sched::{setns, CloneFlags};
@@ -29,6 +30,7 @@ use nix::unistd::{fork, ForkResult};
 use oci_spec::runtime::{LinuxNamespaceType, LinuxSeccomp, Process, Spec};
 use serde::{Deserialize, Serialize};
 
+use console::{Pty, CONSOLE_FD};
 pub use error::InitError;
 use error::{io, sys};
 use sync::{report, report_and_exit};
@@ -80,7 +82,10 @@ pub fn helper_main(config_path: &str) -> ! {
         Ok(ForkResult::Child) => {
             let result = match &config.mode {
                 Mode::Init { spec } => init_container(&config, spec, &mut sync),
-                Mode::Exec { process, .. } => process::run(&config, process, &mut sync),
+                // An exec is in the container's mount namespace already (prepare_before_fork):
+                // its terminal is one of the container's too.
+                Mode::Exec { process, .. } => terminal(&config, process)
+                    .and_then(|pty| process::run(&config, process, pty, &mut sync)),
             };
             let e = match result {
                 Ok(never) => match never {},
@@ -154,5 +159,26 @@ fn init_container(
 ) -> Result<std::convert::Infallible, InitError> {
     let process = spec.process().as_ref().ok_or(InitError::NoProcess)?;
     rootfs::enter(spec)?;
-    process::run(config, process, sync)
+    // After pivot_root, so /dev/ptmx is the container's; before the root may turn read-only, as
+    // /dev/console may have to be made.
+    let pty = terminal(config, process)?;
+    if let Some((pty, _)) = &pty {
+        pty.bind_console()?;
+    }
+    rootfs::finish(spec)?;
+    process::run(config, process, pty, sync)
+}
+
+/// The process's terminal, when it has one, sized as its spec says, and the socket its master
+/// goes back on.
+fn terminal(config: &InitConfig, process: &Process) -> Result<Option<(Pty, OwnedFd)>, InitError> {
+    if !config.terminal {
+        return Ok(None);
+    }
+    // SAFETY: with a terminal the agent passes its end of the console socket as fd 5; nothing
+    // else in this process owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(CONSOLE_FD) };
+    let pty = console::open()?;
+    pty.set_size(process.console_size())?;
+    Ok(Some((pty, socket)))
 }

@@ -4,25 +4,27 @@
 
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::unistd::{chdir, execve, setgid, setgroups, setuid, Gid, Uid};
 use oci_spec::runtime::{PosixRlimit, Process};
 
+use super::console::Pty;
 use super::error::{io, sys, InitError};
 use super::sync::{report, set_cloexec, START_FD};
-use super::{caps, seccomp, InitConfig};
+use super::{caps, seccomp, InitConfig, Mode};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The part init and exec share: terminal, "created", wait for start, then credentials,
-/// limits, capabilities and exec.
+/// The part init and exec share: terminal (`pty`, made by the caller, sent to the agent here),
+/// "created", wait for start, then credentials, limits, capabilities and exec.
 pub fn run(
     config: &InitConfig,
     process: &Process,
+    pty: Option<(Pty, OwnedFd)>,
     sync: &mut File,
 ) -> Result<std::convert::Infallible, InitError> {
     let args = process
@@ -32,14 +34,8 @@ pub fn run(
         .ok_or(InitError::NoArgs)?;
     let env = env_entries(process.env().as_deref().unwrap_or_default())?;
     let env = with_home(env, process.user().uid(), read_passwd);
-    if config.terminal {
-        nix::unistd::setsid().map_err(sys("setsid"))?;
-        // SAFETY: TIOCSCTTY on our own stdin (the pty slave) with arg 0; no memory is passed.
-        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
-            return Err(sys("making the terminal the controlling tty")(
-                nix::errno::Errno::last(),
-            ));
-        }
+    if let Some((pty, socket)) = pty {
+        pty.attach(process.user().uid(), socket)?;
     }
     // Resolve the command and compile the filter now, so mistakes fail Create, not Start.
     let program = find_program(&args[0], &env)?;
@@ -118,11 +114,30 @@ pub fn run(
     }
     // Worded as runc words them, for Docker's exit codes (see InitError::Missing).
     let Err(errno) = execve(&c_program, &c_args, &c_env);
+    if errno == nix::errno::Errno::E2BIG && matches!(config.mode, Mode::Init { .. }) {
+        too_long(&program)
+    }
     Err(match errno {
         nix::errno::Errno::ENOENT => InitError::Missing(args[0].clone()),
         nix::errno::Errno::EACCES => InitError::NotExecutable(args[0].clone()),
         other => sys(format!("exec {}", args[0]))(other),
     })
+}
+
+/// A container's init whose arguments and environment the kernel refused (E2BIG), as under
+/// runc: runc's init finds that out after `runc start` has returned, so Start succeeds and the
+/// process fails, its stderr saying so in runc's words, with runc's exit status. Leaving without
+/// a word on the sync pipe is what tells the agent the process started.
+fn too_long(program: &Path) -> ! {
+    let _ = std::io::stderr().write_all(too_long_message(program).as_bytes());
+    std::process::exit(RUNC_INIT_FAILED)
+}
+
+/// What runc's init exits with when it fails after Start.
+const RUNC_INIT_FAILED: i32 = 1;
+
+fn too_long_message(program: &Path) -> String {
+    format!("exec {}: argument list too long\n", program.display())
 }
 
 fn set_rlimit(rlimit: &PosixRlimit) -> Result<(), InitError> {
@@ -306,6 +321,15 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!("exec: {shown:?}: permission denied")
+        );
+    }
+
+    #[test]
+    fn a_refused_exec_is_worded_as_runcs() {
+        // What runc 1.1's init printed for `docker run --env-file <2 MiB> busybox true`.
+        assert_eq!(
+            too_long_message(Path::new("/bin/true")),
+            "exec /bin/true: argument list too long\n"
         );
     }
 

@@ -20,7 +20,8 @@ use hako_protocol::sysctl;
 const DEFAULT_DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Builds the container from `spec`: its namespaces (the network namespace is the VM's), its
-/// mounts, masked and read-only paths and hostname, then `pivot_root`s into its root.
+/// mounts, masked and read-only paths and hostname, then `pivot_root`s into its root (`finish`
+/// makes it read-only).
 pub fn enter(spec: &Spec) -> Result<(), InitError> {
     let root = spec.root().as_ref().ok_or(InitError::NoRoot)?;
     let root_path = root.path().clone();
@@ -112,7 +113,17 @@ pub fn enter(spec: &Spec) -> Result<(), InitError> {
     pivot_root(".", ".").map_err(sys("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the old root"))?;
     chdir("/").map_err(sys("chdir /"))?;
-    if root.readonly().unwrap_or(false) {
+    Ok(())
+}
+
+/// What is left once the process's terminal is made (`super::console`): the root read-only if
+/// the spec wants it.
+pub fn finish(spec: &Spec) -> Result<(), InitError> {
+    if spec
+        .root()
+        .as_ref()
+        .is_some_and(|r| r.readonly() == Some(true))
+    {
         remount_readonly(Path::new("/"))?;
     }
     Ok(())

@@ -3,7 +3,10 @@
 //! The helper writes `pid N` (its child, PID 1 of the container) and the child `created` once
 //! the container is built, or `error <reason>`; the child then blocks reading fd 4 until the
 //! agent writes the start byte. A failed exec is reported on fd 3; a successful one closes it
-//! (close-on-exec), which the agent reads as end of file.
+//! (close-on-exec), which the agent reads as end of file. So does a container's init whose exec
+//! the kernel refused as too long (E2BIG): under runc that is the process's failure, not
+//! Start's (`process::too_long`). With a terminal, the terminal's master comes before "created",
+//! on the socket `console` speaks.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};

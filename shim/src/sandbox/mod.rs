@@ -4,6 +4,7 @@
 mod boot;
 pub mod devices;
 mod dns;
+pub mod exec_limits;
 mod forward;
 pub mod mounts;
 mod network;

@@ -245,14 +245,7 @@ impl Pod {
         } else {
             Vec::new()
         };
-        let guest_spec_json = serde_json::to_vec(&guest_spec)
-            .map_err(|e| SandboxError::SpecTooLarge(format!("cannot encode it: {e}")))?;
-        if guest_spec_json.len() > MAX_GUEST_SPEC {
-            return Err(SandboxError::SpecTooLarge(format!(
-                "it is {} bytes; hako passes at most {MAX_GUEST_SPEC} bytes to the guest (is the environment or the set of annotations that large on purpose?)",
-                guest_spec_json.len()
-            )));
-        }
+        let guest_spec_json = super::exec_limits::guest_spec_json(&mut guest_spec)?;
         let network = crate::net::mode(new.spec);
         let booting = slot.is_none();
         if booting && self.is_standalone() {
