@@ -299,11 +299,14 @@ impl Docker {
             .unwrap_or(0)
     }
 
+    /// The daemon's address, as `DOCKER_HOST` gives it.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.dir.join("docker.sock").display())
+    }
+
     fn docker_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(self.bin.join("bin/docker"));
-        cmd.arg("--host")
-            .arg(format!("unix://{}", self.dir.join("docker.sock").display()))
-            .args(args);
+        cmd.arg("--host").arg(self.host()).args(args);
         cmd
     }
 

@@ -888,6 +888,25 @@ fn docker_top_shows_only_the_vm_and_hako_ps_the_guests_processes() {
             let exec = row("sleep 700");
             assert_ne!(exec[0], "1", "{ps:?}");
             assert_eq!(ps.stdout.lines().count(), 3, "a header and two: {ps:?}");
+
+            // By the container's Docker name, which only Docker knows: asked of the daemon
+            // `DOCKER_HOST` names, as the docker CLI would.
+            let mut cmd = std::process::Command::new("/usr/local/bin/hako");
+            cmd.args(["ps", name]).env("DOCKER_HOST", d.host());
+            let by_name = run_with_timeout(cmd, None, Duration::from_secs(60));
+            assert_eq!(by_name.code, 0, "{by_name:?}");
+            assert!(by_name.stdout.contains("sleep 600"), "{by_name:?}");
+            let mut cmd = std::process::Command::new("/usr/local/bin/hako");
+            cmd.args(["logs", name]).env("DOCKER_HOST", d.host());
+            let logs = run_with_timeout(cmd, None, Duration::from_secs(60));
+            assert_eq!(logs.code, 0, "{logs:?}");
+            assert!(logs.stdout.contains("console.log"), "{logs:?}");
+            let mut cmd = std::process::Command::new("/usr/local/bin/hako");
+            cmd.args(["ps", "no-such-name"])
+                .env("DOCKER_HOST", d.host());
+            let unknown = run_with_timeout(cmd, None, Duration::from_secs(60));
+            assert_ne!(unknown.code, 0, "{unknown:?}");
+            assert!(unknown.stderr.contains("no-such-name"), "{unknown:?}");
         });
         hako_tests::runc::remove_parent();
     });

@@ -2,6 +2,8 @@
 //! `hako logs` prints a running sandbox's logs, `hako ps` a container's processes in the guest,
 //! `hako template` manages templates.
 
+#[path = "hako/docker.rs"]
+mod docker;
 #[path = "hako/find.rs"]
 mod find;
 #[path = "hako/ps.rs"]
@@ -61,7 +63,8 @@ enum Cmd {
         #[arg(short, long)]
         namespace: Option<String>,
         /// The sandbox's id (the pod's, or the container's outside Kubernetes), or a prefix
-        /// that names one sandbox only.
+        /// that names one sandbox only, or a Docker container's name (asked of Docker's
+        /// daemon).
         sandbox: String,
     },
     /// Lists a running container's processes as the guest sees them (PID in the container,
@@ -73,8 +76,8 @@ enum Cmd {
         /// Kubernetes); every namespace is searched when not given.
         #[arg(short, long)]
         namespace: Option<String>,
-        /// The container's id (for Docker, `docker inspect -f '{{.Id}}' NAME`), or a prefix
-        /// that names one container only.
+        /// The container's id, or a prefix that names one container only, or a Docker
+        /// container's name (asked of Docker's daemon).
         container: String,
     },
     /// Manages the saved VMs pods start from (ADR 14).
@@ -139,7 +142,8 @@ fn logs(namespace: Option<&str>, sandbox: &str) -> anyhow::Result<bool> {
     }
     validate("sandbox id", sandbox)?;
     let config = Config::load(None)?.config;
-    let dir = find::sandbox(&config.runtime.sandbox_root, namespace, sandbox)?;
+    let root = &config.runtime.sandbox_root;
+    let dir = find::or_by_docker_name(namespace, sandbox, |ns, id| find::sandbox(root, ns, id))?;
     // What the guest wrote reaches a terminal here: escaped. A rotated log comes first.
     for name in LOGS {
         let current = dir.join(name);

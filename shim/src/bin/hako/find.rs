@@ -11,6 +11,26 @@ pub struct Found {
     pub container: String,
 }
 
+/// `find` by `wanted`; if nothing is found, by the id of the Docker container whose name (or
+/// id prefix) is `wanted`, in Docker's namespace unless another is given.
+pub fn or_by_docker_name<T>(
+    namespace: Option<&str>,
+    wanted: &str,
+    find: impl Fn(Option<&str>, &str) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let first = find(namespace, wanted);
+    if first.is_ok() {
+        return first;
+    }
+    match super::docker::container_id(wanted) {
+        Some(id) => find(namespace.or(Some(DOCKER_NAMESPACE)), &id),
+        None => first,
+    }
+}
+
+/// The containerd namespace Docker's containers are in.
+const DOCKER_NAMESPACE: &str = "moby";
+
 /// The directory of the one sandbox whose id is `wanted` or starts with it.
 pub fn sandbox(root: &Path, namespace: Option<&str>, wanted: &str) -> anyhow::Result<PathBuf> {
     let found = namespaces(root, namespace)

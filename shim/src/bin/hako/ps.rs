@@ -30,7 +30,8 @@ pub fn command(namespace: Option<&str>, container: &str) -> anyhow::Result<bool>
     validate("container id", container)?;
     let config = Config::load(None)?.config;
     let root = &config.runtime.sandbox_root;
-    let found = find::container(root, namespace, container)?;
+    let found =
+        find::or_by_docker_name(namespace, container, |ns, id| find::container(root, ns, id))?;
     let paths = SandboxPaths::new(root, &found.namespace, &found.sandbox)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
