@@ -87,6 +87,12 @@ enum Cmd {
     },
     /// Prints hako's version (as --version).
     Version,
+    /// Prints a completion script for a shell, e.g. `hako completions bash >
+    /// /etc/bash_completion.d/hako`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -104,6 +110,11 @@ fn main() -> ExitCode {
             container,
         } => ps::command(namespace.as_deref(), &container),
         Cmd::Template { action } => template::command(action),
+        Cmd::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "hako", &mut std::io::stdout());
+            Ok(true)
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -524,6 +535,24 @@ mod tests {
             let err = Cli::try_parse_from(&args).err().expect("refused");
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
+    }
+
+    #[test]
+    fn completions_name_every_command() {
+        for shell in ["bash", "zsh", "fish"] {
+            let cli = Cli::try_parse_from(["hako", "completions", shell]).expect("a shell");
+            let Cmd::Completions { shell } = cli.command else {
+                panic!("not completions");
+            };
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "hako", &mut script);
+            let script = String::from_utf8(script).expect("text");
+            for command in ["check", "logs", "ps", "template", "completions"] {
+                assert!(script.contains(command), "{shell}: {command}");
+            }
+        }
+        let err = Cli::try_parse_from(["hako", "completions", "tcsh"]).err();
+        assert_eq!(err.map(|e| e.exit_code()), Some(2));
     }
 
     #[test]
