@@ -424,6 +424,8 @@ pub struct ConfigExtra {
     pub keys: String,
     /// Whole tables, appended.
     pub tables: String,
+    /// containerd's environment, and so its shims' (`HakoConfig::env`).
+    pub env: Vec<(String, String)>,
 }
 
 /// A private containerd with CRI, in a network namespace of its own (the node), stopped on
@@ -506,6 +508,7 @@ impl CriContainerd {
                     containerd.bin.display()
                 ),
             )
+            .envs(extra.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -682,10 +685,15 @@ impl Drop for CriContainerd {
 /// Runs `test` against every containerd version, each on a fresh CRI containerd, with the leak
 /// check before and after; afterwards the node's namespace (and with it the bridge) is gone.
 pub fn for_each_cri_containerd(test: impl Fn(&CriContainerd)) {
+    for_each_cri_containerd_with(&ConfigExtra::default(), test)
+}
+
+/// `for_each_cri_containerd`, each containerd started with `extra`.
+pub fn for_each_cri_containerd_with(extra: &ConfigExtra, test: impl Fn(&CriContainerd)) {
     for install in containerd_versions() {
         assert_no_leaks("before the test");
         let host = HostState::now();
-        let containerd = CriContainerd::start(&install);
+        let containerd = CriContainerd::start_with(&install, extra);
         eprintln!("--- containerd {} (CRI)", containerd.version);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&containerd)));
         if outcome.is_err() {

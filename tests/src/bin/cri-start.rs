@@ -38,6 +38,7 @@ fn main() {
             .map(|p| std::fs::read_to_string(p).expect("the extra configuration"))
             .unwrap_or_default(),
         keys: args.get(5).map(|k| format!("  {k}\n")).unwrap_or_default(),
+        env: Vec::new(),
     };
     let c = CriContainerd::start_with(Path::new(&args[1]), &extra);
     let image = c.client.image_status(IMAGE).unwrap().expect("busybox").id;
