@@ -458,8 +458,9 @@ fn a_sandbox_api_pod_has_no_pause_container_and_shares_what_pause_would() {
 /// containers' limits, which containerd passes the runtime as annotations, and under the
 /// `hako` handler they size the pod's VM within `max_memory_mib`. So a container whose limit
 /// is above the configured VM is created and sees the grown VM's memory; with the default
-/// maxima (the VM may not grow) the same container is refused at CreateContainer, naming the
-/// annotation that sizes a pod, where it was once created and killed at the VM's size.
+/// maxima (the VM may not grow) the same container is refused when it starts (containerd
+/// makes its task then), naming the annotation that sizes a pod, where it once ran and was
+/// killed at the VM's size.
 #[test]
 #[ignore = "boots VMs: run through scripts/test.sh"]
 fn a_pods_limits_size_its_vm_within_the_maxima() {
@@ -501,10 +502,11 @@ fn a_pods_limits_size_its_vm_within_the_maxima() {
                 &["sh", "-c", "exec sleep inf"],
                 900 * MIB,
             );
-            let created = cri.create_container(&pod, &big, &pod_config);
+            // containerd makes the task, and so the shim sees the container, at StartContainer.
+            let id = cri.create_container(&pod, &big, &pod_config).unwrap();
+            let started = cri.start_container(&id);
             if grows {
-                let id = created.unwrap();
-                cri.start_container(&id).unwrap();
+                started.unwrap();
                 let r = cri
                     .exec_sync(&id, &["grep", "MemTotal", "/proc/meminfo"])
                     .unwrap();
@@ -518,7 +520,7 @@ fn a_pods_limits_size_its_vm_within_the_maxima() {
                 // the guest kernel keeps.
                 assert!(kib * 1024 > 900 * MIB, "{r:?}");
             } else {
-                let err = created.expect_err("a limit past the VM");
+                let err = started.expect_err("a limit past the VM");
                 assert!(
                     err.message().contains("io.hako.memory_mib")
                         && err.message().contains("900 MiB"),
