@@ -455,8 +455,9 @@ fn a_sandbox_api_pod_has_no_pause_container_and_shares_what_pause_would() {
 }
 
 /// Issue 24, item 2, as kubelet asks it: kubelet gives a pod's sandbox the sum of its
-/// containers' limits, which containerd passes the runtime as annotations, and under the
-/// `hako` handler they size the pod's VM within `max_memory_mib`. So a container whose limit
+/// containers' limits, which containerd passes the runtime (as annotations on the pause
+/// container, in the pod's config through the Sandbox API), and through both handlers they
+/// size the pod's VM within `max_memory_mib`. So a container whose limit
 /// is above the configured VM is created and sees the grown VM's memory; with the default
 /// maxima (the VM may not grow) the same container is refused when it starts (containerd
 /// makes its task then), naming the annotation that sizes a pod, where it once ran and was
@@ -494,41 +495,43 @@ fn a_pods_limits_size_its_vm_within_the_maxima() {
                     ..Default::default()
                 });
             }
-            let pod = cri.run_pod_sandbox(&pod_config, HANDLER).unwrap();
-            let big = container_config(
-                &pod_config,
-                "big",
-                &image.id,
-                &["sh", "-c", "exec sleep inf"],
-                900 * MIB,
-            );
-            // containerd makes the task, and so the shim sees the container, at StartContainer.
-            let id = cri.create_container(&pod, &big, &pod_config).unwrap();
-            let started = cri.start_container(&id);
-            if grows {
-                started.unwrap();
-                let r = cri
-                    .exec_sync(&id, &["grep", "MemTotal", "/proc/meminfo"])
-                    .unwrap();
-                let kib: i64 = r
-                    .stdout
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|k| k.parse().ok())
-                    .unwrap_or(0);
-                // 900 MiB and the guest's own 64, up to the next 128 MiB: 1024 MiB, less what
-                // the guest kernel keeps.
-                assert!(kib * 1024 > 900 * MIB, "{r:?}");
-            } else {
-                let err = started.expect_err("a limit past the VM");
-                assert!(
-                    err.message().contains("io.hako.memory_mib")
-                        && err.message().contains("900 MiB"),
-                    "{err:?}"
+            for handler in c.handlers() {
+                let pod = cri.run_pod_sandbox(&pod_config, handler).unwrap();
+                let big = container_config(
+                    &pod_config,
+                    "big",
+                    &image.id,
+                    &["sh", "-c", "exec sleep inf"],
+                    900 * MIB,
                 );
+                // containerd makes the task, and so the shim sees the container, at StartContainer.
+                let id = cri.create_container(&pod, &big, &pod_config).unwrap();
+                let started = cri.start_container(&id);
+                if grows {
+                    started.unwrap();
+                    let r = cri
+                        .exec_sync(&id, &["grep", "MemTotal", "/proc/meminfo"])
+                        .unwrap();
+                    let kib: i64 = r
+                        .stdout
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|k| k.parse().ok())
+                        .unwrap_or(0);
+                    // 900 MiB and the guest's own 64, up to the next 128 MiB: 1024 MiB, less what
+                    // the guest kernel keeps.
+                    assert!(kib * 1024 > 900 * MIB, "{r:?}");
+                } else {
+                    let err = started.expect_err("a limit past the VM");
+                    assert!(
+                        err.message().contains("io.hako.memory_mib")
+                            && err.message().contains("900 MiB"),
+                        "{err:?}"
+                    );
+                }
+                cri.stop_pod_sandbox(&pod).unwrap();
+                cri.remove_pod_sandbox(&pod).unwrap();
             }
-            cri.stop_pod_sandbox(&pod).unwrap();
-            cri.remove_pod_sandbox(&pod).unwrap();
         });
     }
 }

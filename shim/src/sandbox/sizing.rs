@@ -80,12 +80,24 @@ impl Needs {
     }
 
     /// What a Kubernetes pod's containers need together: kubelet sums their limits into the
-    /// pod sandbox's resources, which containerd's CRI gives the sandbox as annotations.
+    /// pod sandbox's resources (memory in bytes, the CPU quota and period in µs; 0 or less for
+    /// none), which containerd gives a pause container as annotations (`of_pod`) and a
+    /// sandboxer in the pod's config.
+    pub fn of_pod_resources(memory: i64, quota: i64, period: i64) -> Needs {
+        let positive = |n: i64| u64::try_from(n).ok().filter(|n| *n > 0);
+        let period = positive(period).unwrap_or(100_000);
+        Needs {
+            memory_mib: positive(memory).map(|bytes| bytes.div_ceil(MIB)),
+            cpus: positive(quota).map(|q| u32::try_from(q.div_ceil(period)).unwrap_or(u32::MAX)),
+            top_cpu: None,
+        }
+    }
+
+    /// `of_pod_resources`, from the annotations containerd's CRI gives a pause container.
     pub fn of_pod<'a>(annotations: impl IntoIterator<Item = (&'a String, &'a String)>) -> Needs {
-        let mut memory = None;
-        let (mut quota, mut period) = (None, None);
+        let (mut memory, mut quota, mut period) = (0, 0, 0);
         for (key, value) in annotations {
-            let number = || value.trim().parse::<u64>().ok().filter(|n| *n > 0);
+            let number = || value.trim().parse::<i64>().unwrap_or(0);
             match key.as_str() {
                 "io.kubernetes.cri.sandbox-memory" => memory = number(),
                 "io.kubernetes.cri.sandbox-cpu-quota" => quota = number(),
@@ -93,12 +105,7 @@ impl Needs {
                 _ => {}
             }
         }
-        Needs {
-            memory_mib: memory.map(|bytes| bytes.div_ceil(MIB)),
-            cpus: quota
-                .map(|q| u32::try_from(q.div_ceil(period.unwrap_or(100_000))).unwrap_or(u32::MAX)),
-            top_cpu: None,
-        }
+        Needs::of_pod_resources(memory, quota, period)
     }
 
     /// The vCPUs these limits need: enough for the quota, and for the cpuset's highest CPU.

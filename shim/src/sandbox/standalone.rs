@@ -15,6 +15,7 @@ use hako_protocol::{sysctl, PodInit, GUEST_POD_DIR, MAX_POD_FILE};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, MountBuilder, Spec};
 
 use super::pod::{Pod, Running};
+use super::sizing::{self, Needs};
 use super::spec::SpecError;
 use super::{Sandbox, SandboxError};
 use crate::config::Config;
@@ -41,6 +42,8 @@ pub struct StandalonePod<'a> {
     pub sysctls: &'a std::collections::BTreeMap<String, String>,
     pub host_pid: bool,
     pub host_ipc: bool,
+    /// What its containers need together (kubelet's sum of their limits).
+    pub needs: Needs,
 }
 
 impl Pod {
@@ -84,7 +87,8 @@ impl Pod {
             return Err(SandboxError::Exists(pod.id.to_string()));
         }
         let loaded = Config::load(None)?;
-        let config = loaded.config.with_pod_annotations(pod.annotations.iter())?;
+        let mut config = loaded.config.with_pod_annotations(pod.annotations.iter())?;
+        sizing::grow_towards(&mut config.hypervisor, &pod.needs);
         let cgroups_path = cgroups_path(pod.cgroup_parent, pod.id);
         let mut sandbox =
             Sandbox::prepare(&config, &self.namespace, pod.id, cgroups_path.as_deref()).await?;
@@ -255,6 +259,7 @@ mod tests {
             sysctls: &none,
             host_pid: false,
             host_ipc: false,
+            needs: Needs::default(),
         };
         let cases = [
             (

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use ttrpc::r#async::TtrpcContext;
 
 use crate::ids::validate;
+use crate::sandbox::sizing::Needs;
 use crate::sandbox::standalone::StandalonePod;
 use crate::task::{timestamp, to_ttrpc, TaskError, TaskService, UNKNOWN_EXIT_STATUS};
 pub use pod_config::{PodConfig, PodConfigError};
@@ -104,6 +105,11 @@ impl SandboxService {
             sysctls: &config.sysctls,
             host_pid: config.host_pid,
             host_ipc: config.host_ipc,
+            needs: Needs::of_pod_resources(
+                config.memory_limit,
+                config.cpu_quota,
+                config.cpu_period,
+            ),
         };
         if let Err(e) = self.tasks.pod().create_standalone(&pod).await {
             self.state().id = None;

@@ -29,6 +29,11 @@ pub struct PodConfig {
     pub host_network: bool,
     pub host_pid: bool,
     pub host_ipc: bool,
+    /// kubelet's sum of the containers' limits (`linux.resources`): memory in bytes, the CPU
+    /// quota and period in µs; 0 for none.
+    pub memory_limit: i64,
+    pub cpu_quota: i64,
+    pub cpu_period: i64,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -120,6 +125,17 @@ fn decode_linux(bytes: &[u8], config: &mut PodConfig) -> Result<(), PodConfigErr
                                 _ => {}
                             }
                         }
+                    }
+                }
+            }
+            (5, Value::Bytes(resources)) => {
+                for field in Fields(resources) {
+                    // int64 on the wire: a negative one is a 10-byte varint.
+                    match field? {
+                        (1, Value::Varint(n)) => config.cpu_period = n as i64,
+                        (2, Value::Varint(n)) => config.cpu_quota = n as i64,
+                        (4, Value::Varint(n)) => config.memory_limit = n as i64,
+                        _ => {}
                     }
                 }
             }
@@ -259,6 +275,18 @@ mod tests {
         bytes_field(1, b"/kubepods/pod1", &mut linux);
         bytes_field(2, &security, &mut linux);
         bytes_field(3, &entry("net.ipv4.ip_forward", "1"), &mut linux);
+        // kubelet's sum of the limits: period, quota, a negative shares and memory.
+        let mut resources = Vec::new();
+        for (field, value) in [
+            (1, 100_000u64),
+            (2, 250_000),
+            (3, -2i64 as u64),
+            (4, 1 << 30),
+        ] {
+            varint(field << 3, &mut resources);
+            varint(value, &mut resources);
+        }
+        bytes_field(5, &resources, &mut linux);
         let mut pod = Vec::new();
         bytes_field(1, b"\x0a\x03web", &mut pod);
         bytes_field(2, b"web-0", &mut pod);
@@ -284,6 +312,10 @@ mod tests {
         assert!(config.host_pid && !config.host_network && !config.host_ipc);
         assert_eq!(config.annotations["io.hako.vcpus"], "2");
         assert_eq!(config.sysctls["net.ipv4.ip_forward"], "1");
+        assert_eq!(
+            (config.cpu_period, config.cpu_quota, config.memory_limit),
+            (100_000, 250_000, 1 << 30)
+        );
         assert_eq!(
             config.dns.expect("dns").resolv_conf(),
             "search default.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n"
