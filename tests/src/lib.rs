@@ -122,6 +122,13 @@ impl From<Output> for Run {
     }
 }
 
+/// The installed `hako` CLI with `args`, and `env` added to the test's environment.
+pub fn hako_cli(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new("/usr/local/bin/hako");
+    cmd.args(args).envs(env.iter().copied());
+    run_with_timeout(cmd, None, Duration::from_secs(60))
+}
+
 /// Runs `cmd` with a deadline; a hang is a test failure, not a stuck suite.
 pub fn run_with_timeout(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> Run {
     cmd.stdin(if stdin.is_some() {

@@ -374,9 +374,7 @@ fn hako_logs_shows_the_guest_console_of_a_running_sandbox() {
         let r = c.run_detached("logged", &[], &["sleep", "600"]);
         assert_eq!(r.code, 0, "{r:?}");
         // A unique prefix of the id is enough, and every namespace is searched.
-        let mut cmd = std::process::Command::new("/usr/local/bin/hako");
-        cmd.args(["logs", "logge"]);
-        let logs = run_with_timeout(cmd, None, std::time::Duration::from_secs(30));
+        let logs = hako_cli(&["logs", "logge"], &[]);
         assert_eq!(logs.code, 0, "{logs:?}");
         // The agent's own lines on the guest console, and the VMM's log.
         assert!(

@@ -874,9 +874,7 @@ fn docker_top_shows_only_the_vm_and_hako_ps_the_guests_processes() {
 
             // A prefix of the id names the container, as with Docker; every namespace is
             // searched.
-            let mut cmd = std::process::Command::new("/usr/local/bin/hako");
-            cmd.args(["ps", &id[..12]]);
-            let ps = run_with_timeout(cmd, None, Duration::from_secs(60));
+            let ps = hako_cli(&["ps", &id[..12]], &[]);
             assert_eq!(ps.code, 0, "{ps:?}");
             eprintln!("hako ps {}:\n{}", &id[..12], ps.stdout);
             let row = |command: &str| -> Vec<String> {
@@ -895,20 +893,15 @@ fn docker_top_shows_only_the_vm_and_hako_ps_the_guests_processes() {
 
             // By the container's Docker name, which only Docker knows: asked of the daemon
             // `DOCKER_HOST` names, as the docker CLI would.
-            let mut cmd = std::process::Command::new("/usr/local/bin/hako");
-            cmd.args(["ps", name]).env("DOCKER_HOST", d.host());
-            let by_name = run_with_timeout(cmd, None, Duration::from_secs(60));
+            let docker_host = d.host();
+            let docker_env = [("DOCKER_HOST", docker_host.as_str())];
+            let by_name = hako_cli(&["ps", name], &docker_env);
             assert_eq!(by_name.code, 0, "{by_name:?}");
             assert!(by_name.stdout.contains("sleep 600"), "{by_name:?}");
-            let mut cmd = std::process::Command::new("/usr/local/bin/hako");
-            cmd.args(["logs", name]).env("DOCKER_HOST", d.host());
-            let logs = run_with_timeout(cmd, None, Duration::from_secs(60));
+            let logs = hako_cli(&["logs", name], &docker_env);
             assert_eq!(logs.code, 0, "{logs:?}");
             assert!(logs.stdout.contains("console.log"), "{logs:?}");
-            let mut cmd = std::process::Command::new("/usr/local/bin/hako");
-            cmd.args(["ps", "no-such-name"])
-                .env("DOCKER_HOST", d.host());
-            let unknown = run_with_timeout(cmd, None, Duration::from_secs(60));
+            let unknown = hako_cli(&["ps", "no-such-name"], &docker_env);
             assert_ne!(unknown.code, 0, "{unknown:?}");
             assert!(unknown.stderr.contains("no-such-name"), "{unknown:?}");
         });

@@ -294,11 +294,9 @@ fn the_guest_console_cannot_fill_the_hosts_disk() {
                       printf '\\033]0;pwned\\007\\033[2J\\377marker-from-the-guest\\n' > /dev/console-s";
         let r = c.exec("loud", "ansi", &[], &["sh", "-c", script]);
         assert_eq!(r.code, 0, "{r:?}");
-        let mut cmd = std::process::Command::new("/usr/local/bin/hako");
-        cmd.args(["logs", "loud"]);
         let started = std::time::Instant::now();
         let logs = loop {
-            let logs = run_with_timeout(cmd, None, std::time::Duration::from_secs(30));
+            let logs = hako_cli(&["logs", "loud"], &[]);
             if logs.stdout.contains("marker-from-the-guest") {
                 break logs;
             }
@@ -306,8 +304,6 @@ fn the_guest_console_cannot_fill_the_hosts_disk() {
                 started.elapsed() < std::time::Duration::from_secs(30),
                 "{logs:?}"
             );
-            cmd = std::process::Command::new("/usr/local/bin/hako");
-            cmd.args(["logs", "loud"]);
         };
         assert!(
             logs.stdout
