@@ -392,7 +392,7 @@ fn write_pid_file(path: &Path, pid: u32) {
 }
 
 /// Field 22 of /proc/<pid>/stat: when the process started, in clock ticks since boot.
-fn start_time(pid: u32) -> Option<u64> {
+pub fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];

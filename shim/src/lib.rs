@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod ids;
 pub mod logs;
 pub mod net;
+pub mod oci_runtime;
 pub mod rate_limit;
 pub mod sandbox;
 pub mod sandboxer;

@@ -245,7 +245,7 @@ fn sandbox_of(root: &Path, bundle: &Path, namespace: &str, id: &str) -> Result<S
 
 /// The configured sandbox root (the defaults' when the configuration cannot be read: the
 /// shim that serves the sandbox reports that error).
-fn sandbox_root() -> PathBuf {
+pub fn sandbox_root() -> PathBuf {
     Config::load(None)
         .map(|l| l.config.runtime.sandbox_root)
         .unwrap_or_else(|_| Config::default().runtime.sandbox_root)
