@@ -4,16 +4,18 @@
 #   /usr/local/bin/containerd-shim-hako-v2     the runtime shim (containerd finds it in $PATH)
 #   /usr/local/bin/hako                        the CLI (hako check, hako env)
 #   /usr/local/bin/hako-vsock                  the vsock device of QEMU guests (the agent channel)
+#   /usr/local/bin/hako-runtime                hako as an OCI runtime, for podman and conmon
 #   /usr/share/hako/guest/                     guest kernel (bzImage and vmlinux) and initramfs
 #   /usr/share/defaults/hako/configuration.toml  the default configuration
 #
 #   scripts/install.sh [--no-build] [--configure] [--print-config] [--uninstall]
 #
 # --print-config prints what to add to containerd's config (version 2 for containerd 1.x,
-# version 3 for 2.x), Docker's daemon.json and a Kubernetes RuntimeClass. --configure adds the
-# containerd and Docker entries itself (between "# BEGIN hako" and "# END hako" in containerd's
-# config; daemon.json only when there is none yet) and creates /etc/hako/configuration.toml from
-# the defaults; --uninstall removes what --configure added.
+# version 3 for 2.x), Docker's daemon.json, podman's containers.conf drop-in and a Kubernetes
+# RuntimeClass. --configure adds the containerd, Docker and podman entries itself (between
+# "# BEGIN hako" and "# END hako" in containerd's config; daemon.json only when there is none
+# yet) and creates /etc/hako/configuration.toml from the defaults; --uninstall removes what
+# --configure added.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +27,7 @@ DEFAULTS="$root/usr/share/defaults/hako"
 ETC_HAKO="$root/etc/hako"
 CONTAINERD_CONFIG="$root/etc/containerd/config.toml"
 DAEMON_JSON="$root/etc/docker/daemon.json"
+PODMAN_CONF="$root/etc/containers/containers.conf.d/hako.conf"
 
 # The containerd config snippet for the containerd in $PATH (2.x: version 3; else version 2).
 containerd_snippet() {
@@ -47,6 +50,9 @@ print_config() {
     echo
     echo "# --- $DAEMON_JSON (Docker Engine 23 or later; then: docker run --runtime hako ...)"
     cat "$repo/configs/docker-daemon.json"
+    echo
+    echo "# --- $PODMAN_CONF (podman; then: podman --runtime hako run ...)"
+    cat "$repo/configs/podman-hako.conf"
     echo
     echo "# --- Kubernetes (kubectl apply -f -)"
     cat "$repo/configs/runtimeclass.yaml"
@@ -79,6 +85,12 @@ configure() {
         echo "install: $DAEMON_JSON exists; merge this into it by hand:"
         cat "$repo/configs/docker-daemon.json"
     fi
+    if cmp -s "$PODMAN_CONF" "$repo/configs/podman-hako.conf"; then
+        echo "install: $PODMAN_CONF already names hako-runtime"
+    else
+        install -D -m 0644 "$repo/configs/podman-hako.conf" "$PODMAN_CONF"
+        echo "install: wrote $PODMAN_CONF; podman --runtime hako now runs containers in VMs"
+    fi
 }
 
 unconfigure() {
@@ -89,6 +101,10 @@ unconfigure() {
     if cmp -s "$DAEMON_JSON" "$repo/configs/docker-daemon.json"; then
         rm -f "$DAEMON_JSON"
         echo "install: removed $DAEMON_JSON (it held only hako's entry)"
+    fi
+    if [[ -f $PODMAN_CONF ]]; then
+        rm -f "$PODMAN_CONF"
+        echo "install: removed $PODMAN_CONF"
     fi
 }
 
@@ -104,7 +120,7 @@ for arg in "$@"; do
             ;;
         --uninstall)
             [[ $(id -u) -eq 0 ]] || { echo "install: run as root" >&2; exit 1; }
-            rm -f "$BIN/containerd-shim-hako-v2" "$BIN/hako" "$BIN/hako-vsock"
+            rm -f "$BIN/containerd-shim-hako-v2" "$BIN/hako" "$BIN/hako-vsock" "$BIN/hako-runtime"
             rm -rf "$root/usr/share/hako" "$DEFAULTS"
             unconfigure
             echo "install: hako removed (configuration in $ETC_HAKO, if any, is left alone)"
@@ -119,7 +135,7 @@ done
 [[ $(id -u) -eq 0 ]] || { echo "install: run as root" >&2; exit 1; }
 
 if ((build)); then
-    echo "install: building the shim, the CLI and hako-vsock (release)"
+    echo "install: building the shim, the CLI, hako-runtime and hako-vsock (release)"
     (cd "$repo" && cargo build --release --locked -q -p hako-shim -p hako-vsock)
     echo "install: building the guest image"
     "$repo/guest-image/build.sh" "$repo/build/guest"
@@ -130,14 +146,15 @@ target="${CARGO_TARGET_DIR:-$repo/target}"
 install -D -m 0755 "$target/release/containerd-shim-hako-v2" "$BIN/containerd-shim-hako-v2"
 install -D -m 0755 "$target/release/hako" "$BIN/hako"
 install -D -m 0755 "$target/release/hako-vsock" "$BIN/hako-vsock"
+install -D -m 0755 "$target/release/hako-runtime" "$BIN/hako-runtime"
 install -D -m 0644 "$repo/build/guest/vmlinuz" "$GUEST/vmlinuz"
 install -D -m 0644 "$repo/build/guest/vmlinux" "$GUEST/vmlinux"
 install -D -m 0644 "$repo/build/guest/initramfs.cpio" "$GUEST/initramfs.cpio"
 install -D -m 0644 "$repo/build/guest/kernel-release" "$GUEST/kernel-release"
 install -D -m 0644 "$repo/configs/configuration.toml" "$DEFAULTS/configuration.toml"
-echo "install: installed containerd-shim-hako-v2, hako and hako-vsock in $BIN, the guest in $GUEST"
+echo "install: installed containerd-shim-hako-v2, hako, hako-vsock and hako-runtime in $BIN, the guest in $GUEST"
 if ((configure)); then
     configure
 else
-    echo "install: for CRI/Kubernetes and 'docker run --runtime hako', see $0 --print-config (or --configure)"
+    echo "install: for CRI/Kubernetes, 'docker run --runtime hako' and 'podman --runtime hako', see $0 --print-config (or --configure)"
 fi

@@ -1,6 +1,6 @@
 //! End-to-end: `scripts/install.sh` into a scratch root (DESTDIR). `--configure` writes the
 //! containerd runtime entry in the format of each containerd version (and that containerd reads
-//! it back), Docker's daemon.json and /etc/hako; a second run changes nothing; `--uninstall`
+//! it back), Docker's daemon.json, podman's drop-in and /etc/hako; a second run changes nothing; `--uninstall`
 //! removes all of it but the operator's /etc/hako.
 //!
 //! Needs the release build and guest image that `scripts/install.sh` makes: `#[ignore]`d in a
@@ -42,6 +42,8 @@ fn install_configure_and_uninstall_leave_a_clean_root() {
         let installed: Vec<PathBuf> = [
             "usr/local/bin/containerd-shim-hako-v2",
             "usr/local/bin/hako",
+            "usr/local/bin/hako-runtime",
+            "etc/containers/containers.conf.d/hako.conf",
             "usr/share/hako/guest/vmlinuz",
             "usr/share/hako/guest/vmlinux",
             "usr/share/hako/guest/initramfs.cpio",
@@ -106,7 +108,7 @@ fn install_configure_and_uninstall_leave_a_clean_root() {
 
         let r = install(&root, &bin, &["--uninstall"]);
         assert_eq!(r.code, 0, "{r:?}");
-        for path in &installed[..6] {
+        for path in &installed[..8] {
             assert!(!path.exists(), "{} left: {r:?}", path.display());
         }
         assert!(!root.join("etc/docker/daemon.json").exists());

@@ -14,7 +14,7 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::shim_async::TaskClient;
 use oci_spec::runtime::Spec;
 
-use super::keeper::{self, GO_FD, STDERR, STDIN, STDOUT};
+use super::keeper::{self, STDERR, STDIN, STDOUT};
 use super::server::{self, NAMESPACE};
 use super::state::{rfc3339_now, Keeper, OciState, Record, Root, StateError};
 use super::{console, RuntimeError};
@@ -52,6 +52,31 @@ struct Starting {
 }
 
 impl Starting {
+    /// The keeper's pid.
+    fn pid(&self) -> u32 {
+        self.keeper.as_ref().map(|c| c.id()).unwrap_or_default()
+    }
+
+    /// Has the server watch the keeper (`watch`), so that its guest process dies with it.
+    fn register(
+        &self,
+        root: &Root,
+        sandbox: &str,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<(), RuntimeError> {
+        let keeper = Keeper::of(self.pid()).ok_or_else(|| RuntimeError::Spawn {
+            what: "keeper",
+            reason: "it exited at once".to_string(),
+        })?;
+        let registration = super::watch::Registration {
+            keeper,
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+        };
+        super::watch::register(&root.keeper_socket(sandbox)?, &registration)
+    }
+
     /// Lets the keeper go: the process exists.
     fn release(&mut self) -> Result<(), RuntimeError> {
         if let Some(go) = self.go.take() {
@@ -160,10 +185,7 @@ fn spawn_keeper(
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if libc::dup2(go_fd, GO_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+            super::only_fd3(go_fd)
         });
     }
     let child = cmd.spawn().map_err(|e| fail(e.to_string()))?;
@@ -280,8 +302,9 @@ async fn create_in(
             )
             .await
             .map_err(rpc("create"))?;
-        let keeper_pid = starting.keeper.as_ref().map(|c| c.id()).unwrap_or_default();
+        let keeper_pid = starting.pid();
         let finish = async {
+            starting.register(root, &sandbox, req.id, "")?;
             if let (Some(pty), Some(socket)) = (&pty, req.console_socket) {
                 console::send_master(socket, &pty.master)?;
             }
@@ -673,10 +696,11 @@ pub async fn exec(root: &Root, req: Exec<'_>) -> Result<(), RuntimeError> {
                 )
                 .await
                 .map_err(rpc("exec"))?;
+            starting.register(root, &record.sandbox, req.id, &exec_id)?;
             if let (Some(pty), Some(socket)) = (&pty, req.console_socket) {
                 console::send_master(socket, &pty.master)?;
             }
-            let pid = starting.keeper.as_ref().map(|c| c.id()).unwrap_or_default();
+            let pid = starting.pid();
             if let Some(pid_file) = req.pid_file {
                 write_pid_file(pid_file, pid)?;
             }

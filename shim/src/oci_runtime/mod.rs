@@ -10,6 +10,7 @@ mod console;
 mod keeper;
 mod server;
 pub mod state;
+mod watch;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,27 @@ impl RuntimeError {
             source,
         }
     }
+}
+
+/// In a child between fork and exec: puts `fd` at descriptor 3 for the program to come and
+/// closes every other descriptor above 2. The caller's (conmon's sync and start pipes, podman's
+/// port reservations) must not live on in a process that outlives the command, nor reach the
+/// VM's helpers. Only async-signal-safe calls.
+fn only_fd3(fd: i32) -> std::io::Result<()> {
+    // SAFETY: plain descriptor calls on descriptors of this (child) process.
+    unsafe {
+        if fd == 3 {
+            if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        } else if libc::dup2(fd, 3) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::close_range(4, u32::MAX, 0) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// What `--version` prints, in runc's shape.

@@ -60,10 +60,7 @@ pub fn spawn(root: &Root, sandbox: &str) -> Result<PathBuf, RuntimeError> {
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
-            if libc::dup2(ready_fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+            super::only_fd3(ready_fd)
         });
     }
     let child = cmd.spawn().map_err(|e| RuntimeError::Spawn {
@@ -102,6 +99,11 @@ pub async fn serve(socket: &Path, log_path: &Path) -> Result<(), RuntimeError> {
     let events = Arc::new(OciEvents { root });
     let service = Arc::new(TaskService::new(NAMESPACE, events, exit.clone()));
     service.exit_if_never_used(UNUSED_PATIENCE);
+    let keepers = keepers_socket(socket);
+    let _ = fs::remove_file(&keepers);
+    let keeper_listener =
+        tokio::net::UnixListener::bind(&keepers).map_err(|e| RuntimeError::io(&keepers, e))?;
+    super::watch::serve(keeper_listener, service.clone());
     let task: Arc<dyn containerd_shim::protos::shim_async::Task + Send + Sync> = service;
     let listener = ttrpc::r#async::transport::Listener::try_from(listener)
         .map_err(|e| RuntimeError::Invalid(format!("listener: {e}")))?;
@@ -129,8 +131,14 @@ pub async fn serve(socket: &Path, log_path: &Path) -> Result<(), RuntimeError> {
     exit.wait().await;
     let _ = server.shutdown().await;
     let _ = fs::remove_file(socket);
+    let _ = fs::remove_file(&keepers);
     let _ = fs::remove_file(log_path);
     Ok(())
+}
+
+/// The keeper registration socket beside a server socket (`Root::keeper_socket`).
+pub fn keepers_socket(socket: &Path) -> PathBuf {
+    socket.with_extension("keepers")
 }
 
 /// Events go nowhere (there is no containerd), except an OOM kill, which podman learns from

@@ -108,6 +108,12 @@ impl Root {
         Ok(self.sandboxes().join(format!("{sandbox}.sock")))
     }
 
+    /// Where `create` and `exec` register keepers with the server (`watch`).
+    pub fn keeper_socket(&self, sandbox: &str) -> Result<PathBuf, StateError> {
+        validate("sandbox id", sandbox)?;
+        Ok(self.sandboxes().join(format!("{sandbox}.keepers")))
+    }
+
     pub fn server_log(&self, sandbox: &str) -> Result<PathBuf, StateError> {
         validate("sandbox id", sandbox)?;
         Ok(self.sandboxes().join(format!("{sandbox}.log")))

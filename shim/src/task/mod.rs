@@ -86,6 +86,23 @@ impl TaskService {
         &self.pod
     }
 
+    /// Signals a process as containerd's Kill would, for a caller in the same process (the
+    /// OCI runtime's server, when the host process that stands for a guest process has died).
+    pub async fn kill_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+    ) -> Result<(), TaskError> {
+        self.do_kill(&containerd_shim::api::KillRequest {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            signal,
+            ..Default::default()
+        })
+        .await
+    }
+
     /// Ends the shim: its server stops serving and the process exits.
     pub fn exit(&self) {
         self.exit_signal.signal();
