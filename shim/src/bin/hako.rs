@@ -6,6 +6,8 @@
 mod docker;
 #[path = "hako/find.rs"]
 mod find;
+#[path = "hako/podman.rs"]
+mod podman;
 #[path = "hako/ps.rs"]
 mod ps;
 #[path = "hako/template.rs"]
@@ -453,6 +455,12 @@ fn check() -> anyhow::Result<bool> {
     report(found, false, "containerd", detail);
     if let Some((found, detail)) = docker_status(Path::new(DOCKER_CONFIG)) {
         report(found, false, "docker", detail);
+    }
+    let podman = resolve_binary("podman", "podman")
+        .ok()
+        .map(|binary| (binary.clone(), version_of(&binary)));
+    if let Some((found, detail)) = podman::status(podman) {
+        report(found, false, "podman", detail);
     }
     // What a VM cannot share with the host, whatever this host has (README, Kubernetes).
     for (what, detail) in LIMITS {
