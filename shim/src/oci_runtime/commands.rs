@@ -45,18 +45,16 @@ async fn client_of(root: &Root, record: &Record) -> Result<TaskClient, RuntimeEr
     server::connect(&root.server_socket(&record.sandbox)?).await
 }
 
-/// The pieces of a process being started, undone in reverse if a later step fails.
+/// A keeper that is forked but not yet released; dropped unreleased, it is killed.
 struct Starting {
-    keeper: Option<std::process::Child>,
+    /// The keeper's host pid: the process conmon will wait on.
+    pid: u32,
+    /// The keeper when it is our own child (an exec's), to be reaped if it is killed here.
+    child: Option<std::process::Child>,
     go: Option<OwnedFd>,
 }
 
 impl Starting {
-    /// The keeper's pid.
-    fn pid(&self) -> u32 {
-        self.keeper.as_ref().map(|c| c.id()).unwrap_or_default()
-    }
-
     /// Has the server watch the keeper (`watch`), so that its guest process dies with it.
     fn register(
         &self,
@@ -65,7 +63,7 @@ impl Starting {
         id: &str,
         exec_id: &str,
     ) -> Result<(), RuntimeError> {
-        let keeper = Keeper::of(self.pid()).ok_or_else(|| RuntimeError::Spawn {
+        let keeper = Keeper::of(self.pid).ok_or_else(|| RuntimeError::Spawn {
             what: "keeper",
             reason: "it exited at once".to_string(),
         })?;
@@ -85,17 +83,23 @@ impl Starting {
                 reason: format!("releasing it: {e}"),
             })?;
         }
-        self.keeper = None;
+        self.child = None;
+        self.pid = 0;
         Ok(())
     }
 }
 
 impl Drop for Starting {
     fn drop(&mut self) {
-        // Not released: closing the go pipe ends the keeper; it has touched nothing.
-        self.go = None;
-        if let Some(mut child) = self.keeper.take() {
-            let _ = child.kill();
+        if self.pid == 0 {
+            return;
+        }
+        // Not released: it has touched nothing yet.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        if let Some(mut child) = self.child.take() {
             let _ = child.wait();
         }
     }
@@ -125,9 +129,10 @@ fn make_fifos(dir: &Path, terminal: bool) -> Result<(String, String, String), Ru
 }
 
 /// Forks the keeper with the caller's stdio (or the pty replica), in a session of its own.
-/// The container's init keeper also enters the pod's network namespace and gets IPC and UTS
-/// namespaces of its own, so that `/proc/<pid>/ns/*`, which podman gives later containers of
-/// the pod, names the pod and nothing of the host's.
+/// The container's init keeper also enters the pod's network namespace and gets IPC, UTS, PID
+/// and mount namespaces of its own, so that `/proc/<pid>/ns/*`, which podman gives later
+/// containers of the pod, names the pod and nothing of the host's, and `podman top`, which
+/// lists `/proc` in the keeper's mount namespace, sees the keeper alone.
 fn spawn_keeper(
     socket: &Path,
     id: &str,
@@ -141,6 +146,7 @@ fn spawn_keeper(
         reason,
     };
     let (go_read, go_write) = nix::unistd::pipe().map_err(|e| fail(e.to_string()))?;
+    let (pid_read, pid_write) = nix::unistd::pipe().map_err(|e| fail(e.to_string()))?;
     let exe = std::env::current_exe().map_err(|e| fail(e.to_string()))?;
     let netns = match netns {
         Some(path) => Some(File::open(path).map_err(|e| RuntimeError::io(path, e))?),
@@ -167,30 +173,54 @@ fn spawn_keeper(
             .stderr(Stdio::null());
     }
     let go_fd = go_read.as_raw_fd();
+    let pid_fd = pid_write.as_raw_fd();
     let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-    let terminal = replica.is_some();
-    // SAFETY: between fork and exec only async-signal-safe calls: setsid, ioctl, setns,
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid, setns,
     // unshare and dup2 on descriptors this process owns.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
-            if terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             if let Some(fd) = netns_fd {
                 if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) < 0 {
+                let own = libc::CLONE_NEWIPC
+                    | libc::CLONE_NEWUTS
+                    | libc::CLONE_NEWPID
+                    | libc::CLONE_NEWNS;
+                if libc::unshare(own) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            super::only_fd3(go_fd)
+            super::only_fds(&[go_fd, pid_fd])
         });
     }
-    let child = cmd.spawn().map_err(|e| fail(e.to_string()))?;
+    let mut child = cmd.spawn().map_err(|e| fail(e.to_string()))?;
+    drop(cmd);
+    drop(pid_write);
+    // The keeper says which process conmon is to wait on: itself, or (the init's) its child,
+    // PID 1 of a PID namespace of its own, once the parent has exited.
+    let mut text = String::new();
+    let read = std::io::Read::read_to_string(
+        &mut std::io::Read::take(File::from(pid_read), 32),
+        &mut text,
+    );
+    let pid = read.ok().and_then(|_| text.trim().parse::<u32>().ok());
+    let Some(pid) = pid.filter(|p| *p > 1) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(fail(format!("it reported no pid ({text:?})")));
+    };
+    let child = if pid == child.id() {
+        Some(child)
+    } else {
+        // The intermediate exits once it has forked; its child is conmon's from then on.
+        let _ = child.wait();
+        None
+    };
     Ok(Starting {
-        keeper: Some(child),
+        pid,
+        child,
         go: Some(go_write),
     })
 }
@@ -302,7 +332,7 @@ async fn create_in(
             )
             .await
             .map_err(rpc("create"))?;
-        let keeper_pid = starting.pid();
+        let keeper_pid = starting.pid;
         let finish = async {
             starting.register(root, &sandbox, req.id, "")?;
             if let (Some(pty), Some(socket)) = (&pty, req.console_socket) {
@@ -700,7 +730,7 @@ pub async fn exec(root: &Root, req: Exec<'_>) -> Result<(), RuntimeError> {
             if let (Some(pty), Some(socket)) = (&pty, req.console_socket) {
                 console::send_master(socket, &pty.master)?;
             }
-            let pid = starting.pid();
+            let pid = starting.pid;
             if let Some(pid_file) = req.pid_file {
                 write_pid_file(pid_file, pid)?;
             }

@@ -23,6 +23,71 @@ use crate::task::UNKNOWN_EXIT_STATUS;
 /// byte); end of file means it failed and the keeper must just go.
 pub const GO_FD: i32 = 3;
 
+/// The descriptor on which the keeper reports the pid conmon is to wait on.
+pub const PID_FD: i32 = 4;
+
+/// First thing in `hako-runtime __keep`, while the process has one thread: reports the pid
+/// conmon is to wait on. An init keeper was given a PID namespace for its children: it forks
+/// into it, and the child, PID 1 there with a mount namespace and /proc of its own, carries
+/// on as the keeper while the parent reports it and exits. Returns in the keeper only, which
+/// then takes a terminal on its stdin as its controlling terminal (so SIGWINCH reaches it).
+pub fn prepare() {
+    enter_own_pid_namespace();
+    if nix::unistd::isatty(std::io::stdin()).unwrap_or(false) {
+        // The intermediate, if any, never held the terminal, so its exit sent no SIGHUP.
+        if nix::unistd::getsid(None).ok() != Some(nix::unistd::getpid()) {
+            let _ = nix::unistd::setsid();
+        }
+        // SAFETY: TIOCSCTTY on the process's own stdin.
+        unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+    }
+}
+
+fn enter_own_pid_namespace() {
+    // SAFETY: PID_FD is the pipe `create`/`exec` gave; nothing else owns it.
+    let report = unsafe { File::from_raw_fd(PID_FD) };
+    let same = |a: &str, b: &str| {
+        let id = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        matches!((id(a), id(b)), (Ok(x), Ok(y)) if x == y)
+    };
+    if same("/proc/self/ns/pid", "/proc/self/ns/pid_for_children") {
+        let _ = (&report).write_all(std::process::id().to_string().as_bytes());
+        return;
+    }
+    // SAFETY: the process has a single thread (no runtime has started), so the child may
+    // carry on as an ordinary process.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            let _ = (&report).write_all(child.to_string().as_bytes());
+            std::process::exit(0);
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(report);
+            use nix::mount::{mount, MsFlags};
+            let private = mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            );
+            let proc = private.and_then(|()| {
+                mount(
+                    Some("proc"),
+                    "/proc",
+                    Some("proc"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    None::<&str>,
+                )
+            });
+            if proc.is_err() {
+                // Without its own /proc the keeper still works; `podman top` sees the host's.
+            }
+        }
+        Err(_) => std::process::exit(1),
+    }
+}
+
 /// The FIFO names in a process's directory.
 pub const STDIN: &str = "stdin";
 pub const STDOUT: &str = "stdout";

@@ -56,23 +56,29 @@ impl RuntimeError {
     }
 }
 
-/// In a child between fork and exec: puts `fd` at descriptor 3 for the program to come and
-/// closes every other descriptor above 2. The caller's (conmon's sync and start pipes, podman's
-/// port reservations) must not live on in a process that outlives the command, nor reach the
-/// VM's helpers. Only async-signal-safe calls.
-fn only_fd3(fd: i32) -> std::io::Result<()> {
-    // SAFETY: plain descriptor calls on descriptors of this (child) process.
-    unsafe {
-        if fd == 3 {
-            if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        } else if libc::dup2(fd, 3) < 0 {
+/// In a child between fork and exec: puts `fds` at descriptors 3, 4, ... for the program to
+/// come and closes every other descriptor above 2. The caller's (conmon's sync and start pipes,
+/// podman's port reservations) must not live on in a process that outlives the command, nor
+/// reach the VM's helpers. Only async-signal-safe calls.
+fn only_fds(fds: &[i32]) -> std::io::Result<()> {
+    // Out of the way first, so that no source is overwritten by another's target.
+    let mut high = [0i32; 4];
+    for (slot, fd) in high.iter_mut().zip(fds) {
+        // SAFETY: fcntl on a descriptor of this (child) process.
+        *slot = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64) };
+        if *slot < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        if libc::close_range(4, u32::MAX, 0) < 0 {
+    }
+    for (i, fd) in high.iter().take(fds.len()).enumerate() {
+        // SAFETY: dup2 onto a fixed descriptor; the result is inherited (no CLOEXEC).
+        if unsafe { libc::dup2(*fd, 3 + i as i32) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
+    }
+    // SAFETY: closes this process's descriptors above the ones just placed.
+    if unsafe { libc::close_range(3 + fds.len() as u32, u32::MAX, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -99,6 +105,13 @@ pod, --network container:X) share one VM.
 USAGE: hako-runtime [--root DIR] [--log FILE] [--log-format text|json] COMMAND [FLAGS] ID
 COMMANDS: create, start, state, kill, delete, exec, pause, resume, update, ps, features
 Refused: rootless use, checkpoint/restore, --preserve-fds, the host's network namespace.";
+
+/// What must happen before any thread starts: a keeper's fork into its own PID namespace.
+pub fn before_threads(args: &[String]) {
+    if args.first().is_some_and(|a| a == "__keep") {
+        keeper::prepare();
+    }
+}
 
 /// Runs one command line; returns the exit status.
 pub async fn main(args: &[String]) -> i32 {

@@ -60,7 +60,7 @@ pub fn spawn(root: &Root, sandbox: &str) -> Result<PathBuf, RuntimeError> {
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
-            super::only_fd3(ready_fd)
+            super::only_fds(&[ready_fd])
         });
     }
     let child = cmd.spawn().map_err(|e| RuntimeError::Spawn {
