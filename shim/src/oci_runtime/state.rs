@@ -1,6 +1,6 @@
 //! What `hako-runtime` keeps on disk per container, under its root: `<root>/<id>/state.json`,
 //! the stdio FIFOs the keeper and the sandbox server share, and per sandbox the server's
-//! socket and log under `<root>/sandboxes/`. The record is written whole (to a temporary file,
+//! socket and log under `<root>/.sandboxes/`. The record is written whole (to a temporary file,
 //! then renamed), so a reader never sees half of one.
 
 use std::collections::BTreeMap;
@@ -98,8 +98,9 @@ impl Root {
         Ok(dir.join("exec").join(exec_id))
     }
 
+    /// Ids cannot begin with a dot (`ids::validate`), so these names never meet a container's.
     pub fn sandboxes(&self) -> PathBuf {
-        self.dir.join("sandboxes")
+        self.dir.join(".sandboxes")
     }
 
     /// The sandbox server's ttrpc socket.
@@ -122,7 +123,7 @@ impl Root {
     /// Serialises creates: the first container of a sandbox must have started its VM before
     /// the next one looks for the VM that holds its network namespace.
     pub fn create_lock(&self) -> PathBuf {
-        self.dir.join("create.lock")
+        self.dir.join(".create.lock")
     }
 
     /// Makes the container's directory; refuses an id already in use.
@@ -286,6 +287,15 @@ mod tests {
             root.process_dir("c", "e1").expect("exec dir"),
             root.dir.join("c/exec/e1")
         );
+    }
+
+    #[test]
+    fn no_id_names_the_roots_own_entries() {
+        let root = temp_root("own");
+        for own in [root.sandboxes(), root.create_lock()] {
+            let name = own.file_name().and_then(|n| n.to_str()).expect("a name");
+            assert!(root.container_dir(name).is_err(), "{name}");
+        }
     }
 
     #[test]
