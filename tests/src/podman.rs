@@ -3,7 +3,8 @@
 //! what podman showed.
 //!
 //! podman keeps images and containers in a storage of the tests' own (`STORAGE`, kept between
-//! runs like the busybox archive: only the image stays in it), with a private containers.conf,
+//! runs like the busybox archive: only images stay in it, busybox and the pause image podman
+//! builds for pods from the host's catatonit), with a private containers.conf,
 //! and every podman command runs in a network namespace the harness makes for the half
 //! (`HostNetns`, "the host" as in the Docker tests): podman's bridge, netavark's firewall rules
 //! and forwarding sysctls, published ports and `curl` all live there, not on the real host.
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::docker::{HostNetns, NetSnapshot};
 use crate::{
-    assert_no_leaks, busybox_archive, guest_kernel_release, reap_leftovers, report_skip,
+    assert_no_leaks, busybox_archive, guest_kernel_release, mounts_anywhere_under, report_skip,
     run_with_timeout, HostState, Run, IMAGE,
 };
 
@@ -237,8 +238,12 @@ impl Podman {
 
     /// Removes every container and pod, without waiting for them to stop: after a failure.
     fn remove_everything(&self) {
+        let pods = self.podman(&["pod", "ps", "-q", "--no-trunc"]).stdout;
         let _ = self.podman(&["pod", "rm", "-af", "-t", "0"]);
         let _ = self.podman(&["rm", "-af", "-t", "0"]);
+        for pod in pods.split_whitespace() {
+            remove_pod_cgroups(pod);
+        }
     }
 }
 
@@ -268,9 +273,10 @@ pub fn compare<T: PartialEq + std::fmt::Debug>(
 fn run_half<T>(runtime: Runtime, half: &impl Fn(&Podman) -> T) -> T {
     assert_no_leaks("before the test");
     // Not cleared if found: what is there now is no test's of this run.
-    assert_runtime_clean("before the test", false);
+    assert_runtime_clean(&Ours::storage(), "before the test", false);
     let host_state = host_state();
     let cgroups = podman_cgroups();
+    let started = Instant::now();
     let p = Podman {
         runtime,
         host: HostNetns::create(),
@@ -289,7 +295,7 @@ fn run_half<T>(runtime: Runtime, half: &impl Fn(&Podman) -> T) -> T {
     let context = format!("podman under {}", runtime.name());
     match outcome {
         Ok(value) => {
-            assert_left_nothing(&p, &net, &context);
+            assert_left_nothing(&p, &net, started, &context);
             drop(p);
             assert_no_leaks(&context);
             assert_host_as_before(&host_state, &cgroups, &context);
@@ -298,45 +304,108 @@ fn run_half<T>(runtime: Runtime, half: &impl Fn(&Podman) -> T) -> T {
         Err(panic) => {
             p.remove_everything();
             drop(p);
-            reap_runtime();
-            reap_leftovers();
+            reap_runtime(&Ours::since(started));
             std::panic::resume_unwind(panic);
         }
     }
 }
 
-/// podman lists nothing, no conmon of the tests' storage and no hako-runtime process is left,
-/// the runtime keeps no container's state, and podman's "host" namespace is as it was.
-fn assert_left_nothing(p: &Podman, net: &NetSnapshot, context: &str) {
+/// podman lists nothing, nothing of the half's is left with the runtime (`assert_runtime_clean`),
+/// and podman's "host" namespace is as it was.
+fn assert_left_nothing(p: &Podman, net: &NetSnapshot, started: Instant, context: &str) {
     let listed = p.listed();
     assert_eq!(
         listed,
         (String::new(), String::new()),
         "{context}: podman still lists containers or pods"
     );
-    assert_runtime_clean(context, true);
+    assert_runtime_clean(&Ours::since(started), context, true);
     p.host.assert_unchanged(net, context);
 }
 
-/// Waits (up to 20 s: conmon runs podman's cleanup after its container exits) until no conmon
-/// of the tests' storage, no hako-runtime process and no container state under RUNTIME_ROOT
-/// is left.
-fn assert_runtime_clean(context: &str, reap: bool) {
+/// What of hako-runtime's belongs to these tests (other people's containers on the machine are
+/// neither counted nor touched): the containers podman made in the tests' storage, by id, and
+/// any record or command line that names that storage.
+pub struct Ours {
+    ids: BTreeSet<String>,
+}
+
+impl Ours {
+    /// Only what names the tests' storage: before a test, when no id is known.
+    fn storage() -> Ours {
+        Ours {
+            ids: BTreeSet::new(),
+        }
+    }
+
+    /// The containers podman made (infra containers included) since `started`, from its
+    /// event log in the tests' storage.
+    fn since(started: Instant) -> Ours {
+        let window = format!("{}s", started.elapsed().as_secs() + 5);
+        let events = podman_command(&[
+            "events",
+            "--stream=false",
+            "--since",
+            &window,
+            "--filter",
+            "type=container",
+            "--format",
+            "{{.ID}}",
+        ]);
+        let events = run_with_timeout(events, None, DEADLINE);
+        assert_eq!(events.code, 0, "podman events: {events:?}");
+        Ours {
+            ids: events
+                .stdout
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+        }
+    }
+
+    fn names(&self, text: &str) -> bool {
+        text.contains(STORAGE) || self.ids.iter().any(|id| text.contains(id.as_str()))
+    }
+
+    /// A container's directory: its id, or the bundle its record names.
+    fn owns_container(&self, dir: &Path) -> bool {
+        let record = fs::read_to_string(dir.join("state.json")).unwrap_or_default();
+        self.names(&dir.display().to_string()) || self.names(&record)
+    }
+}
+
+/// Waits (up to 20 s: conmon runs podman's cleanup after its container exits) until none of
+/// `ours` is left: no conmon of the tests' storage, no hako-runtime process, no container state
+/// or server socket or log under RUNTIME_ROOT, no mount of the tests' storage.
+fn assert_runtime_clean(ours: &Ours, context: &str, reap: bool) {
     let started = Instant::now();
     loop {
         let conmons = processes(|comm, cmdline| comm == "conmon" && cmdline.contains(STORAGE));
-        let runtimes = hako_runtime_processes();
-        let states = runtime_states();
-        if conmons.is_empty() && runtimes.is_empty() && states.is_empty() {
+        let runtimes = hako_runtime_processes(ours);
+        let states = runtime_states(ours);
+        // A container's rootfs or shm mount still held, in any mount namespace (the
+        // runtime's processes have their own).
+        let mounts: Vec<(u32, PathBuf)> = [STORAGE, RUN_STATE]
+            .iter()
+            .flat_map(|dir| mounts_anywhere_under(Path::new(dir)))
+            .collect();
+        if conmons.is_empty() && runtimes.is_empty() && states.is_empty() && mounts.is_empty() {
             return;
         }
         if started.elapsed() >= Duration::from_secs(20) {
+            // What the runtime kept says which step left it.
+            for state in &states {
+                let listing = Command::new("ls").arg("-lR").arg(state).output();
+                let listing = listing.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+                let record = fs::read_to_string(state.join("state.json")).unwrap_or_default();
+                eprintln!("{}: {listing:?}\nstate.json: {record}", state.display());
+            }
             if reap {
-                reap_runtime();
+                reap_runtime(ours);
             }
             panic!(
                 "{context}: left behind: conmon {conmons:?}, hako-runtime {runtimes:?}, \
-                 state {states:?}"
+                 state {states:?}, mounts {mounts:?}"
             );
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -362,15 +431,16 @@ fn processes(matches: impl Fn(&str, &str) -> bool) -> Vec<(u32, String)> {
     found
 }
 
-/// hako-runtime's processes (keepers, sandbox servers; zombies too): none outlives its
-/// container.
-pub fn hako_runtime_processes() -> Vec<(u32, String)> {
-    processes(|comm, _| comm.starts_with("hako-runtime"))
+/// hako-runtime's processes of ours (keepers, sandbox servers, commands; zombies too): none
+/// outlives its container.
+fn hako_runtime_processes(ours: &Ours) -> Vec<(u32, String)> {
+    processes(|comm, cmdline| comm.starts_with("hako-runtime") && ours.names(cmdline))
 }
 
-/// What hako-runtime keeps under its root beyond `RUNTIME_PERMANENT`: containers' state
-/// directories, and servers' sockets and logs.
-pub fn runtime_states() -> Vec<PathBuf> {
+/// What hako-runtime keeps of ours under its root beyond `RUNTIME_PERMANENT`: containers'
+/// state directories, and servers' sockets and logs (named after their sandboxes, which are
+/// named after their first containers).
+fn runtime_states(ours: &Ours) -> Vec<PathBuf> {
     let entries = |dir: &Path| -> Vec<PathBuf> {
         fs::read_dir(dir)
             .into_iter()
@@ -387,35 +457,60 @@ pub fn runtime_states() -> Vec<PathBuf> {
                 .iter()
                 .any(|k| p.file_name().unwrap() == *k)
         })
+        .filter(|p| ours.owns_container(p))
         .collect();
-    found.extend(entries(&root.join("sandboxes")));
+    let mut sandboxes: BTreeSet<String> = ours.ids.clone();
+    for dir in &found {
+        let record = fs::read_to_string(dir.join("state.json")).unwrap_or_default();
+        let record: serde_json::Value = serde_json::from_str(&record).unwrap_or_default();
+        if let Some(sandbox) = record["sandbox"].as_str() {
+            sandboxes.insert(sandbox.to_string());
+        }
+    }
+    found.extend(entries(&root.join("sandboxes")).into_iter().filter(|p| {
+        p.file_stem()
+            .is_some_and(|s| sandboxes.contains(&*s.to_string_lossy()))
+    }));
     found
 }
 
-/// After this test's failure: kills hako-runtime's processes, deletes each container left with
-/// the runtime's own `delete --force`, and removes what the dead servers left in `sandboxes/`
-/// (printing their logs first), so that the tests after this one start clean.
-fn reap_runtime() {
-    for (pid, _) in hako_runtime_processes() {
+/// After this test's failure, so that the tests after it start clean: deletes each container
+/// of ours left with the runtime's own `delete --force`, then kills what of ours still runs
+/// (hako-runtime's processes, and the VMMs and helpers of our sandboxes), and removes what
+/// the dead servers left in `sandboxes/` (printing their logs first). Nothing of anyone
+/// else's is touched.
+fn reap_runtime(ours: &Ours) {
+    let sandboxes = Path::new(RUNTIME_ROOT).join("sandboxes");
+    for state in runtime_states(ours) {
+        if state.is_dir() {
+            let id = state.file_name().unwrap().to_string_lossy().into_owned();
+            let mut delete = Command::new(HAKO_RUNTIME);
+            delete.args(["delete", "--force", &id]);
+            let r = run_with_timeout(delete, None, Duration::from_secs(60));
+            eprintln!("reaped hako-runtime container {id}: {r:?}");
+        }
+    }
+    let helpers = crate::hako_processes().into_iter().filter(|(pid, _)| {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        ours.names(&String::from_utf8_lossy(&cmdline))
+    });
+    for pid in hako_runtime_processes(ours)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .chain(helpers.map(|(pid, _)| pid))
+    {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    let sandboxes = Path::new(RUNTIME_ROOT).join("sandboxes");
-    for state in runtime_states() {
+    for state in runtime_states(ours) {
         if state.starts_with(&sandboxes) {
             if state.extension().is_some_and(|e| e == "log") {
                 let log = fs::read_to_string(&state).unwrap_or_default();
                 eprintln!("{} (a server's log):\n{log}", state.display());
             }
             let _ = fs::remove_file(&state);
-        } else if state.is_dir() {
-            let id = state.file_name().unwrap().to_string_lossy().into_owned();
-            let mut delete = Command::new(HAKO_RUNTIME);
-            delete.args(["delete", "--force", &id]);
-            let r = run_with_timeout(delete, None, Duration::from_secs(60));
-            eprintln!("reaped hako-runtime container {id}: {r:?}");
         }
     }
 }
