@@ -24,6 +24,7 @@ DOCKER_ROOT=/opt/hako/docker
 APT_PACKAGES=(qemu-system-x86 libcap-ng-dev libseccomp-dev pkg-config busybox-static cpio
     iproute2 kmod ca-certificates file procps curl lz4 zstd xz-utils protobuf-compiler
     containernetworking-plugins binutils runc nftables iptables
+    podman conmon netavark aardvark-dns catatonit
     linux-source-6.12 make gcc flex bison bc libelf-dev libssl-dev)
 
 step() { echo "setup: $*"; }

@@ -10,6 +10,7 @@
 pub mod cri;
 pub mod docker;
 pub mod payload;
+pub mod podman;
 pub mod portforward;
 pub mod runc;
 
