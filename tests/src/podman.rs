@@ -27,13 +27,13 @@ use crate::{
 
 /// Where `scripts/install.sh` puts the runtime.
 pub const HAKO_RUNTIME: &str = "/usr/local/bin/hako-runtime";
-/// hako-runtime's state root (`--root` unset): a directory per container, and `sandboxes/`
+/// hako-runtime's state root (`--root` unset): a directory per container, and `.sandboxes/`
 /// with each sandbox server's socket and log, none of which may outlive its container or
 /// sandbox.
 pub const RUNTIME_ROOT: &str = "/run/hako-runtime";
 /// What hako-runtime keeps under its root for good: the lock that serialises creates, and the
 /// (empty) directory of the servers' sockets.
-const RUNTIME_PERMANENT: [&str; 2] = ["create.lock", "sandboxes"];
+const RUNTIME_PERMANENT: [&str; 2] = [".create.lock", ".sandboxes"];
 /// Images and the container database: on disk, kept between runs.
 pub const STORAGE: &str = "/var/tmp/hako-podman-e2e";
 /// podman's run state (mounts, exit files, locks): on tmpfs, as /run/containers is.
@@ -467,7 +467,7 @@ fn runtime_states(ours: &Ours) -> Vec<PathBuf> {
             sandboxes.insert(sandbox.to_string());
         }
     }
-    found.extend(entries(&root.join("sandboxes")).into_iter().filter(|p| {
+    found.extend(entries(&root.join(".sandboxes")).into_iter().filter(|p| {
         p.file_stem()
             .is_some_and(|s| sandboxes.contains(&*s.to_string_lossy()))
     }));
@@ -477,10 +477,10 @@ fn runtime_states(ours: &Ours) -> Vec<PathBuf> {
 /// After this test's failure, so that the tests after it start clean: deletes each container
 /// of ours left with the runtime's own `delete --force`, then kills what of ours still runs
 /// (hako-runtime's processes, and the VMMs and helpers of our sandboxes), and removes what
-/// the dead servers left in `sandboxes/` (printing their logs first). Nothing of anyone
+/// the dead servers left in `.sandboxes/` (printing their logs first). Nothing of anyone
 /// else's is touched.
 fn reap_runtime(ours: &Ours) {
-    let sandboxes = Path::new(RUNTIME_ROOT).join("sandboxes");
+    let sandboxes = Path::new(RUNTIME_ROOT).join(".sandboxes");
     for state in runtime_states(ours) {
         if state.is_dir() {
             let id = state.file_name().unwrap().to_string_lossy().into_owned();
