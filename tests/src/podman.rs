@@ -270,6 +270,15 @@ pub fn compare<T: PartialEq + std::fmt::Debug>(
     seen
 }
 
+/// Runs `half` under hako-runtime alone, with the same leak checks, for what runc does not
+/// refuse (the host's network) and hako must.
+pub fn under_hako_only(test: &str, half: impl Fn(&Podman)) {
+    prepare_storage();
+    if runtimes(test).contains(&Runtime::Hako) {
+        run_half(Runtime::Hako, &half);
+    }
+}
+
 fn run_half<T>(runtime: Runtime, half: &impl Fn(&Podman) -> T) -> T {
     assert_no_leaks("before the test");
     // Not cleared if found: what is there now is no test's of this run.

@@ -10,9 +10,10 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use hako_tests::podman::{
-    compare, eventually, remove_pod_cgroups, without_pts_number, Runtime, ScratchDir,
+    compare, eventually, remove_pod_cgroups, under_hako_only, without_pts_number, Runtime,
+    ScratchDir, HAKO_RUNTIME, RUNTIME_ROOT,
 };
-use hako_tests::IMAGE;
+use hako_tests::{run_with_timeout, Run, IMAGE};
 
 /// The host's boot id: a container under hako reads its guest's instead.
 fn host_boot_id() -> String {
@@ -393,5 +394,115 @@ fn containers_in_a_pod_share_its_network_and_under_hako_its_vm() {
         );
         assert_eq!(left, (String::new(), String::new()));
         (client.code, page.to_string(), rm.code)
+    });
+}
+
+/// The runtime's command line with `args`, as `runtime` (runc or hako-runtime), directly.
+fn runtime_cli(runtime: &str, args: &[&str]) -> Run {
+    let mut cmd = std::process::Command::new(runtime);
+    cmd.args(args);
+    run_with_timeout(cmd, None, Duration::from_secs(30))
+}
+
+#[test]
+#[ignore = "needs the installed runtime: run through scripts/test.sh"]
+fn the_command_line_answers_unknown_ids_and_flags_as_runc_does() {
+    // What podman relies on: exit statuses, and runc's words in the messages.
+    for (args, code, words) in [
+        (
+            &["state", "hako-e2e-nosuch"][..],
+            1,
+            "container does not exist",
+        ),
+        (
+            &["kill", "hako-e2e-nosuch", "9"][..],
+            1,
+            "container does not exist",
+        ),
+        (&["delete", "--force", "hako-e2e-nosuch"][..], 0, ""),
+        (
+            &["--bogus", "state", "x"][..],
+            1,
+            "flag provided but not defined: -bogus",
+        ),
+        (
+            &["nosuchcommand"][..],
+            3,
+            "No help topic for 'nosuchcommand'",
+        ),
+    ] {
+        let runc = runtime_cli("runc", args);
+        let hako = runtime_cli(HAKO_RUNTIME, args);
+        for (who, r) in [("runc", &runc), ("hako-runtime", &hako)] {
+            assert_eq!(r.code, code, "{who} {args:?}: {r:?}");
+            assert!(r.stderr.contains(words), "{who} {args:?}: {r:?}");
+        }
+        // runc adds its whole help to a usage error; where it prints nothing, so does hako.
+        if runc.stdout.is_empty() {
+            assert_eq!(hako.stdout, "", "{args:?}");
+        }
+    }
+    // podman's probe for checkpoint support must fail: hako cannot checkpoint a VM's process.
+    assert_ne!(runtime_cli(HAKO_RUNTIME, &["checkpoint", "--help"]).code, 0);
+    let version = runtime_cli(HAKO_RUNTIME, &["--version"]);
+    assert!(
+        version.stdout.starts_with("hako-runtime version "),
+        "{version:?}"
+    );
+    let features = runtime_cli(HAKO_RUNTIME, &["features"]);
+    let features: serde_json::Value = serde_json::from_str(&features.stdout).unwrap();
+    assert_eq!(features["linux"]["cgroup"]["v1"], false, "{features}");
+}
+
+#[test]
+#[ignore = "needs the installed runtime: run through scripts/test.sh"]
+fn a_tenants_ids_and_an_unprivileged_caller_are_refused() {
+    let sandboxes = std::path::Path::new(RUNTIME_ROOT).join(".sandboxes");
+    let had_sandboxes = sandboxes.is_dir();
+    // Ids become paths under the root: none may leave it or name the root's own entries.
+    for id in ["../../etc", ".sandboxes", ".create.lock", "a/b", ""] {
+        for args in [&["delete", "--force", id][..], &["state", id][..]] {
+            let r = runtime_cli(HAKO_RUNTIME, args);
+            assert_eq!(r.code, 1, "{args:?}: {r:?}");
+            assert!(r.stderr.contains("invalid container id"), "{args:?}: {r:?}");
+        }
+    }
+    assert_eq!(
+        sandboxes.is_dir(),
+        had_sandboxes,
+        "the servers' directory was touched"
+    );
+    // Rootless use, refused in one sentence before anything is made.
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        HAKO_RUNTIME,
+    ])
+    .args(["create", "--bundle", "/nonexistent", "hako-e2e-rootless"]);
+    let r = run_with_timeout(cmd, None, Duration::from_secs(30));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("needs root: rootless podman is not supported"),
+        "{r:?}"
+    );
+    assert!(!std::path::Path::new(RUNTIME_ROOT)
+        .join("hako-e2e-rootless")
+        .exists());
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn the_hosts_network_is_refused_and_leaves_nothing_behind() {
+    under_hako_only("the_hosts_network_is_refused", |p| {
+        let r = p.podman(&["run", "--rm", "--network", "host", IMAGE, "true"]);
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(
+            r.stderr
+                .contains("host networking is not possible with hako"),
+            "{r:?}"
+        );
     });
 }
