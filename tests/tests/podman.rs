@@ -506,3 +506,22 @@ fn the_hosts_network_is_refused_and_leaves_nothing_behind() {
         );
     });
 }
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn update_reaches_the_guests_cgroup_and_past_the_vm_is_refused() {
+    // runc's host here has cgroup v1, the guest v2: the files differ, so hako alone.
+    under_hako_only("update_reaches_the_guests_cgroup", |p| {
+        p.must(&["run", "-d", "--name", "upd", IMAGE, "sleep", "1000"]);
+        p.must(&["update", "--memory", "256m", "upd"]);
+        let max = p.must(&["exec", "upd", "cat", "/sys/fs/cgroup/memory.max"]);
+        assert_eq!(max.stdout.trim(), (256u64 << 20).to_string(), "{max:?}");
+        let r = p.podman(&["update", "--memory", "4g", "upd"]);
+        assert_ne!(r.code, 0, "{r:?}");
+        assert!(r.stderr.contains("does not fit in its VM"), "{r:?}");
+        // The refused update changed nothing.
+        let max = p.must(&["exec", "upd", "cat", "/sys/fs/cgroup/memory.max"]);
+        assert_eq!(max.stdout.trim(), (256u64 << 20).to_string(), "{max:?}");
+        p.must(&["rm", "-f", "-t", "0", "upd"]);
+    });
+}
