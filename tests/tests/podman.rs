@@ -525,3 +525,83 @@ fn update_reaches_the_guests_cgroup_and_past_the_vm_is_refused() {
         p.must(&["rm", "-f", "-t", "0", "upd"]);
     });
 }
+
+/// The sizes a stream is tested at: each crosses a buffer on the way (a pipe's 4 KiB page and
+/// 64 KiB ring, the FIFOs', conmon's, the agent channel's).
+const STREAM_SIZES: [usize; 6] = [0, 1, 4096, 65536, 1 << 20, 64 << 20];
+
+/// `md5sum`'s answer for `bytes`, from the host's own md5sum (busybox has no cksum).
+fn host_md5(bytes: &[u8]) -> String {
+    let r = run_with_timeout(
+        std::process::Command::new("md5sum"),
+        Some(bytes),
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    r.stdout.trim().to_string()
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn stdout_and_stdin_of_run_and_exec_carry_every_size_whole() {
+    // A repeating line the host can rebuild: what arrives is compared byte for byte.
+    let pattern = |n: usize| -> Vec<u8> {
+        b"0123456789abcde\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(n)
+            .collect()
+    };
+    compare("stdout_and_stdin_carry_every_size_whole", |p| {
+        let mut seen = Vec::new();
+        for size in STREAM_SIZES {
+            let script = format!("yes 0123456789abcde | head -c {size}");
+            let out = run_with_timeout(
+                p.command(&["run", "--rm", IMAGE, "sh", "-c", &script]),
+                None,
+                Duration::from_secs(300),
+            );
+            assert_eq!(out.code, 0, "{size}: {}", out.stderr);
+            assert_eq!(out.stdout.len(), size, "stdout of {size} bytes");
+            assert!(
+                out.stdout.as_bytes() == pattern(size).as_slice(),
+                "stdout of {size} bytes differs"
+            );
+            let input = pattern(size);
+            let back = run_with_timeout(
+                p.command(&["run", "--rm", "-i", IMAGE, "md5sum"]),
+                Some(&input),
+                Duration::from_secs(300),
+            );
+            assert_eq!(back.code, 0, "{size}: {back:?}");
+            let md5 = back.stdout.trim().to_string();
+            assert_eq!(md5, host_md5(&input), "stdin of {size} bytes");
+            seen.push((size, md5));
+        }
+        // The same through an exec's keeper.
+        p.must(&["run", "-d", "--name", "streams", IMAGE, "sleep", "1000"]);
+        for size in STREAM_SIZES {
+            let script = format!("yes 0123456789abcde | head -c {size}");
+            let out = p.podman(&["exec", "streams", "sh", "-c", &script]);
+            assert_eq!(out.code, 0, "exec {size}: {}", out.stderr);
+            assert!(
+                out.stdout.as_bytes() == pattern(size).as_slice(),
+                "exec stdout of {size} bytes differs"
+            );
+            let input = pattern(size);
+            let back = run_with_timeout(
+                p.command(&["exec", "-i", "streams", "md5sum"]),
+                Some(&input),
+                Duration::from_secs(300),
+            );
+            assert_eq!(
+                back.stdout.trim(),
+                host_md5(&input),
+                "exec stdin of {size} bytes: {back:?}"
+            );
+        }
+        p.must(&["rm", "-f", "-t", "0", "streams"]);
+        seen
+    });
+}
