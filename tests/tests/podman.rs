@@ -605,3 +605,73 @@ fn stdout_and_stdin_of_run_and_exec_carry_every_size_whole() {
         seen
     });
 }
+
+/// The host pids of hako-runtime's keepers whose command line holds every one of `words`.
+fn keepers_with(words: &[&str]) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains("__keep") && words.iter().all(|w| cmdline.contains(w))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_keeper_killed_takes_its_guest_process_with_it() {
+    // podman 5 ends an exec by SIGKILLing the pid it was given, and conmon's --timeout kills
+    // the container's: under hako those are keepers, and the guest process must not outlive
+    // them.
+    under_hako_only("a_keeper_killed_takes_its_guest_process_with_it", |p| {
+        let id = p.must(&["run", "-d", "--name", "kept", IMAGE, "sleep", "1000"]);
+        let id = id.stdout.trim().to_string();
+        p.must(&["exec", "-d", "kept", "sleep", "2000"]);
+        let in_guest = |what: &str| {
+            p.must(&["exec", "kept", "ps", "-o", "args"])
+                .stdout
+                .lines()
+                .any(|l| l.trim() == what)
+        };
+        assert!(in_guest("sleep 2000"));
+        let exec_keepers = keepers_with(&[&id, "--exec"]);
+        assert_eq!(exec_keepers.len(), 1, "{exec_keepers:?}");
+        let kill = |pid: u32| {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap()
+        };
+        kill(exec_keepers[0]);
+        eventually(
+            "the exec's guest process gone",
+            Duration::from_secs(30),
+            || {
+                if in_guest("sleep 2000") {
+                    Err("sleep 2000 still runs".into())
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        // The container's own keeper: podman sees the container exit, killed.
+        let init_keeper: Vec<u32> = keepers_with(&[&id])
+            .into_iter()
+            .filter(|pid| !exec_keepers.contains(pid))
+            .collect();
+        assert_eq!(init_keeper.len(), 1, "{init_keeper:?}");
+        kill(init_keeper[0]);
+        eventually("the container exited", Duration::from_secs(30), || match p
+            .state("kept")
+            .as_str()
+        {
+            "exited false 137" => Ok(()),
+            other => Err(other.to_string()),
+        });
+        p.must(&["rm", "kept"]);
+    });
+}
