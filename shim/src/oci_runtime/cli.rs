@@ -395,9 +395,9 @@ fn parse_command(name: &str, args: &[String]) -> Result<Command, UsageError> {
 }
 
 /// The commands this parser knows (an unknown flag on one of them is a flag error).
-const KNOWN: [&str; 15] = [
+const KNOWN: [&str; 14] = [
     "create", "start", "state", "kill", "delete", "exec", "pause", "resume", "update", "ps",
-    "features", "help", "__server", "__keep", "version",
+    "features", "help", "__server", "__keep",
 ];
 
 /// A signal as runc takes it: a number, or a name with or without `SIG`, in any case.

@@ -160,7 +160,7 @@ pub async fn run(socket: &Path, id: &str, exec_id: &str, dir: &Path) -> i32 {
         if let Ok(client) = server::connect(socket).await {
             let _ = client
                 .delete(
-                    ttrpc::context::with_timeout(RPC_TIMEOUT_NS),
+                    super::commands::ctx(),
                     &api::DeleteRequest {
                         id: id.to_string(),
                         exec_id: exec_id.to_string(),
@@ -173,8 +173,6 @@ pub async fn run(socket: &Path, id: &str, exec_id: &str, dir: &Path) -> i32 {
     }
     status.min(255) as i32
 }
-
-const RPC_TIMEOUT_NS: i64 = 30_000_000_000;
 
 fn finish(outputs: Vec<JoinHandle<()>>) {
     for copy in outputs {
@@ -229,7 +227,7 @@ async fn supervise(
             Some(signo) = next_signal => {
                 let _ = client
                     .kill(
-                        ttrpc::context::with_timeout(RPC_TIMEOUT_NS),
+                        super::commands::ctx(),
                         &api::KillRequest {
                             id: id.to_string(),
                             exec_id: exec_id.to_string(),
@@ -251,7 +249,7 @@ async fn resize(client: &containerd_shim::protos::shim_async::TaskClient, id: &s
     };
     let _ = client
         .resize_pty(
-            ttrpc::context::with_timeout(RPC_TIMEOUT_NS),
+            super::commands::ctx(),
             &api::ResizePtyRequest {
                 id: id.to_string(),
                 exec_id: exec_id.to_string(),

@@ -2,12 +2,14 @@
 //! else that drives runc). It is a client of the shim's own Task service: `create` starts a
 //! per-sandbox server (`server`) that runs exactly the code containerd drives, and a keeper
 //! (`keeper`) per container process that conmon waits on. The other commands are one RPC
-//! each. See docs/adr/0020-oci-runtime-for-podman.md.
+//! each. See docs/adr/0017-an-oci-runtime-for-podman.md.
 
 pub mod cli;
 mod commands;
 mod console;
+mod create;
 mod keeper;
+mod launch;
 mod server;
 pub mod state;
 mod watch;
@@ -140,9 +142,9 @@ async fn run(global: &Global, command: Command) -> Result<i32, RuntimeError> {
             pid_file,
             console_socket,
         } => {
-            commands::create(
+            create::create(
                 &root,
-                commands::Create {
+                create::Create {
                     id: &id,
                     bundle: &bundle,
                     pid_file: pid_file.as_deref(),
@@ -162,9 +164,9 @@ async fn run(global: &Global, command: Command) -> Result<i32, RuntimeError> {
             console_socket,
             tty,
         } => {
-            commands::exec(
+            create::exec(
                 &root,
-                commands::Exec {
+                create::Exec {
                     id: &id,
                     process: &process,
                     pid_file: pid_file.as_deref(),
