@@ -130,6 +130,22 @@ pub fn hako_cli(args: &[&str], env: &[(&str, &str)]) -> Run {
     run_with_timeout(cmd, None, Duration::from_secs(60))
 }
 
+/// Polls `probe` (bounded) until it holds: a server in a VM is listening, or a log line is
+/// there, a moment after the command returns, and nothing announces it.
+pub fn eventually(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<(), String>) {
+    let started = Instant::now();
+    loop {
+        match probe() {
+            Ok(()) => return,
+            Err(last) => assert!(
+                started.elapsed() < timeout,
+                "{what}: not within {timeout:?}; last try: {last}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs `cmd` with a deadline; a hang is a test failure, not a stuck suite.
 pub fn run_with_timeout(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> Run {
     cmd.stdin(if stdin.is_some() {

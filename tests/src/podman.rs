@@ -607,22 +607,6 @@ fn assert_host_as_before(state: &HostState, cgroups: &BTreeSet<PathBuf>, context
     }
 }
 
-/// Polls `probe` (bounded) until it holds: a server is listening, or a log line is there, a
-/// moment after podman returns, and nothing announces it.
-pub fn eventually(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<(), String>) {
-    let started = Instant::now();
-    loop {
-        match probe() {
-            Ok(()) => return,
-            Err(last) => assert!(
-                started.elapsed() < timeout,
-                "{what}: not within {timeout:?}; last try: {last}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A host directory for a test's volumes, removed on drop.
 pub struct ScratchDir {
     pub path: PathBuf,

@@ -12,22 +12,6 @@ use std::time::{Duration, Instant};
 use hako_tests::docker::for_each_docker;
 use hako_tests::*;
 
-/// Polls `probe` until it is true: a server in a VM is listening a moment after its task
-/// starts, and nothing announces that.
-fn eventually(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<(), String>) {
-    let started = Instant::now();
-    loop {
-        match probe() {
-            Ok(()) => return,
-            Err(last) => assert!(
-                started.elapsed() < timeout,
-                "{what}: not within {timeout:?}; last try: {last}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 #[test]
 #[ignore = "boots VMs: run through scripts/test.sh"]
 fn a_published_port_serves_a_page_from_the_vm() {

@@ -10,10 +10,10 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use hako_tests::podman::{
-    compare, eventually, remove_pod_cgroups, under_hako_only, without_pts_number, Runtime,
-    ScratchDir, HAKO_RUNTIME, RUNTIME_ROOT,
+    compare, remove_pod_cgroups, under_hako_only, without_pts_number, Runtime, ScratchDir,
+    HAKO_RUNTIME, RUNTIME_ROOT,
 };
-use hako_tests::{run_with_timeout, Run, IMAGE};
+use hako_tests::{eventually, run_with_timeout, Run, IMAGE};
 
 /// The host's boot id: a container under hako reads its guest's instead.
 fn host_boot_id() -> String {

@@ -37,6 +37,32 @@ async fn client_of(root: &Root, record: &Record) -> Result<TaskClient, RuntimeEr
     server::connect(&root.server_socket(&record.sandbox)?).await
 }
 
+/// Undoes a process the server made when a later step failed: killed, then forgotten. Errors
+/// are the process being gone already.
+pub async fn discard(client: &TaskClient, id: &str, exec_id: &str) {
+    let _ = client
+        .kill(
+            ctx(),
+            &api::KillRequest {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+                signal: 9,
+                ..Default::default()
+            },
+        )
+        .await;
+    let _ = client
+        .delete(
+            ctx(),
+            &api::DeleteRequest {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+}
+
 pub async fn start(root: &Root, id: &str) -> Result<(), RuntimeError> {
     let record = root.load(id)?;
     let client = client_of(root, &record).await?;

@@ -9,7 +9,7 @@ use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::MessageField;
 use oci_spec::runtime::Spec;
 
-use super::commands::{ctx, read_bounded, rpc, status_of};
+use super::commands::{ctx, discard, read_bounded, rpc, status_of};
 use super::launch::{make_fifos, read_spec, require_root, spawn_keeper, write_pid_file, Lock};
 use super::server::{self, NAMESPACE};
 use super::state::{rfc3339_now, Keeper, Record, Root};
@@ -132,15 +132,7 @@ async fn create_in(
             starting.release()
         };
         if let Err(e) = finish.await {
-            let _ = client
-                .delete(
-                    ctx(),
-                    &api::DeleteRequest {
-                        id: req.id.to_string(),
-                        ..Default::default()
-                    },
-                )
-                .await;
+            discard(&client, req.id, "").await;
             return Err(e);
         }
         Ok(())
@@ -257,16 +249,7 @@ pub async fn exec(root: &Root, req: Exec<'_>) -> Result<(), RuntimeError> {
             starting.release()
         };
         if let Err(e) = started.await {
-            let _ = client
-                .delete(
-                    ctx(),
-                    &api::DeleteRequest {
-                        id: req.id.to_string(),
-                        exec_id: exec_id.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await;
+            discard(&client, req.id, &exec_id).await;
             return Err(e);
         }
         Ok(())
