@@ -38,7 +38,7 @@ pub async fn create(root: &Root, req: Create<'_>) -> Result<(), RuntimeError> {
             "the spec asks for a terminal: --console-socket is required".to_string(),
         ));
     }
-    fs::create_dir_all(&root.dir).map_err(|e| RuntimeError::io(&root.dir, e))?;
+    root.make()?;
     let _lock = Lock::take(&root.create_lock())?;
     let dir = root.make_container_dir(req.id)?;
     let result = create_in(root, &req, &bundle, &spec, &dir, terminal).await;

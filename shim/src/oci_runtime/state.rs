@@ -126,10 +126,18 @@ impl Root {
         self.dir.join(".create.lock")
     }
 
+    /// Makes the root, for root alone (as runc's /run/runc): records name bundles and
+    /// annotations, and the sockets drive VMs.
+    pub fn make(&self) -> Result<(), StateError> {
+        use std::os::unix::fs::PermissionsExt;
+        fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io(&self.dir))
+    }
+
     /// Makes the container's directory; refuses an id already in use.
     pub fn make_container_dir(&self, id: &str) -> Result<PathBuf, StateError> {
         let dir = self.container_dir(id)?;
-        fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        self.make()?;
         match fs::create_dir(&dir) {
             Ok(()) => Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StateError::Exists),
