@@ -12,6 +12,7 @@ pub mod features;
 pub mod hooks;
 pub mod ids;
 pub mod logs;
+pub mod metrics;
 pub mod net;
 pub mod oci_runtime;
 pub mod rate_limit;

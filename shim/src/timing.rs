@@ -51,6 +51,11 @@ impl Timings {
             .map(|(_, d)| *d)
     }
 
+    /// Every phase, then every detail, as `summary` lists them (for `metrics`).
+    pub fn entries(&self) -> impl Iterator<Item = (&'static str, Duration)> + '_ {
+        self.phases.iter().chain(&self.details).copied()
+    }
+
     pub fn total(&self) -> Duration {
         self.last - self.started
     }

@@ -1,0 +1,223 @@
+//! The one table of metric families. The shim's `/metrics` renders through it, the monitor
+//! (a later step) will too, and `Snapshot::validate` checks what crosses the socket against it,
+//! so a name, a type or a label set lives in exactly one place. docs/metrics.md is written from
+//! it (a test checks every family is there).
+
+/// Start phases: hako's figures run from sub-ms under KVM to seconds under TCG, so 1-2.5-5 per
+/// decade from 1 ms to 10 s keeps `histogram_quantile` within a decade; a stuck start lands in
+/// `+Inf`.
+pub const START_PHASE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Agent calls that do not wait on the guest's processes: ms under KVM, a few 100 ms under TCG.
+pub const RPC_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One family: its full name as Prometheus shows it (with the unit, and `_total` for a
+/// counter), and the label names every series of it carries, in order.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    /// The base unit the name ends with (`seconds`, `bytes`), or "" for a plain count.
+    pub unit: &'static str,
+    pub labels: &'static [&'static str],
+    /// A histogram's upper bounds, without `+Inf`; empty for the others.
+    pub buckets: &'static [f64],
+}
+
+impl Family {
+    /// The name without `_total`: prometheus-client appends that itself to a counter's name.
+    pub fn base_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Counter => self.name.strip_suffix("_total").unwrap_or(self.name),
+            _ => self.name,
+        }
+    }
+}
+
+pub const START_PHASE_SECONDS: Family = Family {
+    name: "hako_start_phase_seconds",
+    help: "Duration of each phase of a sandbox or container start, as the shim's start-phase log line names them.",
+    kind: Kind::Histogram,
+    unit: "seconds",
+    labels: &["phase"],
+    buckets: START_PHASE_BUCKETS,
+};
+
+pub const AGENT_RPC_DURATION_SECONDS: Family = Family {
+    name: "hako_agent_rpc_duration_seconds",
+    help: "Duration of the shim's calls into the guest agent, by method; calls that wait (WaitProcess, reads, OOM events) are not measured.",
+    kind: Kind::Histogram,
+    unit: "seconds",
+    labels: &["method"],
+    buckets: RPC_BUCKETS,
+};
+
+pub const AGENT_RPC_ERRORS_TOTAL: Family = Family {
+    name: "hako_agent_rpc_errors_total",
+    help: "Failed calls into the guest agent, by method and reason (timeout, unavailable, guest).",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &["method", "reason"],
+    buckets: &[],
+};
+
+pub const HOTPLUG_TOTAL: Family = Family {
+    name: "hako_hotplug_total",
+    help: "Devices hot-plugged into or unplugged from the running VM, by device, operation and result.",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &["device", "op", "result"],
+    buckets: &[],
+};
+
+pub const HOTPLUG_DURATION_SECONDS: Family = Family {
+    name: "hako_hotplug_duration_seconds",
+    help: "Duration of a hot-plug or unplug on the running VM, by device and operation.",
+    kind: Kind::Histogram,
+    unit: "seconds",
+    labels: &["device", "op"],
+    buckets: START_PHASE_BUCKETS,
+};
+
+pub const HOST_PROCESS_CPU_SECONDS_TOTAL: Family = Family {
+    name: "hako_host_process_cpu_seconds_total",
+    help: "CPU time (user and system, all threads) of the sandbox's host processes: vmm, virtiofsd, vsock, shim.",
+    kind: Kind::Counter,
+    unit: "seconds",
+    labels: &["process"],
+    buckets: &[],
+};
+
+pub const HOST_PROCESS_RSS_BYTES: Family = Family {
+    name: "hako_host_process_rss_bytes",
+    help: "Resident set size of the sandbox's host processes; guest RAM shared with vhost-user backends counts in each.",
+    kind: Kind::Gauge,
+    unit: "bytes",
+    labels: &["process"],
+    buckets: &[],
+};
+
+pub const HOST_PROCESS_PSS_BYTES: Family = Family {
+    name: "hako_host_process_pss_bytes",
+    help: "Proportional set size of the sandbox's host processes (shared pages divided among sharers); up to 15 s old.",
+    kind: Kind::Gauge,
+    unit: "bytes",
+    labels: &["process"],
+    buckets: &[],
+};
+
+/// Every family this step produces, in the order they are rendered.
+pub const FAMILIES: &[Family] = &[
+    START_PHASE_SECONDS,
+    AGENT_RPC_DURATION_SECONDS,
+    AGENT_RPC_ERRORS_TOTAL,
+    HOTPLUG_TOTAL,
+    HOTPLUG_DURATION_SECONDS,
+    HOST_PROCESS_CPU_SECONDS_TOTAL,
+    HOST_PROCESS_RSS_BYTES,
+    HOST_PROCESS_PSS_BYTES,
+];
+
+pub fn find(name: &str) -> Option<&'static Family> {
+    FAMILIES.iter().find(|f| f.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid_name(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+
+    #[test]
+    fn names_carry_prefix_unit_and_counter_suffix() {
+        for f in FAMILIES {
+            assert!(
+                f.name.starts_with("hako_") && valid_name(f.name),
+                "{}",
+                f.name
+            );
+            let base = match f.kind {
+                Kind::Counter => f.name.strip_suffix("_total").expect("counter ends _total"),
+                _ => {
+                    assert!(!f.name.ends_with("_total"), "{} is not a counter", f.name);
+                    f.name
+                }
+            };
+            if !f.unit.is_empty() {
+                assert!(base.ends_with(&format!("_{}", f.unit)), "{}", f.name);
+                assert!(["seconds", "bytes"].contains(&f.unit), "{}", f.name);
+            }
+            assert!(!f.help.is_empty() && !f.help.contains('\n'), "{}", f.name);
+        }
+    }
+
+    #[test]
+    fn label_names_are_valid_and_distinct() {
+        for f in FAMILIES {
+            for (i, label) in f.labels.iter().enumerate() {
+                assert!(valid_name(label) && !label.starts_with("__"), "{label}");
+                // `le` is the histogram's own; the sandbox's labels are the monitor's.
+                assert!(
+                    !["le", "sandbox_id", "containerd_namespace"].contains(label),
+                    "{label}"
+                );
+                assert!(!f.labels[..i].contains(label), "{} repeats {label}", f.name);
+            }
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_buckets_only_on_histograms() {
+        for (i, f) in FAMILIES.iter().enumerate() {
+            assert!(FAMILIES[..i].iter().all(|g| g.name != f.name), "{}", f.name);
+            assert_eq!(
+                f.kind == Kind::Histogram,
+                !f.buckets.is_empty(),
+                "{}",
+                f.name
+            );
+            assert!(f.buckets.windows(2).all(|w| w[0] < w[1]), "{}", f.name);
+            assert!(f.buckets.iter().all(|b| b.is_finite() && *b > 0.0));
+        }
+        assert_eq!(START_PHASE_BUCKETS.len(), 13);
+        assert_eq!(RPC_BUCKETS.len(), 9);
+    }
+
+    #[test]
+    fn every_family_is_documented() {
+        let doc = include_str!("../../../docs/metrics.md");
+        for f in FAMILIES {
+            assert!(
+                doc.contains(&format!("`{}`", f.name)),
+                "{} not in docs",
+                f.name
+            );
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! `ShimMetrics`: one sandbox's in-process instruments, updated inline where the work happens
+//! (a start's phases, an agent call, a hot-plug) and read only when someone asks. Every label
+//! value is a `&'static str` from the shim's own code, so the number of series is bounded by
+//! the code, whatever the guest does.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::families::{self, Family};
+use super::snapshot::{Sample, Value};
+use crate::timing::Timings;
+
+/// Fixed buckets, not cumulated; `count` covers those above the last bound too.
+#[derive(Debug, Clone)]
+struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<u64>,
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: vec![0; bounds.len()],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, d: Duration) {
+        let v = d.as_secs_f64();
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    fn value(&self) -> Value {
+        Value::Histogram {
+            buckets: self.buckets.clone(),
+            count: self.count,
+            sum: self.sum,
+        }
+    }
+}
+
+type Key = Vec<&'static str>;
+
+#[derive(Debug, Default)]
+struct Instruments {
+    histograms: BTreeMap<(&'static str, Key), Histogram>,
+    counters: BTreeMap<(&'static str, Key), u64>,
+}
+
+/// Why an agent call failed, as the `reason` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcFailure {
+    Timeout,
+    /// The connection broke or the answer was malformed.
+    Unavailable,
+    /// The agent answered with an error.
+    Guest,
+}
+
+impl RpcFailure {
+    fn as_str(self) -> &'static str {
+        match self {
+            RpcFailure::Timeout => "timeout",
+            RpcFailure::Unavailable => "unavailable",
+            RpcFailure::Guest => "guest",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ShimMetrics {
+    // A std mutex held for a map update, never across an await: cheaper than a lock-free
+    // family for the handful of updates a start makes.
+    inner: Mutex<Instruments>,
+}
+
+impl ShimMetrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Instruments> {
+        // A panic elsewhere while holding it leaves counts that are still counts.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn observe(&self, family: &Family, labels: Key, d: Duration) {
+        self.lock()
+            .histograms
+            .entry((family.name, labels))
+            .or_insert_with(|| Histogram::new(family.buckets))
+            .observe(d);
+    }
+
+    fn inc(&self, family: &Family, labels: Key) {
+        *self
+            .lock()
+            .counters
+            .entry((family.name, labels))
+            .or_insert(0) += 1;
+    }
+
+    /// A start whose phases are all marked: each phase and detail, and the total.
+    pub fn observe_start(&self, timings: &Timings) {
+        for (phase, d) in timings.entries() {
+            self.observe(&families::START_PHASE_SECONDS, vec![phase], d);
+        }
+        self.observe(
+            &families::START_PHASE_SECONDS,
+            vec!["total"],
+            timings.total(),
+        );
+    }
+
+    /// One agent call that is not a wait: its duration, and its failure if it failed.
+    pub fn observe_rpc(&self, method: &'static str, d: Duration, failure: Option<RpcFailure>) {
+        self.observe(&families::AGENT_RPC_DURATION_SECONDS, vec![method], d);
+        if let Some(f) = failure {
+            self.inc(&families::AGENT_RPC_ERRORS_TOTAL, vec![method, f.as_str()]);
+        }
+    }
+
+    /// One hot-plug (`op` "add") or unplug ("remove") of a `device` ("nic", ...).
+    pub fn observe_hotplug(&self, device: &'static str, op: &'static str, d: Duration, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.inc(&families::HOTPLUG_TOTAL, vec![device, op, result]);
+        self.observe(&families::HOTPLUG_DURATION_SECONDS, vec![device, op], d);
+    }
+
+    /// Every series so far, for a snapshot.
+    pub fn samples(&self) -> Vec<Sample> {
+        let inner = self.lock();
+        let labels = |key: &Key| key.iter().map(|s| s.to_string()).collect();
+        let histograms = inner.histograms.iter().map(|((family, key), h)| Sample {
+            family: family.to_string(),
+            labels: labels(key),
+            value: h.value(),
+        });
+        let counters = inner.counters.iter().map(|((family, key), n)| Sample {
+            family: family.to_string(),
+            labels: labels(key),
+            value: Value::Number(*n as f64),
+        });
+        histograms.chain(counters).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::snapshot::Snapshot;
+
+    fn find<'a>(samples: &'a [Sample], family: &str, labels: &[&str]) -> Option<&'a Value> {
+        samples
+            .iter()
+            .find(|s| s.family == family && s.labels == labels)
+            .map(|s| &s.value)
+    }
+
+    #[test]
+    fn a_start_is_observed_phase_by_phase() {
+        let m = ShimMetrics::new();
+        let mut t = Timings::new();
+        t.mark("sandbox_prepare");
+        t.detail("agent_ready.kernel", Duration::from_millis(300));
+        m.observe_start(&t);
+        m.observe_start(&t);
+        let samples = m.samples();
+        let family = "hako_start_phase_seconds";
+        let Some(Value::Histogram { buckets, count, .. }) =
+            find(&samples, family, &["agent_ready.kernel"])
+        else {
+            panic!("no kernel phase: {samples:?}");
+        };
+        assert_eq!(*count, 2);
+        // 0.3 s falls in (0.25, 0.5].
+        assert_eq!(buckets[8], 2, "{buckets:?}");
+        assert!(find(&samples, family, &["sandbox_prepare"]).is_some());
+        assert!(find(&samples, family, &["total"]).is_some());
+        Snapshot::new(samples).validate().expect("valid");
+    }
+
+    #[test]
+    fn rpc_failures_and_slow_calls_are_counted() {
+        let m = ShimMetrics::new();
+        m.observe_rpc("CreateContainer", Duration::from_millis(2), None);
+        m.observe_rpc(
+            "CreateContainer",
+            Duration::from_secs(60),
+            Some(RpcFailure::Timeout),
+        );
+        m.observe_hotplug("nic", "add", Duration::from_millis(80), true);
+        let samples = m.samples();
+        let Some(Value::Histogram {
+            buckets,
+            count,
+            sum,
+        }) = find(
+            &samples,
+            "hako_agent_rpc_duration_seconds",
+            &["CreateContainer"],
+        )
+        else {
+            panic!("{samples:?}");
+        };
+        // The 60 s call is only in `count`: it is above every bound.
+        assert_eq!((buckets.iter().sum::<u64>(), *count), (1, 2));
+        assert!((sum - 60.002).abs() < 1e-9);
+        assert_eq!(
+            find(
+                &samples,
+                "hako_agent_rpc_errors_total",
+                &["CreateContainer", "timeout"]
+            ),
+            Some(&Value::Number(1.0))
+        );
+        assert_eq!(
+            find(&samples, "hako_hotplug_total", &["nic", "add", "ok"]),
+            Some(&Value::Number(1.0))
+        );
+        Snapshot::new(samples).validate().expect("valid");
+    }
+}
