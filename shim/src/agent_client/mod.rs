@@ -5,11 +5,14 @@ mod dial;
 mod ps;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use hako_protocol as pb;
 use tokio::net::UnixStream;
+
+use crate::metrics::{RpcFailure, ShimMetrics};
 
 pub use dial::{connect, dial, read_line, ReadyListener};
 pub use ps::{GuestProcess, ProcessList};
@@ -173,6 +176,8 @@ pub struct TtrpcAgent {
     /// The same connection, for an answer decoded by hand (`ps`).
     raw: ttrpc::r#async::Client,
     call_timeout: Duration,
+    /// The sandbox's instruments, when the agent is a sandbox's (not `hako`'s CLI).
+    metrics: Option<Arc<ShimMetrics>>,
 }
 
 impl TtrpcAgent {
@@ -183,19 +188,46 @@ impl TtrpcAgent {
             client: pb::AgentServiceClient::new(raw.clone()),
             raw,
             call_timeout,
+            metrics: None,
         }
+    }
+
+    /// Records every timed call's duration and failure in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<ShimMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn ctx(&self) -> ttrpc::context::Context {
         ttrpc::context::with_timeout(self.call_timeout.as_nanos() as i64)
     }
 
+    /// Only calls that answer at once go through here (never a wait or a read), so their
+    /// durations are latencies and are recorded as such.
     async fn timed<T>(
         &self,
         call: &'static str,
         fut: impl std::future::Future<Output = ttrpc::Result<T>>,
     ) -> Result<T, AgentError> {
         let started = std::time::Instant::now();
+        let result = self.call_with_deadline(call, started, fut).await;
+        if let Some(metrics) = &self.metrics {
+            let failure = result.as_ref().err().map(|e| match e {
+                AgentError::Timeout { .. } => RpcFailure::Timeout,
+                AgentError::Rpc { .. } => RpcFailure::Guest,
+                _ => RpcFailure::Unavailable,
+            });
+            metrics.observe_rpc(call, started.elapsed(), failure);
+        }
+        result
+    }
+
+    async fn call_with_deadline<T>(
+        &self,
+        call: &'static str,
+        started: std::time::Instant,
+        fut: impl std::future::Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T, AgentError> {
         let timed_out = AgentError::Timeout {
             call,
             timeout: self.call_timeout,

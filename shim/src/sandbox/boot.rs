@@ -181,8 +181,10 @@ impl Sandbox {
                 })
             }
         };
-        let agent: Arc<dyn AgentClient> =
-            Arc::new(TtrpcAgent::new(stream, self.config.agent.call_timeout()));
+        let agent: Arc<dyn AgentClient> = Arc::new(
+            TtrpcAgent::new(stream, self.config.agent.call_timeout())
+                .with_metrics(self.metrics.clone()),
+        );
         self.timings.mark("agent_connected");
         // A restored VM's clock says nothing of this start: it booted when its template did.
         if restored.is_none() {

@@ -32,6 +32,7 @@ use crate::config::{Config, ConfigError, SharedFsKind};
 use crate::daemon::{kill_from_pid_file, wait_gone, DaemonError};
 use crate::hooks::HookError;
 use crate::ids::{validate, IdError};
+use crate::metrics::{MetricsServer, ShimMetrics};
 use crate::net::{NetError, NetnsHolder, PodNetwork};
 use crate::timing::Timings;
 use crate::vmm::{Hypervisor, VmmError};
@@ -148,6 +149,10 @@ pub struct Sandbox {
     pod_init_pid: u32,
     pod_hostname: String,
     pub timings: Timings,
+    /// The sandbox's instruments (start phases, agent calls, hot-plugs).
+    pub metrics: Arc<ShimMetrics>,
+    /// Serves them on `metrics.sock` from `prepare` to teardown.
+    metrics_server: Option<MetricsServer>,
 }
 
 impl Sandbox {
@@ -193,6 +198,8 @@ impl Sandbox {
             pod_init_pid: 0,
             pod_hostname: String::new(),
             timings: Timings::new(),
+            metrics: Arc::new(ShimMetrics::new()),
+            metrics_server: None,
         };
         let mut sandbox = sandbox;
         if let Err(e) = sandbox.make_dirs(cgroups_path) {
@@ -201,7 +208,18 @@ impl Sandbox {
             let _ = remove_sandbox_dir(&sandbox.paths.dir);
             return Err(e);
         }
+        sandbox.serve_metrics();
         Ok(sandbox)
+    }
+
+    /// Metrics are for watching the pod, not for running it: a socket that cannot be bound is
+    /// logged and the pod starts without it.
+    fn serve_metrics(&mut self) {
+        let paths = &self.paths;
+        match crate::metrics::serve(self.metrics.clone(), &paths.dir, &paths.metrics_socket) {
+            Ok(server) => self.metrics_server = Some(server),
+            Err(e) => log::warn!("sandbox {}: no metrics: {e}", self.id),
+        }
     }
 
     /// The sandbox dir (`rw/`, `ro/`, and `vmm/` owned by the VMM's user), the pod's cgroup
@@ -308,6 +326,8 @@ impl Sandbox {
     }
 
     async fn stop_everything(&mut self) -> Result<(), SandboxError> {
+        // First, so a scrape during teardown finds no sandbox rather than a dying one.
+        self.metrics_server.take();
         self.dns_relay.take();
         if let Some(port_forward) = self.port_forward.take() {
             // The shim's own namespace goes with the sandbox dir; a pod's (CRI, Docker) may

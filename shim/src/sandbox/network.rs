@@ -124,7 +124,11 @@ impl Sandbox {
                     break;
                 }
             };
-            if let Err(e) = vmm.add_nic(&nic).await {
+            let plugging = std::time::Instant::now();
+            let added = vmm.add_nic(&nic).await;
+            self.metrics
+                .observe_hotplug("nic", "add", plugging.elapsed(), added.is_ok());
+            if let Err(e) = added {
                 if let Some(link) = network.take(&nic.id) {
                     network.release(link);
                 }
@@ -138,7 +142,11 @@ impl Sandbox {
             .update_interfaces(network.interfaces(), network.routes.clone())
             .await;
         for link in gone {
-            if let Err(e) = vmm.remove_nic(&link.nic, NIC_UNPLUG_TIMEOUT).await {
+            let unplugging = std::time::Instant::now();
+            let removed = vmm.remove_nic(&link.nic, NIC_UNPLUG_TIMEOUT).await;
+            self.metrics
+                .observe_hotplug("nic", "remove", unplugging.elapsed(), removed.is_ok());
+            if let Err(e) = removed {
                 log::warn!("sandbox {}: unplugging {}: {e}", self.id, link.nic);
             }
             log::info!(

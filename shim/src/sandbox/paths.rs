@@ -9,7 +9,8 @@
 //! - `fs.sock` (virtiofsd), logs (`console.log`, `vmm.log`, `virtiofsd.log`, `vsock.log`, each
 //!   capped with a rotated `.1`), pid files, `net.json` (the pod network, for cleanup),
 //!   `netns` (the pod's network namespace when the shim made it), `cgroup.json` (the pod's
-//!   cgroup) and `vmm-user` (the VMM's uid).
+//!   cgroup), `vmm-user` (the VMM's uid) and `metrics.sock` (the shim's metrics, root's alone:
+//!   not under `vmm/`, which the VMM's user owns).
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +49,7 @@ pub struct SandboxPaths {
     pub netns: PathBuf,
     pub cgroup_record: PathBuf,
     pub vmm_user_record: PathBuf,
+    pub metrics_socket: PathBuf,
 }
 
 impl SandboxPaths {
@@ -71,12 +73,14 @@ impl SandboxPaths {
             netns: dir.join("netns"),
             cgroup_record: dir.join("cgroup.json"),
             vmm_user_record: dir.join("vmm-user"),
+            metrics_socket: dir.join("metrics.sock"),
             vmm_dir,
             dir,
         };
         let files = paths.vm_files(0);
         for socket in [
             &paths.fs_socket,
+            &paths.metrics_socket,
             &paths.ready_socket(),
             &files.control_socket,
             &files.vsock_socket,
@@ -133,6 +137,10 @@ mod tests {
         assert_eq!(
             p.ready_socket(),
             Path::new("/run/hako/default/t1/vmm/agent.sock_1025")
+        );
+        assert_eq!(
+            p.metrics_socket,
+            Path::new("/run/hako/default/t1/metrics.sock")
         );
     }
 

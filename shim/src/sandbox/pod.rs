@@ -374,6 +374,7 @@ impl Pod {
         timings.mark("container_created");
         timings.detail("guest.create_container", called.elapsed());
         log::info!("container {} start phases: {}", new.id, timings.summary());
+        sandbox.metrics.observe_start(&timings);
         if booting {
             self.init_pid.store(guest_pid, Ordering::SeqCst);
             self.set_running(Some(running.clone()));

@@ -141,6 +141,7 @@ impl Pod {
         };
         self.init_pid.store(sandbox.pod_init_pid, Ordering::SeqCst);
         self.set_running(Some(running.clone()));
+        sandbox.metrics.observe_start(&sandbox.timings);
         log::info!(
             "sandbox {} start phases: {} (started in {} ms)",
             sandbox.id,
