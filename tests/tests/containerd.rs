@@ -512,3 +512,69 @@ fn task_api_inputs_containerd_never_sends_are_refused_and_leave_nothing() {
     });
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// One HTTP GET on a unix socket, answered and closed by the server: (status line, body).
+fn get_on_unix_socket(socket: &std::path::Path, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: hako\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of the one sample of `series` (its name and labels, exactly) in Prometheus text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_running_sandbox_serves_its_metrics_and_takes_the_socket_with_it() {
+    for_each_containerd(|c| {
+        let r = c.run_detached("measured", &[], &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let socket = std::path::Path::new(SANDBOX_ROOT).join("default/measured/metrics.sock");
+        let (status, text) = get_on_unix_socket(&socket, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK", "{text}");
+        // The start that made this sandbox, once, and its VM's memory on the host.
+        assert_eq!(
+            sample(&text, r#"hako_start_phase_seconds_count{phase="total"}"#),
+            Some(1.0),
+            "{text}"
+        );
+        let vmm_rss = sample(&text, r#"hako_host_process_rss_bytes{process="vmm"}"#);
+        assert!(
+            vmm_rss.is_some_and(|b| b > 16.0 * 1024.0 * 1024.0),
+            "{text}"
+        );
+        let created = sample(
+            &text,
+            r#"hako_agent_rpc_duration_seconds_count{method="CreateContainer"}"#,
+        );
+        assert_eq!(created, Some(1.0), "{text}");
+        // HELP and TYPE once per family, as Prometheus requires.
+        let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let mut unique = types.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(types.len(), unique.len(), "{text}");
+        let (status, json) = get_on_unix_socket(&socket, "/v1/snapshot");
+        assert_eq!(status, "HTTP/1.1 200 OK", "{json}");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&json).is_ok(),
+            "{json}"
+        );
+        c.remove_task("measured");
+        assert!(!socket.exists(), "the socket outlived its sandbox");
+    });
+}

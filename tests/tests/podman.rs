@@ -675,3 +675,77 @@ fn a_keeper_killed_takes_its_guest_process_with_it() {
         p.must(&["rm", "kept"]);
     });
 }
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn restart_runs_the_container_again_under_the_same_id() {
+    // podman restart deletes the container from the runtime and creates it again at once with
+    // the same id: nothing of the first run may be in the way.
+    compare("restart_runs_the_container_again_under_the_same_id", |p| {
+        let id = p.must(&[
+            "run",
+            "-d",
+            "--name",
+            "again",
+            IMAGE,
+            "sh",
+            "-c",
+            "echo run; sleep 1000",
+        ]);
+        p.must(&["restart", "-t", "0", "again"]);
+        assert_eq!(p.inspect("again", "{{.ID}}"), id.stdout.trim());
+        let state = p.state("again");
+        eventually("both runs logged", Duration::from_secs(30), || {
+            let logs = p.must(&["logs", "again"]).stdout;
+            if logs == "run\nrun\n" {
+                Ok(())
+            } else {
+                Err(logs)
+            }
+        });
+        p.must(&["rm", "-f", "-t", "0", "again"]);
+        state
+    });
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn network_container_joins_the_containers_network_and_under_hako_its_vm() {
+    compare("network_container_joins_the_containers_network", |p| {
+        p.must(&[
+            "run",
+            "-d",
+            "--name",
+            "server",
+            IMAGE,
+            "sh",
+            "-c",
+            "mkdir /tmp/www && echo served next door > /tmp/www/index.html && \
+             exec httpd -f -p 8080 -h /tmp/www",
+        ]);
+        let server_boot = p.must(&["exec", "server", "cat", "/proc/sys/kernel/random/boot_id"]);
+        let joined = p.podman(&[
+            "run",
+            "--rm",
+            "--network",
+            "container:server",
+            IMAGE,
+            "sh",
+            "-c",
+            "cat /proc/sys/kernel/random/boot_id; i=0; \
+             until wget -qO- http://127.0.0.1:8080/; do \
+             i=$((i+1)); [ $i -lt 150 ] || exit 1; sleep 0.2; done",
+        ]);
+        assert_eq!(joined.code, 0, "{joined:?}");
+        // One kernel: the host's under runc, the server's VM under hako.
+        assert_eq!(
+            joined.stdout,
+            format!("{}served next door\n", server_boot.stdout),
+            "{joined:?}"
+        );
+        let on_host = server_boot.stdout.trim() == host_boot_id();
+        assert_eq!(on_host, p.runtime == Runtime::Runc, "{server_boot:?}");
+        p.must(&["rm", "-f", "-t", "0", "server"]);
+        joined.code
+    });
+}
