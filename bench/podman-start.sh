@@ -1,9 +1,11 @@
 #!/bin/bash
 # Cold start through podman: `podman run --rm <image> /bin/true` N times per runtime, with
-# runc, gVisor (runsc as podman's OCI runtime, its default network) and hako-runtime
+# runc, gVisor (runsc as podman's OCI runtime, with `--network=host`: the host kernel's stack in
+# the container's namespace; its default netstack refuses podman's namespace here) and hako-runtime
 # interleaved, and as many runs of `echo` for the time to the first byte of output. podman
 # runs with a storage of the benchmark's own, in a network namespace of its own (its bridge
-# and firewall rules stay there), with netavark's default network. Prints p50/p90/max and the
+# and firewall rules stay there; nsenter, not `ip netns exec`, which would remount /sys without
+# the host's cgroup mounts), with netavark's default network. Prints p50/p90/max and the
 # ratio to runc. A benchmark, not a test: it asserts nothing. Run as root after
 # scripts/install.sh, with podman installed (scripts/setup.sh).
 #
@@ -24,7 +26,7 @@ ip -n "$netns" link set lo up
 # This host's runc cannot raise rlimits past its own hard limits, which podman's defaults do.
 printf '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n' >"$work/containers.conf"
 pod() {
-    CONTAINERS_CONF="$work/containers.conf" ip netns exec "$netns" podman --root "$work/podman/root" \
+    CONTAINERS_CONF="$work/containers.conf" nsenter --net="/run/netns/$netns" podman --root "$work/podman/root" \
         --runroot "$work/podman/run" --tmpdir "$work/podman/tmp" "$@"
 }
 cleanups+=("pod rm -af -t 0 >/dev/null 2>&1; pod rmi -af >/dev/null 2>&1; umount -R $work/podman/root 2>/dev/null")
@@ -34,7 +36,7 @@ pod load -i "$work/image.tar" >/dev/null
 runtime_flags() {
     case "$1" in
         runc) echo "--runtime /usr/bin/runc" ;;
-        gvisor) echo "--runtime $runsc" ;;
+        gvisor) echo "--runtime $work/runsc-host" ;;
         hako) echo "--runtime /usr/local/bin/hako-runtime" ;;
     esac
 }
@@ -65,7 +67,7 @@ md="$out/podman-start.md"
 {
     echo "### Cold start through podman"
     echo
-    echo "Conditions: $(date -u +%Y-%m-%d); $(nproc) cores, $(podman --version), $(conmon --version | head -n1), netavark's default network in a namespace of the benchmark's own; runc $(runc --version | awk 'NR == 1 {print $3}'); gVisor $gvisor_package as podman's runtime; hako-runtime: QEMU $(qemu-system-x86_64 --version | awk 'NR == 1 {print $4}'), 1 vCPU, 512 MiB, from a template. $n runs per runtime, interleaved. hako's first start (which may make the template): $first_start ms."
+    echo "Conditions: $(date -u +%Y-%m-%d); $(nproc) cores, $(podman --version), $(conmon --version | head -n1), netavark's default network in a namespace of the benchmark's own; runc $(runc --version | awk 'NR == 1 {print $3}'); gVisor $gvisor_package as podman's runtime (\`--network=host\`); hako-runtime: QEMU $(qemu-system-x86_64 --version | awk 'NR == 1 {print $4}'), 1 vCPU, 512 MiB, from a template. $n runs per runtime, interleaved. hako's first start (which may make the template): $first_start ms."
     echo
     echo "| runtime | \`true\` p50 ms | p90 ms | max ms | p50 vs runc | \`echo\` p50 ms | vs runc |"
     echo "|---|---:|---:|---:|---:|---:|---:|"
