@@ -391,22 +391,44 @@ fn write_pid_file(path: &Path, pid: u32) {
     }
 }
 
+/// What `/proc/PID/stat` gives: CPU ticks (user + system, all threads) and the start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub cpu_ticks: u64,
+    pub start_time: u64,
+}
+
+/// Fields 14, 15 and 22. The command name (field 2) may hold spaces and parentheses, so the
+/// fields are counted after the last ')'.
+pub fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().take(20).collect();
+    let num = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some(Stat {
+        cpu_ticks: num(11)?.checked_add(num(12)?)?,
+        start_time: num(19)?,
+    })
+}
+
 /// Field 22 of /proc/<pid>/stat: when the process started, in clock ticks since boot.
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    parse_stat(&stat).map(|s| s.start_time)
+}
+
+/// A pid file's "<pid> <start time>" (`write_pid_file`).
+pub fn parse_pid_file(text: &str) -> Option<(u32, u64)> {
+    let mut parts = text.split_whitespace();
+    let pid = parts.next()?.parse::<u32>().ok()?;
+    let start = parts.next()?.parse::<u64>().ok()?;
+    (pid > 1).then_some((pid, start))
 }
 
 /// The pid a pid file names, if that process still runs and is the same process (its start
 /// time matches).
 pub fn live_pid(path: &Path) -> Option<u32> {
-    let text = fs::read_to_string(path).ok()?;
-    let mut parts = text.split_whitespace();
-    let pid = parts.next()?.parse::<u32>().ok()?;
-    let started = parts.next()?.parse::<u64>().ok()?;
-    (pid > 1 && start_time(pid) == Some(started)).then_some(pid)
+    let (pid, started) = parse_pid_file(&fs::read_to_string(path).ok()?)?;
+    (start_time(pid) == Some(started)).then_some(pid)
 }
 
 /// Kills the process a pid file names, if it is still the same process. Returns whether a

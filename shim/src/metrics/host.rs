@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::families;
 use super::snapshot::{Sample, Value};
+use crate::daemon::{parse_pid_file, parse_stat};
 
 /// `/proc/PID/{stat,status,smaps_rollup}` are 1-2 KiB; anything longer is not what we parse.
 const MAX_PROC_FILE: u64 = 16 * 1024;
@@ -50,25 +51,6 @@ impl HostProcess {
     }
 }
 
-/// What `/proc/PID/stat` gives: CPU ticks (user + system, all threads) and the start time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stat {
-    pub cpu_ticks: u64,
-    pub start_time: u64,
-}
-
-/// Fields 14, 15 and 22. The command name (field 2) may hold spaces and parentheses, so the
-/// fields are counted after the last ')'.
-pub fn parse_stat(text: &str) -> Option<Stat> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().take(20).collect();
-    let num = |i: usize| fields.get(i)?.parse::<u64>().ok();
-    Some(Stat {
-        cpu_ticks: num(11)?.checked_add(num(12)?)?,
-        start_time: num(19)?,
-    })
-}
-
 /// A `Key:   123 kB` line of `status` or `smaps_rollup`, in bytes.
 pub fn parse_kb_line(text: &str, key: &str) -> Option<u64> {
     let line = text
@@ -92,14 +74,6 @@ fn read_bounded(path: &Path) -> Option<String> {
         return None;
     }
     Some(String::from_utf8_lossy(&bytes).into_owned())
-}
-
-/// `<pid> <start time>`, as `daemon` writes pid files.
-fn parse_pid_file(text: &str) -> Option<(u32, u64)> {
-    let mut parts = text.split_whitespace();
-    let pid = parts.next()?.parse::<u32>().ok()?;
-    let start = parts.next()?.parse::<u64>().ok()?;
-    (pid > 1).then_some((pid, start))
 }
 
 #[derive(Debug, Clone, PartialEq)]

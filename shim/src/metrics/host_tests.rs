@@ -1,6 +1,7 @@
 use std::fs;
 
 use super::*;
+use crate::daemon::Stat;
 use crate::metrics::test_dir::TempDir;
 
 const STAT: &str = "4242 (qemu) system-x86 (x)) S 1 4242 4242 0 -1 4194560 9 0 0 0 \
