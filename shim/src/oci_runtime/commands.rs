@@ -274,11 +274,11 @@ pub async fn delete(root: &Root, id: &str, force: bool) -> Result<(), RuntimeErr
                     },
                 )
                 .await;
-            if let Err(e) = deleted {
-                let e = rpc("delete")(e);
-                if !e.to_string().contains("not found") {
-                    return Err(e);
-                }
+            match deleted {
+                // Never created in the server (a create that failed half-way): nothing to do.
+                Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::NOT_FOUND => {}
+                Err(e) => return Err(rpc("delete")(e)),
+                Ok(_) => {}
             }
             // Ends the server and its sandbox once no container is left in it. The server may
             // close the connection before its answer is read: it is gone, which is the point.
