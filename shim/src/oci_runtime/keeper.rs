@@ -71,7 +71,8 @@ fn enter_own_pid_namespace() {
                 MsFlags::MS_REC | MsFlags::MS_PRIVATE,
                 None::<&str>,
             );
-            let proc = private.and_then(|()| {
+            // Without its own /proc the keeper still works; `podman top` then sees the host's.
+            let _ = private.and_then(|()| {
                 mount(
                     Some("proc"),
                     "/proc",
@@ -80,9 +81,6 @@ fn enter_own_pid_namespace() {
                     None::<&str>,
                 )
             });
-            if proc.is_err() {
-                // Without its own /proc the keeper still works; `podman top` sees the host's.
-            }
         }
         Err(_) => std::process::exit(1),
     }
