@@ -138,8 +138,60 @@ pub const FAMILIES: &[Family] = &[
     HOST_PROCESS_PSS_BYTES,
 ];
 
+/// A shim's family by name; the monitor's own are not among them, so a shim cannot forge
+/// them.
 pub fn find(name: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name)
+}
+
+pub const SANDBOX_UP: Family = Family {
+    name: "hako_sandbox_up",
+    help: "1 if the monitor's last scrape of the sandbox's metrics socket answered in time with a valid snapshot, else 0; a sandbox whose shim is gone has no series at all.",
+    kind: Kind::Gauge,
+    unit: "",
+    labels: &[],
+    buckets: &[],
+};
+
+pub const MONITOR_SANDBOX_SCRAPE_DURATION_SECONDS: Family = Family {
+    name: "hako_monitor_sandbox_scrape_duration_seconds",
+    help: "How long the monitor's last scrape of the sandbox took, up to its deadline.",
+    kind: Kind::Gauge,
+    unit: "seconds",
+    labels: &[],
+    buckets: &[],
+};
+
+pub const MONITOR_SANDBOXES: Family = Family {
+    name: "hako_monitor_sandboxes",
+    help: "Sandboxes with a metrics socket the monitor found in its last scrape.",
+    kind: Kind::Gauge,
+    unit: "",
+    labels: &[],
+    buckets: &[],
+};
+
+pub const MONITOR_SANDBOX_SCRAPE_FAILURES_TOTAL: Family = Family {
+    name: "hako_monitor_sandbox_scrape_failures_total",
+    help: "Scrapes of a sandbox that failed since the monitor started, by reason (timeout, oversize, malformed, http, io).",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &["reason"],
+    buckets: &[],
+};
+
+/// The node monitor's own families: `hako_sandbox_up` and its scrape's duration carry the
+/// sandbox's labels, the others none.
+pub const MONITOR_FAMILIES: &[Family] = &[
+    SANDBOX_UP,
+    MONITOR_SANDBOX_SCRAPE_DURATION_SECONDS,
+    MONITOR_SANDBOXES,
+    MONITOR_SANDBOX_SCRAPE_FAILURES_TOTAL,
+];
+
+/// Every family, the shims' and the monitor's, in the order they are rendered.
+pub fn all() -> impl Iterator<Item = &'static Family> {
+    FAMILIES.iter().chain(MONITOR_FAMILIES)
 }
 
 #[cfg(test)]
@@ -156,7 +208,7 @@ mod tests {
 
     #[test]
     fn names_carry_prefix_unit_and_counter_suffix() {
-        for f in FAMILIES {
+        for f in all() {
             assert!(
                 f.name.starts_with("hako_") && valid_name(f.name),
                 "{}",
@@ -179,12 +231,20 @@ mod tests {
 
     #[test]
     fn label_names_are_valid_and_distinct() {
-        for f in FAMILIES {
+        for f in all() {
             for (i, label) in f.labels.iter().enumerate() {
                 assert!(valid_name(label) && !label.starts_with("__"), "{label}");
                 // `le` is the histogram's own; the sandbox's labels are the monitor's.
                 assert!(
-                    !["le", "sandbox_id", "containerd_namespace"].contains(label),
+                    ![
+                        "le",
+                        "sandbox_id",
+                        "containerd_namespace",
+                        "namespace",
+                        "pod",
+                        "pod_uid"
+                    ]
+                    .contains(label),
                     "{label}"
                 );
                 assert!(!f.labels[..i].contains(label), "{} repeats {label}", f.name);
@@ -194,8 +254,8 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_buckets_only_on_histograms() {
-        for (i, f) in FAMILIES.iter().enumerate() {
-            assert!(FAMILIES[..i].iter().all(|g| g.name != f.name), "{}", f.name);
+        for (i, f) in all().enumerate() {
+            assert!(all().take(i).all(|g| g.name != f.name), "{}", f.name);
             assert_eq!(
                 f.kind == Kind::Histogram,
                 !f.buckets.is_empty(),
@@ -205,6 +265,7 @@ mod tests {
             assert!(f.buckets.windows(2).all(|w| w[0] < w[1]), "{}", f.name);
             assert!(f.buckets.iter().all(|b| b.is_finite() && *b > 0.0));
         }
+        assert!(MONITOR_FAMILIES.iter().all(|f| find(f.name).is_none()));
         assert_eq!(START_PHASE_BUCKETS.len(), 13);
         assert_eq!(RPC_BUCKETS.len(), 9);
     }
@@ -212,7 +273,7 @@ mod tests {
     #[test]
     fn every_family_is_documented() {
         let doc = include_str!("../../../docs/metrics.md");
-        for f in FAMILIES {
+        for f in all() {
             assert!(
                 doc.contains(&format!("`{}`", f.name)),
                 "{} not in docs",

@@ -375,6 +375,9 @@ impl Pod {
         timings.detail("guest.create_container", called.elapsed());
         log::info!("container {} start phases: {}", new.id, timings.summary());
         sandbox.metrics.observe_start(&timings);
+        if let Some(annotations) = new.spec.annotations() {
+            sandbox.metrics.note_pod(annotations);
+        }
         if booting {
             self.init_pid.store(guest_pid, Ordering::SeqCst);
             self.set_running(Some(running.clone()));
