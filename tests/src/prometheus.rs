@@ -58,6 +58,40 @@ pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
     Ok((code, body.to_string()))
 }
 
+/// One HTTP GET on a unix socket, answered and closed by the server: (status line, body).
+pub fn get_on_unix_socket(socket: &Path, path: &str) -> (String, String) {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: hako\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// A running sandbox's own metrics, from its socket, as Prometheus text.
+pub fn sandbox_metrics(namespace: &str, sandbox: &str) -> String {
+    let socket = Path::new(SANDBOX_ROOT)
+        .join(namespace)
+        .join(sandbox)
+        .join("metrics.sock");
+    let (status, text) = get_on_unix_socket(&socket, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{text}");
+    text
+}
+
+/// The value of the one sample of `series` (its name and labels, exactly) in Prometheus text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// `hako monitor` on a free loopback port, over the tests' sandbox root; killed on drop.
 pub struct HakoMonitor {
     pub port: u16,

@@ -23,12 +23,6 @@ const CTR_ID: &str = "metrics-ctr";
 /// The monitor's per-sandbox deadline in these tests.
 const TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The value of the one line of `text` that is exactly `series`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// The series of a query keyed by their `sandbox_id`.
 fn by_sandbox(
     found: Vec<(BTreeMap<String, String>, f64)>,
@@ -165,17 +159,7 @@ fn scraped_by_prometheus(
         (0, "", ""),
         "{text}"
     );
-    let socket = std::path::Path::new(SANDBOX_ROOT)
-        .join("default")
-        .join(CTR_ID)
-        .join("metrics.sock");
-    let one = std::process::Command::new("curl")
-        .args(["-s", "--max-time", "10", "--unix-socket"])
-        .arg(&socket)
-        .arg("http://hako/metrics")
-        .output()
-        .unwrap();
-    let one = String::from_utf8_lossy(&one.stdout).into_owned();
+    let one = sandbox_metrics("default", CTR_ID);
     assert!(one.contains("hako_host_process_pss_bytes"), "{one}");
     let check = prometheus.check_metrics(&one);
     assert_eq!(

@@ -126,6 +126,42 @@ pub const HOST_PROCESS_PSS_BYTES: Family = Family {
     buckets: &[],
 };
 
+pub const DNS_RELAY_QUERIES_TOTAL: Family = Family {
+    name: "hako_dns_relay_queries_total",
+    help: "DNS queries the guest sent to the relay to Docker's server, by result: relayed, dropped (TCP queries over the cap, answers the guest did not read), malformed (a bad frame, which ends the relay).",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &["result"],
+    buckets: &[],
+};
+
+pub const DNS_RELAY_THROTTLED_TOTAL: Family = Family {
+    name: "hako_dns_relay_throttled_total",
+    help: "DNS queries the relay held back to keep the guest within its rate.",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &[],
+    buckets: &[],
+};
+
+pub const PORT_FORWARD_CONNECTIONS_TOTAL: Family = Family {
+    name: "hako_port_forward_connections_total",
+    help: "Connections to the pod's loopback carried into the guest, counted when they end, by result: carried, refused (nothing listens on the port in the guest), failed.",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &["result"],
+    buckets: &[],
+};
+
+pub const GUEST_EVENTS_REFUSED_TOTAL: Family = Family {
+    name: "hako_guest_events_refused_total",
+    help: "Events the guest reported and the shim refused, by event and reason (an OOM kill of a container not in the sandbox: foreign).",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &["event", "reason"],
+    buckets: &[],
+};
+
 /// Every family this step produces, in the order they are rendered.
 pub const FAMILIES: &[Family] = &[
     START_PHASE_SECONDS,
@@ -136,6 +172,10 @@ pub const FAMILIES: &[Family] = &[
     HOST_PROCESS_CPU_SECONDS_TOTAL,
     HOST_PROCESS_RSS_BYTES,
     HOST_PROCESS_PSS_BYTES,
+    DNS_RELAY_QUERIES_TOTAL,
+    DNS_RELAY_THROTTLED_TOTAL,
+    PORT_FORWARD_CONNECTIONS_TOTAL,
+    GUEST_EVENTS_REFUSED_TOTAL,
 ];
 
 /// A shim's family by name; the monitor's own are not among them, so a shim cannot forge

@@ -102,6 +102,12 @@ impl ShimMetrics {
             .observe(d);
     }
 
+    /// One more of a counter `family`'s series `labels`: for the guards (DNS relay, port
+    /// forwarding, refused guest events), whose label values are the callers' constants.
+    pub fn count(&self, family: &Family, labels: &[&'static str]) {
+        self.inc(family, labels.to_vec());
+    }
+
     fn inc(&self, family: &Family, labels: Key) {
         *self
             .lock()
