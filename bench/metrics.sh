@@ -30,19 +30,11 @@ read -r -a hako <<<"$(runtime_args hako)"
 echo "bench: $pods hako containers"
 for i in $(seq 1 "$pods"); do
     ctr run -d "${hako[@]}" "$image" "mx-$i" sleep 3600 >/dev/null
-    cleanups+=("ctr task rm -f mx-$i >/dev/null 2>&1; ctr container rm mx-$i >/dev/null 2>&1")
+    cleanups+=("stop_task mx-$i")
 done
 socket=/run/hako/default/mx-1/metrics.sock
 shim="$(pgrep -f -- "-id mx-1 -address $work/containerd.sock")"
 
-# cpu_ticks PID...: their user and system time together, in clock ticks.
-cpu_ticks() {
-    local total=0 p
-    for p in "$@"; do
-        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
-    done
-    echo "$total"
-}
 hz="$(getconf CLK_TCK)"
 
 # requests NAME URL [CURL ARGS...]: S GETs 1.1 s apart (pacing, as a scraper's, not waiting
@@ -70,12 +62,12 @@ summarise() {
 }
 
 echo "bench: one sandbox, $s requests each of /v1/snapshot and /metrics"
-before="$(cpu_ticks "$shim")"
+before="$(ticks "$shim")"
 requests snapshot http://hako/v1/snapshot --unix-socket "$socket"
-summarise snapshot "one sandbox: /v1/snapshot (shim CPU)" "$(($(cpu_ticks "$shim") - before))"
-before="$(cpu_ticks "$shim")"
+summarise snapshot "one sandbox: /v1/snapshot (shim CPU)" "$(($(ticks "$shim") - before))"
+before="$(ticks "$shim")"
 requests text http://hako/metrics --unix-socket "$socket"
-summarise text "one sandbox: /metrics text (shim CPU)" "$(($(cpu_ticks "$shim") - before))"
+summarise text "one sandbox: /metrics text (shim CPU)" "$(($(ticks "$shim") - before))"
 
 port=18095
 /usr/local/bin/hako monitor --listen "127.0.0.1:$port" --sandbox-root /run/hako 2>"$work/monitor.log" &
@@ -84,11 +76,11 @@ cleanups+=("kill $monitor 2>/dev/null; wait $monitor 2>/dev/null")
 for _ in $(seq 1 100); do curl -sf "127.0.0.1:$port/-/healthy" >/dev/null && break; sleep 0.1; done
 read -r -a shims <<<"$(shims_of mx- | tr '\n' ' ')"
 echo "bench: the node ($pods sandboxes), $s scrapes of the monitor"
-before_monitor="$(cpu_ticks "$monitor")"
-before_shims="$(cpu_ticks "${shims[@]}")"
+before_monitor="$(ticks "$monitor")"
+before_shims="$(ticks "${shims[@]}")"
 requests node "http://127.0.0.1:$port/metrics"
-summarise node "node of $pods: monitor /metrics (monitor CPU)" "$(($(cpu_ticks "$monitor") - before_monitor))"
-shim_cpu="$(awk -v t="$(($(cpu_ticks "${shims[@]}") - before_shims))" -v hz="$hz" -v n="$s" 'BEGIN {printf "%.2f", t * 1000 / hz / n}')"
+summarise node "node of $pods: monitor /metrics (monitor CPU)" "$(($(ticks "$monitor") - before_monitor))"
+shim_cpu="$(awk -v t="$(($(ticks "${shims[@]}") - before_shims))" -v hz="$hz" -v n="$s" 'BEGIN {printf "%.2f", t * 1000 / hz / n}')"
 node_text="$(curl -s "127.0.0.1:$port/metrics")"
 gzipped="$(printf '%s' "$node_text" | gzip -c | wc -c)"
 series="$(printf '%s\n' "$node_text" | grep -vc '^#')"
