@@ -529,6 +529,23 @@ fn a_running_sandbox_serves_its_metrics_and_takes_the_socket_with_it() {
             Some(1.0),
             "{text}"
         );
+        // What the VM is, and its size (the configuration's default: 1 vCPU, 512 MiB).
+        let info = text
+            .lines()
+            .find(|l| l.starts_with("hako_sandbox_info{"))
+            .unwrap_or_default();
+        assert!(
+            info.contains(r#"hypervisor="qemu""#)
+                && (info.contains(r#"accel="tcg""#) || info.contains(r#"accel="kvm""#))
+                && info.rsplit(' ').next().and_then(|v| v.parse().ok()) == Some(1.0),
+            "{text}"
+        );
+        assert_eq!(sample(&text, "hako_vm_vcpus"), Some(1.0), "{text}");
+        assert_eq!(
+            sample(&text, "hako_vm_memory_bytes"),
+            Some(512.0 * 1024.0 * 1024.0),
+            "{text}"
+        );
         let vmm_rss = sample(&text, r#"hako_host_process_rss_bytes{process="vmm"}"#);
         assert!(
             vmm_rss.is_some_and(|b| b > 16.0 * 1024.0 * 1024.0),

@@ -162,8 +162,38 @@ pub const GUEST_EVENTS_REFUSED_TOTAL: Family = Family {
     buckets: &[],
 };
 
+pub const SANDBOX_INFO: Family = Family {
+    name: "hako_sandbox_info",
+    help: "1 for each running sandbox, labelled with its hypervisor (qemu, cloud-hypervisor), accelerator (kvm, tcg), whether it was restored from a template, and hako's version.",
+    kind: Kind::Gauge,
+    unit: "",
+    labels: &["hypervisor", "accel", "from_template", "version"],
+    buckets: &[],
+};
+
+pub const VM_VCPUS: Family = Family {
+    name: "hako_vm_vcpus",
+    help: "vCPUs the sandbox's VM was started with, after the pod's sizing.",
+    kind: Kind::Gauge,
+    unit: "",
+    labels: &[],
+    buckets: &[],
+};
+
+pub const VM_MEMORY_BYTES: Family = Family {
+    name: "hako_vm_memory_bytes",
+    help: "Guest RAM the sandbox's VM was started with, after the pod's sizing.",
+    kind: Kind::Gauge,
+    unit: "bytes",
+    labels: &[],
+    buckets: &[],
+};
+
 /// Every family this step produces, in the order they are rendered.
 pub const FAMILIES: &[Family] = &[
+    SANDBOX_INFO,
+    VM_VCPUS,
+    VM_MEMORY_BYTES,
     START_PHASE_SECONDS,
     AGENT_RPC_DURATION_SECONDS,
     AGENT_RPC_ERRORS_TOTAL,

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use host::HostReader;
-pub use registry::{RpcFailure, ShimMetrics};
+pub use registry::{RpcFailure, ShimMetrics, VmInfo};
 pub use server::{MetricsServer, Source};
 pub use snapshot::Snapshot;
 

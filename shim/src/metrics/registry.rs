@@ -55,6 +55,17 @@ struct Instruments {
     histograms: BTreeMap<(&'static str, Key), Histogram>,
     counters: BTreeMap<(&'static str, Key), u64>,
     pod: Option<PodLabels>,
+    vm: Option<VmInfo>,
+}
+
+/// What the sandbox's VM is, once it runs: `hako_sandbox_info` and `hako_vm_*`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmInfo {
+    pub hypervisor: &'static str,
+    pub accel: &'static str,
+    pub from_template: bool,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
 }
 
 /// Why an agent call failed, as the `reason` label says it.
@@ -156,6 +167,11 @@ impl ShimMetrics {
         self.lock().pod.clone()
     }
 
+    /// The VM now runs as `vm` says.
+    pub fn note_vm(&self, vm: VmInfo) {
+        self.lock().vm = Some(vm);
+    }
+
     /// Every series so far, for a snapshot.
     pub fn samples(&self) -> Vec<Sample> {
         let inner = self.lock();
@@ -170,7 +186,29 @@ impl ShimMetrics {
             labels: labels(key),
             value: Value::Number(*n as f64),
         });
-        histograms.chain(counters).collect()
+        let mut samples: Vec<Sample> = histograms.chain(counters).collect();
+        if let Some(vm) = &inner.vm {
+            let number = |family: &Family, labels: Vec<String>, v: f64| Sample {
+                family: family.name.to_string(),
+                labels,
+                value: Value::Number(v),
+            };
+            let info = [
+                vm.hypervisor,
+                vm.accel,
+                if vm.from_template { "true" } else { "false" },
+                env!("CARGO_PKG_VERSION"),
+            ];
+            let info = info.iter().map(|s| s.to_string()).collect();
+            samples.push(number(&families::SANDBOX_INFO, info, 1.0));
+            samples.push(number(&families::VM_VCPUS, vec![], f64::from(vm.vcpus)));
+            samples.push(number(
+                &families::VM_MEMORY_BYTES,
+                vec![],
+                vm.memory_bytes as f64,
+            ));
+        }
+        samples
     }
 }
 
@@ -207,6 +245,35 @@ mod tests {
         assert!(find(&samples, family, &["sandbox_prepare"]).is_some());
         assert!(find(&samples, family, &["total"]).is_some());
         Snapshot::new(samples).validate().expect("valid");
+    }
+
+    #[test]
+    fn the_vm_is_described_once_it_runs() {
+        let m = ShimMetrics::new();
+        assert!(Snapshot::new(m.samples()).samples.is_empty());
+        m.note_vm(VmInfo {
+            hypervisor: "qemu",
+            accel: "tcg",
+            from_template: true,
+            vcpus: 2,
+            memory_bytes: 512 << 20,
+        });
+        let samples = m.samples();
+        Snapshot::new(samples.clone()).validate().expect("valid");
+        let info = find(
+            &samples,
+            "hako_sandbox_info",
+            &["qemu", "tcg", "true", env!("CARGO_PKG_VERSION")],
+        );
+        assert_eq!(info, Some(&Value::Number(1.0)));
+        assert_eq!(
+            find(&samples, "hako_vm_vcpus", &[]),
+            Some(&Value::Number(2.0))
+        );
+        assert_eq!(
+            find(&samples, "hako_vm_memory_bytes", &[]),
+            Some(&Value::Number(536870912.0))
+        );
     }
 
     #[test]

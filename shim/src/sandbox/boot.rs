@@ -142,6 +142,13 @@ impl Sandbox {
             self.timings.detail("vmm_started.restore", r.restore);
             self.timings.detail("vmm_started.hotplug", r.hotplug);
         }
+        self.metrics.note_vm(crate::metrics::VmInfo {
+            hypervisor: self.config.hypervisor.kind.as_str(),
+            accel: vmm.accel(),
+            from_template: restored.is_some(),
+            vcpus: spec.vcpus,
+            memory_bytes: u64::from(spec.memory_mib) * 1024 * 1024,
+        });
         self.fs_watch = self.watch_shared_fs();
         let Some(vmm) = self.vmm.as_ref() else {
             return Err(VmmError::NotRunning.into());

@@ -297,6 +297,10 @@ pub trait Hypervisor: Send + Sync {
     fn started(&self) -> StartKind {
         StartKind::Cold
     }
+    /// The accelerator the VM runs under: "kvm" or "tcg".
+    fn accel(&self) -> &'static str {
+        "kvm"
+    }
 }
 
 /// How a VM came up.

@@ -219,6 +219,14 @@ fn open_vhost(queues: usize) -> Result<Vec<std::os::fd::OwnedFd>, VmmError> {
 
 #[async_trait]
 impl Hypervisor for Qemu {
+    fn accel(&self) -> &'static str {
+        if self.accel.kvm {
+            "kvm"
+        } else {
+            "tcg"
+        }
+    }
+
     async fn prepare(&mut self, spec: &VmSpec) -> Result<(), VmmError> {
         let binary = resolve_binary("hako-vsock", &self.vsock_config.path)?;
         let mut cmd = Command::new(binary);
