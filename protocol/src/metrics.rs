@@ -18,11 +18,54 @@ pub const MAX_GUEST_DISKS: usize = 16;
 /// The longest interface name (the kernel's IFNAMSIZ less its NUL) and disk name kept.
 pub const MAX_NIC_NAME: usize = 15;
 pub const MAX_DISK_NAME: usize = 32;
+/// The longest container id an answer names (`valid_id`'s bound).
+pub const MAX_ID: usize = 128;
+
+use protobuf::Message;
+
+use crate::{GuestMetrics, MetricsRequest};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error("a frame of {len} bytes, more than {max}")]
     TooLarge { len: usize, max: usize },
+    #[error("a message that does not encode or decode: {0}")]
+    Message(String),
+}
+
+/// The shim's request frame for `container_ids` (the first `MAX_METRICS_CONTAINERS`).
+pub fn request_frame(container_ids: &[String]) -> Result<Vec<u8>, FrameError> {
+    let request = MetricsRequest {
+        container_ids: container_ids
+            .iter()
+            .take(MAX_METRICS_CONTAINERS)
+            .cloned()
+            .collect(),
+        ..Default::default()
+    };
+    let body = request
+        .write_to_bytes()
+        .map_err(|e| FrameError::Message(e.to_string()))?;
+    frame(&body, MAX_METRICS_REQUEST)
+}
+
+/// A request's body, as the agent reads it (the host is trusted; the caps hold anyway).
+pub fn parse_request(body: &[u8]) -> Result<MetricsRequest, FrameError> {
+    if body.len() > MAX_METRICS_REQUEST {
+        return Err(FrameError::TooLarge {
+            len: body.len(),
+            max: MAX_METRICS_REQUEST,
+        });
+    }
+    MetricsRequest::parse_from_bytes(body).map_err(|e| FrameError::Message(e.to_string()))
+}
+
+/// The agent's answer frame.
+pub fn answer_frame(metrics: &GuestMetrics) -> Result<Vec<u8>, FrameError> {
+    let body = metrics
+        .write_to_bytes()
+        .map_err(|e| FrameError::Message(e.to_string()))?;
+    frame(&body, MAX_GUEST_METRICS)
 }
 
 /// `body` behind its header.
@@ -71,5 +114,18 @@ mod tests {
             parse_header((MAX_GUEST_METRICS as u32).to_be_bytes(), MAX_GUEST_METRICS),
             Ok(MAX_GUEST_METRICS)
         );
+    }
+
+    #[test]
+    fn a_request_round_trips_and_is_capped() {
+        let ids: Vec<String> = (0..MAX_METRICS_CONTAINERS + 5)
+            .map(|n| format!("{n:0>128}"))
+            .collect();
+        let f = request_frame(&ids).expect("fits the request cap");
+        let len = parse_header([f[0], f[1], f[2], f[3]], MAX_METRICS_REQUEST).expect("len");
+        let request = parse_request(&f[HEADER..HEADER + len]).expect("parses");
+        assert_eq!(request.container_ids.len(), MAX_METRICS_CONTAINERS);
+        assert_eq!(request.container_ids[..], ids[..MAX_METRICS_CONTAINERS]);
+        assert!(parse_request(b"\x0a\xff").is_err());
     }
 }
