@@ -136,6 +136,11 @@ impl ShimMetrics {
         self.observe(&families::HOTPLUG_DURATION_SECONDS, vec![device, op], d);
     }
 
+    /// A guest metrics answer refused: `reason` is oversize, malformed, timeout or refused.
+    pub fn guest_metrics_rejected(&self, reason: &'static str) {
+        self.inc(&families::GUEST_METRICS_REJECTED_TOTAL, vec![reason]);
+    }
+
     /// Every series so far, for a snapshot.
     pub fn samples(&self) -> Vec<Sample> {
         let inner = self.lock();

@@ -375,6 +375,9 @@ impl Pod {
         timings.detail("guest.create_container", called.elapsed());
         log::info!("container {} start phases: {}", new.id, timings.summary());
         sandbox.metrics.observe_start(&timings);
+        sandbox
+            .app_containers
+            .add(new.id, new.spec.annotations().as_ref());
         if booting {
             self.init_pid.store(guest_pid, Ordering::SeqCst);
             self.set_running(Some(running.clone()));
