@@ -1,7 +1,8 @@
 //! The families of the guest's and its containers' figures, fetched from the agent on vsock
-//! port 1028 (`agent_client::metrics`) at each scrape: part of the one table, `FAMILIES`.
+//! port 1028 (`agent_client::guest`) at each scrape: part of the one table, `FAMILIES`.
 
 use super::{Family, Kind};
+use Kind::{Counter, Gauge};
 
 /// A gauge or counter of the guest's or its containers', in the table's shorter form.
 const fn plain(
@@ -26,7 +27,6 @@ const MODE: &[&str] = &["mode"];
 const DEVICE: &[&str] = &["device"];
 /// A container's id, and its CRI name (the id itself when it has none: ctr, Docker).
 const CONTAINER: &[&str] = &["container_id", "container"];
-use Kind::{Counter, Gauge};
 
 pub const GUEST_MEMORY_TOTAL_BYTES: Family = plain(
     "hako_guest_memory_total_bytes",
