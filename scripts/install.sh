@@ -7,15 +7,17 @@
 #   /usr/local/bin/hako-runtime                hako as an OCI runtime, for podman and conmon
 #   /usr/share/hako/guest/                     guest kernel (bzImage and vmlinux) and initramfs
 #   /usr/share/defaults/hako/configuration.toml  the default configuration
+#   /usr/local/lib/systemd/system/hako-monitor.service  the node's metrics for Prometheus
 #
-#   scripts/install.sh [--no-build] [--configure] [--print-config] [--uninstall]
+#   scripts/install.sh [--no-build] [--configure] [--monitor] [--print-config] [--uninstall]
 #
 # --print-config prints what to add to containerd's config (version 2 for containerd 1.x,
 # version 3 for 2.x), Docker's daemon.json, podman's containers.conf drop-in and a Kubernetes
 # RuntimeClass. --configure adds the containerd, Docker and podman entries itself (between
 # "# BEGIN hako" and "# END hako" in containerd's config; daemon.json only when there is none
 # yet) and creates /etc/hako/configuration.toml from the defaults; --uninstall removes what
-# --configure added.
+# --configure added. --monitor enables and starts hako-monitor.service (docs/metrics.md) where
+# systemd runs.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +30,20 @@ ETC_HAKO="$root/etc/hako"
 CONTAINERD_CONFIG="$root/etc/containerd/config.toml"
 DAEMON_JSON="$root/etc/docker/daemon.json"
 PODMAN_CONF="$root/etc/containers/containers.conf.d/hako.conf"
+MONITOR_UNIT="$root/usr/local/lib/systemd/system/hako-monitor.service"
+
+# systemctl only on the live system where systemd runs, never under DESTDIR.
+have_systemd() { [[ -z $root && -d /run/systemd/system ]]; }
+
+start_monitor() {
+    if have_systemd; then
+        systemctl daemon-reload
+        systemctl enable --now hako-monitor.service
+        echo "install: hako-monitor serves the node's metrics on 127.0.0.1:8095/metrics"
+    else
+        echo "install: systemd is not running here; start the monitor with: hako monitor &"
+    fi
+}
 
 # The containerd config snippet for the containerd in $PATH (2.x: version 3; else version 2).
 containerd_snippet() {
@@ -110,24 +126,30 @@ unconfigure() {
 
 build=1
 configure=0
+monitor=0
 for arg in "$@"; do
     case "$arg" in
         --no-build) build=0 ;;
         --configure) configure=1 ;;
+        --monitor) monitor=1 ;;
         --print-config)
             print_config
             exit 0
             ;;
         --uninstall)
             [[ $(id -u) -eq 0 ]] || { echo "install: run as root" >&2; exit 1; }
+            if have_systemd && [[ -f $MONITOR_UNIT ]]; then
+                systemctl disable --now hako-monitor.service || true
+            fi
             rm -f "$BIN/containerd-shim-hako-v2" "$BIN/hako" "$BIN/hako-vsock" "$BIN/hako-runtime"
+            rm -f "$MONITOR_UNIT"
             rm -rf "$root/usr/share/hako" "$DEFAULTS"
             unconfigure
             echo "install: hako removed (configuration in $ETC_HAKO, if any, is left alone)"
             exit 0
             ;;
         *)
-            echo "usage: $0 [--no-build] [--configure] [--print-config] [--uninstall]" >&2
+            echo "usage: $0 [--no-build] [--configure] [--monitor] [--print-config] [--uninstall]" >&2
             exit 2
             ;;
     esac
@@ -152,7 +174,11 @@ install -D -m 0644 "$repo/build/guest/vmlinux" "$GUEST/vmlinux"
 install -D -m 0644 "$repo/build/guest/initramfs.cpio" "$GUEST/initramfs.cpio"
 install -D -m 0644 "$repo/build/guest/kernel-release" "$GUEST/kernel-release"
 install -D -m 0644 "$repo/configs/configuration.toml" "$DEFAULTS/configuration.toml"
+install -D -m 0644 "$repo/configs/hako-monitor.service" "$MONITOR_UNIT"
 echo "install: installed containerd-shim-hako-v2, hako, hako-vsock and hako-runtime in $BIN, the guest in $GUEST"
+if ((monitor)); then
+    start_monitor
+fi
 if ((configure)); then
     configure
 else

@@ -16,11 +16,14 @@
 #   tests run against each.
 # - Docker Engine 26 (Debian 13) and the newest (Debian unstable, 28 or later) unpacked the same
 #   way under /opt/hako/docker/<version>/.
+# - Prometheus (Debian 12's and unstable's) with promtool, unpacked the same way under
+#   /opt/hako/prometheus/<version>/, for the metrics tests.
 set -euo pipefail
 
 VIRTIOFSD_VERSION=1.14.0
 CONTAINERD_ROOT=/opt/hako/containerd
 DOCKER_ROOT=/opt/hako/docker
+PROMETHEUS_ROOT=/opt/hako/prometheus
 APT_PACKAGES=(qemu-system-x86 libcap-ng-dev libseccomp-dev pkg-config busybox-static cpio
     iproute2 kmod ca-certificates file procps curl lz4 zstd xz-utils protobuf-compiler
     containernetworking-plugins binutils runc nftables iptables
@@ -125,5 +128,10 @@ fetch_debs "$CONTAINERD_ROOT" sid containerd usr/bin/containerd
 # instead. Tests run each dockerd against each containerd above.
 fetch_debs "$DOCKER_ROOT" trixie docker.io usr/sbin/dockerd docker-cli
 fetch_debs "$DOCKER_ROOT" sid docker.io usr/sbin/dockerd docker-cli
+# Prometheus for the metrics tests: Debian 12's (2.42, with promtool) and the newest (Debian
+# unstable's 3.x, promtool packaged apart). Unpacked, not installed: the package would make a
+# user and start a server on 0.0.0.0:9090.
+fetch_debs "$PROMETHEUS_ROOT" bookworm prometheus usr/bin/promtool
+fetch_debs "$PROMETHEUS_ROOT" sid prometheus usr/bin/promtool promtool
 
 step "done"

@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod ids;
 pub mod logs;
 pub mod metrics;
+pub mod monitor;
 pub mod net;
 pub mod oci_runtime;
 pub mod rate_limit;

@@ -19,7 +19,9 @@ impl RateLimit {
         }
     }
 
-    pub async fn take(&mut self) {
+    /// Takes a token, waiting for one if none is left; true if it had to wait.
+    pub async fn take(&mut self) -> bool {
+        let mut waited = false;
         loop {
             let earned =
                 self.refilled.elapsed().as_millis() as u64 * u64::from(self.per_second) / 1000;
@@ -30,8 +32,9 @@ impl RateLimit {
             }
             if self.tokens > 0 {
                 self.tokens -= 1;
-                return;
+                return waited;
             }
+            waited = true;
             tokio::time::sleep(Duration::from_millis(
                 1000 / u64::from(self.per_second.max(1)),
             ))
@@ -48,9 +51,12 @@ mod tests {
     async fn guest_driven_loops_take_at_most_their_rate() {
         let mut bucket = RateLimit::new(10);
         let started = tokio::time::Instant::now();
+        let mut waited = 0;
         for _ in 0..100 {
-            bucket.take().await;
+            waited += usize::from(bucket.take().await);
         }
+        // The first second's worth is taken at once; the rest waits.
+        assert_eq!(waited, 90);
         // 10 at once, then 10 a second: 90 more take 9 seconds of (paused, virtual) time.
         let took = started.elapsed();
         assert!(

@@ -12,6 +12,7 @@ pub mod docker;
 pub mod payload;
 pub mod podman;
 pub mod portforward;
+pub mod prometheus;
 pub mod runc;
 
 use std::collections::BTreeSet;
@@ -144,6 +145,21 @@ pub fn eventually(what: &str, timeout: Duration, mut probe: impl FnMut() -> Resu
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The pid of the shim serving sandbox `id` (its `-id` argument), if one runs.
+pub fn shim_pid_for(id: &str) -> Option<u32> {
+    fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_shim = args.first()?.ends_with("containerd-shim-hako-v2");
+        let has_id = args.windows(2).any(|w| w[0] == "-id" && w[1] == id);
+        (is_shim && has_id).then_some(pid)
+    })
 }
 
 /// Runs `cmd` with a deadline; a hang is a test failure, not a stuck suite.

@@ -9,6 +9,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use hako_tests::prometheus::{get_on_unix_socket, sample};
 use hako_tests::*;
 
 #[test]
@@ -511,30 +512,6 @@ fn task_api_inputs_containerd_never_sends_are_refused_and_leave_nothing() {
         c.remove_task("anchor");
     });
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// One HTTP GET on a unix socket, answered and closed by the server: (status line, body).
-fn get_on_unix_socket(socket: &std::path::Path, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: hako\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
-
-/// The value of the one sample of `series` (its name and labels, exactly) in Prometheus text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[test]

@@ -10,6 +10,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
+use hako_tests::prometheus::{sample, sandbox_metrics};
 use hako_tests::*;
 
 const POD: &str = "--annotation=io.kubernetes.cri.sandbox-id=hostile";
@@ -503,6 +504,11 @@ fn forged_oom_events_reach_no_one() {
         // Ten a second at most, logged at powers of two: a few lines, not thousands.
         let lines = log.matches("is not a container of this sandbox").count();
         assert!(lines < 10, "{lines} lines");
+        // And counts them, where an operator's dashboard sees them; the victim's pod has none.
+        let forged = r#"hako_guest_events_refused_total{event="oom",reason="foreign"}"#;
+        let counted = sample(&sandbox_metrics("default", "attacker"), forged);
+        assert!(counted.is_some_and(|n| n >= 4.0), "{counted:?}");
+        assert_eq!(sample(&sandbox_metrics("default", "victim"), forged), None);
         c.remove_task("attacker");
         c.remove_task("victim");
         let seen = events.lines();
@@ -627,6 +633,19 @@ fn a_guest_flooding_the_dns_relay_is_held_to_its_rate() {
             Some("RUNNING"),
             "the pod runs on"
         );
+        // The flood in the pod's metrics: every query relayed, most of them held back by the
+        // rate, and the bad frame.
+        let text = sandbox_metrics("default", "flooder");
+        let queries = |result: &str| {
+            sample(
+                &text,
+                &format!(r#"hako_dns_relay_queries_total{{result="{result}"}}"#),
+            )
+        };
+        assert_eq!(queries("relayed"), Some(2000.0), "{text}");
+        assert_eq!(queries("malformed"), Some(1.0), "{text}");
+        let throttled = sample(&text, "hako_dns_relay_throttled_total");
+        assert!(throttled.is_some_and(|n| n >= 1000.0), "{text}");
         c.remove_task("flooder");
     });
     fs::remove_file(&resolv).unwrap();

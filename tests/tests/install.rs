@@ -48,6 +48,7 @@ fn install_configure_and_uninstall_leave_a_clean_root() {
             "usr/share/hako/guest/vmlinux",
             "usr/share/hako/guest/initramfs.cpio",
             "usr/share/defaults/hako/configuration.toml",
+            "usr/local/lib/systemd/system/hako-monitor.service",
             "etc/hako/configuration.toml",
         ]
         .iter()
@@ -56,6 +57,14 @@ fn install_configure_and_uninstall_leave_a_clean_root() {
         for path in &installed {
             assert!(path.is_file(), "{} missing: {r:?}", path.display());
         }
+
+        // systemd's own parser takes the monitor's unit without a complaint.
+        let mut verify = Command::new("systemd-analyze");
+        verify
+            .arg("verify")
+            .arg(root.join("usr/local/lib/systemd/system/hako-monitor.service"));
+        let verify = run_with_timeout(verify, None, Duration::from_secs(30));
+        assert_eq!((verify.code, verify.stderr.as_str()), (0, ""), "{verify:?}");
 
         // containerd's own parser takes the entry, in its version's format.
         let config = root.join("etc/containerd/config.toml");
@@ -108,7 +117,7 @@ fn install_configure_and_uninstall_leave_a_clean_root() {
 
         let r = install(&root, &bin, &["--uninstall"]);
         assert_eq!(r.code, 0, "{r:?}");
-        for path in &installed[..8] {
+        for path in &installed[..9] {
             assert!(!path.exists(), "{} left: {r:?}", path.display());
         }
         assert!(!root.join("etc/docker/daemon.json").exists());

@@ -143,6 +143,20 @@ fn port_forward_host_ports_and_sysctls_reach_the_pod_in_its_vm() {
             let url = c.client.port_forward(&pod, &[8081]).unwrap();
             let got = portforward::exchange(&c.netns, &url, 8081, b"GET / HTTP/1.0\r\n\r\n", "");
             assert!(got.data.is_empty(), "{got:?}");
+            // Both in the pod's metrics, each counted as its connection ends.
+            eventually("the forwards are counted", Duration::from_secs(10), || {
+                let text = prometheus::sandbox_metrics("k8s.io", &pod);
+                let count = |result: &str| {
+                    prometheus::sample(
+                        &text,
+                        &format!(r#"hako_port_forward_connections_total{{result="{result}"}}"#),
+                    )
+                };
+                match (count("carried"), count("refused")) {
+                    (Some(1.0), Some(1.0)) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            });
 
             // hostPort: the node's address, through the portmap plugin's DNAT, reaches the VM.
             let r = c.on_node(&format!(

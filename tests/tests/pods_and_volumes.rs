@@ -274,20 +274,6 @@ fn a_read_only_root_is_read_only_on_the_host_too() {
     fs::remove_dir_all(&vol).unwrap();
 }
 
-fn shim_pid_for(id: &str) -> Option<u32> {
-    fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
-        let cmdline = fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_shim = args.first()?.ends_with("containerd-shim-hako-v2");
-        let has_id = args.windows(2).any(|w| w[0] == "-id" && w[1] == id);
-        (is_shim && has_id).then_some(pid)
-    })
-}
-
 /// Waits (bounded) until containerd has noticed a task's shim died, then removes what it keeps
 /// of the task and its container.
 fn forget_dead_task(c: &Containerd, id: &str) {

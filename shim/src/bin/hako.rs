@@ -1,11 +1,13 @@
 //! The `hako` CLI: `hako check` checks the host, `hako env` prints the effective configuration,
 //! `hako logs` prints a running sandbox's logs, `hako ps` a container's processes in the guest,
-//! `hako template` manages templates.
+//! `hako template` manages templates, `hako monitor` serves the node's metrics to Prometheus.
 
 #[path = "hako/docker.rs"]
 mod docker;
 #[path = "hako/find.rs"]
 mod find;
+#[path = "hako/monitor.rs"]
+mod monitor;
 #[path = "hako/podman.rs"]
 mod podman;
 #[path = "hako/ps.rs"]
@@ -82,6 +84,9 @@ enum Cmd {
         /// container's name (asked of Docker's daemon).
         container: String,
     },
+    /// Serves every pod's metrics on this node to Prometheus (docs/metrics.md): the shims',
+    /// the VMs' host processes and the guests', with each sandbox's and pod's labels.
+    Monitor(monitor::Args),
     /// Manages the saved VMs pods start from (ADR 14).
     Template {
         #[command(subcommand)]
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
             container,
         } => ps::command(namespace.as_deref(), &container),
         Cmd::Template { action } => template::command(action),
+        Cmd::Monitor(args) => monitor::command(args),
         Cmd::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "hako", &mut std::io::stdout());

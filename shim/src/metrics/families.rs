@@ -126,6 +126,42 @@ pub const HOST_PROCESS_PSS_BYTES: Family = Family {
     buckets: &[],
 };
 
+pub const DNS_RELAY_QUERIES_TOTAL: Family = Family {
+    name: "hako_dns_relay_queries_total",
+    help: "DNS queries the guest sent to the relay to Docker's server, by result: relayed, dropped (TCP queries over the cap, answers the guest did not read), malformed (a bad frame, which ends the relay).",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &["result"],
+    buckets: &[],
+};
+
+pub const DNS_RELAY_THROTTLED_TOTAL: Family = Family {
+    name: "hako_dns_relay_throttled_total",
+    help: "DNS queries the relay held back to keep the guest within its rate.",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &[],
+    buckets: &[],
+};
+
+pub const PORT_FORWARD_CONNECTIONS_TOTAL: Family = Family {
+    name: "hako_port_forward_connections_total",
+    help: "Connections to the pod's loopback carried into the guest, counted when they end, by result: carried, refused (nothing listens on the port in the guest), failed.",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &["result"],
+    buckets: &[],
+};
+
+pub const GUEST_EVENTS_REFUSED_TOTAL: Family = Family {
+    name: "hako_guest_events_refused_total",
+    help: "Events the guest reported and the shim refused, by event and reason (an OOM kill of a container not in the sandbox: foreign).",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &["event", "reason"],
+    buckets: &[],
+};
+
 // The guest's and its containers' families (issue 26 step 3), in a file of their own.
 #[path = "guest_families.rs"]
 mod guest;
@@ -141,6 +177,10 @@ pub const FAMILIES: &[Family] = &[
     HOST_PROCESS_CPU_SECONDS_TOTAL,
     HOST_PROCESS_RSS_BYTES,
     HOST_PROCESS_PSS_BYTES,
+    DNS_RELAY_QUERIES_TOTAL,
+    DNS_RELAY_THROTTLED_TOTAL,
+    PORT_FORWARD_CONNECTIONS_TOTAL,
+    GUEST_EVENTS_REFUSED_TOTAL,
     GUEST_MEMORY_TOTAL_BYTES,
     GUEST_MEMORY_AVAILABLE_BYTES,
     GUEST_MEMORY_FREE_BYTES,
@@ -191,8 +231,60 @@ pub const FAMILIES: &[Family] = &[
     GUEST_METRICS_REJECTED_TOTAL,
 ];
 
+/// A shim's family by name; the monitor's own are not among them, so a shim cannot forge
+/// them.
 pub fn find(name: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name)
+}
+
+pub const SANDBOX_UP: Family = Family {
+    name: "hako_sandbox_up",
+    help: "1 if the monitor's last scrape of the sandbox's metrics socket answered in time with a valid snapshot, else 0; a sandbox whose shim is gone has no series at all.",
+    kind: Kind::Gauge,
+    unit: "",
+    labels: &[],
+    buckets: &[],
+};
+
+pub const MONITOR_SANDBOX_SCRAPE_DURATION_SECONDS: Family = Family {
+    name: "hako_monitor_sandbox_scrape_duration_seconds",
+    help: "How long the monitor's last scrape of the sandbox took, up to its deadline.",
+    kind: Kind::Gauge,
+    unit: "seconds",
+    labels: &[],
+    buckets: &[],
+};
+
+pub const MONITOR_SANDBOXES: Family = Family {
+    name: "hako_monitor_sandboxes",
+    help: "Sandboxes with a metrics socket the monitor found in its last scrape.",
+    kind: Kind::Gauge,
+    unit: "",
+    labels: &[],
+    buckets: &[],
+};
+
+pub const MONITOR_SANDBOX_SCRAPE_FAILURES_TOTAL: Family = Family {
+    name: "hako_monitor_sandbox_scrape_failures_total",
+    help: "Scrapes of a sandbox that failed since the monitor started, by reason (timeout, oversize, malformed, http, io).",
+    kind: Kind::Counter,
+    unit: "",
+    labels: &["reason"],
+    buckets: &[],
+};
+
+/// The node monitor's own families: `hako_sandbox_up` and its scrape's duration carry the
+/// sandbox's labels, the others none.
+pub const MONITOR_FAMILIES: &[Family] = &[
+    SANDBOX_UP,
+    MONITOR_SANDBOX_SCRAPE_DURATION_SECONDS,
+    MONITOR_SANDBOXES,
+    MONITOR_SANDBOX_SCRAPE_FAILURES_TOTAL,
+];
+
+/// Every family, the shims' and the monitor's, in the order they are rendered.
+pub fn all() -> impl Iterator<Item = &'static Family> {
+    FAMILIES.iter().chain(MONITOR_FAMILIES)
 }
 
 #[cfg(test)]
@@ -209,7 +301,7 @@ mod tests {
 
     #[test]
     fn names_carry_prefix_unit_and_counter_suffix() {
-        for f in FAMILIES {
+        for f in all() {
             assert!(
                 f.name.starts_with("hako_") && valid_name(f.name),
                 "{}",
@@ -232,12 +324,20 @@ mod tests {
 
     #[test]
     fn label_names_are_valid_and_distinct() {
-        for f in FAMILIES {
+        for f in all() {
             for (i, label) in f.labels.iter().enumerate() {
                 assert!(valid_name(label) && !label.starts_with("__"), "{label}");
                 // `le` is the histogram's own; the sandbox's labels are the monitor's.
                 assert!(
-                    !["le", "sandbox_id", "containerd_namespace"].contains(label),
+                    ![
+                        "le",
+                        "sandbox_id",
+                        "containerd_namespace",
+                        "namespace",
+                        "pod",
+                        "pod_uid"
+                    ]
+                    .contains(label),
                     "{label}"
                 );
                 assert!(!f.labels[..i].contains(label), "{} repeats {label}", f.name);
@@ -247,8 +347,8 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_buckets_only_on_histograms() {
-        for (i, f) in FAMILIES.iter().enumerate() {
-            assert!(FAMILIES[..i].iter().all(|g| g.name != f.name), "{}", f.name);
+        for (i, f) in all().enumerate() {
+            assert!(all().take(i).all(|g| g.name != f.name), "{}", f.name);
             assert_eq!(
                 f.kind == Kind::Histogram,
                 !f.buckets.is_empty(),
@@ -258,6 +358,7 @@ mod tests {
             assert!(f.buckets.windows(2).all(|w| w[0] < w[1]), "{}", f.name);
             assert!(f.buckets.iter().all(|b| b.is_finite() && *b > 0.0));
         }
+        assert!(MONITOR_FAMILIES.iter().all(|f| find(f.name).is_none()));
         assert_eq!(START_PHASE_BUCKETS.len(), 13);
         assert_eq!(RPC_BUCKETS.len(), 9);
     }
@@ -265,7 +366,7 @@ mod tests {
     #[test]
     fn every_family_is_documented() {
         let doc = include_str!("../../../docs/metrics.md");
-        for f in FAMILIES {
+        for f in all() {
             assert!(
                 doc.contains(&format!("`{}`", f.name)),
                 "{} not in docs",

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::families::{self, Family};
-use super::snapshot::{Sample, Value};
+use super::snapshot::{PodLabels, Sample, Value};
 use crate::timing::Timings;
 
 /// Fixed buckets, not cumulated; `count` covers those above the last bound too.
@@ -54,6 +54,7 @@ type Key = Vec<&'static str>;
 struct Instruments {
     histograms: BTreeMap<(&'static str, Key), Histogram>,
     counters: BTreeMap<(&'static str, Key), u64>,
+    pod: Option<PodLabels>,
 }
 
 /// Why an agent call failed, as the `reason` label says it.
@@ -101,6 +102,12 @@ impl ShimMetrics {
             .observe(d);
     }
 
+    /// One more of a counter `family`'s series `labels`: for the guards (DNS relay, port
+    /// forwarding, refused guest events), whose label values are the callers' constants.
+    pub fn count(&self, family: &Family, labels: &[&'static str]) {
+        self.inc(family, labels.to_vec());
+    }
+
     fn inc(&self, family: &Family, labels: Key) {
         *self
             .lock()
@@ -139,6 +146,19 @@ impl ShimMetrics {
     /// A guest metrics answer refused: `reason` is oversize, malformed, timeout or refused.
     pub fn guest_metrics_rejected(&self, reason: &'static str) {
         self.inc(&families::GUEST_METRICS_REJECTED_TOTAL, vec![reason]);
+    }
+
+    /// The first container that names its CRI pod in valid annotations sets the sandbox's pod
+    /// labels; a later container cannot change them.
+    pub fn note_pod(&self, annotations: &std::collections::HashMap<String, String>) {
+        let mut inner = self.lock();
+        if inner.pod.is_none() {
+            inner.pod = PodLabels::from_annotations(annotations);
+        }
+    }
+
+    pub fn pod(&self) -> Option<PodLabels> {
+        self.lock().pod.clone()
     }
 
     /// Every series so far, for a snapshot.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Mutex, Semaphore};
 
@@ -105,7 +105,9 @@ impl Source {
             samples.extend(guest::overhead(&host, figures));
         }
         samples.extend(host);
-        let snapshot = Arc::new(Snapshot::new(samples));
+        let mut snapshot = Snapshot::new(samples);
+        snapshot.pod = self.metrics.pod();
+        let snapshot = Arc::new(snapshot);
         *last = Some((Instant::now(), snapshot.clone()));
         snapshot
     }
@@ -177,7 +179,7 @@ pub enum Route {
     Metrics,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
     #[error("the request head is over {MAX_REQUEST_HEAD} bytes")]
     TooLarge,
@@ -194,7 +196,7 @@ pub enum RequestError {
 }
 
 impl RequestError {
-    fn status(&self) -> &'static str {
+    pub fn status(&self) -> &'static str {
         match self {
             RequestError::TooLarge => "431 Request Header Fields Too Large",
             RequestError::Method => "405 Method Not Allowed",
@@ -230,8 +232,8 @@ pub async fn read_head(stream: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>,
     }
 }
 
-/// The request line of a head: `GET <path>[?query] HTTP/1.x`.
-pub fn parse_head(head: &[u8]) -> Result<Route, RequestError> {
+/// The path of a head's request line, `GET <path>[?query] HTTP/1.x`, without the query.
+pub fn request_path(head: &[u8]) -> Result<&str, RequestError> {
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = std::str::from_utf8(line).map_err(|_| RequestError::Malformed)?;
     let mut parts = line.trim_end_matches('\r').split(' ');
@@ -246,11 +248,36 @@ pub fn parse_head(head: &[u8]) -> Result<Route, RequestError> {
     if method != "GET" {
         return Err(RequestError::Method);
     }
-    match target.split('?').next() {
-        Some("/v1/snapshot") => Ok(Route::Snapshot),
-        Some("/metrics") => Ok(Route::Metrics),
+    Ok(target.split('?').next().unwrap_or_default())
+}
+
+/// The route of a head on the sandbox's socket.
+pub fn parse_head(head: &[u8]) -> Result<Route, RequestError> {
+    match request_path(head)? {
+        "/v1/snapshot" => Ok(Route::Snapshot),
+        "/metrics" => Ok(Route::Metrics),
         _ => Err(RequestError::NotFound),
     }
+}
+
+/// Writes one whole response and closes the writing side, within `WRITE_DEADLINE`: a reader
+/// that stops reading is dropped.
+pub async fn respond(
+    stream: &mut (impl AsyncWrite + Unpin),
+    status: &str,
+    content_type: &str,
+    body: &[u8],
+) {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(WRITE_DEADLINE, write).await;
 }
 
 async fn handle(mut stream: UnixStream, source: &Arc<Source>) {
@@ -280,16 +307,7 @@ async fn handle(mut stream: UnixStream, source: &Arc<Source>) {
         }
         Err(e) => (e.status(), "text/plain", format!("{e}\n").into_bytes()),
     };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let write = async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(&body).await?;
-        stream.shutdown().await
-    };
-    let _ = tokio::time::timeout(WRITE_DEADLINE, write).await;
+    respond(&mut stream, status, content_type, &body).await;
 }
 
 #[cfg(test)]

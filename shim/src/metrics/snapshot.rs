@@ -36,8 +36,56 @@ pub enum SnapshotError {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub version: u32,
+    /// The Kubernetes pod the sandbox runs, for a CRI pod: the monitor labels every series of
+    /// the sandbox with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodLabels>,
     #[serde(default)]
     pub samples: Vec<Sample>,
+}
+
+/// A CRI pod's name, namespace and uid, as containerd's CRI plugin annotates every container
+/// of the pod. Whoever writes the pod spec chooses them and they reach an operator's
+/// dashboards, so they are checked here, where they are taken and where they are read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodLabels {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+}
+
+pub const POD_NAME_ANNOTATION: &str = "io.kubernetes.cri.sandbox-name";
+pub const POD_NAMESPACE_ANNOTATION: &str = "io.kubernetes.cri.sandbox-namespace";
+pub const POD_UID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-uid";
+
+impl PodLabels {
+    /// The pod's labels from a container's annotations, if all three are there and valid.
+    pub fn from_annotations(
+        annotations: &std::collections::HashMap<String, String>,
+    ) -> Option<Self> {
+        let get = |key| annotations.get(key).cloned();
+        let pod = Self {
+            name: get(POD_NAME_ANNOTATION)?,
+            namespace: get(POD_NAMESPACE_ANNOTATION)?,
+            uid: get(POD_UID_ANNOTATION)?,
+        };
+        pod.valid().then_some(pod)
+    }
+
+    /// Names are DNS-1123 subdomains (what Kubernetes accepts for a pod's name and
+    /// namespace); the uid is a UUID's characters.
+    pub fn valid(&self) -> bool {
+        let dns = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 253
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        };
+        let uid = !self.uid.is_empty()
+            && self.uid.len() <= 36
+            && self.uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        dns(&self.name) && dns(&self.namespace) && uid
+    }
 }
 
 /// One series: the values of its family's labels, in the family's order.
@@ -67,6 +115,7 @@ impl Snapshot {
     pub fn new(samples: Vec<Sample>) -> Self {
         Self {
             version: SNAPSHOT_VERSION,
+            pod: None,
             samples,
         }
     }
@@ -91,6 +140,9 @@ impl Snapshot {
     pub fn validate(&self) -> Result<(), SnapshotError> {
         if self.version != SNAPSHOT_VERSION {
             return Err(SnapshotError::Version(self.version));
+        }
+        if self.pod.as_ref().is_some_and(|p| !p.valid()) {
+            return Err(SnapshotError::Malformed("invalid pod labels".into()));
         }
         if self.samples.len() > MAX_SAMPLES {
             return Err(SnapshotError::TooMany(self.samples.len()));
@@ -234,6 +286,45 @@ mod tests {
     }
 
     #[test]
+    fn pod_labels_come_only_from_valid_annotations() {
+        let of = |pairs: &[(&str, &str)]| {
+            let map = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            PodLabels::from_annotations(&map)
+        };
+        let good = [
+            (POD_NAME_ANNOTATION, "web-0"),
+            (POD_NAMESPACE_ANNOTATION, "shop.prod"),
+            (POD_UID_ANNOTATION, "6f1d3c2a-9b1e-4d7e-8f00-0123456789ab"),
+        ];
+        assert_eq!(
+            of(&good),
+            Some(PodLabels {
+                name: "web-0".into(),
+                namespace: "shop.prod".into(),
+                uid: "6f1d3c2a-9b1e-4d7e-8f00-0123456789ab".into(),
+            })
+        );
+        assert_eq!(of(&good[..2]), None, "no uid");
+        let long = "a".repeat(254);
+        for (key, bad) in [
+            (POD_NAME_ANNOTATION, "Web"),
+            (POD_NAME_ANNOTATION, "a\"} 1\nhako_x{a=\""),
+            (POD_NAME_ANNOTATION, long.as_str()),
+            (POD_NAMESPACE_ANNOTATION, ""),
+            (POD_UID_ANNOTATION, "not-a-uid!"),
+            (POD_UID_ANNOTATION, "0123456789abcdef0123456789abcdef01234"),
+        ] {
+            let mut pairs = good.to_vec();
+            pairs.retain(|(k, _)| *k != key);
+            pairs.push((key, bad));
+            assert_eq!(of(&pairs), None, "{key}={bad:?}");
+        }
+    }
+
+    #[test]
     fn duplicates_versions_and_counts_are_refused() {
         let one = number("hako_host_process_rss_bytes", &["vmm"], 1.0);
         let twice = Snapshot::new(vec![one.clone(), one.clone()]);
@@ -267,6 +358,8 @@ mod tests {
             Snapshot::parse(&big),
             Err(SnapshotError::Malformed(_))
         ));
+        let forged_pod = br#"{"version":1,"pod":{"name":"a\"b","namespace":"x","uid":"1"}}"#;
+        assert!(Snapshot::parse(forged_pod).is_err());
         // Unknown fields are ignored, so a newer shim's snapshot still reads.
         let newer = br#"{"version":1,"samples":[],"guest":{"x":1}}"#;
         assert_eq!(Snapshot::parse(newer), Ok(Snapshot::new(vec![])));

@@ -9,22 +9,35 @@ use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::families::{Kind, FAMILIES};
+use super::families::{self, Kind};
 use super::snapshot::{Snapshot, Value};
 
 pub use prometheus_text::CONTENT_TYPE;
 
-#[derive(Debug)]
-struct SnapshotCollector(Arc<Snapshot>);
+/// One sandbox's snapshot (or the monitor's own samples) and the labels every one of its
+/// series gets in front of its family's own.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub labels: Vec<(&'static str, String)>,
+    pub snapshot: Arc<Snapshot>,
+}
 
-impl Collector for SnapshotCollector {
+#[derive(Debug)]
+struct PartsCollector(Vec<Part>);
+
+impl Collector for PartsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for family in FAMILIES {
+        for family in families::all() {
             let mut series = self
                 .0
-                .samples
                 .iter()
-                .filter(|s| s.family == family.name)
+                .flat_map(|part| {
+                    part.snapshot
+                        .samples
+                        .iter()
+                        .filter(|s| s.family == family.name)
+                        .map(move |s| (part, s))
+                })
                 .peekable();
             // A family with no series is left out, as client libraries do with empty vecs.
             if series.peek().is_none() {
@@ -37,12 +50,18 @@ impl Collector for SnapshotCollector {
             };
             let mut metric =
                 encoder.encode_descriptor(family.base_name(), family.help, None, kind)?;
-            for sample in series {
-                let labels: Vec<(&str, &str)> = family
+            for (part, sample) in series {
+                let labels: Vec<(&str, &str)> = part
                     .labels
                     .iter()
-                    .copied()
-                    .zip(sample.labels.iter().map(String::as_str))
+                    .map(|(name, value)| (*name, value.as_str()))
+                    .chain(
+                        family
+                            .labels
+                            .iter()
+                            .copied()
+                            .zip(sample.labels.iter().map(String::as_str)),
+                    )
                     .collect();
                 let mut one = metric.encode_family(&labels)?;
                 match (&sample.value, family.kind) {
@@ -76,11 +95,19 @@ impl Collector for SnapshotCollector {
 
 /// The text of a validated snapshot (an unvalidated one may render a wrong type's value).
 pub fn render(snapshot: Arc<Snapshot>) -> String {
+    render_all(vec![Part {
+        labels: Vec::new(),
+        snapshot,
+    }])
+}
+
+/// The text of many parts, each family's HELP and TYPE once over all of them.
+pub fn render_all(parts: Vec<Part>) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(SnapshotCollector(snapshot)));
+    registry.register_collector(Box::new(PartsCollector(parts)));
     let mut out = String::new();
     // Writing into a String cannot fail; an encoder error would leave a partial text, which
-    // is still better than none for a debugging aid.
+    // is still better than none.
     let _ = prometheus_text::encode(&mut out, &registry);
     out
 }

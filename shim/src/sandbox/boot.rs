@@ -215,7 +215,10 @@ impl Sandbox {
             .detail("guest.create_sandbox", called.elapsed());
         self.agent = Some(agent);
         if let Some(forward) = forward {
-            match forward.serve(&spec.files.agent_socket).await {
+            match forward
+                .serve(&spec.files.agent_socket, self.metrics.clone())
+                .await
+            {
                 Ok(port_forward) => self.port_forward = Some(port_forward),
                 // The pod runs without it; `hako check` says what the host lacks.
                 Err(e) => log::warn!("sandbox {}: no port forwarding: {e}", self.id),

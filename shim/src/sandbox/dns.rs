@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::agent_client::{connect, read_line};
+use crate::metrics::{families, ShimMetrics};
 use crate::net::namespace::socket_in;
 use crate::rate_limit::RateLimit;
 
@@ -46,7 +47,11 @@ pub struct DnsRelay {
 impl DnsRelay {
     /// Asks the agent to listen on 127.0.0.11:53 and relays what it sends to Docker's server in
     /// `netns`. Returns once the agent listens, so a process started after it can resolve.
-    pub async fn start(netns: &Path, agent_socket: &Path) -> Result<Self, String> {
+    pub async fn start(
+        netns: &Path,
+        agent_socket: &Path,
+        metrics: Arc<ShimMetrics>,
+    ) -> Result<Self, String> {
         let udp = socket_in_pod(netns, SockType::Datagram).await?;
         bind(udp.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0))
             .map_err(|e| format!("binding a socket on the pod's loopback: {e}"))?;
@@ -60,7 +65,7 @@ impl DnsRelay {
         let netns = netns.to_path_buf();
         let server = SocketAddr::from((RESOLVER, RESOLVER_PORT));
         let task = tokio::spawn(async move {
-            if let Err(e) = relay(guest, udp, &netns, server).await {
+            if let Err(e) = relay(guest, udp, &netns, server, &metrics).await {
                 log::warn!("dns relay: {e}");
             }
         });
@@ -121,7 +126,9 @@ async fn relay(
     udp: UdpSocket,
     netns: &Path,
     server: SocketAddr,
+    metrics: &Arc<ShimMetrics>,
 ) -> Result<(), String> {
+    let count = |result| metrics.count(&families::DNS_RELAY_QUERIES_TOTAL, &[result]);
     let (mut from_guest, mut to_guest) = tokio::io::split(guest);
     let (answers, mut answered) = mpsc::channel::<Vec<u8>>(64);
     // The relay's own tasks: dropped with it (the sandbox stops it by aborting), they end too.
@@ -135,7 +142,7 @@ async fn relay(
     });
     let udp = Arc::new(udp);
     {
-        let (udp, answers) = (udp.clone(), answers.clone());
+        let (udp, answers, metrics) = (udp.clone(), answers.clone(), metrics.clone());
         tasks.spawn(async move {
             let mut buf = vec![0u8; usize::from(u16::MAX)];
             while let Ok((n, from)) = udp.recv_from(&mut buf).await {
@@ -144,7 +151,9 @@ async fn relay(
                 }
                 if let Some(frame) = frame(Transport::Udp, &buf[..n]) {
                     // A guest that does not read its answers loses them, as over UDP.
-                    let _ = answers.try_send(frame);
+                    if answers.try_send(frame).is_err() {
+                        metrics.count(&families::DNS_RELAY_QUERIES_TOTAL, &["dropped"]);
+                    }
                 }
             }
         });
@@ -159,25 +168,34 @@ async fn relay(
         }
         let (transport, len) = match parse_header(head) {
             Ok(frame) => frame,
-            Err(e) => break Err(format!("the guest sent a bad frame ({e:?}); relay ended")),
+            Err(e) => {
+                count("malformed");
+                break Err(format!("the guest sent a bad frame ({e:?}); relay ended"));
+            }
         };
         if let Err(e) = from_guest.read_exact(&mut message[..len]).await {
             break Err(format!("the guest's connection: {e}"));
         }
-        bucket.take().await;
+        if bucket.take().await {
+            metrics.count(&families::DNS_RELAY_THROTTLED_TOTAL, &[]);
+        }
         // Forget the TCP queries that have ended.
         while tasks.try_join_next().is_some() {}
         let query = &message[..len];
         match transport {
-            Transport::Udp => {
-                if let Err(e) = udp.send_to(query, server).await {
+            Transport::Udp => match udp.send_to(query, server).await {
+                Ok(_) => count("relayed"),
+                Err(e) => {
+                    count("dropped");
                     log::debug!("dns relay: asking {server}: {e}");
                 }
-            }
+            },
             Transport::Tcp => {
                 let Ok(slot) = tcp_slots.clone().try_acquire_owned() else {
+                    count("dropped");
                     continue;
                 };
+                count("relayed");
                 let (query, answers, netns) =
                     (query.to_vec(), answers.clone(), netns.to_path_buf());
                 tasks.spawn(async move {
@@ -339,10 +357,11 @@ mod tests {
         let server = stand_in_server().await;
         let udp = UdpSocket::bind("127.0.0.1:0").await.expect("test step");
         let (guest, host) = tokio::io::duplex(1 << 16);
-        let relay =
-            tokio::spawn(
-                async move { relay(host, udp, Path::new("/proc/self/ns/net"), server).await },
-            );
+        let metrics = Arc::new(ShimMetrics::new());
+        let counted = metrics.clone();
+        let relay = tokio::spawn(async move {
+            relay(host, udp, Path::new("/proc/self/ns/net"), server, &counted).await
+        });
         let (mut guest_read, mut guest_write) = tokio::io::split(guest);
         for (transport, id) in [(Transport::Udp, 0x0101), (Transport::Tcp, 0x0202)] {
             guest_write
@@ -362,5 +381,21 @@ mod tests {
         guest_write.write_all(&[9, 0, 12]).await.expect("test step");
         let ended = relay.await.expect("test step").expect_err("test step");
         assert!(ended.contains("bad frame"), "{ended}");
+        let counted: Vec<(Vec<String>, f64)> = metrics
+            .samples()
+            .into_iter()
+            .filter(|s| s.family == families::DNS_RELAY_QUERIES_TOTAL.name)
+            .filter_map(|s| match s.value {
+                crate::metrics::snapshot::Value::Number(n) => Some((s.labels, n)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            counted,
+            vec![
+                (vec!["malformed".to_string()], 1.0),
+                (vec!["relayed".to_string()], 2.0)
+            ]
+        );
     }
 }

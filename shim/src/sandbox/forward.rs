@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::agent_client::{connect, read_line};
+use crate::metrics::{families, ShimMetrics};
 use crate::net::forward::{listen_in, original_port, redirect_loopback, remove_redirect};
 use crate::net::NetError;
 
@@ -51,7 +52,11 @@ impl Preparing {
     }
 
     /// Serves the listener through the agent behind `agent_socket`.
-    pub async fn serve(mut self, agent_socket: &Path) -> Result<PortForward, String> {
+    pub async fn serve(
+        mut self,
+        agent_socket: &Path,
+        metrics: Arc<ShimMetrics>,
+    ) -> Result<PortForward, String> {
         let Some(made) = self.made.take() else {
             return Err("already taken".to_string());
         };
@@ -59,7 +64,7 @@ impl Preparing {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        PortForward::start(&self.netns, listener, agent_socket).map_err(|e| e.to_string())
+        PortForward::start(&self.netns, listener, agent_socket, metrics).map_err(|e| e.to_string())
     }
 }
 
@@ -81,6 +86,7 @@ impl PortForward {
         netns: &Path,
         listener: std::net::TcpListener,
         agent_socket: &Path,
+        metrics: Arc<ShimMetrics>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::from_std(listener)?;
         let agent_socket = agent_socket.to_path_buf();
@@ -100,11 +106,19 @@ impl PortForward {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
                 };
-                let agent_socket = agent_socket.clone();
+                let (agent_socket, metrics) = (agent_socket.clone(), metrics.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = carry(client, &agent_socket).await {
-                        log::info!("port forward: {e}");
-                    }
+                    let result = match carry(client, &agent_socket).await {
+                        Ok(()) => "carried",
+                        Err(e) => {
+                            log::info!("port forward: {e}");
+                            match e {
+                                Ended::Refused(_) => "refused",
+                                Ended::Failed(_) => "failed",
+                            }
+                        }
+                    };
+                    metrics.count(&families::PORT_FORWARD_CONNECTIONS_TOTAL, &[result]);
                     drop(slot);
                 });
             }
@@ -126,22 +140,38 @@ impl PortForward {
     }
 }
 
+/// How a connection that was not carried ended: the guest refused it (nothing listens on the
+/// port there), or something failed on the way.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// One connection: the port it was made to, the agent's answer, then bytes both ways.
-async fn carry(mut client: TcpStream, agent_socket: &Path) -> Result<(), String> {
+async fn carry(mut client: TcpStream, agent_socket: &Path) -> Result<(), Ended> {
     let port = original_port(&client);
-    let mut guest = connect(agent_socket, hako_protocol::FORWARD_VSOCK_PORT).await?;
+    let mut guest = connect(agent_socket, hako_protocol::FORWARD_VSOCK_PORT)
+        .await
+        .map_err(Ended::Failed)?;
     guest
         .write_all(request(port).as_bytes())
         .await
-        .map_err(|e| format!("port {port}: {e}"))?;
+        .map_err(|e| Ended::Failed(format!("port {port}: {e}")))?;
     let line = tokio::time::timeout(ANSWER_TIMEOUT, read_line(&mut guest, MAX_ANSWER))
         .await
-        .map_err(|_| format!("port {port}: no answer from the agent in {ANSWER_TIMEOUT:?}"))?
-        .map_err(|e| format!("port {port}: the agent's answer: {e}"))?;
+        .map_err(|_| {
+            Ended::Failed(format!(
+                "port {port}: no answer from the agent in {ANSWER_TIMEOUT:?}"
+            ))
+        })?
+        .map_err(|e| Ended::Failed(format!("port {port}: the agent's answer: {e}")))?;
     // The reason comes from the guest: quoted, never interpreted.
-    parse_answer(&line).map_err(|reason| format!("port {port}: {reason:?}"))?;
+    parse_answer(&line).map_err(|reason| Ended::Refused(format!("port {port}: {reason:?}")))?;
     tokio::io::copy_bidirectional(&mut client, &mut guest)
         .await
         .map(drop)
-        .map_err(|e| format!("port {port}: {e}"))
+        .map_err(|e| Ended::Failed(format!("port {port}: {e}")))
 }

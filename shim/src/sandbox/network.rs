@@ -77,7 +77,9 @@ impl Sandbox {
         if !asks {
             return;
         }
-        match super::dns::DnsRelay::start(netns, &self.paths.agent_socket).await {
+        match super::dns::DnsRelay::start(netns, &self.paths.agent_socket, self.metrics.clone())
+            .await
+        {
             Ok(relay) => self.dns_relay = Some(relay),
             Err(e) => log::warn!("sandbox {}: no relay to Docker's DNS server: {e}", self.id),
         }

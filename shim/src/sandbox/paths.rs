@@ -32,6 +32,35 @@ pub const LOGS: [&str; 5] = [
     "template.log",
 ];
 
+/// The shim's metrics socket in a sandbox's directory.
+pub const METRICS_SOCKET: &str = "metrics.sock";
+
+/// The sandbox directories under `root`, in one namespace or in all: `<root>/<ns>/<id>`.
+/// hako's own records under the root start with a dot and are not namespaces. The names are
+/// not checked here; a caller that trusts them checks them with `ids::validate`.
+pub fn sandbox_dirs(root: &Path, namespace: Option<&str>) -> Vec<PathBuf> {
+    let namespaces: Vec<PathBuf> = match namespace {
+        Some(ns) => vec![root.join(ns)],
+        None => subdirs(root)
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect(),
+    };
+    namespaces.iter().flat_map(|ns| subdirs(ns)).collect()
+}
+
+/// The directories in `dir`; none if it cannot be read.
+pub fn subdirs(dir: &Path) -> impl Iterator<Item = PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+}
+
 /// Where everything of one sandbox lives.
 #[derive(Debug, Clone)]
 pub struct SandboxPaths {
@@ -73,7 +102,7 @@ impl SandboxPaths {
             netns: dir.join("netns"),
             cgroup_record: dir.join("cgroup.json"),
             vmm_user_record: dir.join("vmm-user"),
-            metrics_socket: dir.join("metrics.sock"),
+            metrics_socket: dir.join(METRICS_SOCKET),
             vmm_dir,
             dir,
         };

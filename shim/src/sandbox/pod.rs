@@ -71,6 +71,8 @@ pub fn sandbox_id_for(
 #[derive(Clone)]
 pub struct Running {
     pub agent: Arc<dyn AgentClient>,
+    /// The sandbox's instruments, for what the watchers refuse.
+    pub metrics: Arc<crate::metrics::ShimMetrics>,
     pub vm_exit: Option<watch::Receiver<Option<i32>>>,
     pub vmm_pid: u32,
 }
@@ -364,6 +366,7 @@ impl Pod {
         let agent = sandbox.agent().ok_or(SandboxError::NotBooted)?;
         let running = Running {
             agent: agent.clone(),
+            metrics: sandbox.metrics.clone(),
             vm_exit: sandbox.vm_exit(),
             vmm_pid: sandbox.vmm_pid(),
         };
@@ -375,6 +378,9 @@ impl Pod {
         timings.detail("guest.create_container", called.elapsed());
         log::info!("container {} start phases: {}", new.id, timings.summary());
         sandbox.metrics.observe_start(&timings);
+        if let Some(annotations) = new.spec.annotations() {
+            sandbox.metrics.note_pod(annotations);
+        }
         sandbox
             .app_containers
             .add(new.id, new.spec.annotations().as_ref());

@@ -136,6 +136,7 @@ impl Pod {
         };
         let running = Running {
             agent,
+            metrics: sandbox.metrics.clone(),
             vm_exit: sandbox.vm_exit(),
             vmm_pid: sandbox.vmm_pid(),
         };

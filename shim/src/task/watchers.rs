@@ -11,6 +11,7 @@ use containerd_shim::protos::topics;
 use super::container::ProcEntry;
 use super::convert::timestamp;
 use super::{TaskService, UNKNOWN_EXIT_STATUS};
+use crate::metrics::families;
 use crate::rate_limit::RateLimit;
 use crate::sandbox::pod::Running;
 
@@ -138,6 +139,9 @@ impl TaskService {
                     .contains_key(&container_id);
                 if !known {
                     refused += 1;
+                    running
+                        .metrics
+                        .count(&families::GUEST_EVENTS_REFUSED_TOTAL, &["oom", "foreign"]);
                     // Said once, then at every power of two: a flood costs a few lines.
                     if refused.is_power_of_two() {
                         log::warn!(

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use hako_shim::sandbox::paths::{sandbox_dirs, subdirs};
+
 /// The sandbox's directory, for a sandbox; a container's, for a container.
 pub struct Found {
     pub namespace: String,
@@ -33,10 +35,7 @@ const DOCKER_NAMESPACE: &str = "moby";
 
 /// The directory of the one sandbox whose id is `wanted` or starts with it.
 pub fn sandbox(root: &Path, namespace: Option<&str>, wanted: &str) -> anyhow::Result<PathBuf> {
-    let found = namespaces(root, namespace)
-        .iter()
-        .flat_map(|ns| subdirs(ns))
-        .collect();
+    let found = sandbox_dirs(root, namespace);
     unique(
         root,
         found,
@@ -50,9 +49,8 @@ pub fn sandbox(root: &Path, namespace: Option<&str>, wanted: &str) -> anyhow::Re
 /// The one container whose id is `wanted` or starts with it, and its sandbox (the pod's, or
 /// the container's own outside Kubernetes).
 pub fn container(root: &Path, namespace: Option<&str>, wanted: &str) -> anyhow::Result<Found> {
-    let found = namespaces(root, namespace)
+    let found = sandbox_dirs(root, namespace)
         .iter()
-        .flat_map(|ns| subdirs(ns))
         .flat_map(|sandbox| subdirs(&sandbox.join("rw")))
         .collect();
     let dir = unique(root, found, wanted, namespace, "container", "")?;
@@ -68,28 +66,6 @@ pub fn container(root: &Path, namespace: Option<&str>, wanted: &str) -> anyhow::
         sandbox: name(sandbox_dir),
         container: name(Some(&dir)),
     })
-}
-
-/// The namespaces' directories: hako's own records under the root start with a dot.
-fn namespaces(root: &Path, namespace: Option<&str>) -> Vec<PathBuf> {
-    match namespace {
-        Some(ns) => vec![root.join(ns)],
-        None => subdirs(root)
-            .filter(|p| {
-                !p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            })
-            .collect(),
-    }
-}
-
-fn subdirs(dir: &Path) -> impl Iterator<Item = PathBuf> {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
 }
 
 /// The one of `found` named `wanted`, else the one whose name starts with it.
