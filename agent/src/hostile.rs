@@ -3,7 +3,10 @@
 //! of it. What it does is chosen on the kernel command line: `hako.hostile=oom` makes
 //! GetOomEvent answer at once, for ever, with ids that are not the pod's own (another pod's
 //! container, an id with a forged log line in it); `hako.hostile=dns` makes the DNS relay, once
-//! the host connects, send `DNS_FLOOD` queries at once and then a frame that is not one.
+//! the host connects, send `DNS_FLOOD` queries at once and then a frame that is not one;
+//! `hako.hostile=metrics-flood` answers a metrics request with a header claiming
+//! `METRICS_FLOOD` bytes and then bytes until the host closes, `hako.hostile=metrics-garbage`
+//! with a frame of a valid length over random bytes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -46,6 +49,39 @@ pub fn dns_flood() -> Vec<Vec<u8>> {
     bad.extend_from_slice(&[0; 12]);
     frames.push(bad);
     frames
+}
+
+/// What the flooding metrics answer claims to hold: far over the host's cap.
+pub const METRICS_FLOOD: u32 = 100 << 20;
+/// The garbage answer's length: within the host's cap.
+const METRICS_GARBAGE: usize = 64 * 1024;
+
+/// `metrics-flood` or `metrics-garbage`, when the kernel command line asks for either.
+pub fn metrics_mode() -> Option<&'static str> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let wanted = hako_protocol::cmdline_value(&cmdline, "hako.hostile").unwrap_or_default();
+    ["metrics-flood", "metrics-garbage"]
+        .into_iter()
+        .find(|mode| wanted.split(',').any(|w| w == *mode))
+}
+
+/// The hostile answer to a metrics request.
+pub fn metrics_answer(mode: &str, stream: &mut std::fs::File) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    if mode == "metrics-flood" {
+        stream.write_all(&METRICS_FLOOD.to_be_bytes())?;
+        // Until the host closes (a write error) or stops reading (the send timeout).
+        let chunk = vec![0x5a; 64 * 1024];
+        loop {
+            stream.write_all(&chunk)?;
+        }
+    }
+    let mut garbage = vec![0u8; METRICS_GARBAGE];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut garbage)?;
+    // Field 0 is no protobuf field: the body cannot decode, whatever the random bytes after.
+    garbage[0] = 0;
+    stream.write_all(&(METRICS_GARBAGE as u32).to_be_bytes())?;
+    stream.write_all(&garbage)
 }
 
 pub struct Hostile {

@@ -14,6 +14,7 @@ mod forward;
 mod hostile;
 mod init;
 mod logger;
+mod metrics;
 mod mounts;
 mod net;
 mod oom;
@@ -113,6 +114,9 @@ async fn serve(started: Instant, init_since_boot_ms: u64) -> Result<(), String> 
     }
     if let Err(e) = dns::serve() {
         log::warn!("Docker's DNS server is unavailable in the pod: {e}");
+    }
+    if let Err(e) = metrics::serve() {
+        log::warn!("the guest's metrics are unavailable: {e}");
     }
     let (oom, oom_events) = oom::OomMonitor::new();
     let containers = Arc::new(container::Containers::new(reaper, oom));

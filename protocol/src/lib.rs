@@ -14,6 +14,7 @@ pub mod agent_ttrpc {
 
 pub mod dns;
 pub mod forward;
+pub mod metrics;
 pub mod mount_options;
 pub mod sysctl;
 
@@ -33,6 +34,9 @@ pub const FORWARD_VSOCK_PORT: u32 = 1026;
 
 /// vsock port of the agent's DNS relay (`dns`): Docker's embedded DNS server for the pod.
 pub const DNS_VSOCK_PORT: u32 = 1027;
+
+/// vsock port of the agent's metrics (`metrics`): one request and one answer per connection.
+pub const METRICS_VSOCK_PORT: u32 = 1028;
 
 /// What the agent writes first on the readiness connection; its `HealthResponse` follows,
 /// protobuf-encoded, so the host needs no Health call before its first real one.

@@ -572,3 +572,52 @@ fn a_running_sandbox_serves_its_metrics_and_takes_the_socket_with_it() {
         assert!(!socket.exists(), "the socket outlived its sandbox");
     });
 }
+
+/// The value of the sample of `family` with `labels` in a snapshot from the socket.
+fn snapshot_value(socket: &std::path::Path, family: &str, labels: &[&str]) -> Option<f64> {
+    let (status, json) = get_on_unix_socket(socket, "/v1/snapshot");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{json}");
+    let snapshot = hako_shim::metrics::Snapshot::parse(json.as_bytes()).unwrap();
+    snapshot
+        .samples
+        .iter()
+        .find(|s| s.family == family && s.labels == labels)
+        .and_then(|s| match s.value {
+            hako_shim::metrics::snapshot::Value::Number(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// The guest's figures reach the sandbox's snapshot: its memory, and a container's CPU time
+/// that grows while the container burns CPU.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_running_containers_snapshot_has_the_guests_figures_and_its_cpu_time() {
+    for_each_containerd(|c| {
+        let r = c.run_detached("burner", &[], &["sh", "-c", "while :; do :; done"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let socket = std::path::Path::new(SANDBOX_ROOT).join("default/burner/metrics.sock");
+        let available = snapshot_value(&socket, "hako_guest_memory_available_bytes", &[]);
+        assert!(available.is_some_and(|b| b > 0.0), "{available:?}");
+        // ctr gives no CRI name: the container's series are labelled with its id twice.
+        let labels = ["burner", "burner"];
+        let cpu = || snapshot_value(&socket, "hako_container_cpu_usage_seconds_total", &labels);
+        let mut first = None;
+        eventually(
+            "the container's CPU time grows",
+            Duration::from_secs(60),
+            || {
+                let now = cpu().ok_or("no CPU series for the container")?;
+                match first {
+                    None => {
+                        first = Some(now);
+                        Err(format!("first value {now}"))
+                    }
+                    Some(before) if now >= before + 0.5 => Ok(()),
+                    Some(before) => Err(format!("{before} s, then {now} s")),
+                }
+            },
+        );
+        c.remove_task("burner");
+    });
+}

@@ -708,3 +708,119 @@ fn another_host_user_cannot_reach_a_volume_while_it_is_staged() {
     });
     fs::remove_dir_all(&private).unwrap();
 }
+
+/// `GET /v1/snapshot` on a sandbox's metrics socket: how long it took, and its samples.
+fn snapshot(
+    socket: &std::path::Path,
+) -> (
+    std::time::Duration,
+    Vec<hako_shim::metrics::snapshot::Sample>,
+) {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /v1/snapshot HTTP/1.1\r\nHost: hako\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let took = started.elapsed();
+    let text = String::from_utf8(answer).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    let parsed = hako_shim::metrics::Snapshot::parse(body.as_bytes()).unwrap();
+    (took, parsed.samples)
+}
+
+fn number(
+    samples: &[hako_shim::metrics::snapshot::Sample],
+    family: &str,
+    labels: &[&str],
+) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.family == family && s.labels == labels)
+        .and_then(|s| match s.value {
+            hako_shim::metrics::snapshot::Value::Number(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// A guest whose metrics answer is hostile (`mode`): a snapshot of its sandbox still answers
+/// within its bound with the host's part, counts the refusal under `reason`, has none of the
+/// guest's families; the shim does not grow, and the pod's agent API goes on serving (an exec
+/// works) while the snapshots are taken.
+fn a_hostile_metrics_answer_is_refused(mode: &str, reason: &str) {
+    let config = hostile_guest_config(mode);
+    let hostile = format!("--runtime-config-path={}", config.path);
+    for_each_containerd(|c| {
+        let r = c.run_detached("attacker", &[&hostile], &["sleep", "600"]);
+        assert_eq!(r.code, 0, "{r:?}\n{}", c.log());
+        let socket = std::path::Path::new(SANDBOX_ROOT).join("default/attacker/metrics.sock");
+        let check = || {
+            let (took, samples) = snapshot(&socket);
+            // 500 ms for the guest, the host's part beside it; slack for TCG.
+            assert!(took < std::time::Duration::from_secs(3), "took {took:?}");
+            let rss = number(&samples, "hako_host_process_rss_bytes", &["vmm"]);
+            assert!(rss.is_some_and(|b| b > 0.0), "no host part: {samples:?}");
+            let refused = number(&samples, "hako_guest_metrics_rejected_total", &[reason]);
+            assert!(refused.is_some_and(|n| n >= 1.0), "{samples:?}");
+            assert!(
+                !samples
+                    .iter()
+                    .any(|s| s.family.starts_with("hako_guest_memory")
+                        || s.family.starts_with("hako_container_")),
+                "a refused answer left figures: {samples:?}"
+            );
+            refused.unwrap_or(0.0)
+        };
+        check();
+        let shims = pids_named("containerd-shim");
+        let rss_kb = || -> u64 {
+            shims
+                .iter()
+                .map(|pid| {
+                    status_field(*pid, "VmRSS")
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap_or(0)
+                })
+                .sum()
+        };
+        let before = rss_kb();
+        // Snapshots go on until the exec is done: the metrics connection is its own, and the
+        // agent API's calls do not wait behind it.
+        let (exec, refusals) = std::thread::scope(|scope| {
+            let exec = scope.spawn(|| c.exec("attacker", "during", &[], &["echo", "alive"]));
+            let mut refusals = check();
+            while !exec.is_finished() {
+                refusals = check();
+            }
+            (exec.join().unwrap(), refusals)
+        });
+        assert_eq!(exec.code, 0, "{exec:?}");
+        assert_eq!(exec.stdout.trim(), "alive", "{exec:?}");
+        let grown = rss_kb().saturating_sub(before);
+        assert!(
+            grown < 8 * 1024,
+            "the shims grew by {grown} kB over {refusals} refused answers"
+        );
+        c.remove_task("attacker");
+    });
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_guest_flooding_its_metrics_answer_is_cut_at_the_header() {
+    a_hostile_metrics_answer_is_refused("metrics-flood", "oversize");
+}
+
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_guest_answering_metrics_with_garbage_is_refused() {
+    a_hostile_metrics_answer_is_refused("metrics-garbage", "malformed");
+}

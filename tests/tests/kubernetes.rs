@@ -635,3 +635,66 @@ fn the_share_stays_off_the_hosts_mounts_and_a_volume_can_be_cleaned_up_under_it(
         }
     });
 }
+
+/// A snapshot's samples from a sandbox's `metrics.sock`.
+fn snapshot_samples(socket: &Path) -> Vec<hako_shim::metrics::snapshot::Sample> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /v1/snapshot HTTP/1.1\r\nHost: hako\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    hako_shim::metrics::Snapshot::parse(body.as_bytes())
+        .unwrap()
+        .samples
+}
+
+/// A CRI pod's container series carry the container's CRI name; its sandbox (pause)
+/// container has none.
+#[test]
+#[ignore = "boots VMs: run through scripts/test.sh"]
+fn a_cri_containers_metrics_carry_its_name_and_the_pause_has_none() {
+    for_each_cri_containerd(|c| {
+        for handler in c.handlers() {
+            eprintln!("--- handler {handler}");
+            let uid = "7a41-hako-k8s-metrics";
+            let log_dir = c.pod_log_directory("measured", uid, &["named"]);
+            let pod_config = pod_sandbox_config("measured", uid, &log_dir);
+            let pod = c.client.run_pod_sandbox(&pod_config, handler).unwrap();
+            let config = container_config(&pod_config, "named", &image_id(c), &["sleep", "inf"], 0);
+            let app = start(c, &pod, &config, &pod_config);
+            let socket = Path::new(SANDBOX_ROOT)
+                .join(K8S_NAMESPACE)
+                .join(&pod)
+                .join("metrics.sock");
+            eventually(
+                "the container's memory in the snapshot",
+                Duration::from_secs(30),
+                || {
+                    let samples = snapshot_samples(&socket);
+                    let named = samples.iter().find(|s| {
+                        s.family == "hako_container_memory_usage_bytes"
+                            && s.labels == [app.as_str(), "named"]
+                    });
+                    let ours: Vec<&str> = samples
+                        .iter()
+                        .filter(|s| s.family.starts_with("hako_container_"))
+                        .map(|s| s.labels[0].as_str())
+                        .collect();
+                    assert!(
+                        ours.iter().all(|id| *id == app),
+                        "series of another container than {app}: {ours:?}"
+                    );
+                    named.map(|_| ()).ok_or_else(|| format!("{samples:?}"))
+                },
+            );
+            stop_and_remove(c, &pod);
+        }
+    });
+}

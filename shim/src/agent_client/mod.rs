@@ -2,6 +2,7 @@
 //! timeout on every call that is not a wait or a read.
 
 mod dial;
+pub mod guest;
 mod ps;
 
 use std::path::PathBuf;

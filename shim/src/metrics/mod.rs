@@ -5,6 +5,7 @@
 //! asks: the instruments are updated inline and the rest is read per request.
 
 pub mod families;
+pub mod guest;
 pub mod host;
 pub mod registry;
 pub mod server;
@@ -14,6 +15,7 @@ pub mod text;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use guest::{AppContainers, ContainerList, GuestSource};
 pub use host::HostReader;
 pub use registry::{RpcFailure, ShimMetrics, VmInfo};
 pub use server::{MetricsServer, Source};

@@ -154,6 +154,11 @@ impl ShimMetrics {
         self.observe(&families::HOTPLUG_DURATION_SECONDS, vec![device, op], d);
     }
 
+    /// A guest metrics answer refused: `reason` is oversize, malformed, timeout or refused.
+    pub fn guest_metrics_rejected(&self, reason: &'static str) {
+        self.inc(&families::GUEST_METRICS_REJECTED_TOTAL, vec![reason]);
+    }
+
     /// The first container that names its CRI pod in valid annotations sets the sandbox's pod
     /// labels; a later container cannot change them.
     pub fn note_pod(&self, annotations: &std::collections::HashMap<String, String>) {

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Mutex, Semaphore};
 
+use super::guest::{self, GuestSource};
 use super::host::HostReader;
 use super::registry::ShimMetrics;
 use super::snapshot::Snapshot;
@@ -27,11 +28,13 @@ const REUSE_WITHIN: Duration = Duration::from_secs(1);
 /// bounds mistakes rather than attacks.
 const MAX_CONNECTIONS: usize = 4;
 
-/// What the socket serves: the shim's instruments and the host's processes, read on request.
+/// What the socket serves: the shim's instruments and the host's processes, read on request,
+/// and the guest's figures when it has a guest to ask.
 #[derive(Debug)]
 pub struct Source {
     metrics: Arc<ShimMetrics>,
     host: HostReader,
+    guest: Option<GuestSource>,
     last: Mutex<Option<(Instant, Arc<Snapshot>)>>,
 }
 
@@ -40,7 +43,42 @@ impl Source {
         Self {
             metrics,
             host: HostReader::new(sandbox_dir),
+            guest: None,
             last: Mutex::new(None),
+        }
+    }
+
+    /// Asks the guest too, at each snapshot, within `guest::GUEST_DEADLINE`.
+    pub fn with_guest(mut self, guest: GuestSource) -> Self {
+        self.guest = Some(guest);
+        self
+    }
+
+    /// The guest's figures and the containers asked about, or none when it has no VM yet or its answer is refused (counted
+    /// by reason in `hako_guest_metrics_rejected_total`).
+    async fn guest_figures(
+        &self,
+    ) -> Option<(
+        crate::agent_client::guest::GuestFigures,
+        Vec<guest::AppContainer>,
+    )> {
+        let guest = self.guest.as_ref()?;
+        // No socket is no VM yet (or any more): nothing to ask, nothing refused.
+        if !guest.agent_socket.exists() {
+            return None;
+        }
+        let containers = guest.containers.app_containers();
+        let ids: Vec<String> = containers.iter().map(|c| c.id.clone()).collect();
+        let fetched =
+            crate::agent_client::guest::fetch(&guest.agent_socket, &ids, guest::GUEST_DEADLINE)
+                .await;
+        match fetched {
+            Ok(figures) => Some((figures, containers)),
+            Err(rejection) => {
+                log::debug!("guest metrics: {rejection}");
+                self.metrics.guest_metrics_rejected(rejection.reason());
+                None
+            }
         }
     }
 
@@ -53,10 +91,19 @@ impl Source {
             }
         }
         let this = self.clone();
-        let host = tokio::task::spawn_blocking(move || this.host.samples())
-            .await
-            .unwrap_or_default();
+        let host = async {
+            tokio::task::spawn_blocking(move || this.host.samples())
+                .await
+                .unwrap_or_default()
+        };
+        // The host's part and the guest's at once: a slow guest delays neither.
+        let (host, figures) = tokio::join!(host, self.guest_figures());
+        // After the guest's fetch, so a rejection is in this very snapshot.
         let mut samples = self.metrics.samples();
+        if let Some((figures, containers)) = &figures {
+            samples.extend(guest::samples(figures, containers));
+            samples.extend(guest::overhead(&host, figures));
+        }
         samples.extend(host);
         let mut snapshot = Snapshot::new(samples);
         snapshot.pod = self.metrics.pod();

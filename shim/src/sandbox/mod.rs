@@ -32,7 +32,7 @@ use crate::config::{Config, ConfigError, SharedFsKind};
 use crate::daemon::{kill_from_pid_file, wait_gone, DaemonError};
 use crate::hooks::HookError;
 use crate::ids::{validate, IdError};
-use crate::metrics::{MetricsServer, ShimMetrics};
+use crate::metrics::{AppContainers, MetricsServer, ShimMetrics};
 use crate::net::{NetError, NetnsHolder, PodNetwork};
 use crate::timing::Timings;
 use crate::vmm::{Hypervisor, VmmError};
@@ -153,6 +153,8 @@ pub struct Sandbox {
     pub metrics: Arc<ShimMetrics>,
     /// Serves them on `metrics.sock` from `prepare` to teardown.
     metrics_server: Option<MetricsServer>,
+    /// The pod's app containers and their names, for the guest's metrics.
+    pub app_containers: Arc<AppContainers>,
 }
 
 impl Sandbox {
@@ -200,6 +202,7 @@ impl Sandbox {
             timings: Timings::new(),
             metrics: Arc::new(ShimMetrics::new()),
             metrics_server: None,
+            app_containers: Arc::default(),
         };
         let mut sandbox = sandbox;
         if let Err(e) = sandbox.make_dirs(cgroups_path) {
@@ -216,7 +219,13 @@ impl Sandbox {
     /// logged and the pod starts without it.
     fn serve_metrics(&mut self) {
         let paths = &self.paths;
-        match crate::metrics::serve(self.metrics.clone(), &paths.dir, &paths.metrics_socket) {
+        let source = crate::metrics::Source::new(self.metrics.clone(), &paths.dir).with_guest(
+            crate::metrics::GuestSource {
+                agent_socket: paths.agent_socket.clone(),
+                containers: self.app_containers.clone(),
+            },
+        );
+        match MetricsServer::bind(&paths.metrics_socket, Arc::new(source)) {
             Ok(server) => self.metrics_server = Some(server),
             Err(e) => log::warn!("sandbox {}: no metrics: {e}", self.id),
         }

@@ -381,6 +381,9 @@ impl Pod {
         if let Some(annotations) = new.spec.annotations() {
             sandbox.metrics.note_pod(annotations);
         }
+        sandbox
+            .app_containers
+            .add(new.id, new.spec.annotations().as_ref());
         if booting {
             self.init_pid.store(guest_pid, Ordering::SeqCst);
             self.set_running(Some(running.clone()));

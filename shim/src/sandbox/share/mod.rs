@@ -220,6 +220,7 @@ impl Sandbox {
         rootfs_mounted: bool,
     ) {
         self.containers.remove(container_id);
+        self.app_containers.remove(container_id);
         let dir = self.paths.container_dir(container_id);
         let in_share = |f: &(dyn Fn() -> Result<(), MountError> + Sync)| match &self.share_ns {
             Some(ns) => ns.run(f).map_err(SandboxError::from).and_then(|r| Ok(r?)),
