@@ -716,21 +716,10 @@ fn snapshot(
     std::time::Duration,
     Vec<hako_shim::metrics::snapshot::Sample>,
 ) {
-    use std::io::{Read, Write};
     let started = std::time::Instant::now();
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .write_all(b"GET /v1/snapshot HTTP/1.1\r\nHost: hako\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).unwrap();
+    let (status, body) = hako_tests::prometheus::get_on_unix_socket(socket, "/v1/snapshot");
     let took = started.elapsed();
-    let text = String::from_utf8(answer).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     let parsed = hako_shim::metrics::Snapshot::parse(body.as_bytes()).unwrap();
     (took, parsed.samples)
 }
@@ -804,6 +793,20 @@ fn a_hostile_metrics_answer_is_refused(mode: &str, reason: &str) {
         });
         assert_eq!(exec.code, 0, "{exec:?}");
         assert_eq!(exec.stdout.trim(), "alive", "{exec:?}");
+        // The node's endpoint answers too, with the attacker up and its refusals counted.
+        let monitor = hako_tests::prometheus::HakoMonitor::start("1s");
+        let (text, took) = monitor.scrape();
+        assert!(took < std::time::Duration::from_secs(3), "took {took:?}");
+        let labels = r#"sandbox_id="attacker",containerd_namespace="default""#;
+        assert_eq!(
+            sample(&text, &format!("hako_sandbox_up{{{labels}}}")),
+            Some(1.0),
+            "{text}"
+        );
+        let rejected =
+            format!(r#"hako_guest_metrics_rejected_total{{{labels},reason="{reason}"}}"#);
+        assert!(sample(&text, &rejected).is_some_and(|n| n >= 1.0), "{text}");
+        drop(monitor);
         let grown = rss_kb().saturating_sub(before);
         assert!(
             grown < 8 * 1024,

@@ -53,6 +53,13 @@ fn prometheus_sees_every_pod_through_the_monitor_and_a_stalled_shim_stays_bounde
             let app = container_config(&pod_config, "app", &image.id, &["sleep", "inf"], 0);
             let id = cri.create_container(&pod, &app, &pod_config).unwrap();
             cri.start_container(&id).unwrap();
+            // The first pod also burns CPU, for a counter that must grow.
+            if n == 0 {
+                let burn = ["sh", "-c", "while :; do :; done"];
+                let burn = container_config(&pod_config, "burn", &image.id, &burn, 0);
+                let id = cri.create_container(&pod, &burn, &pod_config).unwrap();
+                cri.start_container(&id).unwrap();
+            }
             pods.insert(pod, (name, uid));
         }
         // A ctr container beside them, in containerd's `default` namespace: no pod labels.
@@ -105,7 +112,7 @@ fn scraped_by_prometheus(
     pods: &BTreeMap<String, (String, String)>,
 ) {
     let wanted = pods.len() + 1;
-    let complete = |expr: &str| {
+    let of_sandboxes = |expr: &str, wanted: usize| {
         let mut found = BTreeMap::new();
         eventually(expr, Duration::from_secs(30), || {
             found = by_sandbox(prometheus.query_until_present(expr));
@@ -117,6 +124,7 @@ fn scraped_by_prometheus(
         });
         found
     };
+    let complete = |expr: &str| of_sandboxes(expr, wanted);
     // The VM's memory on the host, for each sandbox, with the sandbox's and the pod's labels.
     let pss = complete(r#"hako_host_process_pss_bytes{job="hako",process="vmm"}"#);
     for (pod, (name, uid)) in pods {
@@ -135,6 +143,31 @@ fn scraped_by_prometheus(
         "a ctr container is no pod: {labels:?}"
     );
     complete(r#"hako_host_process_rss_bytes{process="vmm"} > 16e6"#);
+    // The guest's own figures, and each container's, named as kubelet names them.
+    complete("hako_guest_memory_available_bytes > 0");
+    let apps = of_sandboxes(
+        r#"hako_container_memory_usage_bytes{container="app"} > 0"#,
+        pods.len(),
+    );
+    for (pod, (name, _)) in pods {
+        assert_eq!(apps[pod].0["pod"], *name, "{apps:?}");
+    }
+    // A ctr container has no CRI name: its id stands in.
+    let ctr = of_sandboxes(
+        &format!(
+            r#"hako_container_memory_usage_bytes{{container="{CTR_ID}",container_id="{CTR_ID}"}} > 0"#
+        ),
+        1,
+    );
+    assert!(ctr.contains_key(CTR_ID), "{ctr:?}");
+    let burning = r#"rate(hako_container_cpu_usage_seconds_total{container="burn"}[10s]) > 0.2"#;
+    let burned = prometheus.query_until_present(burning);
+    assert_eq!(burned.len(), 1, "{burned:?}");
+    assert_eq!(
+        burned[0].0["pod"],
+        pods.values().next().unwrap().0,
+        "{burned:?}"
+    );
     // Each sandbox's boot is in the start-phase histogram, buckets and all.
     complete(r#"hako_start_phase_seconds_count{phase="agent_ready"} >= 1"#);
     let buckets = prometheus.query(r#"hako_start_phase_seconds_bucket{phase="total",le="+Inf"}"#);
