@@ -8,8 +8,9 @@
 pub const HEADER: usize = 4;
 /// The largest answer the shim reads: a typical pod's is ~1 KB, 100 containers' ~20 KB.
 pub const MAX_GUEST_METRICS: usize = 256 * 1024;
-/// The most containers a request names; the agent answers for no more.
-pub const MAX_METRICS_CONTAINERS: usize = 512;
+/// The most containers a request names; the agent answers for no more. 256 containers' series
+/// come to ~0.9 MB of snapshot, within the monitor's read cap (`MAX_SNAPSHOT_BYTES`).
+pub const MAX_METRICS_CONTAINERS: usize = 256;
 /// The largest request the agent reads: `MAX_METRICS_CONTAINERS` ids of 128 bytes and their tags.
 pub const MAX_METRICS_REQUEST: usize = 80 * 1024;
 /// The most interfaces and disks an answer carries; the shim keeps no more either.

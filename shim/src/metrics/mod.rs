@@ -13,7 +13,6 @@ pub mod snapshot;
 pub mod text;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 pub use guest::{AppContainers, ContainerList, GuestSource};
 pub use host::HostReader;
@@ -28,15 +27,6 @@ pub enum MetricsError {
         path: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// Serves `metrics` and the host processes of the sandbox in `sandbox_dir` on `socket`.
-pub fn serve(
-    metrics: Arc<ShimMetrics>,
-    sandbox_dir: &std::path::Path,
-    socket: &std::path::Path,
-) -> Result<MetricsServer, MetricsError> {
-    MetricsServer::bind(socket, Arc::new(Source::new(metrics, sandbox_dir)))
 }
 
 #[cfg(test)]

@@ -70,7 +70,8 @@ fn served(dir: &TempDir) -> (MetricsServer, PathBuf) {
     t.mark("sandbox_prepare");
     metrics.observe_start(&t);
     let socket = dir.path().join("metrics.sock");
-    let server = crate::metrics::serve(metrics, dir.path(), &socket).expect("bind");
+    let source = Arc::new(Source::new(metrics, dir.path()));
+    let server = MetricsServer::bind(&socket, source).expect("bind");
     (server, socket)
 }
 

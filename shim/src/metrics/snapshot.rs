@@ -9,10 +9,11 @@ use serde::{Deserialize, Serialize};
 use super::families::{self, Kind};
 
 pub const SNAPSHOT_VERSION: u32 = 1;
-/// The most of a snapshot a reader takes (typical ~5-10 KB; the guest's part comes later).
-pub const MAX_SNAPSHOT_BYTES: usize = 1 << 20;
+/// The most of a snapshot a reader takes: typical pods' are 5-20 KB, and a pod of
+/// `MAX_METRICS_CONTAINERS` (256) containers' ~0.9 MB.
+pub const MAX_SNAPSHOT_BYTES: usize = 2 << 20;
 /// Host-side families have a few dozen series; the guest's per-container ones will add
-/// ~30 per container for at most 512 containers.
+/// ~20 per container for at most 256 containers.
 pub const MAX_SAMPLES: usize = 20_000;
 pub const MAX_LABEL_VALUE: usize = 128;
 
