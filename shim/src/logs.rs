@@ -8,6 +8,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -17,6 +19,25 @@ pub struct CappedLog {
     max: u64,
     file: Option<File>,
     written: u64,
+    counts: Option<Arc<LogCounts>>,
+}
+
+/// What a capped log took and what its rotations threw away, in bytes: for the console's
+/// metrics (`hako_console_log_bytes_total`), read while the log is written.
+#[derive(Debug, Default)]
+pub struct LogCounts {
+    kept: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl LogCounts {
+    /// Bytes written to the log, and bytes of it since discarded by rotation.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.kept.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl CappedLog {
@@ -29,7 +50,14 @@ impl CappedLog {
             max: max.max(1),
             file: Some(file),
             written,
+            counts: None,
         })
+    }
+
+    /// Counts what is written and what rotation discards in `counts`.
+    pub fn counted(mut self, counts: Arc<LogCounts>) -> Self {
+        self.counts = Some(counts);
+        self
     }
 
     fn open_file(path: &Path) -> std::io::Result<File> {
@@ -59,6 +87,9 @@ impl CappedLog {
             if let Some(file) = self.file.as_mut() {
                 let _ = file.write_all(now);
             }
+            if let Some(counts) = &self.counts {
+                counts.kept.fetch_add(now.len() as u64, Ordering::Relaxed);
+            }
             self.written += now.len() as u64;
             bytes = later;
         }
@@ -66,7 +97,13 @@ impl CappedLog {
 
     fn rotate(&mut self) {
         self.file = None;
-        let _ = fs::rename(&self.path, Self::rotated(&self.path));
+        let rotated = Self::rotated(&self.path);
+        if let Some(counts) = &self.counts {
+            // The rotated copy the rename replaces is gone for good.
+            let lost = fs::metadata(&rotated).map(|m| m.len()).unwrap_or(0);
+            counts.dropped.fetch_add(lost, Ordering::Relaxed);
+        }
+        let _ = fs::rename(&self.path, rotated);
         self.file = Self::open_file(&self.path).ok();
         self.written = 0;
     }
@@ -127,15 +164,21 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hako-log-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("mkdir");
         let path = dir.join("console.log");
-        let mut log = CappedLog::open(&path, 1000).expect("open");
+        let counts = Arc::new(LogCounts::default());
+        let mut log = CappedLog::open(&path, 1000)
+            .expect("open")
+            .counted(counts.clone());
         for _ in 0..100 {
             log.write(&[b'x'; 333]);
         }
         let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         assert!(size(&path) <= 1000, "{}", size(&path));
         assert_eq!(size(&CappedLog::rotated(&path)), 1000);
-        // 33,300 bytes in all: the newest are kept.
+        // 33,300 bytes in all: the newest are kept, and the counts say what was lost.
         assert_eq!(size(&path), 33_300 % 1000);
+        let (kept, dropped) = counts.get();
+        assert_eq!(kept, 33_300);
+        assert_eq!(dropped, 33_300 - 1000 - 300);
         // Reopening counts what is there.
         drop(log);
         let mut again = CappedLog::open(&path, 1000).expect("reopen");

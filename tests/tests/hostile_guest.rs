@@ -281,10 +281,29 @@ fn the_guest_console_cannot_fill_the_hosts_disk() {
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        for log in [dir.join("console.log"), rotated] {
+        for log in [dir.join("console.log"), rotated.clone()] {
             let size = fs::metadata(&log).unwrap().len();
             assert!(size <= 65536, "{}: {size} bytes", log.display());
         }
+        // The pod's metrics account for every byte: what the two files hold, and the rest
+        // dropped by rotation.
+        eventually(
+            "the console's bytes counted",
+            std::time::Duration::from_secs(60),
+            || {
+                let text = sandbox_metrics("default", "flood");
+                let kept = sample(&text, r#"hako_console_log_bytes_total{outcome="kept"}"#);
+                let dropped = sample(&text, r#"hako_console_log_bytes_total{outcome="dropped"}"#);
+                let on_disk = [dir.join("console.log"), rotated.clone()]
+                    .iter()
+                    .map(|f| fs::metadata(f).map(|m| m.len()).unwrap_or(0) as f64)
+                    .sum::<f64>();
+                match (kept, dropped) {
+                    (Some(k), Some(d)) if k >= 8388608.0 && k == d + on_disk => Ok(()),
+                    other => Err(format!("{other:?}, {on_disk} on disk")),
+                }
+            },
+        );
         c.remove_task("flood");
     });
     // `hako logs` never hands the guest's control characters to the operator's terminal.

@@ -153,6 +153,15 @@ pub const PORT_FORWARD_CONNECTIONS_TOTAL: Family = Family {
     buckets: &[],
 };
 
+pub const CONSOLE_LOG_BYTES_TOTAL: Family = Family {
+    name: "hako_console_log_bytes_total",
+    help: "Bytes of the guest's serial console the shim wrote to console.log (kept) and, of those, bytes its rotations have since discarded (dropped).",
+    kind: Kind::Counter,
+    unit: "bytes",
+    labels: &["outcome"],
+    buckets: &[],
+};
+
 pub const GUEST_EVENTS_REFUSED_TOTAL: Family = Family {
     name: "hako_guest_events_refused_total",
     help: "Events the guest reported and the shim refused, by event and reason (an OOM kill of a container not in the sandbox: foreign).",
@@ -210,6 +219,7 @@ pub const FAMILIES: &[Family] = &[
     DNS_RELAY_QUERIES_TOTAL,
     DNS_RELAY_THROTTLED_TOTAL,
     PORT_FORWARD_CONNECTIONS_TOTAL,
+    CONSOLE_LOG_BYTES_TOTAL,
     GUEST_EVENTS_REFUSED_TOTAL,
     GUEST_MEMORY_TOTAL_BYTES,
     GUEST_MEMORY_AVAILABLE_BYTES,

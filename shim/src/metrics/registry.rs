@@ -4,11 +4,12 @@
 //! the code, whatever the guest does.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::families::{self, Family};
 use super::snapshot::{PodLabels, Sample, Value};
+use crate::logs::LogCounts;
 use crate::timing::Timings;
 
 /// Fixed buckets, not cumulated; `count` covers those above the last bound too.
@@ -93,6 +94,8 @@ pub struct ShimMetrics {
     // A std mutex held for a map update, never across an await: cheaper than a lock-free
     // family for the handful of updates a start makes.
     inner: Mutex<Instruments>,
+    /// The console log's own counts, updated as the guest writes (atomics, no lock).
+    console: Arc<LogCounts>,
 }
 
 impl ShimMetrics {
@@ -172,6 +175,11 @@ impl ShimMetrics {
         self.lock().pod.clone()
     }
 
+    /// Where the console log counts what it keeps and drops.
+    pub fn console_counts(&self) -> Arc<LogCounts> {
+        self.console.clone()
+    }
+
     /// The VM now runs as `vm` says.
     pub fn note_vm(&self, vm: VmInfo) {
         self.lock().vm = Some(vm);
@@ -192,6 +200,16 @@ impl ShimMetrics {
             value: Value::Number(*n as f64),
         });
         let mut samples: Vec<Sample> = histograms.chain(counters).collect();
+        let (kept, dropped) = self.console.get();
+        if kept > 0 {
+            for (outcome, bytes) in [("kept", kept), ("dropped", dropped)] {
+                samples.push(Sample {
+                    family: families::CONSOLE_LOG_BYTES_TOTAL.name.to_string(),
+                    labels: vec![outcome.to_string()],
+                    value: Value::Number(bytes as f64),
+                });
+            }
+        }
         if let Some(vm) = &inner.vm {
             let number = |family: &Family, labels: Vec<String>, v: f64| Sample {
                 family: family.name.to_string(),

@@ -30,7 +30,8 @@ impl Sandbox {
                 dir: self.paths.ro.clone(),
             },
         };
-        let files = self.paths.vm_files(self.config.runtime.log_max_bytes);
+        let mut files = self.paths.vm_files(self.config.runtime.log_max_bytes);
+        files.console_counts = self.metrics.console_counts();
         VmSpec {
             net: self
                 .network

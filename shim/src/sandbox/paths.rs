@@ -147,6 +147,7 @@ impl SandboxPaths {
             template_pid: self.dir.join("template.pid"),
             vmm_dir: self.vmm_dir.clone(),
             log_max,
+            console_counts: Default::default(),
         }
     }
 }

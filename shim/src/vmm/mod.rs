@@ -9,6 +9,7 @@ pub mod template;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::config::{Accel, SharedFsKind};
 use crate::daemon::DaemonError;
+use crate::logs::LogCounts;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -158,6 +160,8 @@ pub struct VmFiles {
     pub template_pid: PathBuf,
     /// Each log's cap in bytes.
     pub log_max: u64,
+    /// What the console log kept and dropped, for the sandbox's metrics.
+    pub console_counts: Arc<LogCounts>,
 }
 
 impl VmFiles {
@@ -178,6 +182,7 @@ impl VmFiles {
             template_log: dir.join("template.log"),
             template_pid: dir.join("template.pid"),
             log_max,
+            console_counts: Arc::default(),
         }
     }
 }
@@ -244,6 +249,7 @@ pub fn confinement(
 pub fn pump_console(stream: tokio::net::UnixStream, files: &VmFiles) {
     match crate::logs::CappedLog::open(&files.console_log, files.log_max) {
         Ok(log) => {
+            let log = log.counted(files.console_counts.clone());
             tokio::spawn(crate::logs::pump(stream, log));
         }
         Err(e) => log::warn!(
