@@ -75,6 +75,31 @@ pub fn get_on_unix_socket(socket: &Path, path: &str) -> (String, String) {
     (head.lines().next().unwrap().to_string(), body.to_string())
 }
 
+/// A sandbox's snapshot (`GET /v1/snapshot` on its socket), parsed and validated as the
+/// monitor takes it.
+pub fn sandbox_snapshot(socket: &Path) -> Vec<hako_shim::metrics::snapshot::Sample> {
+    let (status, body) = get_on_unix_socket(socket, "/v1/snapshot");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    hako_shim::metrics::Snapshot::parse(body.as_bytes())
+        .unwrap()
+        .samples
+}
+
+/// The value of a snapshot's counter or gauge `family` with exactly `labels`.
+pub fn snapshot_number(
+    samples: &[hako_shim::metrics::snapshot::Sample],
+    family: &str,
+    labels: &[&str],
+) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.family == family && s.labels == labels)
+        .and_then(|s| match s.value {
+            hako_shim::metrics::snapshot::Value::Number(v) => Some(v),
+            _ => None,
+        })
+}
+
 /// A running sandbox's own metrics, from its socket, as Prometheus text.
 pub fn sandbox_metrics(namespace: &str, sandbox: &str) -> String {
     let socket = Path::new(SANDBOX_ROOT)

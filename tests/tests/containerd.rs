@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use hako_tests::prometheus::{get_on_unix_socket, sample};
+use hako_tests::prometheus::{get_on_unix_socket, sample, sandbox_snapshot, snapshot_number};
 use hako_tests::*;
 
 #[test]
@@ -575,17 +575,7 @@ fn a_running_sandbox_serves_its_metrics_and_takes_the_socket_with_it() {
 
 /// The value of the sample of `family` with `labels` in a snapshot from the socket.
 fn snapshot_value(socket: &std::path::Path, family: &str, labels: &[&str]) -> Option<f64> {
-    let (status, json) = get_on_unix_socket(socket, "/v1/snapshot");
-    assert_eq!(status, "HTTP/1.1 200 OK", "{json}");
-    let snapshot = hako_shim::metrics::Snapshot::parse(json.as_bytes()).unwrap();
-    snapshot
-        .samples
-        .iter()
-        .find(|s| s.family == family && s.labels == labels)
-        .and_then(|s| match s.value {
-            hako_shim::metrics::snapshot::Value::Number(v) => Some(v),
-            _ => None,
-        })
+    snapshot_number(&sandbox_snapshot(socket), family, labels)
 }
 
 /// The guest's figures reach the sandbox's snapshot: its memory, and a container's CPU time

@@ -10,7 +10,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use hako_tests::prometheus::{sample, sandbox_metrics};
+use hako_tests::prometheus::{sample, sandbox_metrics, sandbox_snapshot, snapshot_number};
 use hako_tests::*;
 
 const POD: &str = "--annotation=io.kubernetes.cri.sandbox-id=hostile";
@@ -736,25 +736,8 @@ fn snapshot(
     Vec<hako_shim::metrics::snapshot::Sample>,
 ) {
     let started = std::time::Instant::now();
-    let (status, body) = hako_tests::prometheus::get_on_unix_socket(socket, "/v1/snapshot");
-    let took = started.elapsed();
-    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
-    let parsed = hako_shim::metrics::Snapshot::parse(body.as_bytes()).unwrap();
-    (took, parsed.samples)
-}
-
-fn number(
-    samples: &[hako_shim::metrics::snapshot::Sample],
-    family: &str,
-    labels: &[&str],
-) -> Option<f64> {
-    samples
-        .iter()
-        .find(|s| s.family == family && s.labels == labels)
-        .and_then(|s| match s.value {
-            hako_shim::metrics::snapshot::Value::Number(v) => Some(v),
-            _ => None,
-        })
+    let samples = sandbox_snapshot(socket);
+    (started.elapsed(), samples)
 }
 
 /// A guest whose metrics answer is hostile (`mode`): a snapshot of its sandbox still answers
@@ -772,9 +755,9 @@ fn a_hostile_metrics_answer_is_refused(mode: &str, reason: &str) {
             let (took, samples) = snapshot(&socket);
             // 500 ms for the guest, the host's part beside it; slack for TCG.
             assert!(took < std::time::Duration::from_secs(3), "took {took:?}");
-            let rss = number(&samples, "hako_host_process_rss_bytes", &["vmm"]);
+            let rss = snapshot_number(&samples, "hako_host_process_rss_bytes", &["vmm"]);
             assert!(rss.is_some_and(|b| b > 0.0), "no host part: {samples:?}");
-            let refused = number(&samples, "hako_guest_metrics_rejected_total", &[reason]);
+            let refused = snapshot_number(&samples, "hako_guest_metrics_rejected_total", &[reason]);
             assert!(refused.is_some_and(|n| n >= 1.0), "{samples:?}");
             assert!(
                 !samples

@@ -636,25 +636,6 @@ fn the_share_stays_off_the_hosts_mounts_and_a_volume_can_be_cleaned_up_under_it(
     });
 }
 
-/// A snapshot's samples from a sandbox's `metrics.sock`.
-fn snapshot_samples(socket: &Path) -> Vec<hako_shim::metrics::snapshot::Sample> {
-    use std::io::{Read, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .write_all(b"GET /v1/snapshot HTTP/1.1\r\nHost: hako\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    hako_shim::metrics::Snapshot::parse(body.as_bytes())
-        .unwrap()
-        .samples
-}
-
 /// A CRI pod's container series carry the container's CRI name; its sandbox (pause)
 /// container has none.
 #[test]
@@ -677,7 +658,7 @@ fn a_cri_containers_metrics_carry_its_name_and_the_pause_has_none() {
                 "the container's memory in the snapshot",
                 Duration::from_secs(30),
                 || {
-                    let samples = snapshot_samples(&socket);
+                    let samples = prometheus::sandbox_snapshot(&socket);
                     let named = samples.iter().find(|s| {
                         s.family == "hako_container_memory_usage_bytes"
                             && s.labels == [app.as_str(), "named"]
